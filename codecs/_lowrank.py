@@ -1,0 +1,269 @@
+"""Low-rank stages: ``svd``, ``powersgd`` (warm-started), ``tucker`` (Tucker-2) and ``cp``."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ._stage import (
+    EncodeContext,
+    Encoded,
+    Open,
+    Stage,
+    check_param,
+    expect,
+    expect_part,
+    expect_parts,
+    is_int,
+    is_number,
+    register_stage,
+)
+
+
+def _check_rank(stage: str, param: str, rank: int | float) -> None:
+    ok = (is_int(rank) and rank >= 1) or (isinstance(rank, float) and 0 < rank <= 1)
+    check_param(ok, stage, param, "an integer >= 1 or a float in (0, 1] (fraction of energy)", rank)
+
+
+def _rank_for_energy(s: torch.Tensor, fraction: float) -> int:
+    """Smallest r whose leading singular values hold ``fraction`` of the energy sum(s**2)."""
+    energy = torch.cumsum(s.double() ** 2, 0)
+    if energy[-1] <= 0:
+        return 1
+    return min(int(torch.searchsorted(energy, fraction * energy[-1]).item()) + 1, s.numel())
+
+
+def _matrix(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], -1)
+
+
+def _low_rank_pays(rows: int, cols: int, r: int) -> bool:
+    return r * (rows + cols) < rows * cols
+
+
+def _decode_factors(stage: str, parts: list[torch.Tensor], shape: tuple[int, ...], transpose_q: bool) -> torch.Tensor:
+    expect_parts(stage, parts, 2)
+    expect(len(shape) >= 2, stage, f"factored tensors have >= 2 dimensions, found shape {shape}")
+    rows, cols = shape[0], math.prod(shape[1:])
+    p, q = parts
+    expect(p.dim() == 2 and q.dim() == 2, stage, "factors must be matrices")
+    r = p.shape[1]
+    expect_part(stage, p, "P", dtype=torch.float32, shape=(rows, r))
+    expect_part(stage, q, "Q", dtype=torch.float32, shape=(cols, r) if transpose_q else (r, cols))
+    return (p @ (q.T if transpose_q else q)).reshape(shape)
+
+
+@register_stage
+@dataclass(frozen=True)
+class SVD(Stage):
+    """Truncated SVD of each tensor with >= 2 dims, reshaped to (out, in*kh*kw).
+
+    Math: M = U S V^T; send P = U_r S_r (out x r) and Q = V_r^T (r x in*kh*kw); M_r = P Q, the
+    best rank-r approximation: ||M - M_r||_F^2 = sum_{i>r} s_i^2 (Eckart-Young). Cost: an
+    exact SVD (O(out * in * min(out, in))), r (out + in) values. Pays: where updates are
+    close to low rank (large fully connected layers); a tensor that factoring would not make
+    smaller, and 1-D tensors, go to the next stage unchanged.
+
+    Parameters
+    ----------
+    rank : int | float
+        An integer rank, or a float in (0, 1]: the fraction of energy sum(s**2) kept
+        (default: 4).
+    """
+
+    name: ClassVar[str] = "svd"
+    rank: int | float = 4
+
+    def __post_init__(self) -> None:
+        _check_rank(self.name, "rank", self.rank)
+
+    def encode(self, x: torch.Tensor, ctx: EncodeContext) -> Encoded | None:
+        if x.dim() < 2:
+            return None
+        m = _matrix(x)
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        r = _rank_for_energy(s, self.rank) if isinstance(self.rank, float) else min(self.rank, s.numel())
+        if not _low_rank_pays(*m.shape, r):
+            return None
+        return Encoded([Open(u[:, :r] * s[:r]), Open(vh[:r].contiguous())])
+
+    def decode(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> torch.Tensor:
+        return _decode_factors(self.name, parts, shape, transpose_q=False)
+
+
+@register_stage
+@dataclass(frozen=True)
+class PowerSGD(Stage):
+    """PowerSGD low-rank approximation (Vogels et al. 2019) with a warm-started Q.
+
+    Math: M (out x in*kh*kw); with Q from the previous encode of this tensor (state):
+    P = orth(M Q), Q = M^T P, repeated ``iters`` times; send P and Q, M ~ P Q^T. The warm start
+    makes one iteration per round track the dominant subspace over rounds. Cost: 2 * iters
+    matrix products (O(out * in * r)), r (out + in) values; no SVD. Pays: like ``svd`` at a
+    fraction of its compute; needs error feedback to converge. Tensors with < 2 dims, or that
+    factoring would not shrink, go to the next stage unchanged.
+
+    Parameters
+    ----------
+    rank : int
+        Rank r >= 1 (default: 1).
+    iters : int
+        Power iterations per encode, >= 1 (default: 1).
+    """
+
+    name: ClassVar[str] = "powersgd"
+    rank: int = 1
+    iters: int = 1
+
+    def __post_init__(self) -> None:
+        check_param(is_int(self.rank) and self.rank >= 1, self.name, "rank", "an integer >= 1", self.rank)
+        check_param(is_int(self.iters) and 1 <= self.iters <= 100, self.name, "iters", "an integer in 1..100", self.iters)
+
+    def encode(self, x: torch.Tensor, ctx: EncodeContext) -> Encoded | None:
+        if x.dim() < 2:
+            return None
+        m = _matrix(x)
+        r = min(self.rank, *m.shape)
+        if not _low_rank_pays(*m.shape, r):
+            return None
+        q = ctx.state.get("q")
+        if q is None or q.shape != (m.shape[1], r):
+            q = torch.randn(m.shape[1], r, generator=ctx.generator())
+        for _ in range(self.iters):
+            p = torch.linalg.qr(m @ q).Q
+            q = m.T @ p
+        ctx.state["q"] = q.clone()
+        return Encoded([Open(p.contiguous()), Open(q.contiguous())])
+
+    def decode(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> torch.Tensor:
+        return _decode_factors(self.name, parts, shape, transpose_q=True)
+
+
+def _mode_basis(unfolded: torch.Tensor, rank: int | float) -> torch.Tensor:
+    """Leading left singular vectors of a mode unfolding (HOSVD)."""
+    u, s, _ = torch.linalg.svd(unfolded, full_matrices=False)
+    r = _rank_for_energy(s, rank) if isinstance(rank, float) else min(rank, s.numel())
+    return u[:, :r].contiguous()
+
+
+@register_stage
+@dataclass(frozen=True)
+class Tucker(Stage):
+    """Tucker-2 decomposition of 4-D conv kernels on their channel modes.
+
+    Math: W (O x I x kh x kw) ~ G x_1 U x_2 V with U (O x r_o), V (I x r_i) orthonormal and
+    core G = W x_1 U^T x_2 V^T (r_o x r_i x kh x kw); U, V from HOSVD refined by ``iters``
+    HOOI sweeps. Cost: SVDs of the two channel unfoldings; r_o O + r_i I + r_o r_i kh kw values.
+    Pays: on wide conv layers (the factors are the 1x1 -> kxk -> 1x1 structure of a
+    compressed conv); other tensors go to the next stage unchanged, as does a kernel that
+    Tucker would not shrink.
+
+    Parameters
+    ----------
+    ranks : int | float | tuple
+        (r_out, r_in); an int gives both, a float in (0, 1] keeps that fraction of energy
+        per mode (default: 4).
+    iters : int
+        HOOI refinement sweeps, 0..50 (default: 1).
+    """
+
+    name: ClassVar[str] = "tucker"
+    ranks: int | float | tuple[int | float, int | float] = 4
+    iters: int = 1
+
+    def __post_init__(self) -> None:
+        ranks = self.ranks if isinstance(self.ranks, tuple) else (self.ranks, self.ranks)
+        check_param(len(ranks) == 2, self.name, "ranks", "an int, a float or a pair (r_out, r_in)", self.ranks)
+        for r in ranks:
+            _check_rank(self.name, "ranks", r)
+        check_param(is_int(self.iters) and 0 <= self.iters <= 50, self.name, "iters", "an integer in 0..50", self.iters)
+
+    def encode(self, x: torch.Tensor, ctx: EncodeContext) -> Encoded | None:
+        if x.dim() != 4:
+            return None
+        o, i, kh, kw = x.shape
+        r_out, r_in = self.ranks if isinstance(self.ranks, tuple) else (self.ranks, self.ranks)
+        u = _mode_basis(x.reshape(o, -1), r_out)
+        v = _mode_basis(x.transpose(0, 1).reshape(i, -1), r_in)
+        for _ in range(self.iters):  # HOOI: each basis from the tensor projected on the other
+            u = _mode_basis(torch.einsum("oiyx,ib->obyx", x, v).reshape(o, -1), u.shape[1])
+            v = _mode_basis(torch.einsum("oiyx,oa->iayx", x, u).reshape(i, -1), v.shape[1])
+        if u.shape[1] * o + v.shape[1] * i + u.shape[1] * v.shape[1] * kh * kw >= x.numel():
+            return None
+        core = torch.einsum("oiyx,oa,ib->abyx", x, u, v).contiguous()
+        return Encoded([Open(core), Open(u), Open(v)])
+
+    def decode(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> torch.Tensor:
+        expect_parts(self.name, parts, 3)
+        expect(len(shape) == 4, self.name, f"Tucker-2 rebuilds 4-D kernels, found shape {shape}")
+        core, u, v = parts
+        expect(core.dim() == 4 and u.dim() == 2 and v.dim() == 2, self.name, "core must be 4-D and factors 2-D")
+        ra, rb = core.shape[:2]
+        expect_part(self.name, core, "the core", dtype=torch.float32, shape=(ra, rb, shape[2], shape[3]))
+        expect_part(self.name, u, "U", dtype=torch.float32, shape=(shape[0], ra))
+        expect_part(self.name, v, "V", dtype=torch.float32, shape=(shape[1], rb))
+        return torch.einsum("abyx,oa,ib->oiyx", core, u, v).contiguous()
+
+
+@register_stage
+@dataclass(frozen=True)
+class CP(Stage):
+    """CP (CANDECOMP/PARAFAC) decomposition of 4-D conv kernels by alternating least squares.
+
+    Math: W ~ sum_{j<r} a_j (x) b_j (x) c_j (x) d_j with factors A (O x r), B (I x r),
+    C (kh x r), D (kw x r); each ALS step solves one factor exactly given the others
+    (A = W_(1) (D . C . B) (B^T B * C^T C * D^T D)^+). Initialized from HOSVD bases. Cost:
+    ``iters`` ALS sweeps; r (O + I + kh + kw) values. Pays: the most compact of the
+    factorizations for conv kernels at small r, but the fit is approximate and can need many
+    sweeps; other tensors, and kernels CP would not shrink, go to the next stage unchanged.
+
+    Parameters
+    ----------
+    rank : int
+        CP rank r >= 1 (default: 4).
+    iters : int
+        ALS sweeps, 1..500 (default: 25).
+    """
+
+    name: ClassVar[str] = "cp"
+    rank: int = 4
+    iters: int = 25
+
+    def __post_init__(self) -> None:
+        check_param(is_int(self.rank) and self.rank >= 1, self.name, "rank", "an integer >= 1", self.rank)
+        check_param(is_int(self.iters) and 1 <= self.iters <= 500, self.name, "iters", "an integer in 1..500", self.iters)
+
+    def encode(self, x: torch.Tensor, ctx: EncodeContext) -> Encoded | None:
+        if x.dim() != 4 or self.rank * sum(x.shape) >= x.numel():
+            return None
+        r = self.rank
+        gen = ctx.generator()
+        factors = []
+        for mode, size in enumerate(x.shape):
+            unfolded = x.movedim(mode, 0).reshape(size, -1)
+            u = torch.linalg.svd(unfolded, full_matrices=False)[0][:, :r]
+            if u.shape[1] < r:
+                u = torch.cat([u, torch.randn(size, r - u.shape[1], generator=gen) / math.sqrt(size)], 1)
+            factors.append(u.contiguous())
+        subscripts = ["oiyx,ir,yr,xr->or", "oiyx,or,yr,xr->ir", "oiyx,or,ir,xr->yr", "oiyx,or,ir,yr->xr"]
+        for _ in range(self.iters):
+            for mode in range(4):
+                others = [f for m, f in enumerate(factors) if m != mode]
+                gram = torch.ones(r, r)
+                for f in others:
+                    gram = gram * (f.T @ f)
+                rhs = torch.einsum(subscripts[mode], x, *others)
+                factors[mode] = rhs @ torch.linalg.pinv(gram)
+        return Encoded([Open(f.contiguous()) for f in factors])
+
+    def decode(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> torch.Tensor:
+        expect_parts(self.name, parts, 4)
+        expect(len(shape) == 4, self.name, f"CP rebuilds 4-D kernels, found shape {shape}")
+        expect(parts[0].dim() == 2, self.name, "factors must be matrices")
+        r = parts[0].shape[1]
+        for f, size, what in zip(parts, shape, "ABCD"):
+            expect_part(self.name, f, f"factor {what}", dtype=torch.float32, shape=(size, r))
+        return torch.einsum("or,ir,yr,xr->oiyx", *parts).contiguous()

@@ -1,0 +1,396 @@
+"""The codec pipeline: encode an update into a self-describing blob and decode it safely."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+import numpy as np
+import torch
+
+from . import _wire as w
+from ._errors import CodecError
+from ._spec import MAX_SPEC_LENGTH, parse_stages
+from ._stage import Encoded, EncodeContext, Open, Stage
+
+TensorLike = Union[torch.Tensor, np.ndarray]
+MAX_NAME_LENGTH = 1024
+MAX_PARTS = 16
+MAX_META = 4096
+TAG_RAW = 0
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Caps that :func:`decode` enforces before it allocates.
+
+    Parameters
+    ----------
+    max_elements : int
+        Most elements over all decoded tensors together (default: 2**28, 1 GiB of float32).
+    max_body_bytes : int
+        Most bytes the body may take once entropy coding is undone (default: 2**30).
+    max_tensors : int
+        Most tensors in one blob (default: 100_000).
+    """
+
+    max_elements: int = 2**28
+    max_body_bytes: int = 2**30
+    max_tensors: int = 100_000
+
+
+def _to_tensor(name: str, value: Any) -> torch.Tensor:
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(np.ascontiguousarray(value))
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"update[{name!r}] must be a torch.Tensor or numpy.ndarray, found {type(value).__name__}")
+    w.dtype_code(value.dtype)  # raises for unsupported dtypes
+    return value.detach().cpu()
+
+
+class Codec:
+    """A pipeline of stages. Build it from a spec string or from stage objects; both are equal.
+
+    Parameters
+    ----------
+    stages : str | Sequence[Stage]
+        ``"topk(ratio=0.01) | quantize(bits=8) | zstd"`` or ``[TopK(ratio=0.01), Quantize(bits=8), Zstd()]``.
+    seed : int | None
+        Seed of the random numbers drawn by stochastic stages; ``None`` draws fresh entropy
+        (default: None).
+
+    Examples
+    --------
+    >>> codec = parse("topk(ratio=0.01) | quantize(bits=8) | zstd")
+    >>> blob = codec.encode({"w": torch.randn(1000, 100)})
+    >>> decode(blob)["w"].shape
+    torch.Size([1000, 100])
+    """
+
+    def __init__(self, stages: str | Sequence[Stage], *, seed: int | None = None) -> None:
+        if isinstance(stages, str):
+            stages = parse_stages(stages)
+        stages = tuple(stages)
+        for s in stages:
+            if not isinstance(s, Stage):
+                raise TypeError(f"codec stages must be Stage objects, found {type(s).__name__}")
+        seen_bytes = False
+        for s in stages:
+            if s.kind == "bytes":
+                seen_bytes = True
+            elif seen_bytes:
+                raise ValueError(
+                    f"stage {s.name!r} works on tensors but follows a bytes stage; "
+                    "entropy coding stages (zstd) must come last"
+                )
+        if len(stages) > 200:
+            raise ValueError(f"a codec has at most 200 stages, got {len(stages)}")
+        self.stages: tuple[Stage, ...] = stages
+        self._tensor_stages = [s for s in stages if s.kind == "tensor"]
+        self._bytes_stages = [s for s in stages if s.kind == "bytes"]
+        self.seed = seed
+        self._calls = 0
+        self._state: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+        if len(self.spec) > MAX_SPEC_LENGTH:
+            raise ValueError(f"codec spec is {len(self.spec)} characters; at most {MAX_SPEC_LENGTH} fit the wire format")
+
+    # ------------------------------------------------------------------ description
+    @property
+    def spec(self) -> str:
+        """Canonical spec text; ``parse(codec.spec) == codec``."""
+        return " | ".join(s.spec for s in self.stages) if self.stages else "identity"
+
+    @property
+    def lossless(self) -> bool:
+        """True when every stage is lossless (float32 tensors come back bit-exact)."""
+        return all(s.lossless for s in self.stages)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Codec) and other.stages == self.stages
+
+    def __hash__(self) -> int:
+        return hash(self.stages)
+
+    def __repr__(self) -> str:
+        return f"Codec({self.spec!r})"
+
+    def __or__(self, other: Stage | Codec) -> Codec:
+        more = other.stages if isinstance(other, Codec) else (other,)
+        return Codec(self.stages + tuple(more), seed=self.seed)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Flat state of the stateful stages (e.g. PowerSGD warm starts) and the call counter."""
+        out: dict[str, torch.Tensor] = {"calls": torch.tensor(self._calls, dtype=torch.int64)}
+        for index, per_tensor in self._state.items():
+            for tensor_name, entries in per_tensor.items():
+                for key, value in entries.items():
+                    out[f"stage{index}/{key}/{tensor_name}"] = value.clone()
+        return out
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self._state = {}
+        self._calls = int(state["calls"]) if "calls" in state else 0
+        for key, value in state.items():
+            if key == "calls":
+                continue
+            head, _, rest = key.partition("/")
+            entry, _, tensor_name = rest.partition("/")
+            if not head.startswith("stage") or not head[5:].isdigit() or not entry or not tensor_name:
+                raise ValueError(f"unexpected codec state key {key!r}; expected 'stage<i>/<entry>/<tensor name>'")
+            index = int(head[5:])
+            if index >= len(self.stages):
+                raise ValueError(f"codec state key {key!r} names stage {index}, but the codec has {len(self.stages)}")
+            self._state.setdefault(index, {}).setdefault(tensor_name, {})[entry] = value.clone()
+
+    # ------------------------------------------------------------------ encode
+    def _seed(self, stage_index: int, name: str) -> int:
+        base = self.seed if self.seed is not None else int.from_bytes(os.urandom(8), "little")
+        digest = hashlib.blake2b(f"{base}/{self._calls}/{stage_index}/{name}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") >> 1
+
+    def encode(self, update: Mapping[str, TensorLike]) -> bytes:
+        """Encode ``update`` (names -> tensors or arrays) into a self-describing blob.
+
+        Float tensors go through the tensor stages as float32 and come back in their own
+        dtype; other dtypes (e.g. BatchNorm counters) are sent losslessly. Raises
+        ``ValueError`` for non-finite values, bad names or unsupported dtypes.
+        """
+        if not isinstance(update, Mapping):
+            raise TypeError(f"update must be a mapping of names to tensors, found {type(update).__name__}")
+        body = w.Writer()
+        body.varint(len(update))
+        for name, value in update.items():
+            if not isinstance(name, str) or not name or len(name.encode()) > MAX_NAME_LENGTH:
+                raise ValueError(f"tensor names must be non-empty strings of at most {MAX_NAME_LENGTH} bytes, got {name!r}")
+            t = _to_tensor(name, value)
+            body.blob(name.encode())
+            body.u8(w.dtype_code(t.dtype))
+            if t.dtype in w.FLOAT_DTYPES:
+                x = t.to(torch.float32).contiguous()
+                if not bool(torch.isfinite(x).all()):
+                    raise ValueError(f"update[{name!r}] contains NaN or infinite values; expected finite numbers")
+                node = self._encode_node(x, name, 0)
+                raw_size = 2 + 5 * t.dim() + t.numel() * t.element_size()
+                if node.size > raw_size:  # compression would not pay: send as it is
+                    node = self._raw_node(t)
+            else:
+                node = self._raw_node(t)
+            body.raw(node.getvalue())
+        self._calls += 1
+        payload = body.getvalue()
+        body_len = len(payload)
+        for stage in self._bytes_stages:
+            payload = stage.encode_bytes(payload)
+        out = w.Writer()
+        out.raw(w.MAGIC)
+        out.u8(w.VERSION)
+        out.blob(self.spec.encode())
+        out.varint(body_len)
+        out.raw(payload)
+        return out.getvalue()
+
+    @staticmethod
+    def _raw_node(t: torch.Tensor) -> w.Writer:
+        node = w.Writer()
+        node.u8(TAG_RAW)
+        node.u8(w.dtype_code(t.dtype))
+        node.shape(tuple(t.shape))
+        node.raw(w.tensor_to_bytes(t))
+        return node
+
+    def _encode_node(self, x: torch.Tensor, name: str, start: int) -> w.Writer:
+        """Encode float32 ``x`` with the first tensor stage at or after ``start`` that takes it."""
+        if x.numel() == 0:
+            return self._raw_node(x)
+        for index in range(start, len(self._tensor_stages)):
+            stage = self._tensor_stages[index]
+            state = self._state.setdefault(index, {}).setdefault(name, {})
+            encoded = stage.encode(x, EncodeContext(name=name, state=state, seed=self._seed(index, name), call=self._calls))
+            if not state:
+                self._state[index].pop(name)
+            if encoded is None:
+                continue
+            return self._stage_node(index, encoded, tuple(x.shape), name)
+        return self._raw_node(x)
+
+    def _stage_node(self, index: int, encoded: Encoded, shape: tuple[int, ...], name: str) -> w.Writer:
+        node = w.Writer()
+        node.u8(index + 1)
+        node.shape(shape)
+        node.blob(encoded.meta)
+        node.u8(len(encoded.parts))
+        for part in encoded.parts:
+            if isinstance(part, Open):
+                child = self._encode_node(part.tensor.to(torch.float32).contiguous(), name, index + 1)
+            else:
+                child = self._raw_node(part)
+            node.raw(child.getvalue())
+        return node
+
+
+# ---------------------------------------------------------------------- decode
+class _Decoder:
+    def __init__(self, stages: list[Stage], limits: DecodeLimits) -> None:
+        self.stages = stages
+        self.limits = limits
+        self.elements = 0  # elements allocated so far, over the whole blob
+
+    def _budget(self, n: int, what: str) -> None:
+        self.elements += n
+        if self.elements > self.limits.max_elements:
+            raise CodecError(
+                f"{what} brings the decoded size to {self.elements} elements, over the limit of "
+                f"{self.limits.max_elements} (DecodeLimits.max_elements)"
+            )
+
+    def node(self, r: w.Reader, first_stage: int, what: str, depth: int = 0) -> torch.Tensor:
+        if depth > len(self.stages) + 1:
+            raise CodecError(f"{what}: nesting deeper than the pipeline")
+        tag = r.u8(f"tag of {what}")
+        if tag == TAG_RAW:
+            code = r.u8(f"dtype of {what}")
+            if code not in w.DTYPES:
+                raise CodecError(f"{what}: unknown dtype code {code}; expected one of {sorted(w.DTYPES)}")
+            dtype = w.DTYPES[code]
+            shape = r.shape(what, self.limits.max_elements)
+            n = w.numel(shape)
+            self._budget(n, what)
+            data = r.take(n * w.itemsize(dtype), f"data of {what}")
+            return w.tensor_from_bytes(data, dtype, shape)
+        index = tag - 1
+        if not first_stage <= index < len(self.stages):
+            raise CodecError(
+                f"{what}: tag {tag} names tensor stage {index}, expected raw (0) or a stage in "
+                f"{first_stage}..{len(self.stages) - 1}"
+            )
+        stage = self.stages[index]
+        shape = r.shape(what, self.limits.max_elements)
+        self._budget(w.numel(shape), what)
+        meta = bytes(r.blob(f"header of {what}", MAX_META))
+        nparts = r.u8(f"part count of {what}")
+        if nparts > MAX_PARTS:
+            raise CodecError(f"{what}: {nparts} parts, at most {MAX_PARTS} are allowed")
+        parts = [self.node(r, index + 1, f"{what}/{stage.name}[{i}]", depth + 1) for i in range(nparts)]
+        try:
+            out = stage.decode(parts, meta, shape)
+        except CodecError:
+            raise
+        except (ValueError, RuntimeError, IndexError, TypeError, OverflowError) as exc:
+            raise CodecError(f"{what}: stage {stage.name!r} could not decode its parts: {exc}") from None
+        if tuple(out.shape) != shape or out.dtype != torch.float32:
+            raise CodecError(f"{what}: stage {stage.name!r} produced {tuple(out.shape)} {out.dtype}, expected {shape} float32")
+        return out
+
+
+def read_header(blob: bytes | bytearray | memoryview) -> tuple[str, int, w.Reader]:
+    """Check magic and version; return (spec, body length, reader positioned at the payload)."""
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise CodecError(f"a blob must be bytes, found {type(blob).__name__}")
+    r = w.Reader(blob)
+    magic = bytes(r.take(len(w.MAGIC), "magic"))
+    if magic != w.MAGIC:
+        raise CodecError(f"not a fedsqueeze blob: magic is {magic!r}, expected {w.MAGIC!r}")
+    version = r.u8("version")
+    if version != w.VERSION:
+        raise CodecError(f"unsupported wire format version {version}; this fedsqueeze reads version {w.VERSION}")
+    try:
+        spec = bytes(r.blob("codec spec", MAX_SPEC_LENGTH)).decode("utf-8")
+    except UnicodeDecodeError:
+        raise CodecError("codec spec in the header is not valid UTF-8") from None
+    body_len = r.varint("body length")
+    return spec, body_len, r
+
+
+def decode(blob: bytes | bytearray | memoryview, *, limits: DecodeLimits | None = None) -> dict[str, torch.Tensor]:
+    """Decode a blob made by :meth:`Codec.encode`; it describes its own codec.
+
+    Raises
+    ------
+    CodecError
+        For any malformed, truncated, hostile or over-limit input, with a message saying what
+        was wrong. No other exception type escapes for bad input.
+    """
+    limits = limits or DecodeLimits()
+    spec, body_len, r = read_header(blob)
+    try:
+        stages = parse_stages(spec)
+        codec = Codec(stages)
+    except (ValueError, TypeError) as exc:
+        raise CodecError(f"bad codec spec in the blob header ({spec!r}): {exc}") from None
+    if body_len > limits.max_body_bytes:
+        raise CodecError(f"body declares {body_len} bytes, over the limit of {limits.max_body_bytes} (DecodeLimits.max_body_bytes)")
+    payload: bytes | memoryview = r.take(r.remaining, "payload")
+    for stage in reversed(codec._bytes_stages):
+        try:
+            payload = stage.decode_bytes(payload, limits.max_body_bytes)
+        except CodecError:
+            raise
+        except Exception as exc:  # the entropy coder's own errors
+            raise CodecError(f"stage {stage.name!r} could not decode the body: {exc}") from None
+    if len(payload) != body_len:
+        raise CodecError(f"body is {len(payload)} bytes, the header says {body_len}")
+    body = w.Reader(payload, "body")
+    count = body.varint("tensor count", limits.max_tensors)
+    decoder = _Decoder(codec._tensor_stages, limits)
+    out: dict[str, torch.Tensor] = {}
+    for i in range(count):
+        try:
+            name = bytes(body.blob(f"name of tensor {i}", MAX_NAME_LENGTH)).decode("utf-8")
+        except UnicodeDecodeError:
+            raise CodecError(f"name of tensor {i} is not valid UTF-8") from None
+        if not name or name in out:
+            raise CodecError(f"tensor {i}: name {name!r} is empty or repeated")
+        code = body.u8(f"dtype of {name!r}")
+        if code not in w.DTYPES:
+            raise CodecError(f"tensor {name!r}: unknown dtype code {code}; expected one of {sorted(w.DTYPES)}")
+        dtype = w.DTYPES[code]
+        t = decoder.node(body, 0, repr(name))
+        if t.dtype != dtype:
+            if t.dtype != torch.float32 or dtype not in w.FLOAT_DTYPES:
+                raise CodecError(f"tensor {name!r}: record says {dtype} but carries {t.dtype}")
+            t = t.to(dtype)
+        out[name] = t
+    body.expect_end()
+    return out
+
+
+def parse(spec: str, *, seed: int | None = None) -> Codec:
+    """Build a :class:`Codec` from spec text such as ``"topk(ratio=0.01) | quantize(bits=4) | zstd"``.
+
+    Raises ``ValueError`` naming the stage, the parameter and what is allowed.
+    """
+    return Codec(spec, seed=seed)
+
+
+def blob_spec(blob: bytes | bytearray | memoryview) -> str:
+    """The codec spec a blob declares in its header (checks magic and version only)."""
+    return read_header(blob)[0]
+
+
+@dataclass(frozen=True)
+class CompressionStats:
+    """Size of a blob against the same tensors sent as raw FP32."""
+
+    num_params: int
+    blob_bytes: int
+    fp32_bytes: int
+
+    @property
+    def ratio(self) -> float:
+        """How many times smaller than FP32."""
+        return self.fp32_bytes / self.blob_bytes
+
+    @property
+    def bits_per_param(self) -> float:
+        return 8 * self.blob_bytes / max(self.num_params, 1)
+
+
+def compression_stats(update: Mapping[str, TensorLike], blob: bytes) -> CompressionStats:
+    """Ratio and bits per parameter of ``blob`` against ``update`` in FP32 (4 bytes per element)."""
+    n = sum(int(np.prod(v.shape)) for v in update.values())
+    return CompressionStats(num_params=n, blob_bytes=len(blob), fp32_bytes=4 * n)

@@ -1,0 +1,174 @@
+"""Low-level byte reading and writing for the wire format: varints, dtypes, bounds checks."""
+
+from __future__ import annotations
+
+from typing import Final
+
+import numpy as np
+import torch
+
+from ._errors import CodecError
+
+MAGIC: Final = b"FSQZ"
+VERSION: Final = 1
+MAX_NDIM: Final = 8
+
+# dtype code <-> (torch dtype, bytes per element). Codes are part of the wire format (FORMAT.md).
+DTYPES: Final[dict[int, torch.dtype]] = {
+    1: torch.float32,
+    2: torch.float16,
+    3: torch.bfloat16,
+    4: torch.float64,
+    5: torch.uint8,
+    6: torch.int8,
+    7: torch.int16,
+    8: torch.int32,
+    9: torch.int64,
+    10: torch.bool,
+}
+DTYPE_CODES: Final[dict[torch.dtype, int]] = {v: k for k, v in DTYPES.items()}
+FLOAT_DTYPES: Final = frozenset({torch.float32, torch.float16, torch.bfloat16, torch.float64})
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    """Return the wire code of ``dtype`` or raise ``ValueError`` naming the supported ones."""
+    try:
+        return DTYPE_CODES[dtype]
+    except KeyError:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in DTYPE_CODES)
+        raise ValueError(f"unsupported dtype {dtype}; expected one of: {allowed}") from None
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    """Bytes per element of ``dtype``."""
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class Writer:
+    """Append-only byte buffer with helpers for the wire format's primitive types."""
+
+    def __init__(self) -> None:
+        self._parts: list[bytes | memoryview] = []
+        self.size = 0
+
+    def raw(self, data: bytes | memoryview) -> None:
+        self._parts.append(data)
+        self.size += len(data)
+
+    def u8(self, value: int) -> None:
+        self.raw(bytes((value,)))
+
+    def varint(self, value: int) -> None:
+        if value < 0:
+            raise ValueError(f"varint must be >= 0, got {value}")
+        out = bytearray()
+        while True:
+            byte = value & 0x7F
+            value >>= 7
+            if value:
+                out.append(byte | 0x80)
+            else:
+                out.append(byte)
+                break
+        self.raw(bytes(out))
+
+    def blob(self, data: bytes) -> None:
+        """A varint length followed by the bytes."""
+        self.varint(len(data))
+        self.raw(data)
+
+    def shape(self, shape: tuple[int, ...]) -> None:
+        if len(shape) > MAX_NDIM:
+            raise ValueError(f"tensors may have at most {MAX_NDIM} dimensions, got {len(shape)}")
+        self.u8(len(shape))
+        for dim in shape:
+            self.varint(dim)
+
+    def getvalue(self) -> bytes:
+        return b"".join(self._parts)
+
+
+class Reader:
+    """Bounds-checked reader: every read past the end raises :class:`CodecError`."""
+
+    def __init__(self, data: bytes | bytearray | memoryview, what: str = "blob") -> None:
+        self._data = memoryview(data)
+        self.pos = 0
+        self._what = what
+
+    @property
+    def remaining(self) -> int:
+        return len(self._data) - self.pos
+
+    def take(self, n: int, what: str) -> memoryview:
+        if n < 0 or n > self.remaining:
+            raise CodecError(
+                f"truncated {self._what}: {what} needs {n} bytes at offset {self.pos}, "
+                f"only {self.remaining} left"
+            )
+        view = self._data[self.pos : self.pos + n]
+        self.pos += n
+        return view
+
+    def u8(self, what: str) -> int:
+        return self.take(1, what)[0]
+
+    def varint(self, what: str, max_value: int = 2**63 - 1) -> int:
+        result = 0
+        for shift in range(0, 70, 7):
+            byte = self.u8(what)
+            result |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                if result > max_value:
+                    raise CodecError(f"{what} is {result}, more than the allowed {max_value}")
+                return result
+        raise CodecError(f"{what}: varint longer than 10 bytes at offset {self.pos}")
+
+    def blob(self, what: str, max_len: int) -> memoryview:
+        n = self.varint(f"length of {what}", max_len)
+        return self.take(n, what)
+
+    def shape(self, what: str, max_elements: int) -> tuple[int, ...]:
+        ndim = self.u8(f"ndim of {what}")
+        if ndim > MAX_NDIM:
+            raise CodecError(f"{what} has {ndim} dimensions; at most {MAX_NDIM} are allowed")
+        dims = tuple(self.varint(f"dimension {i} of {what}", max_elements) for i in range(ndim))
+        if numel(dims) > max_elements:
+            raise CodecError(
+                f"{what} has shape {dims} ({numel(dims)} elements), over the limit of "
+                f"{max_elements} elements"
+            )
+        return dims
+
+    def expect_end(self) -> None:
+        if self.remaining:
+            raise CodecError(f"{self.remaining} unexpected trailing bytes in {self._what}")
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for dim in shape:
+        n *= dim
+    return n
+
+
+def tensor_to_bytes(t: torch.Tensor) -> bytes:
+    """Little-endian bytes of a contiguous CPU tensor (bfloat16 and bool included)."""
+    t = t.detach().contiguous().cpu()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    arr = t.numpy()
+    if arr.dtype.byteorder == ">":  # pragma: no cover - big-endian hosts only
+        arr = arr.byteswap()
+    return arr.tobytes()
+
+
+def tensor_from_bytes(data: memoryview | bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`tensor_to_bytes`; copies so that the result owns writable memory."""
+    storage_dtype = torch.int16 if dtype == torch.bfloat16 else dtype
+    np_dtype = torch.empty((), dtype=storage_dtype).numpy().dtype.newbyteorder("<")
+    arr = np.frombuffer(data, dtype=np_dtype).copy()
+    out = torch.from_numpy(arr.astype(arr.dtype.newbyteorder("="), copy=False))
+    if dtype == torch.bfloat16:
+        out = out.view(torch.bfloat16)
+    return out.reshape(shape)
