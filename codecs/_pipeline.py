@@ -174,7 +174,7 @@ class Codec:
                 x = t.to(torch.float32).contiguous()
                 if not bool(torch.isfinite(x).all()):
                     raise ValueError(f"update[{name!r}] contains NaN or infinite values; expected finite numbers")
-                node = self._encode_node(x, name, 0)
+                node = self._encode_node(x, name, 0, fallback=t)
                 raw_size = 2 + 5 * t.dim() + t.numel() * t.element_size()
                 if node.size > raw_size:  # compression would not pay: send as it is
                     node = self._raw_node(t)
@@ -203,10 +203,14 @@ class Codec:
         node.raw(w.tensor_to_bytes(t))
         return node
 
-    def _encode_node(self, x: torch.Tensor, name: str, start: int) -> w.Writer:
-        """Encode float32 ``x`` with the first tensor stage at or after ``start`` that takes it."""
+    def _encode_node(self, x: torch.Tensor, name: str, start: int, fallback: torch.Tensor | None = None) -> w.Writer:
+        """Encode float32 ``x`` with the first tensor stage at or after ``start`` that takes it.
+
+        If no stage takes it, ``fallback`` (the tensor in its own dtype) or ``x`` is sent as it is.
+        """
+        raw = x if fallback is None else fallback
         if x.numel() == 0:
-            return self._raw_node(x)
+            return self._raw_node(raw)
         for index in range(start, len(self._tensor_stages)):
             stage = self._tensor_stages[index]
             state = self._state.setdefault(index, {}).setdefault(name, {})
@@ -216,7 +220,7 @@ class Codec:
             if encoded is None:
                 continue
             return self._stage_node(index, encoded, tuple(x.shape), name)
-        return self._raw_node(x)
+        return self._raw_node(raw)
 
     def _stage_node(self, index: int, encoded: Encoded, shape: tuple[int, ...], name: str) -> w.Writer:
         node = w.Writer()

@@ -120,7 +120,7 @@ class Reader:
             result |= (byte & 0x7F) << shift
             if not byte & 0x80:
                 if result > max_value:
-                    raise CodecError(f"{what} is {result}, more than the allowed {max_value}")
+                    raise CodecError(f"{what} is {result}, more than the limit of {max_value}")
                 return result
         raise CodecError(f"{what}: varint longer than 10 bytes at offset {self.pos}")
 
@@ -132,7 +132,7 @@ class Reader:
         ndim = self.u8(f"ndim of {what}")
         if ndim > MAX_NDIM:
             raise CodecError(f"{what} has {ndim} dimensions; at most {MAX_NDIM} are allowed")
-        dims = tuple(self.varint(f"dimension {i} of {what}", max_elements) for i in range(ndim))
+        dims = tuple(self.varint(f"dimension {i} of {what} (over the element limit)", max_elements) for i in range(ndim))
         if numel(dims) > max_elements:
             raise CodecError(
                 f"{what} has shape {dims} ({numel(dims)} elements), over the limit of "

@@ -1,0 +1,186 @@
+"""Math checks of the codec stages: error bounds, unbiasedness, optimality, error feedback."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fedsqueeze.codecs import ErrorFeedback, compression_stats, decode, parse
+
+torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("granularity", ["tensor", "channel", 64])
+def test_uniform_quantization_error_is_at_most_half_a_step(bits: int, granularity: str | int) -> None:
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(37, 91, generator=g) * torch.linspace(0.1, 10, 37)[:, None]
+    spec = f"quantize(bits={bits}, granularity={granularity})"
+    y = decode(parse(spec).encode({"x": x}))["x"]
+    if granularity == "tensor":
+        groups, gy = x.reshape(1, -1), y.reshape(1, -1)
+    elif granularity == "channel":
+        groups, gy = x, y
+    else:
+        flat, fy = x.reshape(-1), y.reshape(-1)
+        pad = (-flat.numel()) % granularity
+        groups = torch.cat([flat, flat[-1:].expand(pad)]).reshape(-1, granularity)
+        gy = torch.cat([fy, fy[-1:].expand(pad)]).reshape(-1, granularity)
+    step = (groups.amax(1) - groups.amin(1)) / (2**bits - 1)
+    err = (groups - gy).abs().amax(1)
+    assert bool((err <= step / 2 * (1 + 1e-4) + 1e-6).all())
+    # and the codes really use `bits` bits: payload ~ n * bits / 8
+    blob = parse(spec).encode({"x": x})
+    assert len(blob) < x.numel() * bits / 8 + 64 * groups.shape[0] * 8 / 8 + 200
+
+
+def test_stochastic_quantization_is_unbiased() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2000, generator=g) * 2 - 1
+    codec = parse("quantize(bits=1, stochastic=true)", seed=123)
+    trials = 400
+    mean = torch.zeros_like(x)
+    for _ in range(trials):
+        mean += decode(codec.encode({"x": x}))["x"]
+    mean /= trials
+    step = float(x.max() - x.min())
+    # each estimate has std <= step/2; the mean of `trials` draws has std <= step/(2 sqrt(trials))
+    tol = 5 * step / (2 * math.sqrt(trials))
+    assert float((mean - x).abs().max()) < tol
+    # a deterministic 1-bit quantizer is biased by far more than that on the same input
+    det = decode(parse("quantize(bits=1)").encode({"x": x}))["x"]
+    assert float((det - x).abs().mean()) > 3 * float((mean - x).abs().mean())
+
+
+@pytest.mark.parametrize("rank", [1, 3, 10])
+def test_svd_error_equals_energy_of_discarded_singular_values(rank: int) -> None:
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(40, 8, 3, 3, generator=g)
+    y = decode(parse(f"svd(rank={rank})").encode({"x": x}))["x"]
+    s = torch.linalg.svdvals(x.reshape(40, -1).double())
+    assert float(((x - y).double() ** 2).sum()) == pytest.approx(float((s[rank:] ** 2).sum()), rel=1e-4)
+
+
+def test_svd_energy_fraction_picks_the_smallest_sufficient_rank() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(64, 3, generator=g) @ torch.randn(3, 80, generator=g)) + 0.01 * torch.randn(64, 80, generator=g)
+    y = decode(parse("svd(rank=0.99)").encode({"x": x}))["x"]
+    s = torch.linalg.svdvals(x.double())
+    kept = 1 - float(((x - y).double() ** 2).sum()) / float((s**2).sum())
+    assert kept >= 0.99
+    assert torch.linalg.matrix_rank(y, rtol=1e-4) == 3
+
+
+def test_low_rank_stages_leave_tensors_that_would_grow() -> None:
+    x = {"small": torch.randn(3, 3), "vector": torch.randn(50), "conv": torch.randn(4, 2, 3, 3)}
+    for spec in ["svd(rank=4)", "powersgd(rank=4)", "tucker(ranks=4)", "cp(rank=8)"]:
+        out = decode(parse(spec).encode(x))
+        for name in x:
+            assert torch.equal(out[name], x[name]), (spec, name)
+
+
+def test_tucker_and_cp_recover_exact_low_rank_kernels() -> None:
+    g = torch.Generator().manual_seed(1)
+    factors = [torch.randn(n, 2, generator=g) for n in (32, 24, 3, 3)]
+    cp_kernel = torch.einsum("or,ir,yr,xr->oiyx", *factors)
+    y = decode(parse("cp(rank=2, iters=100)").encode({"w": cp_kernel}))["w"]
+    assert float((y - cp_kernel).norm() / cp_kernel.norm()) < 1e-3
+    core = torch.randn(3, 2, 3, 3, generator=g)
+    u, v = torch.randn(32, 3, generator=g), torch.randn(24, 2, generator=g)
+    tucker_kernel = torch.einsum("abyx,oa,ib->oiyx", core, u, v)
+    y = decode(parse("tucker(ranks=(3, 2))").encode({"w": tucker_kernel}))["w"]
+    assert float((y - tucker_kernel).norm() / tucker_kernel.norm()) < 1e-4
+
+
+def test_powersgd_warm_start_converges_over_encodes() -> None:
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(100, 4, generator=g) @ torch.randn(4, 60, generator=g) + 0.05 * torch.randn(100, 60, generator=g)
+    codec = parse("powersgd(rank=4)", seed=0)
+    errors = []
+    for _ in range(6):
+        y = decode(codec.encode({"m": m}))["m"]
+        errors.append(float((m - y).norm() / m.norm()))
+    assert errors[-1] < errors[0]
+    assert errors[-1] < 0.05
+    assert "stage0/q/m" in codec.state_dict()
+
+
+@pytest.mark.parametrize("ratio", [0.001, 0.01, 0.3])
+def test_topk_keeps_exactly_the_k_largest_magnitudes(ratio: float) -> None:
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(123, 457, generator=g)
+    y = decode(parse(f"topk(ratio={ratio})").encode({"x": x}))["x"]
+    k = max(1, round(ratio * x.numel()))
+    kept = y != 0
+    assert int(kept.sum()) == k
+    assert torch.equal(y[kept], x[kept])
+    assert float(x[kept].abs().min()) >= float(x[~kept].abs().max())
+
+
+def test_topk_payload_is_really_sparse() -> None:
+    x = torch.randn(1000, 1000)
+    blob = parse("topk(ratio=0.01)").encode({"x": x})
+    # 10k float32 values + ~1-2 bytes of index each; a dense array would be 4 MB
+    assert len(blob) < 10_000 * 4 + 10_000 * 2 + 100
+
+
+def test_index_coding_takes_the_smaller_of_varint_and_bitmap() -> None:
+    dense = torch.randn(10_000)
+    # at 50 % a bitmap (1,250 bytes) beats delta varints (5,000 bytes)
+    half = parse("topk(ratio=0.5)").encode({"x": dense})
+    assert len(half) < 5_000 * 4 + 1_250 + 100
+
+
+def test_randomk_draws_the_same_indices_on_both_sides_without_sending_them() -> None:
+    x = torch.randn(100_000)
+    blob = parse("randomk(ratio=0.01, seed=5)").encode({"x": x})
+    y = decode(blob)["x"]
+    kept = y != 0
+    assert int(kept.sum()) == 1000
+    assert torch.equal(y[kept], x[kept])
+    assert len(blob) < 1000 * 4 + 100  # values only, no indices
+
+
+def test_ternary_and_sign_values() -> None:
+    x = torch.tensor([3.0, -1.0, 0.5, -0.25, 2.0, 0.0])
+    y = decode(parse("ternary(delta=0.7)").encode({"x": x}))["x"]
+    keep = x.abs() > 0.7 * x.abs().mean()
+    mu = x.abs()[keep].mean()
+    assert torch.allclose(y, torch.where(keep, torch.sign(x) * mu, torch.zeros_like(x)))
+    s = decode(parse("sign").encode({"x": x}))["x"]
+    assert torch.allclose(s, torch.where(x >= 0, 1.0, -1.0) * x.abs().mean())
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["topk(ratio=0.01) | quantize(bits=4)", "sign", "powersgd(rank=1)", "randomk(ratio=0.05, seed=1) | fp16", "topk(ratio=0.02) | ternary"],
+)
+def test_error_feedback_conserves_the_sum(spec: str) -> None:
+    g = torch.Generator().manual_seed(3)
+    ef = ErrorFeedback(parse(spec, seed=0))
+    sent = {"w": torch.zeros(50, 40), "b": torch.zeros(40)}
+    given = {"w": torch.zeros(50, 40), "b": torch.zeros(40)}
+    for _ in range(8):
+        update = {"w": torch.randn(50, 40, generator=g), "b": torch.randn(40, generator=g)}
+        decoded = decode(ef.encode(update))
+        for name in update:
+            given[name] += update[name]
+            sent[name] += decoded[name]
+    for name in given:
+        assert torch.allclose(sent[name] + ef.residual[name], given[name], atol=1e-4)
+
+
+def test_topk_quantize_zstd_is_150x_smaller_on_a_1m_update() -> None:
+    g = torch.Generator().manual_seed(0)
+    update = {
+        "fc1.weight": torch.randn(1000, 940, generator=g) * 1e-3,
+        "conv.weight": torch.randn(64, 32, 5, 5, generator=g) * 1e-3,
+        "fc2.weight": torch.randn(10, 1000, generator=g) * 1e-3,
+        "fc1.bias": torch.randn(1000, generator=g) * 1e-3,
+    }
+    assert 1_000_000 <= sum(v.numel() for v in update.values()) < 1_100_000
+    blob = parse("topk(ratio=0.01) | quantize(bits=8) | zstd").encode(update)
+    stats = compression_stats(update, blob)
+    assert stats.ratio >= 150, stats
