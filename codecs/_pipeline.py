@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -172,7 +173,7 @@ class Codec:
             body.u8(w.dtype_code(t.dtype))
             if t.dtype in w.FLOAT_DTYPES:
                 x = t.to(torch.float32).contiguous()
-                if not bool(torch.isfinite(x).all()):
+                if not math.isfinite(float(torch.sum(x, dtype=torch.float64))):  # NaN/inf propagate
                     raise ValueError(f"update[{name!r}] contains NaN or infinite values; expected finite numbers")
                 node = self._encode_node(x, name, 0, fallback=t)
                 raw_size = 2 + 5 * t.dim() + t.numel() * t.element_size()
@@ -180,18 +181,23 @@ class Codec:
                     node = self._raw_node(t)
             else:
                 node = self._raw_node(t)
-            body.raw(node.getvalue())
+            body.extend(node)
         self._calls += 1
-        payload = body.getvalue()
-        body_len = len(payload)
-        for stage in self._bytes_stages:
-            payload = stage.encode_bytes(payload)
+        body_len = body.size
+        payload = b""
+        if self._bytes_stages:
+            payload = body.getvalue()
+            for stage in self._bytes_stages:
+                payload = stage.encode_bytes(payload)
         out = w.Writer()
         out.raw(w.MAGIC)
         out.u8(w.VERSION)
         out.blob(self.spec.encode())
         out.varint(body_len)
-        out.raw(payload)
+        if self._bytes_stages:
+            out.raw(payload)
+        else:
+            out.extend(body)  # no copy of the body before the final join
         return out.getvalue()
 
     @staticmethod
@@ -233,7 +239,7 @@ class Codec:
                 child = self._encode_node(part.tensor.to(torch.float32).contiguous(), name, index + 1)
             else:
                 child = self._raw_node(part)
-            node.raw(child.getvalue())
+            node.extend(child)
         return node
 
 

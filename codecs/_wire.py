@@ -55,6 +55,11 @@ class Writer:
         self._parts.append(data)
         self.size += len(data)
 
+    def extend(self, other: Writer) -> None:
+        """Append another writer's bytes without copying them."""
+        self._parts.extend(other._parts)
+        self.size += other.size
+
     def u8(self, value: int) -> None:
         self.raw(bytes((value,)))
 
@@ -152,15 +157,15 @@ def numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def tensor_to_bytes(t: torch.Tensor) -> bytes:
-    """Little-endian bytes of a contiguous CPU tensor (bfloat16 and bool included)."""
+def tensor_to_bytes(t: torch.Tensor) -> memoryview:
+    """Little-endian bytes of a CPU tensor (bfloat16 and bool included), without a copy if contiguous."""
     t = t.detach().contiguous().cpu()
     if t.dtype == torch.bfloat16:
         t = t.view(torch.int16)
     arr = t.numpy()
     if arr.dtype.byteorder == ">":  # pragma: no cover - big-endian hosts only
         arr = arr.byteswap()
-    return arr.tobytes()
+    return memoryview(arr.reshape(-1)).cast("B")
 
 
 def tensor_from_bytes(data: memoryview | bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:

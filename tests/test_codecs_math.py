@@ -184,3 +184,13 @@ def test_topk_quantize_zstd_is_150x_smaller_on_a_1m_update() -> None:
     blob = parse("topk(ratio=0.01) | quantize(bits=8) | zstd").encode(update)
     stats = compression_stats(update, blob)
     assert stats.ratio >= 150, stats
+
+
+@pytest.mark.parametrize(("n", "ratio"), [(600_000, 0.01), (600_000, 0.0001), (300_000, 0.1)])
+def test_topk_on_large_tensors_is_still_exact(n: int, ratio: float) -> None:
+    # large tensors take the sampled-threshold path; the result must still be the exact top-k
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n)) ** 3
+    y = decode(parse(f"topk(ratio={ratio})").encode({"x": x}))["x"]
+    kept = y != 0
+    assert int(kept.sum()) == round(ratio * n)
+    assert float(x[kept].abs().min()) >= float(x[~kept].abs().max())
