@@ -1,0 +1,5 @@
+"""fedsqueeze on the client: a reusable compression mod and a ready-made training ClientApp."""
+
+from fedsqueeze.client.mod import compression_mod
+
+__all__ = ["compression_mod"]

@@ -1,0 +1,292 @@
+"""CompressedStrategy: exact FedAvg with lossless codecs, bit-identical references, rejected replies."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedsqueeze.client import compression_mod
+from fedsqueeze.client.mod import STATE_REFERENCE
+from fedsqueeze.codecs import parse
+from fedsqueeze.protocol import (
+    DELTA,
+    FULL,
+    PAYLOAD_KEY,
+    Downlink,
+    Uplink,
+    arrays_to_tensors,
+    message_bytes,
+    tensors_to_arrays,
+)
+from fedsqueeze.server.strategy import DOWN, UP, CompressedStrategy
+
+NODES = [101, 102, 103]
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    """Messages built outside a running app need a task identity (the ServerApp's node is 1)."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1
+
+
+class FakeGrid:
+    """The part of a Grid that Flower's strategies use to sample nodes."""
+
+    def __init__(self, node_ids: list[int]) -> None:
+        self.node_ids = node_ids
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.node_ids)
+
+
+def global_model(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"conv.weight": torch.randn(4, 1, 3, 3, generator=g), "fc.weight": torch.randn(10, 36, generator=g),
+            "fc.bias": torch.randn(10, generator=g)}
+
+
+def local_model(received: dict[str, torch.Tensor], node_id: int, server_round: int) -> dict[str, torch.Tensor]:
+    """What 'training' gives on a node: a deterministic step away from what it received."""
+    g = torch.Generator().manual_seed(node_id * 1000 + server_round)
+    return {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in received.items()}
+
+
+def make_client() -> ClientApp:
+    app = ClientApp(mods=[compression_mod])
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        received = arrays_to_tensors(msg.content["arrays"])
+        server_round = int(msg.content["config"]["server-round"])
+        local = local_model(received, context.node_id, server_round)
+        metrics = MetricRecord({"num-examples": context.node_id - 90, "train-loss": float(context.node_id)})
+        return Message(RecordDict({"arrays": tensors_to_arrays(local), "metrics": metrics}), reply_to=msg)
+
+    return app
+
+
+def contexts(node_ids: list[int]) -> dict[int, Context]:
+    return {i: Context(run_id=7, node_id=i, node_config={}, state=RecordDict(), run_config={}) for i in node_ids}
+
+
+def plain_reply(msg: Message, weights: dict[str, torch.Tensor], node_id: int) -> Message:
+    metrics = MetricRecord({"num-examples": node_id - 90, "train-loss": float(node_id)})
+    return Message(RecordDict({"arrays": tensors_to_arrays(weights), "metrics": metrics}), reply_to=msg)
+
+
+def test_identity_codec_then_fedavg_equals_plain_fedavg_exactly() -> None:
+    weights = global_model()
+    arrays = tensors_to_arrays(weights)
+    app, ctx = make_client(), contexts(NODES)
+    strategy = CompressedStrategy(FedAvg(), uplink="identity", downlink="identity")
+
+    messages = list(strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid(NODES)))
+    assert all(PAYLOAD_KEY in m.content and "arrays" not in m.content for m in messages)
+    messages.sort(key=lambda m: m.metadata.dst_node_id)  # FedAvg sums in reply order
+    replies = [app(m, ctx[m.metadata.dst_node_id]) for m in messages]
+    assert all(not r.has_error() and "arrays" not in r.content for r in replies)
+    compressed, metrics = strategy.aggregate_train(1, replies)
+
+    # Plain Flower on the very same local weights
+    plain = FedAvg()
+    plain_messages = sorted(plain.configure_train(1, arrays, ConfigRecord(), FakeGrid(NODES)),
+                            key=lambda m: m.metadata.dst_node_id)
+    plain_replies = [
+        plain_reply(m, local_model(weights, m.metadata.dst_node_id, 1), m.metadata.dst_node_id)
+        for m in plain_messages
+    ]
+    expected, expected_metrics = plain.aggregate_train(1, plain_replies)
+
+    assert compressed is not None and expected is not None and metrics is not None
+    got, want = arrays_to_tensors(compressed), arrays_to_tensors(expected)
+    assert list(got) == list(want)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    assert metrics["train-loss"] == expected_metrics["train-loss"]
+    assert strategy.rejections == []
+
+
+@pytest.mark.parametrize("inner", [FedAvg(), FedProx(proximal_mu=0.1), FedMedian(), FedAdam()])
+def test_lossy_codecs_track_the_reference_bit_for_bit(inner: object) -> None:
+    """Over rounds the nodes' reference equals the server's, and the aggregate stays near plain."""
+    app, ctx = make_client(), contexts(NODES)
+    strategy = CompressedStrategy(inner, uplink="topk(ratio=0.2) | quantize(bits=8) | zstd",
+                                  downlink="quantize(bits=8) | zstd")
+    arrays = tensors_to_arrays(global_model())
+    for server_round in range(1, 5):
+        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), FakeGrid(NODES)))
+        kinds = {Downlink.from_record(m.content[PAYLOAD_KEY]).kind for m in messages}
+        assert kinds == ({FULL} if server_round == 1 else {DELTA})
+        replies = [app(m, ctx[m.metadata.dst_node_id]) for m in messages]
+        assert all(Uplink.from_record(r.content[PAYLOAD_KEY]).kind == DELTA for r in replies)
+        new_arrays, _ = strategy.aggregate_train(server_round, replies)
+        assert new_arrays is not None
+        arrays = new_arrays
+        server_reference = strategy._reference  # noqa: SLF001 - the invariant under test
+        assert server_reference is not None
+        for node_id in NODES:
+            held = arrays_to_tensors(ctx[node_id].state[STATE_REFERENCE])
+            assert all(torch.equal(held[k], server_reference[k]) for k in held)
+    assert strategy.rejections == []
+    up = [t for t in strategy.traffic if t.direction == UP]
+    down = [t for t in strategy.traffic if t.direction == DOWN]
+    assert len(up) == len(down) == 4 * len(NODES)
+    assert sum(t.bytes for t in up) < sum(t.fp32_bytes for t in up) / 2
+    assert sum(t.bytes for t in down[3:]) < sum(t.fp32_bytes for t in down[3:]) / 2
+
+
+def test_lossy_aggregate_is_close_to_plain_fedavg() -> None:
+    app, ctx = make_client(), contexts(NODES)
+    weights = global_model()
+    strategy = CompressedStrategy(FedAvg(), uplink="quantize(bits=8)", downlink="identity")
+    messages = strategy.configure_train(1, tensors_to_arrays(weights), ConfigRecord(), FakeGrid(NODES))
+    got, _ = strategy.aggregate_train(1, [app(m, ctx[m.metadata.dst_node_id]) for m in messages])
+    assert got is not None
+    total = sum(n - 90 for n in NODES)
+    for name, value in arrays_to_tensors(got).items():
+        want = sum(local_model(weights, n, 1)[name] * (n - 90) / total for n in NODES)
+        assert torch.allclose(value, want, atol=2e-3), name
+
+
+def corrupt(reply: Message, how: str) -> Message:
+    payload = reply.content[PAYLOAD_KEY]
+    blob = payload["blob"]
+    if how == "flipped":
+        payload["blob"] = blob[:20] + bytes(b ^ 0xA5 for b in blob[20:40]) + blob[40:]
+    elif how == "truncated":
+        payload["blob"] = blob[: len(blob) // 2]
+    elif how == "wrong-shape":
+        payload["blob"] = parse("identity").encode({"conv.weight": torch.zeros(4, 1, 3, 4), "fc.weight": torch.zeros(10, 36),
+                                                    "fc.bias": torch.zeros(10)})
+    elif how == "nan":  # the encoder refuses NaN, so write one into the raw float32 bytes
+        raw = bytearray(parse("identity").encode({k: torch.zeros_like(v) for k, v in global_model().items()}))
+        raw[-4:] = bytes.fromhex("0000c07f")  # float32 NaN as the last value of the last tensor
+        payload["blob"] = bytes(raw)
+    elif how == "missing":
+        payload["blob"] = parse("identity").encode({"fc.weight": torch.zeros(10, 36)})
+    return reply
+
+
+@pytest.mark.parametrize(
+    ("how", "reason"),
+    [("flipped", "cannot be decoded"), ("truncated", "cannot be decoded"), ("wrong-shape", "has shape"),
+     ("nan", "NaN"), ("missing", "names differ"), ("error", "replied with error 2: boom")],
+)
+def test_a_bad_reply_is_dropped_with_one_log_line(how: str, reason: str, caplog: pytest.LogCaptureFixture) -> None:
+    nodes = [101, 102, 103, 104]
+    app, ctx = make_client(), contexts(nodes)
+    strategy = CompressedStrategy(FedAvg(), uplink="identity", downlink="identity")
+    weights = global_model()
+    messages = list(strategy.configure_train(1, tensors_to_arrays(weights), ConfigRecord(), FakeGrid(nodes)))
+    replies = [app(m, ctx[m.metadata.dst_node_id]) for m in messages]
+    bad_index = next(i for i, r in enumerate(replies) if r.metadata.src_node_id == 103)
+    if how == "error":
+        from flwr.app import Error
+
+        replies[bad_index] = Message(Error(2, "boom"), reply_to=messages[bad_index])
+    else:
+        corrupt(replies[bad_index], how)
+
+    with caplog.at_level(logging.WARNING):
+        got, metrics = strategy.aggregate_train(1, replies)
+
+    lines = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "node 103" in lines[0] and reason in lines[0]
+    assert [(r.round, r.node_id) for r in strategy.rejections] == [(1, 103)]
+    assert got is not None and metrics is not None
+    good = [n for n in nodes if n != 103]
+    total = sum(n - 90 for n in good)
+    for name, value in arrays_to_tensors(got).items():
+        want = sum(local_model(weights, n, 1)[name] * (n - 90) / total for n in good)
+        assert torch.allclose(value, want, atol=1e-6), name
+    ups = [t for t in strategy.traffic if t.direction == UP]
+    assert len(ups) == 4 and sum(t.kind in ("rejected", "error") for t in ups) == 1
+
+
+def test_rejection_reasons_name_the_fault(caplog: pytest.LogCaptureFixture) -> None:
+    strategy = CompressedStrategy(FedAvg(), uplink="identity", downlink="identity")
+    app, ctx = make_client(), contexts(NODES)
+    messages = list(strategy.configure_train(1, tensors_to_arrays(global_model()), ConfigRecord(), FakeGrid(NODES)))
+    replies = [app(m, ctx[m.metadata.dst_node_id]) for m in messages]
+    corrupt(replies[0], "wrong-shape")
+    corrupt(replies[1], "missing")
+    with caplog.at_level(logging.WARNING):
+        strategy.aggregate_train(1, replies)
+    reasons = " | ".join(r.reason for r in strategy.rejections)
+    assert "shape (4, 1, 3, 4), expected (4, 1, 3, 3)" in reasons
+    assert "missing ['conv.weight', 'fc.bias']" in reasons
+
+
+def test_a_node_that_lost_its_reference_gets_the_full_model_next_round(caplog: pytest.LogCaptureFixture) -> None:
+    app, ctx = make_client(), contexts(NODES)
+    strategy = CompressedStrategy(FedAvg(), uplink="quantize(bits=8) | zstd", downlink="quantize(bits=8) | zstd")
+    arrays = tensors_to_arrays(global_model())
+
+    def run(server_round: int) -> dict[int, str]:
+        nonlocal arrays
+        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), FakeGrid(NODES)))
+        kinds = {m.metadata.dst_node_id: Downlink.from_record(m.content[PAYLOAD_KEY]).kind for m in messages}
+        new, _ = strategy.aggregate_train(server_round, [app(m, ctx[m.metadata.dst_node_id]) for m in messages])
+        assert new is not None
+        arrays = new
+        return kinds
+
+    assert set(run(1).values()) == {FULL}
+    ctx[102] = contexts([102])[102]  # node 102 restarts and forgets everything
+    with caplog.at_level(logging.WARNING):
+        assert set(run(2).values()) == {DELTA}
+    assert [(r.round, r.node_id) for r in strategy.rejections] == [(2, 102)]
+    assert "holds none" in strategy.rejections[0].reason
+    assert run(3) == {101: DELTA, 102: FULL, 103: DELTA}
+    assert run(4) == {101: DELTA, 102: DELTA, 103: DELTA}
+
+
+def test_a_node_that_missed_rounds_catches_up_with_a_chain_of_deltas() -> None:
+    app, ctx = make_client(), contexts(NODES)
+    big = {"w": torch.randn(200, 100, generator=torch.Generator().manual_seed(3))}
+    strategy = CompressedStrategy(FedAvg(), uplink="identity", downlink="topk(ratio=0.01) | quantize(bits=8) | zstd")
+    arrays = tensors_to_arrays(big)
+    payloads: dict[int, Downlink] = {}
+    for server_round, sampled in enumerate([NODES, [101, 102], [101, 102], NODES], start=1):
+        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), FakeGrid(sampled)))
+        payloads = {m.metadata.dst_node_id: Downlink.from_record(m.content[PAYLOAD_KEY]) for m in messages}
+        new, _ = strategy.aggregate_train(server_round, [app(m, ctx[m.metadata.dst_node_id]) for m in messages])
+        assert new is not None
+        arrays = new
+    late = payloads[103]
+    assert late.kind == DELTA and late.base == 1 and late.version == 4 and len(late.blobs) == 3
+    assert strategy.rejections == []
+    held = arrays_to_tensors(ctx[103].state[STATE_REFERENCE])
+    assert strategy._reference is not None  # noqa: SLF001
+    assert torch.equal(held["w"], strategy._reference["w"])  # noqa: SLF001
+
+
+def test_traffic_records_match_message_sizes() -> None:
+    app, ctx = make_client(), contexts(NODES)
+    strategy = CompressedStrategy(FedAvg(), uplink="fp16", downlink="identity")
+    messages = list(strategy.configure_train(1, tensors_to_arrays(global_model()), ConfigRecord(), FakeGrid(NODES)))
+    down_sizes = {m.metadata.dst_node_id: message_bytes(m) for m in messages}
+    replies = [app(m, ctx[m.metadata.dst_node_id]) for m in messages]
+    up_sizes = {r.metadata.src_node_id: message_bytes(r) for r in replies}
+    strategy.aggregate_train(1, replies)
+    for t in strategy.traffic:
+        assert t.bytes == (down_sizes if t.direction == DOWN else up_sizes)[t.node_id]
+        assert t.payload_bytes > 0 and t.payload_bytes < t.bytes
+    ups = [t for t in strategy.traffic if t.direction == UP]
+    assert all(t.bytes < 0.75 * t.fp32_bytes for t in ups)  # fp16 halves the arrays
+
+
+def test_bad_codec_specs_are_refused() -> None:
+    with pytest.raises(ValueError, match="uplink"):
+        CompressedStrategy(FedAvg(), uplink="nosuchstage", downlink="identity")
+    with pytest.raises(ValueError, match="catchup codec must be lossless"):
+        CompressedStrategy(FedAvg(), catchup="quantize(bits=8)")
+    with pytest.raises(TypeError):
+        CompressedStrategy("fedavg")  # type: ignore[arg-type]
