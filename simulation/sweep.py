@@ -1,0 +1,220 @@
+"""Run a grid of cells through Flower's simulation engine, resumably, into one results table."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from tqdm import tqdm
+
+from fedsqueeze.simulation.grid import Cell, Grid
+
+__all__ = ["Runner", "FlwrRunner", "run_sweep", "collect_results", "cell_finished", "RESULT_COLUMNS", "offline_env"]
+
+#: Columns of the sweep's ``results.csv`` before the per-round columns of each cell's rounds.csv.
+RESULT_COLUMNS = ["cell", "codec", "seed", "model", "dataset", "partitioner", "num_supernodes", "uplink_codec", "downlink_codec"]
+CELL_FILE = "cell.json"
+
+
+class Runner(Protocol):
+    """Runs one cell, writing its rounds.csv and summary.json into ``cell_dir``."""
+
+    def __call__(self, cell: Cell, cell_dir: Path, on_round: Callable[[int], None]) -> None: ...
+
+
+def offline_env(flwr_home: Path) -> dict[str, str]:
+    """Environment that keeps Flower and Ray offline and quiet, with Flower's state in ``flwr_home``."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "FLWR_HOME": str(flwr_home),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    return env
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def _count_rounds(rounds_csv: Path) -> int:
+    try:
+        with open(rounds_csv) as f:
+            return max(0, sum(1 for _ in f) - 1)
+    except FileNotFoundError:
+        return 0
+
+
+class FlwrRunner:
+    """Run a cell with ``flwr run`` on the project's app, as a user would (one process per cell).
+
+    Parameters
+    ----------
+    app_dir : Path | None
+        The Flower app (a directory with the pyproject.toml that names fedsqueeze's apps);
+        ``None`` uses the fedsqueeze source checkout (default: None).
+    flwr_home : Path | None
+        Where Flower keeps its state; ``None`` uses ``<cell_dir>/../../.flwr`` (default: None).
+    timeout : float
+        Seconds after which a cell is stopped and counted as failed (default: 3600).
+    """
+
+    def __init__(self, app_dir: Path | None = None, flwr_home: Path | None = None, timeout: float = 3600.0) -> None:
+        self.app_dir = app_dir or _source_checkout()
+        self.flwr_home = flwr_home
+        self.timeout = timeout
+
+    def command(self, cell: Cell, run_config: Path) -> list[str]:
+        flwr = shutil.which("flwr", path=str(Path(sys.executable).parent)) or shutil.which("flwr") or "flwr"
+        federation = f"num-supernodes={cell.num_supernodes} client-resources-num-cpus=1"
+        return [flwr, "run", str(self.app_dir), "--run-config", str(run_config), "--federation-config", federation, "--stream"]
+
+    def __call__(self, cell: Cell, cell_dir: Path, on_round: Callable[[int], None]) -> None:
+        cell_dir = cell_dir.resolve()
+        config = {**cell.config, "results-dir": str(cell_dir)}
+        run_config = cell_dir / "run_config.toml"
+        run_config.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in config.items()))
+        flwr_home = self.flwr_home or cell_dir.parent.parent / ".flwr"
+        flwr_home.mkdir(parents=True, exist_ok=True)
+        log_path = cell_dir / "flwr.log"
+        with open(log_path, "w") as log:
+            # a neutral working directory: Ray puts it first on sys.path (see README)
+            proc = subprocess.Popen(
+                self.command(cell, run_config), cwd=cell_dir, env=offline_env(flwr_home),
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+            start, seen = time.monotonic(), 0
+            try:
+                while proc.poll() is None:
+                    time.sleep(0.5)
+                    rounds = _count_rounds(cell_dir / "rounds.csv")
+                    if rounds != seen:
+                        on_round(rounds - seen)
+                        seen = rounds
+                    if time.monotonic() - start > self.timeout:
+                        raise TimeoutError(f"cell {cell.id} ran over {self.timeout:.0f} s")
+            except BaseException:
+                _stop(proc)
+                raise
+        on_round(_count_rounds(cell_dir / "rounds.csv") - seen)
+        if proc.returncode != 0 or not (cell_dir / "summary.json").is_file():
+            tail = log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"cell {cell.id} failed (exit code {proc.returncode}); log {log_path}:\n{tail}")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _source_checkout() -> Path:
+    import fedsqueeze
+
+    root = Path(fedsqueeze.__file__).resolve().parent
+    if not (root / "pyproject.toml").is_file():
+        raise FileNotFoundError(
+            f"no pyproject.toml in {root}: the sweep runs the Flower app from a source checkout "
+            "(git clone, then pip install -e .), or pass app_dir"
+        )
+    return root
+
+
+def cell_finished(cell_dir: Path) -> bool:
+    """A cell counts as done only when its run finished and its marker was written last."""
+    return (cell_dir / CELL_FILE).is_file() and (cell_dir / "summary.json").is_file()
+
+
+def run_sweep(grid: Grid, out: Path, *, runner: Runner | None = None, progress: bool = True) -> Path:
+    """Run every cell of ``grid`` not already finished in ``out``; return the results table path.
+
+    Finished cells are never rerun; a cell that was interrupted is cleared and run again.
+    After each cell the sweep-wide ``results.csv`` (one row per cell and round) is rebuilt
+    from the finished cells, so it is complete whenever the sweep stops.
+    """
+    runner = runner or FlwrRunner()
+    out = Path(out)
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    (out / "grid.json").write_text(
+        json.dumps({"name": grid.name, "description": grid.description,
+                    "cells": [{"id": c.id, "codec": c.codec, "num_supernodes": c.num_supernodes, "config": dict(c.config)} for c in grid.cells]},
+                   indent=2) + "\n"
+    )
+    total_rounds = sum(int(c.config.get("num-server-rounds", 1)) for c in grid.cells)
+    cells_bar = tqdm(total=len(grid.cells), desc="cells", unit="cell", disable=not progress, position=0)
+    rounds_bar = tqdm(total=total_rounds, desc="rounds", unit="round", disable=not progress, position=1)
+    try:
+        for cell in grid.cells:
+            cell_dir = out / "cells" / cell.id
+            rounds = int(cell.config.get("num-server-rounds", 1))
+            if cell_finished(cell_dir):
+                cells_bar.update(1)
+                rounds_bar.update(rounds)
+                continue
+            if cell_dir.exists():
+                shutil.rmtree(cell_dir)  # an interrupted cell starts again from scratch
+            cell_dir.mkdir(parents=True)
+            cells_bar.set_postfix_str(f"{cell.codec} seed={cell.config.get('seed', 0)}")
+            runner(cell, cell_dir, rounds_bar.update)
+            marker = {"id": cell.id, "key": cell.key, "codec": cell.codec, "num_supernodes": cell.num_supernodes, "config": dict(cell.config)}
+            (cell_dir / (CELL_FILE + ".tmp")).write_text(json.dumps(marker, indent=2) + "\n")
+            os.replace(cell_dir / (CELL_FILE + ".tmp"), cell_dir / CELL_FILE)
+            cells_bar.update(1)
+            collect_results(out)
+    finally:
+        cells_bar.close()
+        rounds_bar.close()
+    return collect_results(out)
+
+
+def collect_results(out: Path) -> Path:
+    """(Re)build ``out/results.csv`` from every finished cell, in grid order."""
+    out = Path(out)
+    order = {c["id"]: i for i, c in enumerate(json.loads((out / "grid.json").read_text())["cells"])} if (out / "grid.json").is_file() else {}
+    rows: list[dict[str, str]] = []
+    round_columns: list[str] = []
+    cell_dirs = sorted((d for d in (out / "cells").iterdir() if cell_finished(d)), key=lambda d: (order.get(d.name, len(order)), d.name))
+    for cell_dir in cell_dirs:
+        marker = json.loads((cell_dir / CELL_FILE).read_text())
+        cfg = marker["config"]
+        with open(cell_dir / "rounds.csv", newline="") as f:
+            reader = csv.DictReader(f)
+            round_columns = round_columns or list(reader.fieldnames or [])
+            for row in reader:
+                rows.append({
+                    "cell": marker["id"], "codec": marker["codec"], "seed": str(cfg.get("seed", 0)),
+                    "model": str(cfg.get("model", "")), "dataset": str(cfg.get("dataset", "")),
+                    "partitioner": str(cfg.get("partitioner", "")), "num_supernodes": str(marker["num_supernodes"]),
+                    "uplink_codec": cfg["uplink-codec"], "downlink_codec": cfg["downlink-codec"], **row,
+                })
+    path = out / "results.csv"
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS + round_columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+    return path
