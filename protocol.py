@@ -11,7 +11,11 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.app.message.message import remove_content_from_message
 from flwr.common.serde import message_to_proto
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
+from flwr.supercore.inflatable.inflatable_object import (
+    get_all_nested_objects,
+    get_object_tree,
+    no_object_id_recompute,
+)
 
 __all__ = [
     "PAYLOAD_KEY",
@@ -70,7 +74,7 @@ RUN_CONFIG_DEFAULTS: dict[str, bool | int | float | str] = {
     "downlink-codec": "quantize(bits=8) | zstd(level=3)",
     "strategy": "fedavg",
     "proximal-mu": 0.01,
-    "server-lr": 0.1,
+    "server-lr": 0.0,
     "seed": 0,
     "results-dir": "results",
 }
@@ -319,9 +323,15 @@ def message_bytes(message: Message) -> int:
     int
         The size in bytes.
     """
+    with no_object_id_recompute():  # hash each object once
+        return _message_bytes(message)
+
+
+def _message_bytes(message: Message) -> int:
     envelope = message_to_proto(remove_content_from_message(message))
-    if not envelope.metadata.message_id:
-        envelope.metadata.message_id = message.object_id
+    # The SuperLink names a message by its object ID (64 hex digits); the simulation engine
+    # uses a shorter UUID and a message not sent yet has none: count what a deployment sends.
+    envelope.metadata.message_id = message.object_id
     objects = get_all_nested_objects(message)
     body = sum(len(obj.deflate()) for obj in objects.values())
     return envelope.ByteSize() + get_object_tree(message).ByteSize() + body
