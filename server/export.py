@@ -1,0 +1,473 @@
+"""Export of a (compact) CNN for edge devices: self-contained TorchScript plus safetensors, int8 or fp32."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from fedsqueeze.server.compact import LowRankConv2d, LowRankLinear, Tucker2Conv2d, count_parameters, to_chain
+
+__all__ = ["ExportInfo", "FORMAT", "export_compact", "flatten_ops", "load_safetensors", "quantize_per_channel"]
+
+#: Value of the ``format`` metadata key of exported safetensors files.
+FORMAT = "fedsqueeze-compact/1"
+
+_SUPPORTED_BITS = (8, 32)
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """What :func:`export_compact` wrote.
+
+    Attributes
+    ----------
+    name : str
+        Stem of the files.
+    bits : int
+        Weight bits: 8 (int8 + per-output-channel fp32 scale) or 32 (fp32).
+    num_parameters : int
+        Parameters of the exported model (weights and biases).
+    torchscript_path, safetensors_path : pathlib.Path
+        The two files.
+    torchscript_bytes, safetensors_bytes : int
+        Their sizes in bytes.
+    raw_torchscript_bytes : int
+        Size that plain ``torch.jit.save`` gave before the archive was repacked (equal to
+        ``torchscript_bytes`` when ``repack=False``).
+    """
+
+    name: str
+    bits: int
+    num_parameters: int
+    torchscript_path: Path
+    torchscript_bytes: int
+    safetensors_path: Path
+    safetensors_bytes: int
+    raw_torchscript_bytes: int
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the fields as JSON-ready values (paths as strings)."""
+        return {k: str(v) if isinstance(v, Path) else v for k, v in self.__dict__.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Model -> flat list of primitive ops
+# ----------------------------------------------------------------------------------------------
+
+
+def _weight_op(layer: nn.Conv2d | nn.Linear) -> dict[str, Any]:
+    weight = layer.weight.detach().float()
+    bias = None if layer.bias is None else layer.bias.detach().float()
+    if isinstance(layer, nn.Linear):
+        return {"op": "linear", "weight": weight, "bias": bias}
+    if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
+        raise ValueError(f"only numeric zero padding can be exported, got padding={layer.padding!r}, mode={layer.padding_mode!r}")
+    return {
+        "op": "conv2d",
+        "weight": weight,
+        "bias": bias,
+        "stride": list(layer.stride),
+        "padding": list(layer.padding),
+        "dilation": list(layer.dilation),
+        "groups": layer.groups,
+    }
+
+
+def _fold_batchnorm(op: dict[str, Any], bn: nn.modules.batchnorm._BatchNorm) -> None:
+    """Fold an eval-mode batch norm into the preceding conv/linear op in place."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("a batch norm without running statistics cannot be folded for export")
+    scale = (bn.running_var.detach().float() + bn.eps).rsqrt()
+    shift = -bn.running_mean.detach().float() * scale
+    if bn.affine:
+        scale = scale * bn.weight.detach().float()
+        shift = shift * bn.weight.detach().float() + bn.bias.detach().float()
+    weight = op["weight"]
+    op["weight"] = weight * scale.view(-1, *([1] * (weight.dim() - 1)))
+    bias = op["bias"] if op["bias"] is not None else torch.zeros_like(scale)
+    op["bias"] = bias * scale + shift
+
+
+def flatten_ops(model: nn.Module) -> list[dict[str, Any]]:
+    """Describe ``model`` as a list of primitive ops (conv2d, linear, relu, pools, flatten, ...).
+
+    Factored layers become their dense parts, batch norms are folded into the preceding
+    conv/linear, dropout and identity are dropped.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A model :func:`fedsqueeze.server.compact.to_chain` can read.
+
+    Returns
+    -------
+    list of dict
+        One dict per op with key ``"op"``; weight ops carry fp32 ``"weight"`` and ``"bias"``.
+    """
+    ops: list[dict[str, Any]] = []
+    for name, layer in to_chain(model):
+        if isinstance(layer, (LowRankConv2d, LowRankLinear, Tucker2Conv2d)):
+            ops.extend(_weight_op(sub) for sub in layer.children())
+        elif isinstance(layer, (nn.Conv2d, nn.Linear)):
+            ops.append(_weight_op(layer))
+        elif isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            if not ops or ops[-1]["op"] not in ("conv2d", "linear"):
+                raise ValueError(f"batch norm {name} must directly follow a conv or linear layer to be exported")
+            _fold_batchnorm(ops[-1], layer)
+        elif isinstance(layer, (nn.ReLU, nn.Tanh, nn.Sigmoid)):
+            ops.append({"op": type(layer).__name__.lower()})
+        elif isinstance(layer, nn.MaxPool2d):
+            if layer.return_indices:
+                raise ValueError(f"max pool {name} returns indices; it cannot be exported")
+            ops.append(
+                {
+                    "op": "max_pool2d",
+                    "kernel_size": _pair(layer.kernel_size),
+                    "stride": _pair(layer.stride or layer.kernel_size),
+                    "padding": _pair(layer.padding),
+                    "dilation": _pair(layer.dilation),
+                    "ceil_mode": bool(layer.ceil_mode),
+                }
+            )
+        elif isinstance(layer, nn.AvgPool2d):
+            if layer.divisor_override is not None:
+                raise ValueError(f"avg pool {name} with divisor_override cannot be exported")
+            ops.append(
+                {
+                    "op": "avg_pool2d",
+                    "kernel_size": _pair(layer.kernel_size),
+                    "stride": _pair(layer.stride or layer.kernel_size),
+                    "padding": _pair(layer.padding),
+                    "ceil_mode": bool(layer.ceil_mode),
+                    "count_include_pad": bool(layer.count_include_pad),
+                }
+            )
+        elif isinstance(layer, nn.Flatten):
+            if layer.start_dim != 1 or layer.end_dim != -1:
+                raise ValueError(f"flatten {name} must flatten dims 1..-1, got {layer.start_dim}..{layer.end_dim}")
+            ops.append({"op": "flatten"})
+        elif isinstance(layer, (nn.LogSoftmax, nn.Softmax)):
+            ops.append({"op": "log_softmax" if isinstance(layer, nn.LogSoftmax) else "softmax", "dim": layer.dim})
+        elif isinstance(layer, (nn.Dropout, nn.Identity)):
+            continue
+        else:
+            raise ValueError(
+                f"layer {name} ({type(layer).__name__}) cannot be exported; supported: Conv2d, Linear, the "
+                "factored layers, BatchNorm after them, ReLU/Tanh/Sigmoid, Max/AvgPool2d, Flatten, (Log)Softmax, Dropout"
+            )
+    return ops
+
+
+def _pair(value: int | Sequence[int]) -> list[int]:
+    return [int(v) for v in value] if isinstance(value, (tuple, list)) else [int(value), int(value)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantisation and the self-contained module
+# ----------------------------------------------------------------------------------------------
+
+
+def quantize_per_channel(weight: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel quantisation: ``weight ~= q * scale[:, None, ...]``.
+
+    Parameters
+    ----------
+    weight : torch.Tensor
+        Float weight whose first dimension is the output channel.
+    bits : int
+        Bits per value, 2..8 (default: 8); values lie in ``[-(2**(bits-1) - 1), 2**(bits-1) - 1]``.
+
+    Returns
+    -------
+    q : torch.Tensor
+        int8 tensor of the weight's shape.
+    scale : torch.Tensor
+        float32 tensor of shape ``(out,)``.
+    """
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits must be in 2..8 for integer quantisation, got {bits}")
+    levels = 2 ** (bits - 1) - 1
+    rows = weight.detach().float().reshape(weight.shape[0], -1)
+    scale = rows.abs().amax(1) / levels
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(rows / scale[:, None]).clamp_(-levels, levels).to(torch.int8)
+    return q.reshape(weight.shape), scale
+
+
+class _FlatNet(nn.Module):
+    """A chain of primitive ops whose weights live in two packed buffers.
+
+    ``q`` (int8) holds every quantised weight, ``f`` (float32) holds scales, biases, fp32
+    weights and the input normalisation; ``forward`` slices them with constant offsets, so a
+    traced copy is one module with one short ``code`` file and two tensors.
+    """
+
+    def __init__(self, ops: list[dict[str, Any]], q: torch.Tensor, f: torch.Tensor, norm_ref: list[int]) -> None:
+        super().__init__()
+        self.ops = ops
+        self.norm_ref = norm_ref  # [offset, channels]: mean at offset, 1/std after it
+        self.register_buffer("q", q)
+        self.register_buffer("f", f)
+
+    def _floats(self, offset: int, count: int) -> torch.Tensor:
+        return self.f[offset : offset + count]
+
+    def _weight(self, ref: dict[str, Any]) -> torch.Tensor:
+        shape, count = ref["shape"], ref["count"]
+        if "scale" not in ref:
+            return self._floats(ref["offset"], count).view(shape)
+        values = self.q[ref["offset"] : ref["offset"] + count].to(torch.float32).view(shape)
+        scale = self._floats(ref["scale"], shape[0]).view([shape[0]] + [1] * (len(shape) - 1))
+        return values * scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        offset, channels = self.norm_ref
+        mean = self._floats(offset, channels).view(1, channels, 1, 1)
+        inv_std = self._floats(offset + channels, channels).view(1, channels, 1, 1)
+        x = (x.to(torch.float32) / 255.0 - mean) * inv_std
+        for op in self.ops:
+            kind = op["op"]
+            if kind in ("conv2d", "linear"):
+                weight = self._weight(op["weight"])
+                bias = None if op["bias"] is None else self._floats(op["bias"][0], op["bias"][1])
+                if kind == "linear":
+                    x = F.linear(x, weight, bias)
+                else:
+                    x = F.conv2d(x, weight, bias, op["stride"], op["padding"], op["dilation"], op["groups"])
+            elif kind == "relu":
+                x = F.relu(x)
+            elif kind == "tanh":
+                x = torch.tanh(x)
+            elif kind == "sigmoid":
+                x = torch.sigmoid(x)
+            elif kind == "max_pool2d":
+                x = F.max_pool2d(x, op["kernel_size"], op["stride"], op["padding"], op["dilation"], op["ceil_mode"])
+            elif kind == "avg_pool2d":
+                x = F.avg_pool2d(x, op["kernel_size"], op["stride"], op["padding"], op["ceil_mode"], op["count_include_pad"])
+            elif kind == "flatten":
+                x = torch.flatten(x, 1)
+            elif kind == "log_softmax":
+                x = F.log_softmax(x, op["dim"])
+            elif kind == "softmax":
+                x = F.softmax(x, op["dim"])
+            else:  # pragma: no cover - flatten_ops only emits the kinds above
+                raise ValueError(f"unknown op {kind!r}")
+        return x
+
+
+def _as_channels(value: float | Sequence[float], label: str) -> list[float]:
+    values = [float(value)] if isinstance(value, (int, float)) else [float(v) for v in value]
+    if not values:
+        raise ValueError(f"{label} must be a number or a non-empty sequence of numbers")
+    return values
+
+
+def _pack(ops: list[dict[str, Any]], bits: int, mean: list[float], std: list[float]) -> tuple[_FlatNet, dict[str, torch.Tensor]]:
+    """Quantise and pack the op weights; return the flat module and per-layer tensors for safetensors."""
+    q_parts: list[torch.Tensor] = []
+    f_parts: list[torch.Tensor] = []
+    sizes = {"q": 0, "f": 0}
+    tensors: dict[str, torch.Tensor] = {}
+
+    def put(kind: str, tensor: torch.Tensor) -> int:
+        flat = tensor.reshape(-1)
+        (q_parts if kind == "q" else f_parts).append(flat)
+        offset = sizes[kind]
+        sizes[kind] += flat.numel()
+        return offset
+
+    norm_ref = [put("f", torch.tensor(mean)), len(mean)]
+    put("f", 1.0 / torch.tensor(std))
+    packed_ops: list[dict[str, Any]] = []
+    layer = 0
+    for op in ops:
+        op = dict(op)
+        if op["op"] in ("conv2d", "linear"):
+            weight, bias = op["weight"], op["bias"]
+            shape = list(weight.shape)
+            if bits == 8:
+                q, scale = quantize_per_channel(weight, 8)
+                op["weight"] = {"offset": put("q", q), "count": q.numel(), "shape": shape, "scale": put("f", scale)}
+                tensors[f"{layer}.weight"] = q.contiguous()
+                tensors[f"{layer}.scale"] = scale.contiguous()
+            else:
+                op["weight"] = {"offset": put("f", weight), "count": weight.numel(), "shape": shape}
+                tensors[f"{layer}.weight"] = weight.contiguous()
+            if bias is not None:
+                op["bias"] = [put("f", bias), bias.numel()]
+                tensors[f"{layer}.bias"] = bias.contiguous()
+            op["layer"] = layer
+            layer += 1
+        packed_ops.append(op)
+    q_all = torch.cat(q_parts) if q_parts else torch.zeros(0, dtype=torch.int8)
+    f_all = torch.cat([p.float() for p in f_parts])
+    return _FlatNet(packed_ops, q_all, f_all, norm_ref), tensors
+
+
+def _repack_zip(data: bytes) -> bytes:
+    """Rewrite a TorchScript archive without ``*.debug_pkl`` records and with deflate compression.
+
+    ``torch.jit.load`` reads such archives (checked by the tests); debug records only hold
+    source ranges for error messages.
+    """
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(data)) as zin, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zout:
+        for info in zin.infolist():
+            if not info.filename.endswith(".debug_pkl"):
+                zout.writestr(info.filename, zin.read(info.filename))
+    return out.getvalue()
+
+
+def _structure(ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Ops without tensors or offsets, for the safetensors metadata."""
+    rows = []
+    layer = 0
+    for op in ops:
+        row = {k: v for k, v in op.items() if k not in ("weight", "bias")}
+        if op["op"] in ("conv2d", "linear"):
+            row["layer"] = layer
+            row["has_bias"] = op["bias"] is not None
+            layer += 1
+        rows.append(row)
+    return rows
+
+
+def export_compact(
+    model: nn.Module,
+    out_dir: str | os.PathLike[str],
+    *,
+    bits: int = 8,
+    example_input: torch.Tensor,
+    mean: float | Sequence[float],
+    std: float | Sequence[float],
+    name: str = "compact",
+    repack: bool = True,
+) -> ExportInfo:
+    """Write ``model`` as a self-contained TorchScript file and as safetensors.
+
+    The TorchScript module takes raw pixel values in [0, 255] (any dtype), shape
+    ``(N, C, H, W)``, applies the training normalisation ``(x / 255 - mean) / std`` itself and
+    returns logits; it is loaded with ``torch.jit.load`` alone (no fedsqueeze needed). With
+    ``bits=8`` every conv/linear weight is stored as int8 with a float32 scale per output
+    channel and dequantised in ``forward``; biases stay float32. All weights are packed into
+    one int8 and one float32 tensor to keep the archive small, and with ``repack`` the archive
+    is rewritten without debug records and with deflate compression.
+
+    The safetensors file holds per-layer tensors ``"{i}.weight"`` (int8 or float32),
+    ``"{i}.scale"`` (8-bit only) and ``"{i}.bias"``, with the op structure, normalisation and
+    bits in its metadata; :func:`load_safetensors` rebuilds the model from it.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Student from :func:`~fedsqueeze.server.compact.build_student` or any model
+        :func:`~fedsqueeze.server.compact.to_chain` can read (e.g. the FP32 teacher).
+    out_dir : str or os.PathLike
+        Folder for ``{name}.pt`` and ``{name}.safetensors`` (created if missing).
+    bits : int
+        8 (int8 weights) or 32 (fp32 weights) (default: 8).
+    example_input : torch.Tensor
+        Raw-pixel example batch ``(N, C, H, W)`` used for tracing (its values do not matter).
+    mean, std : float or sequence of float
+        Per-channel normalisation of the [0, 1]-scaled pixels used in training.
+    name : str
+        File stem (default: "compact").
+    repack : bool
+        Drop debug records and deflate the TorchScript archive (default: True).
+
+    Returns
+    -------
+    ExportInfo
+    """
+    if bits not in _SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {_SUPPORTED_BITS}, got {bits}")
+    if not isinstance(example_input, torch.Tensor) or example_input.dim() != 4:
+        raise ValueError(f"example_input must be a (N, C, H, W) tensor, got {getattr(example_input, 'shape', example_input)!r}")
+    mean_c, std_c = _as_channels(mean, "mean"), _as_channels(std, "std")
+    if len(mean_c) != len(std_c) or len(mean_c) not in (1, example_input.shape[1]):
+        raise ValueError(f"mean and std need one value per input channel ({example_input.shape[1]}), got {mean_c} and {std_c}")
+    if any(s <= 0 for s in std_c):
+        raise ValueError(f"std values must be positive, got {std_c}")
+    channels = example_input.shape[1]
+    mean_c, std_c = mean_c * (channels // len(mean_c)), std_c * (channels // len(std_c))
+
+    ops = flatten_ops(model)
+    flat, tensors = _pack(ops, bits, mean_c, std_c)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.trace(flat.eval(), example_input.to(torch.float32), check_trace=False, _store_inputs=False)
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer)
+    raw = buffer.getvalue()
+    data = _repack_zip(raw) if repack else raw
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ts_path = out / f"{name}.pt"
+    ts_path.write_bytes(data)
+    st_path = out / f"{name}.safetensors"
+    metadata = {
+        "format": FORMAT,
+        "bits": str(bits),
+        "ops": json.dumps(_structure(ops)),
+        "mean": json.dumps(mean_c),
+        "std": json.dumps(std_c),
+    }
+    save_file(tensors, str(st_path), metadata=metadata)
+    return ExportInfo(
+        name=name,
+        bits=bits,
+        num_parameters=count_parameters(model),
+        torchscript_path=ts_path,
+        torchscript_bytes=ts_path.stat().st_size,
+        safetensors_path=st_path,
+        safetensors_bytes=st_path.stat().st_size,
+        raw_torchscript_bytes=len(raw),
+    )
+
+
+def load_safetensors(path: str | os.PathLike[str]) -> nn.Module:
+    """Rebuild the exported model from its safetensors file (server side; needs fedsqueeze).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A file written by :func:`export_compact`.
+
+    Returns
+    -------
+    torch.nn.Module
+        A module with the TorchScript file's forward: raw pixels in, logits out.
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a {FORMAT} file (format={metadata.get('format')!r})")
+    tensors = load_file(str(path))
+    bits = int(metadata["bits"])
+    ops: list[dict[str, Any]] = []
+    for row in json.loads(metadata["ops"]):
+        op = {k: v for k, v in row.items() if k not in ("layer", "has_bias")}
+        if row["op"] in ("conv2d", "linear"):
+            i = row["layer"]
+            weight = tensors[f"{i}.weight"]
+            if bits == 8:
+                weight = weight.float() * tensors[f"{i}.scale"].view(-1, *([1] * (weight.dim() - 1)))
+            op["weight"] = weight
+            op["bias"] = tensors[f"{i}.bias"] if row["has_bias"] else None
+        ops.append(op)
+    flat, _ = _pack(ops, 32, json.loads(metadata["mean"]), json.loads(metadata["std"]))
+    return flat.eval()

@@ -1,0 +1,138 @@
+"""Tests of server-side distillation: loss, teacher averaging, proxy split and the training effect."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedsqueeze.server.compact import CompactConfig, build_student
+from fedsqueeze.server.distill import DistillConfig, distill, distillation_loss, proxy_split, teacher_logits
+
+torch.set_num_threads(1)
+
+CLASSES = 4
+
+
+def _blob_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """8x8 noisy images whose class is the quadrant holding a bright 3x3 blob."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, CLASSES, (n,), generator=g)
+    x = 0.5 * torch.randn(n, 1, 8, 8, generator=g)
+    jitter = torch.randint(0, 2, (n, 2), generator=g)
+    for i in range(n):
+        r = 4 * int(y[i] // 2) + int(jitter[i, 0])
+        c = 4 * int(y[i] % 2) + int(jitter[i, 1])
+        x[i, 0, r : r + 3, c : c + 3] += 2.0
+    return x, y
+
+
+def _teacher() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(8 * 4 * 4, 32), nn.ReLU(), nn.Linear(32, CLASSES),
+    )  # fmt: skip
+
+
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
+
+
+@pytest.fixture(scope="module")
+def trained_teacher() -> nn.Module:
+    x, y = _blob_images(600, seed=1)
+    teacher = _teacher()
+    opt = torch.optim.Adam(teacher.parameters(), lr=0.01)
+    for _ in range(40):
+        opt.zero_grad()
+        F.cross_entropy(teacher(x), y).backward()
+        opt.step()
+    return teacher.eval()
+
+
+def test_distillation_beats_the_same_student_before_distillation(trained_teacher: nn.Module) -> None:
+    x_test, y_test = _blob_images(400, seed=3)
+    proxy_x, _ = _blob_images(500, seed=2)  # labels discarded: the proxy set is unlabeled
+    assert _accuracy(trained_teacher, x_test, y_test) > 0.95
+
+    student = build_student(trained_teacher, CompactConfig(prune_ratio=0.5, linear_rank=2, keep_dense=()))
+    torch.manual_seed(5)
+    for module in student.modules():  # start from scratch so that distillation has work to do
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            module.reset_parameters()
+    before = _accuracy(student, x_test, y_test)
+    result = distill(student, trained_teacher, proxy_x, temperature=3.0, epochs=10, lr=0.01, batch_size=32, seed=0)
+    after = _accuracy(student, x_test, y_test)
+
+    assert before < 0.5  # about chance (0.25) for an untrained student
+    assert after > 0.9 and after > before + 0.4
+    assert result.losses[-1] < 0.5 * result.losses[0]
+    assert result.num_teachers == 1 and result.num_samples == 500
+
+
+def test_distillation_is_deterministic(trained_teacher: nn.Module) -> None:
+    proxy_x, _ = _blob_images(128, seed=2)
+    outputs = []
+    for _ in range(2):
+        student = build_student(trained_teacher, CompactConfig(linear_rank=2))
+        distill(student, trained_teacher, proxy_x, epochs=2, batch_size=32, seed=7)
+        outputs.append(student(proxy_x[:8]).detach())
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+
+
+def test_distillation_loss_is_scaled_kl() -> None:
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)
+    temperature = 4.0
+    p_t = F.softmax(t / temperature, 1)
+    manual = (p_t * (p_t.log() - F.log_softmax(s / temperature, 1))).sum(1).mean() * temperature**2
+    torch.testing.assert_close(distillation_loss(s, t, temperature), manual)
+    assert float(distillation_loss(t, t, temperature)) == pytest.approx(0.0, abs=1e-5)
+    assert float(distillation_loss(t + 3.0, t, temperature)) == pytest.approx(0.0, abs=1e-5)  # shift-invariant
+
+
+def test_teacher_logits_is_the_weighted_mean() -> None:
+    torch.manual_seed(0)
+    teachers = [nn.Linear(3, 4), nn.Linear(3, 4)]
+    x = torch.randn(300, 3)  # more than one batch of 128
+    with torch.no_grad():
+        a, b = teachers[0](x), teachers[1](x)
+    torch.testing.assert_close(teacher_logits(teachers, x), (a + b) / 2)
+    torch.testing.assert_close(teacher_logits(teachers, x, [3.0, 1.0]), 0.75 * a + 0.25 * b)
+    with pytest.raises(ValueError, match="teacher weights"):
+        teacher_logits(teachers, x, [1.0])
+    with pytest.raises(ValueError, match="at least one teacher"):
+        teacher_logits([], x)
+
+
+def test_ensemble_of_teachers_is_used(trained_teacher: nn.Module) -> None:
+    proxy_x, _ = _blob_images(64, seed=2)
+    other = _teacher().eval()
+    student = build_student(trained_teacher, CompactConfig(linear_rank=2))
+    result = distill(student, [trained_teacher, other], proxy_x, epochs=1, weights=[0.8, 0.2])
+    assert result.num_teachers == 2 and len(result.losses) == 1
+
+
+def test_proxy_split_is_a_disjoint_cover() -> None:
+    proxy, rest = proxy_split(100, 30, seed=1)
+    assert len(proxy) == 30 and len(rest) == 70
+    assert sorted(torch.cat([proxy, rest]).tolist()) == list(range(100))
+    assert torch.equal(proxy, proxy_split(100, 30, seed=1)[0])
+    assert not torch.equal(proxy, proxy_split(100, 30, seed=2)[0])
+    with pytest.raises(ValueError, match="proxy_size"):
+        proxy_split(100, 100)
+
+
+def test_bad_arguments_are_rejected(trained_teacher: nn.Module) -> None:
+    student = build_student(trained_teacher, CompactConfig())
+    with pytest.raises(ValueError, match="temperature"):
+        distill(student, trained_teacher, torch.zeros(4, 1, 8, 8), temperature=0.0)
+    with pytest.raises(ValueError, match="proxy_x"):
+        distill(student, trained_teacher, torch.zeros(0, 1, 8, 8))
+    with pytest.raises(ValueError, match="epochs"):
+        DistillConfig(epochs=0)
+    assert DistillConfig().kwargs()["temperature"] == 3.0
