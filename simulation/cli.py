@@ -13,13 +13,13 @@ __all__ = ["main"]
 def _sweep(args: argparse.Namespace) -> int:
     from fedsqueeze.simulation.grid import load_grid
     from fedsqueeze.simulation.report import write_report
-    from fedsqueeze.simulation.sweep import FlwrRunner, run_sweep
+    from fedsqueeze.simulation.sweep import SimulationRunner, run_sweep
 
     if args.data_dir:  # through the environment, so that cell identities do not depend on local paths
         os.environ["FEDSQUEEZE_DATA"] = str(Path(args.data_dir).resolve())
     grid = load_grid(args.grid)
     print(f"grid {grid.name!r}: {len(grid.cells)} cells -> {args.out}", file=sys.stderr)
-    path = run_sweep(grid, Path(args.out), runner=FlwrRunner(timeout=args.cell_timeout), progress=not args.quiet)
+    path = run_sweep(grid, Path(args.out), runner=SimulationRunner(timeout=args.cell_timeout), progress=not args.quiet)
     print(f"results: {path}")
     if not args.no_report:
         write_report(Path(args.out), args.target)

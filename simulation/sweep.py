@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from fedsqueeze.simulation.grid import Cell, Grid
 
-__all__ = ["Runner", "FlwrRunner", "run_sweep", "collect_results", "cell_finished", "RESULT_COLUMNS", "offline_env"]
+__all__ = ["Runner", "SimulationRunner", "run_sweep", "collect_results", "cell_finished", "RESULT_COLUMNS", "offline_env"]
 
 #: Columns of the sweep's ``results.csv`` before the per-round columns of each cell's rounds.csv.
 RESULT_COLUMNS = ["cell", "codec", "seed", "model", "dataset", "partitioner", "num_supernodes", "uplink_codec", "downlink_codec"]
@@ -63,43 +63,34 @@ def _count_rounds(rounds_csv: Path) -> int:
         return 0
 
 
-class FlwrRunner:
-    """Run a cell with ``flwr run`` on the project's app, as a user would (one process per cell).
+class SimulationRunner:
+    """Run each cell in a child process of its own through Flower's simulation engine.
+
+    The child (``python -m fedsqueeze.simulation.run_cell``) runs fedsqueeze's ServerApp and
+    ClientApp with ``flwr.simulation.run_simulation``; it is started in a new process group, so
+    an interrupted sweep stops its simulation completely and leaves nothing running.
 
     Parameters
     ----------
-    app_dir : Path | None
-        The Flower app (a directory with the pyproject.toml that names fedsqueeze's apps);
-        ``None`` uses the fedsqueeze source checkout (default: None).
-    flwr_home : Path | None
-        Where Flower keeps its state; ``None`` uses ``<cell_dir>/../../.flwr`` (default: None).
     timeout : float
         Seconds after which a cell is stopped and counted as failed (default: 3600).
     """
 
-    def __init__(self, app_dir: Path | None = None, flwr_home: Path | None = None, timeout: float = 3600.0) -> None:
-        self.app_dir = app_dir or _source_checkout()
-        self.flwr_home = flwr_home
+    def __init__(self, timeout: float = 3600.0) -> None:
         self.timeout = timeout
-
-    def command(self, cell: Cell, run_config: Path) -> list[str]:
-        flwr = shutil.which("flwr", path=str(Path(sys.executable).parent)) or shutil.which("flwr") or "flwr"
-        federation = f"num-supernodes={cell.num_supernodes} client-resources-num-cpus=1"
-        return [flwr, "run", str(self.app_dir), "--run-config", str(run_config), "--federation-config", federation, "--stream"]
 
     def __call__(self, cell: Cell, cell_dir: Path, on_round: Callable[[int], None]) -> None:
         cell_dir = cell_dir.resolve()
         config = {**cell.config, "results-dir": str(cell_dir)}
         run_config = cell_dir / "run_config.toml"
         run_config.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in config.items()))
-        flwr_home = self.flwr_home or cell_dir.parent.parent / ".flwr"
-        flwr_home.mkdir(parents=True, exist_ok=True)
-        log_path = cell_dir / "flwr.log"
+        command = [sys.executable, "-m", "fedsqueeze.simulation.run_cell", str(run_config), "--num-supernodes", str(cell.num_supernodes)]
+        log_path = cell_dir / "simulation.log"
         with open(log_path, "w") as log:
-            # a neutral working directory: Ray puts it first on sys.path (see README)
+            # a neutral working directory: Ray puts it first on the actors' sys.path
             proc = subprocess.Popen(
-                self.command(cell, run_config), cwd=cell_dir, env=offline_env(flwr_home),
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                command, cwd=cell_dir, env=offline_env(cell_dir / ".flwr"), stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
             )
             start, seen = time.monotonic(), 0
             try:
@@ -131,18 +122,6 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             pass
 
 
-def _source_checkout() -> Path:
-    import fedsqueeze
-
-    root = Path(fedsqueeze.__file__).resolve().parent
-    if not (root / "pyproject.toml").is_file():
-        raise FileNotFoundError(
-            f"no pyproject.toml in {root}: the sweep runs the Flower app from a source checkout "
-            "(git clone, then pip install -e .), or pass app_dir"
-        )
-    return root
-
-
 def cell_finished(cell_dir: Path) -> bool:
     """A cell counts as done only when its run finished and its marker was written last."""
     return (cell_dir / CELL_FILE).is_file() and (cell_dir / "summary.json").is_file()
@@ -155,7 +134,7 @@ def run_sweep(grid: Grid, out: Path, *, runner: Runner | None = None, progress: 
     After each cell the sweep-wide ``results.csv`` (one row per cell and round) is rebuilt
     from the finished cells, so it is complete whenever the sweep stops.
     """
-    runner = runner or FlwrRunner()
+    runner = runner or SimulationRunner()
     out = Path(out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     (out / "grid.json").write_text(
