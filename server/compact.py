@@ -512,12 +512,15 @@ def prune_chain(
     for ratio, what in ((conv_ratio, "conv prune ratio"), (linear_ratio, "linear prune ratio")):
         if not 0.0 <= ratio < 1.0:
             raise ValueError(f"{what} must be in [0, 1), got {ratio}")
-    weighted = [i for i, (_, m) in enumerate(chain) if isinstance(m, (nn.Conv2d, nn.Linear))]
+    weighted = [i for i, (_, m) in enumerate(chain) if isinstance(m, (nn.Conv2d, nn.Linear, *_LEAF_TYPES))]
     for pos, nxt in zip(weighted, weighted[1:]):
         name, layer = chain[pos]
-        ratio = conv_ratio if isinstance(layer, nn.Conv2d) else linear_ratio
+        ratio = conv_ratio if isinstance(layer, (nn.Conv2d, LowRankConv2d, Tucker2Conv2d)) else linear_ratio
         if ratio == 0.0 or name in skip:
             continue
+        factored = [n for n, m in (chain[pos], chain[nxt]) if isinstance(m, _LEAF_TYPES)]
+        if factored:
+            raise ValueError(f"cannot prune around factored layer(s) {factored}: prune the dense model before factoring")
         if isinstance(layer, nn.Conv2d) and layer.groups != 1:
             raise ValueError(f"cannot prune grouped convolution {name}")
         old = layer.weight.shape[0]
