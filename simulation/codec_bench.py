@@ -1,10 +1,4 @@
-"""Codec benchmark: size, error and one-thread encode/decode speed of codecs on real and synthetic updates.
-
-Run ``python -m fedsqueeze.simulation.codec_bench --out results/`` for the full table (a few
-minutes), or add ``--quick`` for a seconds-long smoke run on a tiny synthetic update. The
-table is printed as markdown and, with ``--out DIR``, written to ``DIR/codec_bench.md`` and
-``DIR/codec_bench.csv`` (one row per update and codec).
-"""
+"""Codec benchmark: size, error and one-thread encode/decode speed of codecs on a real and a synthetic update."""
 
 from __future__ import annotations
 
@@ -503,7 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m fedsqueeze.simulation.codec_bench",
         description="Measure size, error and one-thread encode/decode speed of codecs on a real "
-        "LeNet-5 update (one epoch of MNIST) and a synthetic model-shaped update.",
+        "LeNet-5 update (one epoch of MNIST) and a synthetic model-shaped update. Prints a markdown "
+        "table; --out DIR also writes DIR/codec_bench.md and DIR/codec_bench.csv (one row per update "
+        "and codec). The full run takes a few minutes; --quick is a seconds-long smoke run.",
     )
     p.add_argument("--data-dir", help="MNIST file or folder (default: $FEDSQUEEZE_DATA, else ../shared/datasets "
                    "next to the repository)")
