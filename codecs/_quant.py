@@ -25,6 +25,9 @@ from ._stage import (
 )
 
 
+CHUNK = 65_536
+
+
 def _groups(x: torch.Tensor, granularity: str | int) -> torch.Tensor:
     """View ``x`` as (groups, size) for per-tensor, per-channel (dim 0) or per-block scales.
 
@@ -41,6 +44,29 @@ def _groups(x: torch.Tensor, granularity: str | int) -> torch.Tensor:
     if pad:
         flat = torch.cat([flat, flat[-1:].expand(pad)])
     return flat.reshape(-1, granularity)
+
+
+def _codes(groups: torch.Tensor, lo: torch.Tensor, inv: torch.Tensor, levels: int, gen: torch.Generator | None) -> torch.Tensor:
+    """uint8 codes clamp(round((x - lo) * inv)) (or floor(... + u) with ``gen``), in pieces of ~CHUNK values.
+
+    Working piece by piece keeps temporaries small: a fresh 40 MB temporary costs more to page
+    in than the arithmetic on it.
+    """
+    g, size = groups.shape
+    codes = torch.empty((g, size), dtype=torch.uint8)
+    if g == 1:
+        pieces = [(slice(0, 1), slice(c, c + CHUNK)) for c in range(0, size, CHUNK)]
+    else:
+        rows = max(1, CHUNK // size)
+        pieces = [(slice(r, r + rows), slice(None)) for r in range(0, g, rows)]
+    for rows_, cols in pieces:
+        t = (groups[rows_, cols] - lo[rows_, None]).mul_(inv[rows_, None])
+        if gen is not None:
+            t.add_(torch.rand(t.shape, generator=gen)).floor_()
+        else:
+            t.round_()
+        codes[rows_, cols] = t.clamp_(0, levels)
+    return codes
 
 
 def _num_groups(shape: tuple[int, ...], granularity: str | int) -> int:
@@ -93,17 +119,15 @@ class Quantize(Stage):
 
     def encode(self, x: torch.Tensor, ctx: EncodeContext) -> Encoded | None:
         groups = _groups(x, self.granularity)
-        lo, hi = groups.aminmax(dim=1)
+        if groups.shape[0] == 1:
+            lo, hi = (v.reshape(1) for v in groups.aminmax())  # ~6x faster than aminmax(dim=1)
+        else:
+            lo, hi = groups.aminmax(dim=1)
         levels = (1 << self.bits) - 1
         step = (hi - lo) / levels
         inv = torch.where(step > 0, 1.0 / step, torch.zeros_like(step))
-        t = (groups - lo[:, None]).mul_(inv[:, None])
-        if self.stochastic:
-            t.add_(torch.rand(t.shape, generator=ctx.generator())).floor_()
-        else:
-            t.round_()
-        codes = t.clamp_(0, levels).to(torch.uint8).reshape(-1)[: x.numel()]
-        packed = torch.from_numpy(pack_bits(as_numpy(codes), self.bits))
+        codes = _codes(groups, lo, inv, levels, ctx.generator() if self.stochastic else None)
+        packed = torch.from_numpy(pack_bits(as_numpy(codes.reshape(-1)[: x.numel()]), self.bits))
         return Encoded([packed, lo.contiguous(), step.contiguous()])
 
     def decode(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> torch.Tensor:

@@ -93,7 +93,12 @@ class _IndexedSparse(Stage):
 
 
 def _varint(value: int) -> bytes:
-    return bytes(varint_encode(np.array([value], np.uint64)))
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def _check_ratio(stage: str, ratio: float) -> None:
