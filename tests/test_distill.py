@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -136,3 +139,20 @@ def test_bad_arguments_are_rejected(trained_teacher: nn.Module) -> None:
     with pytest.raises(ValueError, match="epochs"):
         DistillConfig(epochs=0)
     assert DistillConfig().kwargs()["temperature"] == 3.0
+
+
+def test_distill_bench_smoke(mnist_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fedsqueeze.simulation.distill_bench import main
+
+    args = ["--data-dir", str(mnist_path), "--out", str(tmp_path), "--teacher-epochs", "1", "--train-limit", "3000",
+            "--proxy-size", "1000", "--distill-epochs", "1", "--latency-runs", "50"]  # fmt: skip
+    assert main(args) == 0
+    report = json.loads((tmp_path / "compact.json").read_text())
+    files = report["files"]
+    assert files["student_int8"]["torchscript_bytes"] == (tmp_path / "student_int8.pt").stat().st_size
+    assert report["size_ratio_fp32_over_int8"] == pytest.approx(
+        files["teacher_fp32"]["torchscript_bytes"] / files["student_int8"]["torchscript_bytes"]
+    )
+    assert report["student"]["params"] < report["teacher"]["params"] / 5
+    assert report["teacher"]["test_accuracy"] > 0.5  # 3000 images, one epoch: well above chance (0.1)
+    assert "student_int8" in capsys.readouterr().out

@@ -1,0 +1,244 @@
+"""Benchmark: distil a trained MNIST teacher into a compact int8 student and compare the exported files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from fedsqueeze.data import load_dataset
+from fedsqueeze.models import build_model
+from fedsqueeze.server.compact import CompactConfig, build_student, count_parameters, describe
+from fedsqueeze.server.distill import distill, proxy_split
+from fedsqueeze.server.export import export_compact
+from fedsqueeze.training import evaluate, train
+
+#: MNIST normalisation used by fedsqueeze.data (checked against the loaded tensors below).
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
+
+def _raw_pixels(x: torch.Tensor) -> torch.Tensor:
+    """Undo the normalisation: float tensors back to the integer pixel values 0..255."""
+    raw = (x * MNIST_STD + MNIST_MEAN) * 255.0
+    rounded = raw.round()
+    if (raw - rounded).abs().max() > 1e-3:
+        raise RuntimeError("MNIST_MEAN/MNIST_STD do not match the normalisation of fedsqueeze.data")
+    return rounded.clamp_(0, 255).to(torch.uint8)
+
+
+@torch.inference_mode()
+def _file_accuracy(model: torch.jit.ScriptModule, raw_x: torch.Tensor, y: torch.Tensor) -> float:
+    """Accuracy of a loaded exported TorchScript model on raw pixels (batches of 128)."""
+    correct = 0
+    for i in range(0, len(raw_x), 128):
+        correct += int((model(raw_x[i : i + 128]).argmax(1) == y[i : i + 128]).sum())
+    return correct / len(raw_x)
+
+
+@torch.inference_mode()
+def _latencies_us(models: dict[str, tuple[torch.nn.Module, torch.Tensor]], runs: int, block: int = 50) -> dict[str, float]:
+    """Median wall time of one forward pass per model, in microseconds.
+
+    Models are timed in interleaved blocks of ``block`` single calls, so that load from other
+    processes on a shared machine hits all of them alike.
+    """
+    times: dict[str, list[int]] = {key: [] for key in models}
+    for model, example in models.values():  # warm-up (the TorchScript profiling executor included)
+        for _ in range(block):
+            model(example)
+    for _ in range(max(1, runs // block)):
+        for key, (model, example) in models.items():
+            for _ in range(block):
+                start = time.perf_counter_ns()
+                model(example)
+                times[key].append(time.perf_counter_ns() - start)
+    return {key: statistics.median(values) / 1000.0 for key, values in times.items()}
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m fedsqueeze.simulation.distill_bench", description=__doc__)
+    p.add_argument("--data-dir", default=None, help="folder or .npz holding MNIST (default: $FEDSQUEEZE_DATA)")
+    p.add_argument("--out", required=True, type=Path, help="output folder for compact.json and the exported files")
+    p.add_argument("--teacher", default="lenet5", help="teacher model name (default: lenet5)")
+    p.add_argument("--teacher-epochs", type=int, default=3, help="teacher training epochs (default: 3)")
+    p.add_argument("--teacher-lr", type=float, default=0.01, help="teacher SGD learning rate, momentum 0.9 (default: 0.01)")
+    p.add_argument(
+        "--teacher-state",
+        type=Path,
+        default=None,
+        help="state_dict file: load the teacher from it if it exists, else train and save it there (default: none)",
+    )
+    p.add_argument("--train-limit", type=int, default=None, help="train the teacher on at most this many images (default: all)")
+    p.add_argument("--proxy-size", type=int, default=10_000, help="server-held unlabeled proxy images (default: 10000)")
+    p.add_argument("--distill-epochs", type=int, default=10, help="distillation epochs (default: 10)")
+    p.add_argument("--temperature", type=float, default=3.0, help="distillation temperature (default: 3.0)")
+    p.add_argument("--lr", type=float, default=0.003, help="distillation Adam learning rate (default: 0.003)")
+    p.add_argument("--conv-rank", type=_rank, default=None, help="conv rank: int, fraction or 'none' (default: none)")
+    p.add_argument("--linear-rank", type=_rank, default=12, help="linear rank: int, fraction or 'none' (default: 12)")
+    p.add_argument("--conv-init", choices=["svd", "tucker2"], default="svd", help="conv factoring (default: svd)")
+    p.add_argument("--prune-ratio", type=float, default=0.5, help="fraction of conv filters removed (default: 0.5)")
+    p.add_argument("--linear-prune-ratio", type=float, default=0.5, help="fraction of hidden units removed (default: 0.5)")
+    p.add_argument("--norm", choices=["l1", "l2"], default="l1", help="pruning norm (default: l1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, split and batch order (default: 0)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for training (default: 1)")
+    p.add_argument("--latency-runs", type=int, default=1000, help="timed batch-1 forward passes per model (default: 1000)")
+    return p.parse_args(argv)
+
+
+def _rank(text: str) -> int | float | None:
+    if text.lower() == "none":
+        return None
+    return float(text) if "." in text else int(text)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; write ``compact.json`` and the exported files to ``--out``; print a table."""
+    args = _parse(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    data = load_dataset("mnist", args.data_dir)
+    raw_test = _raw_pixels(data.x_test)
+
+    # The teacher stands in for the federated global model: trained on the images the clients
+    # hold, never on the server's proxy images.
+    proxy_idx, client_idx = proxy_split(len(data.x_train), args.proxy_size, seed=args.seed)
+    client_idx = client_idx[: args.train_limit]
+    teacher = build_model(args.teacher, "mnist")
+    teacher_seconds = 0.0
+    if args.teacher_state is not None and args.teacher_state.is_file():
+        teacher.load_state_dict(torch.load(args.teacher_state, map_location="cpu", weights_only=True))
+    else:
+        t0 = time.perf_counter()
+        train(teacher, data.x_train[client_idx], data.y_train[client_idx], epochs=args.teacher_epochs, lr=args.teacher_lr, seed=args.seed)
+        teacher_seconds = time.perf_counter() - t0
+        if args.teacher_state is not None:
+            torch.save(teacher.state_dict(), args.teacher_state)
+    teacher.eval()
+    _, teacher_acc = evaluate(teacher, data.x_test, data.y_test)
+
+    config = CompactConfig(
+        conv_rank=args.conv_rank,
+        linear_rank=args.linear_rank,
+        conv_init=args.conv_init,
+        prune_ratio=args.prune_ratio,
+        linear_prune_ratio=args.linear_prune_ratio,
+        norm=args.norm,
+    )
+    student = build_student(teacher, config)
+    _, before_acc = evaluate(student, data.x_test, data.y_test)
+    result = distill(
+        student,
+        teacher,
+        data.x_train[proxy_idx],
+        temperature=args.temperature,
+        epochs=args.distill_epochs,
+        lr=args.lr,
+        seed=args.seed,
+    )
+    _, after_acc = evaluate(student, data.x_test, data.y_test)
+
+    example = raw_test[:1].float()
+    norm = {"mean": MNIST_MEAN, "std": MNIST_STD, "example_input": example}
+    exports = {
+        "teacher_fp32": export_compact(teacher, args.out, bits=32, name="teacher_fp32", **norm),
+        "student_int8": export_compact(student, args.out, bits=8, name="student_int8", **norm),
+        "student_fp32": export_compact(student, args.out, bits=32, name="student_fp32", **norm),
+    }
+    # Reference: the teacher saved the plain way, torch.jit.save(torch.jit.script(teacher)).
+    plain_path = args.out / "teacher_plain_script.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in torch 2.x but works
+        torch.jit.save(torch.jit.script(teacher), str(plain_path))
+
+    torch.set_num_threads(1)
+    rows: dict[str, dict] = {}
+    timed: dict[str, tuple[torch.nn.Module, torch.Tensor]] = {}
+    for key, info in exports.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            loaded = torch.jit.load(str(info.torchscript_path))
+        rows[key] = {**info.as_dict(), "file_test_accuracy": _file_accuracy(loaded, raw_test, data.y_test)}
+        timed[key] = (loaded, example)
+    timed["teacher_eager"] = (teacher, data.x_test[:1])
+    timed["student_eager"] = (student, data.x_test[:1])
+    latency = _latencies_us(timed, args.latency_runs)
+    for key in exports:
+        rows[key]["latency_us_batch1_1thread"] = latency[key]
+    teacher_bytes = rows["teacher_fp32"]["torchscript_bytes"]
+    student_bytes = rows["student_int8"]["torchscript_bytes"]
+    report = {
+        "command_args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "teacher": {
+            "model": args.teacher,
+            "params": count_parameters(teacher),
+            "train_epochs": args.teacher_epochs,
+            "train_seconds": teacher_seconds,
+            "loaded_from": str(args.teacher_state) if teacher_seconds == 0.0 else None,
+            "test_accuracy": teacher_acc,
+            "plain_torchscript_bytes": plain_path.stat().st_size,
+            "eager_latency_us_batch1_1thread": latency["teacher_eager"],
+        },
+        "student": {
+            "config": {k: v for k, v in config.__dict__.items()},
+            "params": count_parameters(student),
+            "layers": [{**r, "weights": [list(s) for s in r["weights"]]} for r in describe(student)],
+            "test_accuracy_before_distill": before_acc,
+            "test_accuracy_after_distill": after_acc,
+            "distill_losses": result.losses,
+            "distill_seconds": result.seconds,
+            "proxy_size": result.num_samples,
+            "eager_latency_us_batch1_1thread": latency["student_eager"],
+        },
+        "files": rows,
+        "size_ratio_fp32_over_int8": teacher_bytes / student_bytes,
+        "raw_size_ratio_fp32_over_int8": rows["teacher_fp32"]["raw_torchscript_bytes"] / rows["student_int8"]["raw_torchscript_bytes"],
+        "accuracy_drop_points": 100 * (rows["teacher_fp32"]["file_test_accuracy"] - rows["student_int8"]["file_test_accuracy"]),
+    }
+    report["meets_target"] = (
+        report["size_ratio_fp32_over_int8"] >= 20
+        and report["accuracy_drop_points"] <= 1.0
+        and teacher_acc > 0.9  # a diverged teacher would make the comparison meaningless
+    )
+    (args.out / "compact.json").write_text(json.dumps(report, indent=2))
+    _print_table(report)
+    return 0
+
+
+def _print_table(report: dict) -> None:
+    files = report["files"]
+    params = {
+        "teacher_fp32": report["teacher"]["params"],
+        "student_int8": report["student"]["params"],
+        "student_fp32": report["student"]["params"],
+    }
+    print(f"| model | params | TorchScript bytes (plain save) | safetensors bytes | test acc (file) | latency us (b1, 1 thr) |")
+    print("|---|---|---|---|---|---|")
+    for key, row in files.items():
+        print(
+            f"| {key} | {params[key]:,} | {row['torchscript_bytes']:,} ({row['raw_torchscript_bytes']:,}) | "
+            f"{row['safetensors_bytes']:,} | {100 * row['file_test_accuracy']:.2f} % | {row['latency_us_batch1_1thread']:.0f} |"
+        )
+    student = report["student"]
+    print(
+        f"eager fp32 in memory (normalised input), latency us: teacher {report['teacher']['eager_latency_us_batch1_1thread']:.0f}, "
+        f"student {student['eager_latency_us_batch1_1thread']:.0f}"
+    )
+    print(
+        f"student before distillation {100 * student['test_accuracy_before_distill']:.2f} %, after "
+        f"{100 * student['test_accuracy_after_distill']:.2f} % (in memory, fp32); distillation {student['distill_seconds']:.1f} s"
+    )
+    print(
+        f"size ratio teacher fp32 / student int8: {report['size_ratio_fp32_over_int8']:.1f}x "
+        f"(plain torch.jit.save archives: {report['raw_size_ratio_fp32_over_int8']:.1f}x); accuracy drop "
+        f"{report['accuracy_drop_points']:.2f} points; target met: {report['meets_target']}"
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
