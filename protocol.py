@@ -26,6 +26,7 @@ __all__ = [
     "UPLINK_BYTES_METRIC",
     "FULL",
     "DELTA",
+    "ZERO_VERSION",
     "RUN_CONFIG_DEFAULTS",
     "ProtocolError",
     "Downlink",
@@ -52,10 +53,12 @@ UPLINK_BYTES_METRIC = "fedsqueeze-uplink-bytes"
 #: Payload kinds: the full model (lossless) or a delta against a reference both sides hold.
 FULL = "full"
 DELTA = "delta"
+#: The reference version every node holds without being sent anything: the all-zero model.
+ZERO_VERSION = 0
 
 #: Defaults of every ``[tool.flwr.app.config]`` key; ``run_simulation`` passes an empty run config.
 RUN_CONFIG_DEFAULTS: dict[str, bool | int | float | str] = {
-    "num-server-rounds": 15,
+    "num-server-rounds": 12,
     "fraction-train": 1.0,
     "fraction-evaluate": 0.0,
     "min-train-nodes": 2,
@@ -69,9 +72,10 @@ RUN_CONFIG_DEFAULTS: dict[str, bool | int | float | str] = {
     "partitioner": "dirichlet",
     "dirichlet-alpha": 0.5,
     "classes-per-partition": 2,
-    "max-samples-per-client": 0,
+    "max-samples-per-client": 2000,
     "uplink-codec": "topk(ratio=0.01) | quantize(bits=8) | zstd(level=3)",
     "downlink-codec": "quantize(bits=8) | zstd(level=3)",
+    "start-from-zero": True,
     "strategy": "fedavg",
     "proximal-mu": 0.01,
     "server-lr": 0.0,

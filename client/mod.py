@@ -18,6 +18,7 @@ from fedsqueeze.protocol import (
     METRICS_KEY,
     PAYLOAD_KEY,
     UPLINK_BYTES_METRIC,
+    ZERO_VERSION,
     Downlink,
     ProtocolError,
     Uplink,
@@ -58,13 +59,19 @@ def _receive(down: Downlink, state: RecordDict) -> dict[str, torch.Tensor]:
         if down.kind == FULL:
             return decode(down.blobs[0])
         held = _held_version(state)
-        if held != down.base:
+        if held is None and down.base == ZERO_VERSION:  # deltas from the all-zero model
+            first = decode(down.blobs[0])
+            weights = add_tensors({k: torch.zeros_like(v) for k, v in first.items()}, first)
+            blobs = down.blobs[1:]
+        elif held == down.base:
+            weights = arrays_to_tensors(state[STATE_REFERENCE])  # type: ignore[arg-type]
+            blobs = down.blobs
+        else:
             raise _Reject(
                 f"received a delta against reference version {down.base}, but this node holds "
                 f"{'none' if held is None else f'version {held}'}; send the full model"
             )
-        weights = arrays_to_tensors(state[STATE_REFERENCE])  # type: ignore[arg-type]
-        for blob in down.blobs:
+        for blob in blobs:
             weights = add_tensors(weights, decode(blob))
         return weights
     except CodecError as err:

@@ -96,8 +96,12 @@ def main(grid: Grid, context: Context) -> None:
     initial = tensors_to_arrays(get_weights(model))
     data = load_dataset(str(run["dataset"]), str(run["data-dir"]) or None)
 
-    strategy = CompressedStrategy(make_strategy(run), uplink=str(run["uplink-codec"]),
-                                  downlink=str(run["downlink-codec"]))
+    strategy = CompressedStrategy(
+        make_strategy(run),
+        uplink=str(run["uplink-codec"]),
+        downlink=str(run["downlink-codec"]),
+        start_from_zero=bool(run["start-from-zero"]),
+    )
     results = ResultsWriter(str(run["results-dir"]), run)
     log(INFO, "fedsqueeze: %s", strategy)
 

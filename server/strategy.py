@@ -20,6 +20,7 @@ from fedsqueeze.protocol import (
     FULL,
     PAYLOAD_KEY,
     UPLINK_BYTES_METRIC,
+    ZERO_VERSION,
     Downlink,
     ProtocolError,
     Uplink,
@@ -109,10 +110,14 @@ class CompressedStrategy(Strategy):
     hold. Each round it encodes ``global - R`` with the downlink codec, adds the decoded
     blob to ``R`` (the same arithmetic as on the nodes, so both stay bit-identical) and
     sends that blob to nodes that hold the previous version of ``R``. What the codec drops
-    stays in ``global - R`` and goes out in later rounds, which is error feedback. A node
-    that holds nothing, or an older version than the stored deltas can bring up to date
-    more cheaply, gets the whole of ``R`` through the lossless ``catchup`` codec. With a
-    lossless downlink codec every node gets the global model itself, encoded with it.
+    stays in ``global - R`` and goes out in later rounds: this is the server-side error
+    feedback (the residual is ``global - R`` itself; wrapping the encode in
+    :class:`~fedsqueeze.codecs.ErrorFeedback` as well would count it twice). A node that
+    missed rounds gets the chain of stored deltas when that is smaller than the model; a
+    node that holds nothing (or tells the server that it does not hold what a delta
+    needs) gets the whole of ``R`` through the lossless ``catchup`` codec. The first round
+    sends ``R`` in full too, unless ``start_from_zero``. With a lossless downlink codec
+    every node gets the global model itself, encoded with that codec.
 
     Uplink: the train config names the uplink codec; the client mod replies with its
     local model (lossless codec) or with ``local - R`` (lossy, through error feedback).
@@ -139,6 +144,11 @@ class CompressedStrategy(Strategy):
     catchup : str or Codec
         Lossless codec of the full model sent to nodes that are not up to date
         (default: ``"zstd"``).
+    start_from_zero : bool
+        Send the first model through the downlink codec too, as a delta from the all-zero
+        model that every node holds implicitly (version 0), rather than in full through
+        ``catchup``. Much smaller with a quantizing downlink codec; wrong for a sparsifying
+        one, which would start the nodes from a mostly-zero model (default: False).
 
     Raises
     ------
@@ -153,6 +163,7 @@ class CompressedStrategy(Strategy):
         downlink: str | Codec = "identity",
         *,
         catchup: str | Codec = "zstd",
+        start_from_zero: bool = False,
     ) -> None:
         if not isinstance(inner, Strategy):
             raise TypeError(f"inner must be a flwr Strategy, got {type(inner).__name__}")
@@ -163,6 +174,7 @@ class CompressedStrategy(Strategy):
         if not self.catchup.lossless:
             raise ValueError(f"the catchup codec must be lossless, got {self.catchup.spec!r}")
         self.arrays_key: str = getattr(inner, "arrayrecord_key", ARRAYS_KEY)
+        self.start_from_zero = bool(start_from_zero)
         #: Every message measured so far, in order.
         self.traffic: list[TrafficRecord] = []
         #: Every train reply dropped so far.
@@ -172,6 +184,7 @@ class CompressedStrategy(Strategy):
         self._history: dict[int, bytes] = {}  # version v -> blob that takes version v-1 to v
         self._full_blob: bytes | None = None
         self._node_versions: dict[int, int] = {}
+        self._seen: set[int] = set()
         self._expected: dict[int, int] = {}
         self._global: dict[str, torch.Tensor] = {}
         self._dtypes: dict[str, torch.dtype] = {}
@@ -203,9 +216,11 @@ class CompressedStrategy(Strategy):
             k: v.shape for k, v in self._global.items()
         }
         if not same_layout:
-            self._reference = {k: v.clone() for k, v in self._global.items()}
             self._history = {}
-            return
+            if not (self.start_from_zero and self._version == ZERO_VERSION + 1):
+                self._reference = {k: v.clone() for k, v in self._global.items()}
+                return
+            self._reference = {k: torch.zeros_like(v) for k, v in self._global.items()}
         assert self._reference is not None
         blob = self.downlink.encode(subtract_tensors(self._global, self._reference))
         self._reference = add_tensors(self._reference, decode(blob))
@@ -229,6 +244,9 @@ class CompressedStrategy(Strategy):
 
     def _payload_for(self, node_id: int) -> Downlink:
         held = self._node_versions.pop(node_id, None)
+        if held is None and self.start_from_zero and node_id not in self._seen:
+            held = ZERO_VERSION  # a node never sent anything holds the all-zero model
+        self._seen.add(node_id)
         if held is not None and not self.downlink.lossless and held < self._version:
             needed = range(held + 1, self._version + 1)
             if all(v in self._history for v in needed):

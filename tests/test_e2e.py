@@ -68,6 +68,7 @@ def test_simulation_learns_and_its_byte_totals_add_up(tmp_path: Path, mnist_path
             "local-epochs": 2,
             "uplink-codec": "topk(ratio=0.1) | quantize(bits=8) | zstd",
             "downlink-codec": "quantize(bits=8) | zstd",
+            "start-from-zero": True,
         }
     )
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -114,10 +115,11 @@ def test_simulation_learns_and_its_byte_totals_add_up(tmp_path: Path, mnist_path
     assert totals["total_fp32_bytes"] == sum(int(m["fp32_bytes"]) for m in messages)
     assert sum(v["uplink_bytes"] + v["downlink_bytes"] for v in summary["per_node"].values()) == cumulative
 
-    # Round 1 sends everyone the full model; round 2 only deltas (node state survived the round)
+    # Only deltas, the first from the all-zero model, the second against the reference that
+    # each node kept in its context.state from round 1
     kinds = {(int(m["round"]), m["direction"]): set() for m in messages}
     for m in messages:
         kinds[(int(m["round"]), m["direction"])].add(m["kind"])
-    assert kinds[(1, "down")] == {"full"} and kinds[(2, "down")] == {"delta"}
+    assert kinds[(1, "down")] == kinds[(2, "down")] == {"delta"}
     assert kinds[(1, "up")] == kinds[(2, "up")] == {"delta"}
     assert totals["uplink_bytes"] * 5 < totals["uplink_fp32_bytes"]

@@ -214,3 +214,15 @@ def test_the_server_chosen_arrays_key_and_a_reply_without_metrics() -> None:
     up = Uplink.from_record(reply.content[PAYLOAD_KEY])
     assert up.arrays_key == "weights"
     assert reply.content["metrics"][UPLINK_BYTES_METRIC] == len(up.blob)
+
+
+def test_a_fresh_node_applies_deltas_from_the_all_zero_model() -> None:
+    model, ctx = weights(), context()
+    client = PlusOneApp(mods=[compression_mod])
+    blob = parse("quantize(bits=8)").encode(model)
+    client.app(train_message(Downlink(DELTA, 1, 0, [blob], "identity")), ctx)
+    received = arrays_to_tensors(client.seen[-1]["arrays"])
+    assert all(torch.equal(received[k], decode(blob)[k]) for k in model)
+    # A node that already holds a reference refuses a delta from zeros
+    reply = client.app(train_message(Downlink(DELTA, 2, 0, [blob], "identity")), ctx)
+    assert reply.has_error() and "holds version 1" in (reply.error.reason or "")

@@ -290,3 +290,34 @@ def test_bad_codec_specs_are_refused() -> None:
         CompressedStrategy(FedAvg(), catchup="quantize(bits=8)")
     with pytest.raises(TypeError):
         CompressedStrategy("fedavg")  # type: ignore[arg-type]
+
+
+def test_start_from_zero_sends_the_first_model_through_the_downlink_codec() -> None:
+    app, ctx = make_client(), contexts(NODES)
+    codec = "quantize(bits=8) | zstd"
+    lossless_start = CompressedStrategy(FedAvg(), uplink="identity", downlink=codec)
+    zero_start = CompressedStrategy(FedAvg(), uplink="identity", downlink=codec, start_from_zero=True)
+    arrays = tensors_to_arrays(global_model())
+    full_first = list(lossless_start.configure_train(1, arrays, ConfigRecord(), FakeGrid(NODES)))
+    first = list(zero_start.configure_train(1, arrays, ConfigRecord(), FakeGrid(NODES)))
+    payloads = [Downlink.from_record(m.content[PAYLOAD_KEY]) for m in first]
+    assert all(p.kind == DELTA and p.base == 0 and p.version == 1 for p in payloads)
+    assert Downlink.from_record(full_first[0].content[PAYLOAD_KEY]).kind == FULL
+    assert sum(t.payload_bytes for t in zero_start.traffic) < 0.4 * sum(t.payload_bytes for t in lossless_start.traffic)
+
+    replies = [app(m, ctx[m.metadata.dst_node_id]) for m in first]
+    assert not any(r.has_error() for r in replies)
+    arrays, _ = zero_start.aggregate_train(1, replies)
+    assert arrays is not None
+    reference = zero_start._reference  # noqa: SLF001
+    assert reference is not None
+    for node_id in NODES:  # nodes and server agree bit for bit on the lossy first model
+        held = arrays_to_tensors(ctx[node_id].state[STATE_REFERENCE])
+        assert all(torch.equal(held[k], reference[k]) for k in held)
+    assert any(not torch.equal(reference[k], global_model()[k]) for k in reference)  # it was lossy
+
+    ctx[102] = contexts([102])[102]  # a node that lost its state is not assumed to hold zeros
+    second = {m.metadata.dst_node_id: Downlink.from_record(m.content[PAYLOAD_KEY])
+              for m in zero_start.configure_train(2, arrays, ConfigRecord(), FakeGrid(NODES))}
+    assert {n: p.kind for n, p in second.items()} == {101: DELTA, 102: DELTA, 103: DELTA}
+    assert second[102].base == 1  # the server believes it holds version 1; the node will say otherwise
