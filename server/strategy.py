@@ -12,7 +12,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from fedsqueeze.codecs import Codec, CodecError, decode, parse
+from fedsqueeze.codecs import Codec, CodecError, DecodeLimits, decode, parse
 from fedsqueeze.protocol import (
     ARRAYS_KEY,
     DELTA,
@@ -188,6 +188,7 @@ class CompressedStrategy(Strategy):
         self._expected: dict[int, int] = {}
         self._global: dict[str, torch.Tensor] = {}
         self._dtypes: dict[str, torch.dtype] = {}
+        self._limits = DecodeLimits()
 
     def __repr__(self) -> str:
         """Name the wrapper, its codecs and the inner strategy."""
@@ -261,6 +262,13 @@ class CompressedStrategy(Strategy):
         """Let the inner strategy configure the round, then swap each message's model for its payload."""
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         self._global = arrays_to_tensors(arrays)
+        # Caps for decoding replies, sized from the model so that a hostile blob cannot make
+        # the server allocate much more than the model (codecs decode through intermediates
+        # of up to ~2x the model: 4x leaves room).
+        elements = sum(t.numel() for t in self._global.values())
+        fp32_bytes = sum(4 * t.numel() + len(k.encode()) for k, t in self._global.items())
+        self._limits = DecodeLimits(max_elements=4 * elements + 2**20, max_body_bytes=4 * fp32_bytes + 2**20,
+                                    max_tensors=len(self._global))
         if set(self._dtypes) != set(self._global):
             # The dtypes that nodes reply with: those of the first global model. Some strategies
             # (FedAdam) turn the global model into float64; the nodes' models stay as they are.
@@ -329,7 +337,7 @@ class CompressedStrategy(Strategy):
         if up.version != expected:
             raise _Rejected(f"it trained from model version {up.version}, but this round sent version {expected}")
         try:
-            decoded = decode(up.blob)
+            decoded = decode(up.blob, limits=self._limits)
         except CodecError as err:
             raise _Rejected(f"its blob cannot be decoded: {err}") from err
         if up.kind == FULL:

@@ -321,3 +321,17 @@ def test_start_from_zero_sends_the_first_model_through_the_downlink_codec() -> N
               for m in zero_start.configure_train(2, arrays, ConfigRecord(), FakeGrid(NODES))}
     assert {n: p.kind for n, p in second.items()} == {101: DELTA, 102: DELTA, 103: DELTA}
     assert second[102].base == 1  # the server believes it holds version 1; the node will say otherwise
+
+
+def test_a_blob_that_decodes_far_larger_than_the_model_is_refused(caplog: pytest.LogCaptureFixture) -> None:
+    app, ctx = make_client(), contexts(NODES)
+    strategy = CompressedStrategy(FedAvg(), uplink="identity", downlink="identity")
+    messages = list(strategy.configure_train(1, tensors_to_arrays(global_model()), ConfigRecord(), FakeGrid(NODES)))
+    replies = [app(m, ctx[m.metadata.dst_node_id]) for m in messages]
+    huge = {**global_model(), "fc.weight": torch.zeros(3000, 1000)}  # 3M zeros, a few kB after zstd
+    replies[0].content[PAYLOAD_KEY]["blob"] = parse("zstd").encode(huge)
+    assert len(replies[0].content[PAYLOAD_KEY]["blob"]) < 100_000
+    with caplog.at_level(logging.WARNING):
+        got, _ = strategy.aggregate_train(1, replies)
+    assert got is not None
+    assert len(strategy.rejections) == 1 and "over the limit" in strategy.rejections[0].reason
