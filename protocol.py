@@ -23,6 +23,7 @@ __all__ = [
     "METRICS_KEY",
     "CONFIG_KEY",
     "ENCODE_TIME_METRIC",
+    "TRAIN_TIME_METRIC",
     "UPLINK_BYTES_METRIC",
     "FULL",
     "DELTA",
@@ -49,6 +50,8 @@ METRICS_KEY = "metrics"
 CONFIG_KEY = "config"
 #: Metrics that the client mod adds to a train reply.
 ENCODE_TIME_METRIC = "fedsqueeze-encode-s"
+#: Metric of fedsqueeze's own ClientApp: seconds of local training (for the codec's share of client time).
+TRAIN_TIME_METRIC = "train-seconds"
 UPLINK_BYTES_METRIC = "fedsqueeze-uplink-bytes"
 #: Payload kinds: the full model (lossless) or a delta against a reference both sides hold.
 FULL = "full"
@@ -73,8 +76,9 @@ RUN_CONFIG_DEFAULTS: dict[str, bool | int | float | str] = {
     "dirichlet-alpha": 0.5,
     "classes-per-partition": 2,
     "max-samples-per-client": 2000,
-    "uplink-codec": "topk(ratio=0.01) | quantize(bits=8) | zstd(level=3)",
-    "downlink-codec": "quantize(bits=8) | zstd(level=3)",
+    "uplink-codec": "topk(ratio=0.01) | quantize(bits=8) | zstd",
+    "downlink-codec": "quantize(bits=8) | zstd",
+    "error-feedback": True,
     "start-from-zero": True,
     "strategy": "fedavg",
     "proximal-mu": 0.01,
@@ -150,6 +154,9 @@ class Downlink:
     arrays_key : str
         Name under which the node's training code expects the plain model ArrayRecord
         (default: ``"arrays"``).
+    error_feedback : bool
+        Whether the node carries what its lossy uplink codec dropped over to its next update
+        (default: True).
     """
 
     kind: str
@@ -158,6 +165,7 @@ class Downlink:
     blobs: list[bytes]
     uplink: str
     arrays_key: str = ARRAYS_KEY
+    error_feedback: bool = True
 
     def to_record(self) -> ConfigRecord:
         """Pack into the ConfigRecord that travels under :data:`PAYLOAD_KEY`."""
@@ -169,6 +177,7 @@ class Downlink:
                 "blobs": list(self.blobs),
                 "uplink": self.uplink,
                 "arrays-key": self.arrays_key,
+                "error-feedback": self.error_feedback,
             }
         )
 
@@ -190,6 +199,7 @@ class Downlink:
             blobs=blobs,
             uplink=_field(record, "uplink", str),
             arrays_key=_field(record, "arrays-key", str),
+            error_feedback=_field(record, "error-feedback", bool) if "error-feedback" in record else True,
         )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -9,7 +11,15 @@ from flwr.clientapp import ClientApp
 from fedsqueeze.client.mod import compression_mod
 from fedsqueeze.data import client_data, load_dataset
 from fedsqueeze.models import build_model
-from fedsqueeze.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, arrays_to_tensors, resolve_run_config, tensors_to_arrays
+from fedsqueeze.protocol import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    METRICS_KEY,
+    TRAIN_TIME_METRIC,
+    arrays_to_tensors,
+    resolve_run_config,
+    tensors_to_arrays,
+)
 from fedsqueeze.training import evaluate as evaluate_model
 from fedsqueeze.training import get_weights, set_weights
 from fedsqueeze.training import train as train_model
@@ -65,6 +75,7 @@ def train(msg: Message, context: Context) -> Message:
     )
     model = _model_from(msg, run)
     server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
+    start = time.perf_counter()
     loss = train_model(
         model,
         x,
@@ -79,7 +90,9 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict(
         {
             ARRAYS_KEY: tensors_to_arrays(get_weights(model)),
-            METRICS_KEY: MetricRecord({"num-examples": len(x), "train-loss": loss}),
+            METRICS_KEY: MetricRecord(
+                {"num-examples": len(x), "train-loss": loss, TRAIN_TIME_METRIC: time.perf_counter() - start}
+            ),
         }
     )
     return Message(content, reply_to=msg)

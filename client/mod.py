@@ -90,11 +90,17 @@ def _store_reference(state: RecordDict, weights: Mapping[str, torch.Tensor], ver
 
 
 def _encode_reply(
-    local: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], codec: Codec, state: RecordDict
+    local: Mapping[str, torch.Tensor],
+    reference: Mapping[str, torch.Tensor],
+    codec: Codec,
+    state: RecordDict,
+    error_feedback: bool = True,
 ) -> tuple[str, bytes]:
-    """Encode the local model: in full for a lossless codec, else its delta through error feedback."""
+    """Encode the local model: in full for a lossless codec, else its delta (through error feedback)."""
     if codec.lossless:
         return FULL, codec.encode(local)
+    if not error_feedback:
+        return DELTA, codec.encode(subtract_tensors(local, reference))
     feedback = ErrorFeedback(codec)
     saved = state.get(STATE_FEEDBACK)
     if isinstance(saved, ArrayRecord):
@@ -116,7 +122,9 @@ def _check_like(local: Mapping[str, torch.Tensor], reference: Mapping[str, torch
         raise _Reject(f"the ClientApp replied {bad!r} with NaN or infinite values")
 
 
-def _compress_reply(reply: Message, down: Downlink, received: dict[str, torch.Tensor], state: RecordDict) -> None:
+def _compress_reply(
+    reply: Message, down: Downlink, received: dict[str, torch.Tensor], state: RecordDict, seed: int
+) -> None:
     """Replace the reply's plain ArrayRecord with the compressed payload, in place."""
     records = reply.content.array_records
     if down.arrays_key in records:
@@ -130,9 +138,9 @@ def _compress_reply(reply: Message, down: Downlink, received: dict[str, torch.Te
     except (TypeError, ValueError) as err:
         raise _Reject(f"the ClientApp's reply ArrayRecord {key!r} is not plain numpy arrays: {err}") from err
     _check_like(local, received)
-    codec = parse(down.uplink)
+    codec = parse(down.uplink, seed=seed)
     start = time.perf_counter()
-    kind, blob = _encode_reply(local, received, codec, state)
+    kind, blob = _encode_reply(local, received, codec, state, down.error_feedback)
     seconds = time.perf_counter() - start
 
     content = RecordDict({name: record for name, record in reply.content.items() if name != key})
@@ -144,6 +152,13 @@ def _compress_reply(reply: Message, down: Downlink, received: dict[str, torch.Te
     if not metrics:
         content[METRICS_KEY] = target
     reply.content = content
+
+
+def _codec_seed(context: Context, version: int) -> int:
+    """Seed of the uplink codec's random draws: reproducible per node (partition) and round."""
+    node = context.node_config.get("partition-id", context.node_id)
+    node = node if isinstance(node, int) else context.node_id
+    return (node * 1_000_003 + version) % 2**63
 
 
 def compression_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -196,7 +211,7 @@ def compression_mod(msg: Message, context: Context, call_next: ClientAppCallable
     if reply.has_error() or not reply.has_content():
         return reply
     try:
-        _compress_reply(reply, down, received, context.state)
+        _compress_reply(reply, down, received, context.state, _codec_seed(context, down.version))
     except (_Reject, ValueError) as err:
         return Message(Error(ErrorCode.MOD_FAILED_PRECONDITION, f"fedsqueeze: {err}"), reply_to=msg)
     return reply

@@ -101,6 +101,8 @@ def main(grid: Grid, context: Context) -> None:
         uplink=str(run["uplink-codec"]),
         downlink=str(run["downlink-codec"]),
         start_from_zero=bool(run["start-from-zero"]),
+        error_feedback=bool(run["error-feedback"]),
+        seed=seed,
     )
     results = ResultsWriter(str(run["results-dir"]), run)
     log(INFO, "fedsqueeze: %s", strategy)
@@ -115,7 +117,8 @@ def main(grid: Grid, context: Context) -> None:
             traffic = [t for t in strategy.traffic if t.round == server_round]
             replies = sum(1 for t in traffic if t.direction == "up" and t.message_type == "train")
             rejected = sum(1 for r in strategy.rejections if r.round == server_round)
-            results.log_round(server_round, accuracy, loss, traffic, replies, rejected)
+            results.log_round(server_round, accuracy, loss, traffic, replies, rejected,
+                              strategy.client_seconds.get(server_round, (0.0, 0.0)))
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
     train_config = ConfigRecord({key: run[key] for key in ("local-epochs", "batch-size", "lr", "momentum")})

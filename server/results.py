@@ -16,6 +16,8 @@ Files in ``results-dir`` (overwritten by each run):
     - ``cumulative_uplink_bytes``, ``cumulative_downlink_bytes``, ``cumulative_bytes``,
       ``cumulative_fp32_bytes``: running totals up to and including the round.
     - ``replies``, ``rejected``: train replies received, and how many of them were dropped.
+    - ``client_encode_seconds``, ``client_train_seconds``: seconds the nodes spent encoding
+      their update and training, summed over the accepted replies (as they reported them).
     - ``round_seconds``, ``elapsed_seconds``: wall time of the round, and since the start.
 
 ``messages.csv``
@@ -66,6 +68,8 @@ ROUND_COLUMNS = [
     "cumulative_fp32_bytes",
     "replies",
     "rejected",
+    "client_encode_seconds",
+    "client_train_seconds",
     "round_seconds",
     "elapsed_seconds",
 ]
@@ -116,7 +120,14 @@ class ResultsWriter:
         log(INFO, "fedsqueeze: initial model: accuracy %.4f, loss %.4f", accuracy, loss)
 
     def log_round(
-        self, server_round: int, accuracy: float, loss: float, traffic: Iterable[TrafficRecord], replies: int, rejected: int
+        self,
+        server_round: int,
+        accuracy: float,
+        loss: float,
+        traffic: Iterable[TrafficRecord],
+        replies: int,
+        rejected: int,
+        client_seconds: tuple[float, float] = (0.0, 0.0),
     ) -> dict[str, Any]:
         """Append the round's messages and its summary row, print one line, return the row."""
         now = time.perf_counter()
@@ -134,6 +145,8 @@ class ResultsWriter:
             "downlink_fp32_bytes": sum(t.fp32_bytes for t in down),
             "replies": replies,
             "rejected": rejected,
+            "client_encode_seconds": round(client_seconds[0], 4),
+            "client_train_seconds": round(client_seconds[1], 4),
             "round_seconds": round(now - self._last, 3),
             "elapsed_seconds": round(now - self._start, 3),
         }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from logging import INFO, WARNING
@@ -18,6 +19,7 @@ from fedsqueeze.protocol import (
     DELTA,
     ENCODE_TIME_METRIC,
     FULL,
+    TRAIN_TIME_METRIC,
     PAYLOAD_KEY,
     UPLINK_BYTES_METRIC,
     ZERO_VERSION,
@@ -88,15 +90,42 @@ class _Rejected(Exception):
     """A reply cannot be aggregated; the message says why."""
 
 
-def _as_codec(codec: str | Codec, role: str) -> Codec:
+def _as_codec(codec: str | Codec, role: str, seed: int | None = None) -> Codec:
     if isinstance(codec, Codec):
         return codec
     if isinstance(codec, str):
         try:
-            return parse(codec)
+            return parse(codec, seed=seed)
         except ValueError as err:
             raise ValueError(f"bad {role} codec {codec!r}: {err}") from err
     raise TypeError(f"the {role} codec must be a spec string or a Codec, got {type(codec).__name__}")
+
+
+#: Stages that keep every entry of a tensor: a first model sent through them is still whole.
+_DENSE_STAGES = frozenset({"identity", "fp16", "bf16", "quantize", "zstd"})
+
+
+def _dense(codec: Codec) -> bool:
+    return all(stage.name in _DENSE_STAGES for stage in codec.stages)
+
+
+def _digest(tensors: Mapping[str, torch.Tensor]) -> bytes:
+    """A content hash of a model, used to put replies in a run-independent order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].detach().contiguous().cpu().numpy().tobytes())
+    return h.digest()
+
+
+def _client_seconds(replies: Iterable[Message]) -> tuple[float, float]:
+    """Encode and training seconds that the nodes reported, summed (missing metrics count 0)."""
+    encode = train = 0.0
+    for reply in replies:
+        for record in reply.content.metric_records.values():
+            encode += float(record.get(ENCODE_TIME_METRIC, 0.0))
+            train += float(record.get(TRAIN_TIME_METRIC, 0.0))
+    return encode, train
 
 
 def _without_payload_metrics(record: MetricRecord) -> MetricRecord:
@@ -149,6 +178,12 @@ class CompressedStrategy(Strategy):
         model that every node holds implicitly (version 0), rather than in full through
         ``catchup``. Much smaller with a quantizing downlink codec; wrong for a sparsifying
         one, which would start the nodes from a mostly-zero model (default: False).
+    error_feedback : bool
+        Tell nodes to carry what their lossy uplink codec dropped over to the next round
+        (default: True).
+    seed : int | None
+        Seed of the downlink codec's random draws (stochastic rounding, random-k); ``None``
+        draws fresh entropy (default: None).
 
     Raises
     ------
@@ -164,17 +199,25 @@ class CompressedStrategy(Strategy):
         *,
         catchup: str | Codec = "zstd",
         start_from_zero: bool = False,
+        error_feedback: bool = True,
+        seed: int | None = None,
     ) -> None:
         if not isinstance(inner, Strategy):
             raise TypeError(f"inner must be a flwr Strategy, got {type(inner).__name__}")
         self.inner = inner
         self.uplink = _as_codec(uplink, "uplink")
-        self.downlink = _as_codec(downlink, "downlink")
+        self.downlink = _as_codec(downlink, "downlink", seed)
+        self.error_feedback = bool(error_feedback)
+        #: Per round: (seconds nodes spent encoding, seconds they spent training), summed over replies.
+        self.client_seconds: dict[int, tuple[float, float]] = {}
         self.catchup = _as_codec(catchup, "catchup")
         if not self.catchup.lossless:
             raise ValueError(f"the catchup codec must be lossless, got {self.catchup.spec!r}")
         self.arrays_key: str = getattr(inner, "arrayrecord_key", ARRAYS_KEY)
-        self.start_from_zero = bool(start_from_zero)
+        self.start_from_zero = bool(start_from_zero) and _dense(self.downlink)
+        if start_from_zero and not self.start_from_zero:
+            log(INFO, "fedsqueeze: start-from-zero is off: downlink %r is not dense; the first model goes in full",
+                self.downlink.spec)
         #: Every message measured so far, in order.
         self.traffic: list[TrafficRecord] = []
         #: Every train reply dropped so far.
@@ -253,8 +296,8 @@ class CompressedStrategy(Strategy):
             if all(v in self._history for v in needed):
                 chain = [self._history[v] for v in needed]
                 if len(chain) == 1 or sum(map(len, chain)) < len(self._full()):
-                    return Downlink(DELTA, self._version, held, chain, self.uplink.spec, self.arrays_key)
-        return Downlink(FULL, self._version, -1, [self._full()], self.uplink.spec, self.arrays_key)
+                    return Downlink(DELTA, self._version, held, chain, self.uplink.spec, self.arrays_key, self.error_feedback)
+        return Downlink(FULL, self._version, -1, [self._full()], self.uplink.spec, self.arrays_key, self.error_feedback)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -352,7 +395,7 @@ class CompressedStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Decode and check each reply, drop the bad ones, and let the inner strategy aggregate."""
-        accepted: list[Message] = []
+        accepted: list[tuple[bytes, Message]] = []
         for reply in replies:
             node_id = reply.metadata.src_node_id
             expected = self._expected.pop(node_id, None)
@@ -366,6 +409,7 @@ class CompressedStrategy(Strategy):
                 fp32 = self._fp32_reply_bytes(reply, self._global, self.arrays_key)
                 self._record(server_round, node_id, UP, reply, kind, fp32, 0, size=size)
                 continue
+            payload_digest = _digest(weights)
             if kind != "plain" and expected is not None:
                 self._node_versions[node_id] = expected  # it holds what this round sent
             plain = RecordDict({name: rec for name, rec in reply.content.items() if name != PAYLOAD_KEY})
@@ -374,8 +418,11 @@ class CompressedStrategy(Strategy):
             reply.content = plain
             fp32 = self._fp32_reply_bytes(reply, weights, key)
             self._record(server_round, node_id, UP, reply, kind, fp32, payload_bytes, size=size)
-            accepted.append(reply)
-        return self.inner.aggregate_train(server_round, accepted)
+            accepted.append((payload_digest, reply))
+        self.client_seconds[server_round] = _client_seconds(reply for _, reply in accepted)
+        # Aggregate in an order fixed by the replies' content, not by arrival or by node ids
+        # (random in simulation): float sums then come out the same in every run.
+        return self.inner.aggregate_train(server_round, [reply for _, reply in sorted(accepted, key=lambda t: t[0])])
 
     # ------------------------------------------------------------------ evaluation
     def configure_evaluate(
