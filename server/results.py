@@ -13,6 +13,10 @@ Files in ``results-dir`` (overwritten by each run):
       evaluation is on), as counted by :func:`fedsqueeze.protocol.message_bytes`.
     - ``uplink_fp32_bytes``, ``downlink_fp32_bytes``: the same messages as plain Flower
       would have sent them, with the model as an FP32 ArrayRecord.
+    - ``uplink_payload_bytes``, ``downlink_payload_bytes``: the codec blobs inside those
+      messages; the rest is Flower's framing (records, object ids, metadata). Wire sizes vary
+      by a few bytes from run to run because Flower draws random 64-bit node ids, whose
+      protobuf varints differ in length; payload sizes do not.
     - ``cumulative_uplink_bytes``, ``cumulative_downlink_bytes``, ``cumulative_bytes``,
       ``cumulative_fp32_bytes``: running totals up to and including the round.
     - ``replies``, ``rejected``: train replies received, and how many of them were dropped.
@@ -62,6 +66,8 @@ ROUND_COLUMNS = [
     "downlink_bytes",
     "uplink_fp32_bytes",
     "downlink_fp32_bytes",
+    "uplink_payload_bytes",
+    "downlink_payload_bytes",
     "cumulative_uplink_bytes",
     "cumulative_downlink_bytes",
     "cumulative_bytes",
@@ -143,6 +149,8 @@ class ResultsWriter:
             "downlink_bytes": sum(t.bytes for t in down),
             "uplink_fp32_bytes": sum(t.fp32_bytes for t in up),
             "downlink_fp32_bytes": sum(t.fp32_bytes for t in down),
+            "uplink_payload_bytes": sum(t.payload_bytes for t in up),
+            "downlink_payload_bytes": sum(t.payload_bytes for t in down),
             "replies": replies,
             "rejected": rejected,
             "client_encode_seconds": round(client_seconds[0], 4),

@@ -178,7 +178,8 @@ def collect_results(out: Path) -> Path:
     cell_dirs = sorted((d for d in (out / "cells").iterdir() if cell_finished(d)), key=lambda d: (order.get(d.name, len(order)), d.name))
     for cell_dir in cell_dirs:
         marker = json.loads((cell_dir / CELL_FILE).read_text())
-        cfg = marker["config"]
+        # the run's own config, with the app's defaults filled in, over the grid's keys
+        cfg = {**marker["config"], **json.loads((cell_dir / "summary.json").read_text()).get("config", {})}
         with open(cell_dir / "rounds.csv", newline="") as f:
             reader = csv.DictReader(f)
             round_columns = round_columns or list(reader.fieldnames or [])
