@@ -63,7 +63,28 @@ class LeNet5(nn.Module):
         return self.fc3(x)
 
 
-class McMahanCNN(nn.Module):
+class _TwoConvNet(nn.Module):
+    """conv (32, k x k, 'same'), ReLU, max-pool 2; conv (64, k x k, 'same'), ReLU, max-pool 2; FC hidden, ReLU; FC classes."""
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int, *, kernel_size: int, hidden: int) -> None:
+        super().__init__()
+        _check_dims(in_channels, num_classes, image_size, min_size=4)
+        self.conv1 = nn.Conv2d(in_channels, 32, kernel_size=kernel_size, padding=kernel_size // 2)
+        self.conv2 = nn.Conv2d(32, 64, kernel_size=kernel_size, padding=kernel_size // 2)
+        side = image_size // 4
+        self.fc1 = nn.Linear(64 * side * side, hidden)
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return class logits of shape ``(batch, num_classes)`` for images ``(batch, C, H, W)``."""
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = torch.flatten(x, 1)
+        x = F.relu(self.fc1(x))
+        return self.fc2(x)
+
+
+class McMahanCNN(_TwoConvNet):
     """The CNN of McMahan et al. 2017 ("Communication-Efficient Learning of Deep Networks
     from Decentralized Data"), the "CNN" of its MNIST experiments.
 
@@ -82,24 +103,10 @@ class McMahanCNN(nn.Module):
     """
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28) -> None:
-        super().__init__()
-        _check_dims(in_channels, num_classes, image_size, min_size=4)
-        self.conv1 = nn.Conv2d(in_channels, 32, kernel_size=5, padding=2)
-        self.conv2 = nn.Conv2d(32, 64, kernel_size=5, padding=2)
-        side = image_size // 4
-        self.fc1 = nn.Linear(64 * side * side, 512)
-        self.fc2 = nn.Linear(512, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Return class logits of shape ``(batch, num_classes)`` for images ``(batch, C, H, W)``."""
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        x = torch.flatten(x, 1)
-        x = F.relu(self.fc1(x))
-        return self.fc2(x)
+        super().__init__(in_channels, num_classes, image_size, kernel_size=5, hidden=512)
 
 
-class CifarCNN(nn.Module):
+class CifarCNN(_TwoConvNet):
     """A small CNN for CIFAR-10: two 3x3 convolutions and two fully connected layers.
 
     conv 32@3x3 (padding 1), ReLU, max-pool 2; conv 64@3x3 (padding 1), ReLU, max-pool 2;
@@ -118,21 +125,7 @@ class CifarCNN(nn.Module):
     """
 
     def __init__(self, in_channels: int = 3, num_classes: int = 10, image_size: int = 32) -> None:
-        super().__init__()
-        _check_dims(in_channels, num_classes, image_size, min_size=4)
-        self.conv1 = nn.Conv2d(in_channels, 32, kernel_size=3, padding=1)
-        self.conv2 = nn.Conv2d(32, 64, kernel_size=3, padding=1)
-        side = image_size // 4
-        self.fc1 = nn.Linear(64 * side * side, 128)
-        self.fc2 = nn.Linear(128, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Return class logits of shape ``(batch, num_classes)`` for images ``(batch, C, H, W)``."""
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        x = torch.flatten(x, 1)
-        x = F.relu(self.fc1(x))
-        return self.fc2(x)
+        super().__init__(in_channels, num_classes, image_size, kernel_size=3, hidden=128)
 
 
 _MODELS: dict[str, type[nn.Module]] = {
