@@ -37,6 +37,7 @@ class CodecSummary:
     uplink_ratio: float
     total_ratio: float
     uplink_bits_per_param: float | None
+    uplink_payload_ratio: float | None
     target_accuracy: float | None
     uplink_bytes_to_target: float | None
     total_bytes_to_target: float | None
@@ -144,9 +145,12 @@ def summarize(rows: list[dict[str, str]], target: float | None = None) -> list[C
             encode = [sum(_f(x, "client_encode_seconds") for x in r) for r in runs_]
             train = [sum(_f(x, "client_train_seconds") for x in r) for r in runs_]
             share = _mean([e / (e + t) for e, t in zip(encode, train) if e + t > 0])
-            bits = None
+            bits = payload_ratio = None
             if n_params and _mean(replies) > 0:
                 bits = 8 * _mean(up) / _mean(replies) / n_params
+                payload = _mean([sum(_f(x, "uplink_payload_bytes") for x in r) for r in runs_])
+                if payload > 0:  # codec blobs alone against 4 bytes per parameter per reply
+                    payload_ratio = 4 * n_params * _mean(replies) / payload
             setting_summaries.append(
                 CodecSummary(
                     setting=setting, codec=name, uplink_codec=runs_[0][0]["uplink_codec"], downlink_codec=runs_[0][0]["downlink_codec"],
@@ -155,7 +159,7 @@ def summarize(rows: list[dict[str, str]], target: float | None = None) -> list[C
                     gap_to_fp32_points=_mean(gaps) if gaps else None,
                     uplink_bytes=_mean(up), downlink_bytes=_mean(down), total_bytes=_mean(up) + _mean(down),
                     uplink_ratio=_mean(up32) / _mean(up), total_ratio=(_mean(up32) + _mean(down32)) / (_mean(up) + _mean(down)),
-                    uplink_bits_per_param=bits, target_accuracy=setting_target,
+                    uplink_bits_per_param=bits, uplink_payload_ratio=payload_ratio, target_accuracy=setting_target,
                     uplink_bytes_to_target=_mean(to_target_up) if to_target_up else None,
                     total_bytes_to_target=_mean(to_target_total) if to_target_total else None,
                     seeds_reaching_target=len(to_target_up),
@@ -185,17 +189,18 @@ def markdown_table(summaries: list[CodecSummary]) -> str:
         lines += [
             f"### {setting} ({group[0].rounds} rounds)",
             "",
-            f"| codec | seeds | final acc. (%) | gap to FP32 (pts) | uplink | total (up+down) | uplink ratio | total ratio | uplink bits/param | uplink to {100 * (target or 0):.1f}% | total to {100 * (target or 0):.1f}% | codec share of client time | Pareto |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            f"| codec | seeds | final acc. (%) | gap to FP32 (pts) | uplink | total (up+down) | uplink ratio | total ratio | uplink bits/param | uplink payload ratio | uplink to {100 * (target or 0):.1f}% | total to {100 * (target or 0):.1f}% | codec share of client time | Pareto |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for s in group:
             acc = f"{100 * s.final_accuracy:.2f}" + (f" ± {100 * s.final_accuracy_std:.2f}" if s.seeds > 1 else "")
             gap = "-" if s.gap_to_fp32_points is None else f"{s.gap_to_fp32_points:+.2f}"
             bits = "-" if s.uplink_bits_per_param is None else f"{s.uplink_bits_per_param:.3f}"
+            payload = "-" if s.uplink_payload_ratio is None else f"{s.uplink_payload_ratio:.1f}x"
             reach = f" ({s.seeds_reaching_target}/{s.seeds})" if s.seeds_reaching_target < s.seeds else ""
             share = "-" if s.codec_time_share is None else f"{100 * s.codec_time_share:.1f}%"
             lines.append(
-                f"| {s.codec} | {s.seeds} | {acc} | {gap} | {_bytes(s.uplink_bytes)} | {_bytes(s.total_bytes)} | {s.uplink_ratio:.1f}x | {s.total_ratio:.1f}x | {bits} | "
+                f"| {s.codec} | {s.seeds} | {acc} | {gap} | {_bytes(s.uplink_bytes)} | {_bytes(s.total_bytes)} | {s.uplink_ratio:.1f}x | {s.total_ratio:.1f}x | {bits} | {payload} | "
                 f"{_bytes(s.uplink_bytes_to_target)}{reach} | {_bytes(s.total_bytes_to_target)}{reach} | {share} | {'yes' if s.pareto else ''} |"
             )
         lines.append("")

@@ -61,7 +61,7 @@ def _fake_cell(out: Path, cell_id: str, codec: str, seed: int, up: str, down: st
     d.mkdir(parents=True)
     cols = ["round", "accuracy", "loss", "uplink_bytes", "downlink_bytes", "uplink_fp32_bytes", "downlink_fp32_bytes",
             "cumulative_uplink_bytes", "cumulative_downlink_bytes", "cumulative_bytes", "cumulative_fp32_bytes", "replies",
-            "client_encode_seconds", "client_train_seconds"]
+            "client_encode_seconds", "client_train_seconds", "uplink_payload_bytes"]
     cum_up = cum_down = 0
     with open(d / "rounds.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -69,7 +69,7 @@ def _fake_cell(out: Path, cell_id: str, codec: str, seed: int, up: str, down: st
         for i, (acc, ub) in enumerate(zip(accs, up_bytes), start=1):
             cum_up += ub
             cum_down += 1000
-            w.writerow([i, acc, 0.1, ub, 1000, 4000, 4000, cum_up, cum_down, cum_up + cum_down, 8000 * i, 2, 0.5, 1.5])
+            w.writerow([i, acc, 0.1, ub, 1000, 4000, 4000, cum_up, cum_down, cum_up + cum_down, 8000 * i, 2, 0.5, 1.5, ub // 2])
     (d / "summary.json").write_text("{}")
     config = {"seed": seed, "model": "lenet5", "dataset": "mnist", "partitioner": "iid", "uplink-codec": up, "downlink-codec": down}
     (d / CELL_FILE).write_text(json.dumps({"id": cell_id, "codec": codec, "num_supernodes": 2, "config": config}))
@@ -99,6 +99,8 @@ def test_report_numbers_match_the_results_table(tmp_path: Path) -> None:
     assert top["total_ratio"] == pytest.approx(16000 / ((160 + 120) / 2 + 2000))
     assert top["codec_time_share"] == pytest.approx(0.25)
     assert top["uplink_bits_per_param"] == pytest.approx(8 * 140 / 4 / 61706)
+    # payload bytes are half the wire bytes in this table: 4 bytes x params x 4 replies / 70
+    assert top["uplink_payload_ratio"] == pytest.approx(4 * 61706 * 4 / 70)
     # target: FP32's mean final accuracy minus a point = 0.90; reached in round 2 by both seeds of fp32
     assert top["target_accuracy"] == pytest.approx(0.90)
     assert top["seeds_reaching_target"] == 1 and top["uplink_bytes_to_target"] == pytest.approx(120)
@@ -106,5 +108,6 @@ def test_report_numbers_match_the_results_table(tmp_path: Path) -> None:
     assert top["pareto"] and fp32["pareto"]
     text = (tmp_path / "report.md").read_text()
     assert "| top | 2 | 89.00 ± 1.41 | -2.00 |" in text
+    assert f"{4 * 61706 * 4 / 70:.1f}x" in text
     for plot in report["plots"]:
         assert (tmp_path / plot).stat().st_size > 1000
