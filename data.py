@@ -21,8 +21,11 @@ __all__ = [
     "load_dataset",
     "partition",
     "client_data",
+    "client_indices",
     "clear_caches",
     "default_cache_dir",
+    "holdout_split",
+    "normalisation",
 ]
 
 #: Environment variable naming a data file or folder, used when no ``data_dir`` is given.
@@ -108,6 +111,25 @@ def _canonical_name(name: str) -> str:
     if key not in _SPECS:
         raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASET_NAMES)}")
     return key
+
+
+def normalisation(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Return the per-channel mean and std that :func:`load_dataset` normalises ``name`` with.
+
+    Pixels are scaled to [0, 1] first, then ``(x - mean) / std`` per channel.
+
+    Parameters
+    ----------
+    name : str
+        Dataset name, see :func:`load_dataset`.
+
+    Returns
+    -------
+    tuple of (tuple of float, tuple of float)
+        ``(mean, std)``, one value per channel.
+    """
+    spec = _SPECS[_canonical_name(name)]
+    return spec.mean, spec.std
 
 
 def default_cache_dir() -> Path:
@@ -503,6 +525,106 @@ def _partition_indices(part: object, num_partitions: int) -> list[np.ndarray]:
     ]
 
 
+def holdout_split(num_train: int, holdout: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split training indices into ``holdout`` samples kept back and the rest.
+
+    The server keeps the held-out images as its unlabeled proxy set for distillation
+    (:func:`fedsqueeze.server.distill.proxy_split` is this function); clients partition only
+    the rest (:func:`client_indices` with ``holdout``). Both sides compute it from the run
+    config alone, so the split is the same everywhere without being sent.
+
+    Parameters
+    ----------
+    num_train : int
+        Number of training samples.
+    holdout : int
+        Samples kept back, 1..num_train - 1.
+    seed : int
+        Seed of the permutation (default: 0).
+
+    Returns
+    -------
+    held_out, rest : torch.Tensor
+        Sorted int64 index tensors; disjoint, together all of ``range(num_train)``.
+    """
+    if not _is_int(num_train) or num_train < 2:
+        raise ValueError(f"num_train must be an integer >= 2, got {num_train!r}")
+    if not _is_int(holdout) or not 1 <= holdout < num_train:
+        raise ValueError(f"holdout must be an integer in 1..{num_train - 1} (fewer than the training samples), got {holdout!r}")
+    order = torch.randperm(int(num_train), generator=torch.Generator().manual_seed(int(seed)))
+    return order[:holdout].sort().values, order[holdout:].sort().values
+
+
+def client_indices(
+    dataset: str,
+    partition_id: int,
+    num_partitions: int,
+    *,
+    partitioner: str = "dirichlet",
+    alpha: float = 0.5,
+    classes_per_partition: int = 2,
+    seed: int = 0,
+    max_samples: int | None = None,
+    holdout: int = 0,
+    data_dir: str | os.PathLike[str] | None = None,
+) -> np.ndarray:
+    """Return the indices into the training set of one client's samples.
+
+    With ``holdout > 0`` the ``holdout`` samples of :func:`holdout_split` (``seed``) are
+    removed first (the server's proxy set) and the partitioner splits the remaining samples
+    only; no client ever gets a held-out sample. The partition cache stays correct: it is
+    keyed on the label array actually partitioned, and positions in it are mapped back to
+    training indices after the cache.
+
+    Parameters
+    ----------
+    dataset, partition_id, num_partitions, partitioner, alpha, classes_per_partition, seed, max_samples, data_dir
+        As in :func:`client_data`.
+    holdout : int
+        Training samples kept away from every client, 0 for none (default: 0).
+
+    Returns
+    -------
+    numpy.ndarray
+        Sorted int64 indices into the training set.
+
+    Raises
+    ------
+    ValueError
+        If an argument is invalid (see :func:`client_data` and :func:`holdout_split`).
+    """
+    if not _is_int(num_partitions) or num_partitions < 1:
+        raise ValueError(f"num_partitions must be an integer >= 1, got {num_partitions!r}")
+    if not _is_int(partition_id) or not 0 <= partition_id < num_partitions:
+        raise ValueError(
+            f"partition_id must be an integer in 0..{num_partitions - 1} "
+            f"(num_partitions={num_partitions}), got {partition_id!r}"
+        )
+    if max_samples is not None and (not _is_int(max_samples) or max_samples < 1):
+        raise ValueError(f"max_samples must be None or an integer >= 1, got {max_samples!r}")
+    if not _is_int(holdout) or holdout < 0:
+        raise ValueError(f"holdout must be an integer >= 0, got {holdout!r}")
+    data = load_dataset(dataset, data_dir)
+    labels = data.y_train.numpy()
+    pool: np.ndarray | None = None
+    if holdout:
+        pool = holdout_split(len(labels), holdout, seed)[1].numpy()
+        labels = labels[pool]
+    parts = partition(
+        labels,
+        num_partitions,
+        partitioner,
+        alpha=alpha,
+        classes_per_partition=classes_per_partition,
+        seed=seed,
+    )
+    indices = parts[partition_id] if pool is None else pool[parts[partition_id]]
+    if max_samples is not None and max_samples < len(indices):
+        rng = np.random.default_rng([seed, partition_id])
+        indices = np.sort(rng.choice(indices, size=max_samples, replace=False))
+    return np.array(indices, dtype=np.int64)
+
+
 def client_data(
     dataset: str,
     partition_id: int,
@@ -513,6 +635,7 @@ def client_data(
     classes_per_partition: int = 2,
     seed: int = 0,
     max_samples: int | None = None,
+    holdout: int = 0,
     data_dir: str | os.PathLike[str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return one client's training images and labels.
@@ -532,10 +655,14 @@ def client_data(
     classes_per_partition : int
         Classes per client for ``"classes"`` (default: 2).
     seed : int
-        Partitioning seed, also used for the ``max_samples`` subset (default: 0).
+        Partitioning seed, also used for the ``max_samples`` subset and the ``holdout``
+        split (default: 0).
     max_samples : int or None
         Keep at most this many samples, a random subset chosen from ``seed`` and
         ``partition_id``; None keeps all (default: None).
+    holdout : int
+        Training samples kept away from all clients (the server's proxy set, see
+        :func:`holdout_split`); the partitioner splits the rest; 0 for none (default: 0).
     data_dir : str or os.PathLike or None
         Where the data lies, see :func:`load_dataset` (default: None).
 
@@ -548,31 +675,23 @@ def client_data(
     ------
     ValueError
         If ``partition_id`` is out of range, ``max_samples`` is not a positive integer,
-        or a partitioning argument is invalid.
+        ``holdout`` is negative or not smaller than the training set, or a partitioning
+        argument is invalid.
     """
-    if not _is_int(num_partitions) or num_partitions < 1:
-        raise ValueError(f"num_partitions must be an integer >= 1, got {num_partitions!r}")
-    if not _is_int(partition_id) or not 0 <= partition_id < num_partitions:
-        raise ValueError(
-            f"partition_id must be an integer in 0..{num_partitions - 1} "
-            f"(num_partitions={num_partitions}), got {partition_id!r}"
-        )
-    if max_samples is not None and (not _is_int(max_samples) or max_samples < 1):
-        raise ValueError(f"max_samples must be None or an integer >= 1, got {max_samples!r}")
-    data = load_dataset(dataset, data_dir)
-    parts = partition(
-        data.y_train.numpy(),
+    indices = client_indices(
+        dataset,
+        partition_id,
         num_partitions,
-        partitioner,
+        partitioner=partitioner,
         alpha=alpha,
         classes_per_partition=classes_per_partition,
         seed=seed,
+        max_samples=max_samples,
+        holdout=holdout,
+        data_dir=data_dir,
     )
-    indices = parts[partition_id]
-    if max_samples is not None and max_samples < len(indices):
-        rng = np.random.default_rng([seed, partition_id])
-        indices = np.sort(rng.choice(indices, size=max_samples, replace=False))
-    idx = torch.from_numpy(np.array(indices, dtype=np.int64))
+    data = load_dataset(dataset, data_dir)
+    idx = torch.from_numpy(indices)
     return data.x_train[idx], data.y_train[idx]
 
 

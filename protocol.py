@@ -33,6 +33,7 @@ __all__ = [
     "Downlink",
     "Uplink",
     "resolve_run_config",
+    "proxy_holdout",
     "arrays_to_tensors",
     "tensors_to_arrays",
     "add_tensors",
@@ -85,6 +86,18 @@ RUN_CONFIG_DEFAULTS: dict[str, bool | int | float | str] = {
     "server-lr": 0.0,
     "seed": 0,
     "results-dir": "results",
+    # Server-side distillation into a compact student (off while distill-every is 0); the
+    # defaults are what simulation/distill_bench found on MNIST/LeNet-5, sized to a few seconds.
+    "distill-every": 0,
+    "distill-epochs": 2,
+    "distill-temperature": 3.0,
+    "distill-lr": 0.003,
+    "distill-ensemble": False,
+    "proxy-size": 5000,
+    "student-linear-rank": 12,
+    "student-conv-rank": 0,
+    "student-prune-ratio": 0.5,
+    "student-bits": 8,
 }
 
 
@@ -123,6 +136,42 @@ def resolve_run_config(run_config: Mapping[str, Any]) -> dict[str, bool | int | 
                 )
         out[key] = value
     return out
+
+
+def proxy_holdout(run: Mapping[str, Any]) -> int:
+    """Training images the server keeps as its unlabeled proxy set, and no client gets.
+
+    ``proxy-size`` when server-side distillation is on (``distill-every`` > 0), else 0.
+    Clients pass it as ``holdout`` to :func:`fedsqueeze.data.client_data`, the server takes
+    the same images with :func:`fedsqueeze.server.distill.proxy_split`; both seed the split
+    with ``seed``, so they agree without exchanging anything.
+
+    Parameters
+    ----------
+    run : Mapping[str, Any]
+        Resolved run config (see :func:`resolve_run_config`).
+
+    Returns
+    -------
+    int
+        Number of held-out training images, >= 0.
+
+    Raises
+    ------
+    ValueError
+        If ``distill-every`` or ``proxy-size`` is negative, or distillation is on with
+        ``proxy-size`` 0.
+    """
+    every, size = int(run["distill-every"]), int(run["proxy-size"])
+    if every < 0:
+        raise ValueError(f"run config 'distill-every' must be >= 0 (0 turns distillation off), got {every}")
+    if size < 0:
+        raise ValueError(f"run config 'proxy-size' must be >= 0, got {size}")
+    if every == 0:
+        return 0
+    if size == 0:
+        raise ValueError("run config 'distill-every' > 0 needs unlabeled proxy images: set 'proxy-size' > 0 (e.g. 5000)")
+    return size
 
 
 def _field(record: ConfigRecord, name: str, kind: type | tuple[type, ...]) -> Any:

@@ -17,6 +17,7 @@ from fedsqueeze.protocol import (
     METRICS_KEY,
     TRAIN_TIME_METRIC,
     arrays_to_tensors,
+    proxy_holdout,
     resolve_run_config,
     tensors_to_arrays,
 )
@@ -71,6 +72,7 @@ def train(msg: Message, context: Context) -> Message:
         classes_per_partition=int(run["classes-per-partition"]),
         seed=int(run["seed"]),
         max_samples=max_samples if max_samples > 0 else None,
+        holdout=proxy_holdout(run),  # the server's distillation proxy images: never on a node
         data_dir=str(run["data-dir"]) or None,
     )
     model = _model_from(msg, run)

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedsqueeze.data import holdout_split
+
 __all__ = ["DistillConfig", "DistillResult", "distill", "distillation_loss", "proxy_split", "teacher_logits"]
 
 _EVAL_BATCH = 128  # larger CPU batches spend their time in malloc (shared/notes/cpu-facts.md)
@@ -113,11 +115,16 @@ def proxy_split(num_train: int, proxy_size: int, seed: int = 0) -> tuple[torch.T
     -------
     proxy_idx, client_idx : torch.Tensor
         Sorted int64 index tensors; disjoint, together all of ``range(num_train)``.
+
+    Notes
+    -----
+    This is :func:`fedsqueeze.data.holdout_split`, which the clients use (through
+    ``client_data(..., holdout=proxy_size)``) to leave the proxy images out of their
+    partitions: the same ``(num_train, proxy_size, seed)`` give the same split on both sides.
     """
     if not 1 <= proxy_size < num_train:
         raise ValueError(f"proxy_size must be in 1..{num_train - 1} (fewer than the training samples), got {proxy_size}")
-    order = torch.randperm(num_train, generator=torch.Generator().manual_seed(seed))
-    return order[:proxy_size].sort().values, order[proxy_size:].sort().values
+    return holdout_split(num_train, proxy_size, seed)
 
 
 def _normalised_weights(weights: Sequence[float] | None, count: int) -> list[float]:
