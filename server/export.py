@@ -5,11 +5,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import statistics
+import time
 import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +20,18 @@ from torch import nn
 
 from fedsqueeze.server.compact import LowRankConv2d, LowRankLinear, Tucker2Conv2d, count_parameters, to_chain
 
-__all__ = ["ExportInfo", "FORMAT", "export_compact", "flatten_ops", "load_safetensors", "quantize_per_channel"]
+__all__ = [
+    "ExportInfo",
+    "FORMAT",
+    "export_compact",
+    "file_accuracy",
+    "flatten_ops",
+    "latencies_us",
+    "load_exported",
+    "load_safetensors",
+    "quantize_per_channel",
+    "raw_pixels",
+]
 
 #: Value of the ``format`` metadata key of exported safetensors files.
 FORMAT = "fedsqueeze-compact/1"
@@ -471,3 +484,120 @@ def load_safetensors(path: str | os.PathLike[str]) -> nn.Module:
         ops.append(op)
     flat, _ = _pack(ops, 32, json.loads(metadata["mean"]), json.loads(metadata["std"]))
     return flat.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring exported files
+# ----------------------------------------------------------------------------------------------
+
+
+def raw_pixels(x: torch.Tensor, mean: float | Sequence[float], std: float | Sequence[float]) -> torch.Tensor:
+    """Undo the training normalisation: normalised images back to the uint8 pixels 0..255.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        Images ``(N, C, H, W)`` normalised as ``(pixels / 255 - mean) / std`` per channel.
+    mean, std : float or sequence of float
+        The normalisation, one value or one per channel.
+
+    Returns
+    -------
+    torch.Tensor
+        uint8 ``(N, C, H, W)``, the input an exported model takes.
+
+    Raises
+    ------
+    ValueError
+        If ``x`` is not ``(N, C, H, W)`` or the values are not integer pixels under this
+        normalisation (wrong ``mean``/``std``).
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"x must be a (N, C, H, W) tensor, got {getattr(x, 'shape', x)!r}")
+    channels = x.shape[1]
+    mean_c, std_c = _as_channels(mean, "mean"), _as_channels(std, "std")
+    if len(mean_c) not in (1, channels) or len(std_c) != len(mean_c):
+        raise ValueError(f"mean and std need one value per channel ({channels}), got {mean_c} and {std_c}")
+    m = torch.tensor(mean_c, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std_c, dtype=torch.float32).view(1, -1, 1, 1)
+    raw = (x.float() * s + m) * 255.0
+    rounded = raw.round()
+    if len(raw) and float((raw - rounded).abs().max()) > 1e-3:
+        raise ValueError("x does not hold integer pixels under this mean/std: it was normalised differently")
+    return rounded.clamp_(0, 255).to(torch.uint8)
+
+
+def load_exported(path: str | os.PathLike[str]) -> torch.jit.ScriptModule:
+    """Load an exported TorchScript file on the CPU, in eval mode (``torch.jit``'s deprecation notice muted)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in torch 2.x but works
+        model = torch.jit.load(str(path), map_location="cpu")
+    return model.eval()
+
+
+@torch.inference_mode()
+def file_accuracy(model: nn.Module, raw_x: torch.Tensor, y: torch.Tensor, batch_size: int = 128) -> float:
+    """Accuracy of an exported model (raw pixels in, logits out) on ``raw_x``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A loaded exported file (see :func:`load_exported`) or anything with its forward.
+    raw_x : torch.Tensor
+        Raw pixels ``(N, C, H, W)``, e.g. from :func:`raw_pixels`.
+    y : torch.Tensor
+        Labels ``(N,)``.
+    batch_size : int
+        Images per forward pass; CPU batches above 128 spend their time in malloc (default: 128).
+
+    Returns
+    -------
+    float
+        Fraction of correct predictions (0.0 for no images).
+    """
+    if len(raw_x) != len(y):
+        raise ValueError(f"{len(raw_x)} images but {len(y)} labels")
+    correct = 0
+    for i in range(0, len(raw_x), batch_size):
+        correct += int((model(raw_x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum())
+    return correct / max(1, len(raw_x))
+
+
+@torch.inference_mode()
+def latencies_us(
+    models: Mapping[str, tuple[nn.Module, torch.Tensor]], runs: int = 1000, block: int = 50
+) -> dict[str, float]:
+    """Median wall time of one forward pass per model, in microseconds (in the current thread setting).
+
+    Models are timed in interleaved blocks of ``block`` single calls after a warm-up block
+    each (which also lets the TorchScript profiling executor settle), so that load from
+    other processes on a shared machine hits all of them alike. Call
+    ``torch.set_num_threads(1)`` first for one-thread numbers.
+
+    Parameters
+    ----------
+    models : Mapping of str to (torch.nn.Module, torch.Tensor)
+        Name -> (model, its example input, e.g. one image for batch-1 latency).
+    runs : int
+        Timed calls per model, rounded down to whole blocks, at least one block (default: 1000).
+    block : int
+        Consecutive calls of one model (default: 50).
+
+    Returns
+    -------
+    dict of str to float
+        Name -> median microseconds per call.
+    """
+    if block < 1 or runs < 1:
+        raise ValueError(f"runs and block must be >= 1, got runs={runs}, block={block}")
+    times: dict[str, list[int]] = {key: [] for key in models}
+    for model, example in models.values():
+        for _ in range(block):
+            model(example)
+    for _ in range(max(1, runs // block)):
+        for key, (model, example) in models.items():
+            for _ in range(block):
+                start = time.perf_counter_ns()
+                model(example)
+                times[key].append(time.perf_counter_ns() - start)
+    return {key: statistics.median(values) / 1000.0 for key, values in times.items()}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 import warnings
 from pathlib import Path
@@ -12,53 +11,15 @@ from typing import Sequence
 
 import torch
 
-from fedsqueeze.data import load_dataset
+from fedsqueeze.data import load_dataset, normalisation
 from fedsqueeze.models import build_model
 from fedsqueeze.server.compact import CompactConfig, build_student, count_parameters, describe
 from fedsqueeze.server.distill import distill, proxy_split
-from fedsqueeze.server.export import export_compact
+from fedsqueeze.server.export import export_compact, file_accuracy, latencies_us, load_exported, raw_pixels
 from fedsqueeze.training import evaluate, train
 
-#: MNIST normalisation used by fedsqueeze.data (checked against the loaded tensors below).
-MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
-
-
-def _raw_pixels(x: torch.Tensor) -> torch.Tensor:
-    """Undo the normalisation: float tensors back to the integer pixel values 0..255."""
-    raw = (x * MNIST_STD + MNIST_MEAN) * 255.0
-    rounded = raw.round()
-    if (raw - rounded).abs().max() > 1e-3:
-        raise RuntimeError("MNIST_MEAN/MNIST_STD do not match the normalisation of fedsqueeze.data")
-    return rounded.clamp_(0, 255).to(torch.uint8)
-
-
-@torch.inference_mode()
-def _file_accuracy(model: torch.jit.ScriptModule, raw_x: torch.Tensor, y: torch.Tensor) -> float:
-    """Accuracy of a loaded exported TorchScript model on raw pixels (batches of 128)."""
-    correct = 0
-    for i in range(0, len(raw_x), 128):
-        correct += int((model(raw_x[i : i + 128]).argmax(1) == y[i : i + 128]).sum())
-    return correct / len(raw_x)
-
-
-@torch.inference_mode()
-def _latencies_us(models: dict[str, tuple[torch.nn.Module, torch.Tensor]], runs: int, block: int = 50) -> dict[str, float]:
-    """Median wall time of one forward pass per model, in microseconds.
-
-    Models are timed in interleaved blocks of ``block`` single calls, so that load from other
-    processes on a shared machine hits all of them alike.
-    """
-    times: dict[str, list[int]] = {key: [] for key in models}
-    for model, example in models.values():  # warm-up (the TorchScript profiling executor included)
-        for _ in range(block):
-            model(example)
-    for _ in range(max(1, runs // block)):
-        for key, (model, example) in models.items():
-            for _ in range(block):
-                start = time.perf_counter_ns()
-                model(example)
-                times[key].append(time.perf_counter_ns() - start)
-    return {key: statistics.median(values) / 1000.0 for key, values in times.items()}
+#: MNIST normalisation used by fedsqueeze.data (one channel).
+MNIST_MEAN, MNIST_STD = normalisation("mnist")[0][0], normalisation("mnist")[1][0]
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -103,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     data = load_dataset("mnist", args.data_dir)
-    raw_test = _raw_pixels(data.x_test)
+    raw_test = raw_pixels(data.x_test, MNIST_MEAN, MNIST_STD)
 
     # The teacher stands in for the federated global model: trained on the images the clients
     # hold, never on the server's proxy images.
@@ -160,20 +121,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: dict[str, dict] = {}
     timed: dict[str, tuple[torch.nn.Module, torch.Tensor]] = {}
     for key, info in exports.items():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            loaded = torch.jit.load(str(info.torchscript_path))
-        rows[key] = {**info.as_dict(), "file_test_accuracy": _file_accuracy(loaded, raw_test, data.y_test)}
+        loaded = load_exported(info.torchscript_path)
+        rows[key] = {**info.as_dict(), "file_test_accuracy": file_accuracy(loaded, raw_test, data.y_test)}
         timed[key] = (loaded, example)
     timed["teacher_eager"] = (teacher, data.x_test[:1])
     timed["student_eager"] = (student, data.x_test[:1])
-    latency = _latencies_us(timed, args.latency_runs)
+    latency = latencies_us(timed, args.latency_runs)
     # oneDNN (mkldnn) convolutions cost ~150 us of fixed overhead per call at batch 1 on this
     # CPU; the native kernels do not, so time both.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "TF32 acceleration on top of oneDNN ..." notice
         with torch.backends.mkldnn.flags(enabled=False):
-            native = _latencies_us(timed, args.latency_runs)
+            native = latencies_us(timed, args.latency_runs)
     for key in exports:
         rows[key]["latency_us_batch1_1thread"] = latency[key]
         rows[key]["latency_us_batch1_1thread_no_onednn"] = native[key]
