@@ -184,6 +184,10 @@ class CompressedStrategy(Strategy):
     seed : int | None
         Seed of the downlink codec's random draws (stochastic rounding, random-k); ``None``
         draws fresh entropy (default: None).
+    keep_client_models : bool
+        Keep the decoded models of the replies accepted in the latest round in
+        :attr:`client_models`, e.g. as extra teachers for server-side distillation
+        (FedDF-style); off, nothing is kept (default: False).
 
     Raises
     ------
@@ -201,6 +205,7 @@ class CompressedStrategy(Strategy):
         start_from_zero: bool = False,
         error_feedback: bool = True,
         seed: int | None = None,
+        keep_client_models: bool = False,
     ) -> None:
         if not isinstance(inner, Strategy):
             raise TypeError(f"inner must be a flwr Strategy, got {type(inner).__name__}")
@@ -222,6 +227,10 @@ class CompressedStrategy(Strategy):
         self.traffic: list[TrafficRecord] = []
         #: Every train reply dropped so far.
         self.rejections: list[Rejection] = []
+        self.keep_client_models = bool(keep_client_models)
+        #: With ``keep_client_models``: the decoded models of the replies accepted in the latest
+        #: :meth:`aggregate_train` (in aggregation order); replaced each round, else empty.
+        self.client_models: list[dict[str, torch.Tensor]] = []
         self._reference: dict[str, torch.Tensor] | None = None
         self._version = 0
         self._history: dict[int, bytes] = {}  # version v -> blob that takes version v-1 to v
@@ -395,7 +404,7 @@ class CompressedStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Decode and check each reply, drop the bad ones, and let the inner strategy aggregate."""
-        accepted: list[tuple[bytes, Message]] = []
+        accepted: list[tuple[bytes, dict[str, torch.Tensor] | None, Message]] = []
         for reply in replies:
             node_id = reply.metadata.src_node_id
             expected = self._expected.pop(node_id, None)
@@ -418,11 +427,13 @@ class CompressedStrategy(Strategy):
             reply.content = plain
             fp32 = self._fp32_reply_bytes(reply, weights, key)
             self._record(server_round, node_id, UP, reply, kind, fp32, payload_bytes, size=size)
-            accepted.append((payload_digest, reply))
-        self.client_seconds[server_round] = _client_seconds(reply for _, reply in accepted)
+            accepted.append((payload_digest, weights if self.keep_client_models else None, reply))
+        self.client_seconds[server_round] = _client_seconds(reply for _, _, reply in accepted)
         # Aggregate in an order fixed by the replies' content, not by arrival or by node ids
         # (random in simulation): float sums then come out the same in every run.
-        return self.inner.aggregate_train(server_round, [reply for _, reply in sorted(accepted, key=lambda t: t[0])])
+        accepted.sort(key=lambda t: t[0])
+        self.client_models = [weights for _, weights, _ in accepted if weights is not None]
+        return self.inner.aggregate_train(server_round, [reply for _, _, reply in accepted])
 
     # ------------------------------------------------------------------ evaluation
     def configure_evaluate(
