@@ -1,4 +1,4 @@
-"""fedsqueeze's ServerApp: any Flower strategy wrapped in CompressedStrategy, evaluated centrally."""
+"""fedsqueeze's ServerApp: any Flower strategy wrapped in CompressedStrategy, evaluated centrally, optionally distilled."""
 
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ from flwr.supercore import log
 
 from fedsqueeze.data import load_dataset
 from fedsqueeze.models import build_model
-from fedsqueeze.protocol import arrays_to_tensors, resolve_run_config, tensors_to_arrays
+from fedsqueeze.protocol import arrays_to_tensors, proxy_holdout, resolve_run_config, tensors_to_arrays
+from fedsqueeze.server.compaction import ServerDistiller
 from fedsqueeze.server.results import ResultsWriter
 from fedsqueeze.server.strategy import CompressedStrategy
 from fedsqueeze.training import evaluate, get_weights, set_weights
@@ -87,7 +88,14 @@ def make_strategy(run: Mapping[str, Any]) -> Strategy:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run federated training with compressed updates and write the results."""
+    """Run federated training with compressed updates and write the results.
+
+    With ``distill-every`` > 0 the server also distils the aggregated global model into a
+    compact student after every ``distill-every``-th round and after the last one (see
+    :class:`~fedsqueeze.server.compaction.ServerDistiller`), on ``proxy-size`` training images
+    that the clients leave out, and at the end exports the last student and the final global
+    model to ``<results-dir>/compact/`` and writes ``compact.json`` and ``distill.csv``.
+    """
     run = resolve_run_config(context.run_config)
     torch.set_num_threads(1)  # in a simulation the server shares the CPUs with the nodes' actors
     seed = int(run["seed"])
@@ -95,6 +103,11 @@ def main(grid: Grid, context: Context) -> None:
     model = build_model(str(run["model"]), str(run["dataset"]))
     initial = tensors_to_arrays(get_weights(model))
     data = load_dataset(str(run["dataset"]), str(run["data-dir"]) or None)
+    distiller = (
+        ServerDistiller(run, data, lambda: build_model(str(run["model"]), str(run["dataset"])))
+        if proxy_holdout(run) > 0
+        else None
+    )
 
     strategy = CompressedStrategy(
         make_strategy(run),
@@ -103,6 +116,7 @@ def main(grid: Grid, context: Context) -> None:
         start_from_zero=bool(run["start-from-zero"]),
         error_feedback=bool(run["error-feedback"]),
         seed=seed,
+        keep_client_models=distiller is not None and distiller.ensemble,
     )
     results = ResultsWriter(str(run["results-dir"]), run)
     log(INFO, "fedsqueeze: %s", strategy)
@@ -119,6 +133,9 @@ def main(grid: Grid, context: Context) -> None:
             rejected = sum(1 for r in strategy.rejections if r.round == server_round)
             results.log_round(server_round, accuracy, loss, traffic, replies, rejected,
                               strategy.client_seconds.get(server_round, (0.0, 0.0)))
+            if distiller is not None and distiller.due(server_round):
+                row = distiller.distill_round(server_round, model, strategy.client_models, accuracy)
+                results.log_distillation(row)
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
     train_config = ConfigRecord({key: run[key] for key in ("local-epochs", "batch-size", "lr", "momentum")})
@@ -129,8 +146,13 @@ def main(grid: Grid, context: Context) -> None:
         train_config=train_config,
         evaluate_fn=evaluate_global,
     )
+    extra: dict[str, Any] = {}
+    if distiller is not None and distiller.student is not None:
+        extra["compact"] = distiller.export(results.dir)
+        results.write_compact(extra["compact"])
     results.write_summary(
         strategy.rejections,
         uplink_codec=strategy.uplink.spec,
         downlink_codec=strategy.downlink.spec,
+        **extra,
     )

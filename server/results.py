@@ -1,4 +1,4 @@
-"""Write a run's results (rounds.csv, messages.csv, summary.json) and print one line per round.
+"""Write a run's results (rounds.csv, messages.csv, summary.json, distill.csv, compact.json); log each round.
 
 Files in ``results-dir`` (overwritten by each run):
 
@@ -38,7 +38,47 @@ Files in ``results-dir`` (overwritten by each run):
     ``*_fp32_bytes`` counterparts, ``messages``), ``ratios`` (FP32 bytes divided by actual
     bytes: ``uplink``, ``downlink``, ``total``), ``per_node`` (node id ->
     ``uplink_bytes``, ``downlink_bytes``), ``rejected`` (``round``, ``node_id``,
-    ``reason`` of each dropped reply) and ``wall_seconds``.
+    ``reason`` of each dropped reply) and ``wall_seconds``; with server-side distillation
+    also ``compact``, the content of ``compact.json``.
+
+Files written only with server-side distillation on (``distill-every`` > 0; a run without
+it deletes ``distill.csv`` and ``compact.json`` left by an earlier run in the same folder):
+
+``distill.csv``
+    One row per distillation (every ``distill-every`` rounds and at the last round), written
+    right after the round's row of ``rounds.csv``:
+
+    - ``round``: the server round whose aggregated global model was distilled.
+    - ``student_accuracy``, ``student_loss``: the distilled student (FP32, in memory) on the
+      whole test set; ``student_accuracy_before``: the same student right after it was built
+      from the global model (pruned and factored), before distillation.
+    - ``global_accuracy``: the global model (the teacher), as in ``rounds.csv``.
+    - ``student_params``, ``teacher_params``: parameter counts.
+    - ``teachers``: models whose logits were averaged (1, or 1 + the round's accepted client
+      models with ``distill-ensemble``); ``proxy_samples``: proxy images used.
+    - ``final_distill_loss``: mean distillation loss (KL * T^2) of the last epoch.
+    - ``distill_seconds``: the distillation itself (teacher inference and student training);
+      ``seconds``: with building and evaluating the student. ``round_seconds`` in
+      ``rounds.csv`` leaves this time out (the next round's clock starts after it);
+      ``elapsed_seconds`` includes it.
+
+``compact.json``
+    Written at the end of the run; the student of the last distillation (the last round) and
+    its teacher, the final global model, exported to ``compact/`` (``teacher_fp32.pt`` and
+    ``.safetensors``; ``student_int8`` or, with ``student-bits`` 32, ``student_fp32``):
+
+    - ``teacher``, ``student``: ``params``, ``bits``, ``torchscript_file`` and
+      ``safetensors_file`` (relative to ``results-dir``), ``torchscript_bytes``,
+      ``safetensors_bytes``, ``file_test_accuracy`` (the TorchScript file loaded back, on the
+      whole test set, raw pixels in), ``latency_us_batch1_1thread`` and
+      ``latency_us_batch1_1thread_no_onednn`` (median CPU time of one forward pass of the
+      loaded file on one image, one thread). The student also has ``round``,
+      ``test_accuracy_in_memory``, ``test_accuracy_before_distill``, ``teachers``,
+      ``distill_seconds``, ``config`` (the :class:`~fedsqueeze.server.compact.CompactConfig`)
+      and ``layers``.
+    - ``distill``: the distillation settings; ``size_ratio`` (teacher over student TorchScript
+      bytes), ``params_ratio``, ``accuracy_drop_points`` (teacher minus student file accuracy,
+      in percentage points).
 """
 
 from __future__ import annotations
@@ -56,7 +96,7 @@ from flwr.supercore import log
 
 from fedsqueeze.server.strategy import DOWN, UP, Rejection, TrafficRecord
 
-__all__ = ["ROUND_COLUMNS", "MESSAGE_COLUMNS", "ResultsWriter", "human_bytes"]
+__all__ = ["ROUND_COLUMNS", "MESSAGE_COLUMNS", "DISTILL_COLUMNS", "ResultsWriter", "human_bytes"]
 
 ROUND_COLUMNS = [
     "round",
@@ -80,6 +120,20 @@ ROUND_COLUMNS = [
     "elapsed_seconds",
 ]
 MESSAGE_COLUMNS = ["round", "node_id", "direction", "message_type", "kind", "bytes", "fp32_bytes", "payload_bytes"]
+DISTILL_COLUMNS = [
+    "round",
+    "student_accuracy",
+    "student_loss",
+    "student_accuracy_before",
+    "global_accuracy",
+    "student_params",
+    "teacher_params",
+    "teachers",
+    "proxy_samples",
+    "final_distill_loss",
+    "distill_seconds",
+    "seconds",
+]
 
 
 def human_bytes(n: float) -> str:
@@ -115,6 +169,9 @@ class ResultsWriter:
             csv.writer(f).writerow(ROUND_COLUMNS)
         with open(self.dir / "messages.csv", "w", newline="") as f:
             csv.writer(f).writerow(MESSAGE_COLUMNS)
+        self.distillations: list[dict[str, Any]] = []
+        for stale in ("distill.csv", "compact.json"):  # written only by runs that distil
+            (self.dir / stale).unlink(missing_ok=True)
 
     def start_clock(self) -> None:
         """Measure round times from now (call it right before the first round)."""
@@ -190,6 +247,35 @@ class ResultsWriter:
             row["round_seconds"],
         )
         return row
+
+    def log_distillation(self, row: Mapping[str, Any]) -> None:
+        """Append one row to ``distill.csv`` (created with its header on the first call).
+
+        The next round's ``round_seconds`` is measured from this call on, so that it leaves
+        the distillation out.
+
+        Parameters
+        ----------
+        row : Mapping[str, Any]
+            A value for each of :data:`DISTILL_COLUMNS` (None is written as an empty cell).
+        """
+        missing = [c for c in DISTILL_COLUMNS if c not in row]
+        if missing:
+            raise ValueError(f"distillation row lacks {missing}; expected the columns {DISTILL_COLUMNS}")
+        path = self.dir / "distill.csv"
+        with open(path, "a" if self.distillations else "w", newline="") as f:
+            writer = csv.writer(f)
+            if not self.distillations:
+                writer.writerow(DISTILL_COLUMNS)
+            writer.writerow(["" if row[c] is None else row[c] for c in DISTILL_COLUMNS])
+        self.distillations.append(dict(row))
+        self._last = time.perf_counter()
+
+    def write_compact(self, report: Mapping[str, Any]) -> Path:
+        """Write ``compact.json`` (the exported teacher and student, see the module docstring); return its path."""
+        path = self.dir / "compact.json"
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        return path
 
     def write_summary(self, rejected: Iterable[Rejection] = (), **extra: Any) -> dict[str, Any]:
         """Write ``summary.json`` from what was logged; ``extra`` items are added at the top level."""

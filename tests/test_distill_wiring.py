@@ -1,0 +1,269 @@
+"""Server-side distillation wired into the Flower apps: proxy holdout, client-model hook, compact export."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedsqueeze.client import app as fedsqueeze_client
+from fedsqueeze.client import compression_mod
+from fedsqueeze.data import Dataset, clear_caches, client_data, client_indices, normalisation
+from fedsqueeze.protocol import arrays_to_tensors, proxy_holdout, resolve_run_config, tensors_to_arrays
+from fedsqueeze.server import app as fedsqueeze_server
+from fedsqueeze.server.compaction import compact_config, distill_config
+from fedsqueeze.server.distill import proxy_split
+from fedsqueeze.server.export import raw_pixels
+from fedsqueeze.server.results import ResultsWriter
+from fedsqueeze.server.strategy import CompressedStrategy
+
+torch.set_num_threads(1)
+
+# ----------------------------------------------------------------------------- proxy holdout
+
+
+def test_client_data_holdout_leaves_out_exactly_the_proxy_images(mnist: Dataset, mnist_path: Path) -> None:
+    kwargs: dict[str, Any] = {"partitioner": "iid", "seed": 4, "data_dir": mnist_path}
+    plain = [client_indices("mnist", i, 3, **kwargs) for i in range(3)]  # fills the partition cache first
+    held = [client_indices("mnist", i, 3, holdout=500, **kwargs) for i in range(3)]
+    proxy, rest = proxy_split(len(mnist.y_train), 500, seed=4)
+
+    joined = np.concatenate(held)
+    assert len(np.unique(joined)) == len(joined)  # disjoint
+    assert np.array_equal(np.sort(joined), rest.numpy())  # together exactly the non-proxy images
+    assert not np.isin(proxy.numpy(), joined).any()
+    assert np.array_equal(np.sort(np.concatenate(plain)), np.arange(len(mnist.y_train)))  # no holdout: all
+
+    # Deterministic, also from a cold cache; client_data returns those very samples
+    clear_caches(datasets=False)
+    assert all(np.array_equal(a, client_indices("mnist", i, 3, holdout=500, **kwargs)) for i, a in enumerate(held))
+    x, y = client_data("mnist", 1, 3, holdout=500, **kwargs)
+    assert torch.equal(x, mnist.x_train[torch.from_numpy(held[1])]) and torch.equal(y, mnist.y_train[torch.from_numpy(held[1])])
+    # max_samples draws from the held partition only
+    small = client_indices("mnist", 1, 3, holdout=500, max_samples=50, **kwargs)
+    assert len(small) == 50 and np.isin(small, held[1]).all()
+    # A different proxy size moves the split
+    other = np.concatenate([client_indices("mnist", i, 3, holdout=600, **kwargs) for i in range(3)])
+    assert len(other) == len(mnist.y_train) - 600
+
+
+def test_client_data_rejects_a_bad_holdout(mnist_path: Path) -> None:
+    with pytest.raises(ValueError, match="holdout must be an integer >= 0"):
+        client_data("mnist", 0, 2, holdout=-1, data_dir=mnist_path)
+    with pytest.raises(ValueError, match=r"holdout must be an integer in 1\.\.59999"):
+        client_data("mnist", 0, 2, holdout=60_000, data_dir=mnist_path)
+
+
+def test_proxy_holdout_and_configs_follow_the_run_config() -> None:
+    run = resolve_run_config({})
+    assert proxy_holdout(run) == 0  # distillation off by default: clients keep every image
+    on = resolve_run_config({"distill-every": 2, "proxy-size": 700, "student-conv-rank": 3, "student-bits": 32})
+    assert proxy_holdout(on) == 700
+    config = distill_config(on)
+    assert (config.every_n_rounds, config.proxy_size, config.epochs) == (2, 700, on["distill-epochs"])
+    student = compact_config(on)
+    assert (student.conv_rank, student.linear_rank, student.bits) == (3, on["student-linear-rank"], 32)
+    assert compact_config(run).conv_rank is None  # 0 keeps convolutions dense
+    with pytest.raises(ValueError, match="'proxy-size' > 0"):
+        proxy_holdout({**on, "proxy-size": 0})
+    with pytest.raises(ValueError, match="'distill-every' must be >= 0"):
+        proxy_holdout({**on, "distill-every": -1})
+    with pytest.raises(ValueError, match="bits must be 8 or 32"):
+        compact_config({**on, "student-bits": 4})
+    with pytest.raises(ValueError, match="'student-linear-rank' must be >= 0"):
+        compact_config({**on, "student-linear-rank": -2})
+    with pytest.raises(ValueError, match="distillation is off"):
+        distill_config(run)
+
+
+def test_client_app_leaves_the_proxy_images_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ClientApp asks client_data for the holdout that the server's proxy set takes."""
+    seen: list[dict[str, Any]] = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_client_data(*args: Any, **kwargs: Any) -> None:
+        seen.append(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(fedsqueeze_client, "client_data", fake_client_data)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1
+    msg = Message(RecordDict(), dst_node_id=5, message_type="train")
+    for run_config, holdout in (({}, 0), ({"distill-every": 1, "proxy-size": 800}, 800)):
+        context = Context(run_id=7, node_id=5, node_config={"partition-id": 0, "num-partitions": 2},
+                          state=RecordDict(), run_config=run_config)
+        with pytest.raises(Stop):
+            fedsqueeze_client.train(msg, context)
+        assert seen[-1]["holdout"] == holdout
+
+
+# ----------------------------------------------------------------------------- strategy hook
+
+
+class FakeGrid:
+    def __init__(self, node_ids: list[int]) -> None:
+        self.node_ids = node_ids
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.node_ids)
+
+
+def test_strategy_keeps_the_round_client_models_only_when_asked() -> None:
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1
+    nodes = [11, 12]
+    weights = {"w": torch.zeros(3, 4), "b": torch.zeros(3)}
+    client = ClientApp(mods=[compression_mod])
+
+    @client.train()
+    def _local(msg: Message, context: Context) -> Message:
+        local = {k: v + context.node_id for k, v in arrays_to_tensors(msg.content["arrays"]).items()}
+        metrics = MetricRecord({"num-examples": 1})
+        return Message(RecordDict({"arrays": tensors_to_arrays(local), "metrics": metrics}), reply_to=msg)
+
+    for keep in (True, False):
+        strategy = CompressedStrategy(FedAvg(), uplink="identity", downlink="identity", keep_client_models=keep)
+        for server_round in (1, 2):
+            messages = strategy.configure_train(server_round, tensors_to_arrays(weights), ConfigRecord(), FakeGrid(nodes))
+            replies = [
+                client(m, Context(run_id=7, node_id=m.metadata.dst_node_id, node_config={}, state=RecordDict(), run_config={}))
+                for m in messages
+            ]
+            arrays, _ = strategy.aggregate_train(server_round, replies)
+            assert arrays is not None
+            if keep:  # this round's two models, no more
+                got = sorted(float(m["w"][0, 0]) for m in strategy.client_models)
+                assert got == [11.0, 12.0]
+                assert all(set(m) == set(weights) for m in strategy.client_models)
+            else:
+                assert strategy.client_models == []
+
+
+def test_results_writer_logs_distillations_and_forgets_stale_files(tmp_path: Path) -> None:
+    (tmp_path / "distill.csv").write_text("old\n")
+    (tmp_path / "compact.json").write_text("{}")
+    writer = ResultsWriter(tmp_path, {})
+    assert not (tmp_path / "distill.csv").exists() and not (tmp_path / "compact.json").exists()
+    with pytest.raises(ValueError, match="lacks"):
+        writer.log_distillation({"round": 1})
+
+
+# ----------------------------------------------------------------------------- end to end
+
+#: Run-config overrides merged into the apps' context (``run_simulation`` passes an empty run
+#: config); the same pattern as tests/test_e2e.py.
+OVERRIDES: dict[str, Any] = {}
+
+client_app = ClientApp(mods=[compression_mod])
+
+
+def _with_overrides(context: Context) -> Context:
+    return Context(
+        run_id=context.run_id,
+        node_id=context.node_id,
+        node_config=context.node_config,
+        state=context.state,
+        run_config={**context.run_config, **OVERRIDES},
+    )
+
+
+@client_app.train()
+def _train(msg: Message, context: Context) -> Message:
+    return fedsqueeze_client.train(msg, _with_overrides(context))
+
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def _main(grid: Grid, context: Context) -> None:
+    fedsqueeze_server.main(grid, _with_overrides(context))
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_simulation_distils_and_exports_a_compact_student(tmp_path: Path, mnist: Dataset, mnist_path: Path) -> None:
+    import ray.cloudpickle
+    from flwr.simulation import run_simulation
+
+    results = tmp_path / "results"
+    OVERRIDES.clear()
+    OVERRIDES.update(
+        {
+            "num-server-rounds": 2,
+            "max-samples-per-client": 300,
+            "data-dir": str(mnist_path),
+            "results-dir": str(results),
+            "min-train-nodes": 3,
+            "local-epochs": 2,
+            "uplink-codec": "topk(ratio=0.1) | quantize(bits=8) | zstd",
+            "downlink-codec": "quantize(bits=8) | zstd",
+            "distill-every": 1,
+            "distill-epochs": 1,
+            "distill-ensemble": True,
+            "proxy-size": 500,
+        }
+    )
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=3,
+            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}},
+        )
+    finally:
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+        OVERRIDES.clear()
+
+    rounds = _read_csv(results / "rounds.csv")
+    distilled = _read_csv(results / "distill.csv")
+    report = json.loads((results / "compact.json").read_text())
+    summary = json.loads((results / "summary.json").read_text())
+
+    # One distillation per round, each from the global model and the three client models
+    assert [int(r["round"]) for r in distilled] == [1, 2]
+    for row, round_row in zip(distilled, rounds):
+        assert int(row["teachers"]) == 4 and int(row["proxy_samples"]) == 500
+        assert int(row["student_params"]) < int(row["teacher_params"])
+        assert float(row["global_accuracy"]) == pytest.approx(float(round_row["accuracy"]))
+    assert summary["config"]["distill-every"] == 1 and summary["num_rounds"] == 2
+
+    teacher, student = report["teacher"], report["student"]
+    assert student["params"] < teacher["params"] and student["bits"] == 8 and teacher["bits"] == 32
+    assert student["round"] == 2 and student["teachers"] == 4
+    assert report["size_ratio"] == pytest.approx(teacher["torchscript_bytes"] / student["torchscript_bytes"])
+    assert report["size_ratio"] > 5
+    for entry in (teacher, student):
+        assert (results / entry["torchscript_file"]).stat().st_size == entry["torchscript_bytes"]
+        assert (results / entry["safetensors_file"]).stat().st_size == entry["safetensors_bytes"]
+        assert entry["latency_us_batch1_1thread"] > 0
+    assert summary["compact"] == report
+
+    # The exported student is self-contained: torch.jit.load alone, raw pixels in
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        loaded = torch.jit.load(str(results / student["torchscript_file"]))
+    mean, std = normalisation("mnist")
+    raw = raw_pixels(mnist.x_test, mean, std)
+    with torch.inference_mode():
+        predictions = torch.cat([loaded(raw[i : i + 128]).argmax(1) for i in range(0, len(raw), 128)])
+    accuracy = float((predictions == mnist.y_test).float().mean())
+    assert accuracy == pytest.approx(student["file_test_accuracy"])
+    assert accuracy > 0.3  # 10 classes: well above chance after two short rounds
+    assert teacher["file_test_accuracy"] == pytest.approx(float(rounds[-1]["accuracy"]), abs=2e-3)
