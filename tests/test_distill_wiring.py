@@ -265,5 +265,5 @@ def test_simulation_distils_and_exports_a_compact_student(tmp_path: Path, mnist:
         predictions = torch.cat([loaded(raw[i : i + 128]).argmax(1) for i in range(0, len(raw), 128)])
     accuracy = float((predictions == mnist.y_test).float().mean())
     assert accuracy == pytest.approx(student["file_test_accuracy"])
-    assert accuracy > 0.3  # 10 classes: well above chance after two short rounds
+    assert accuracy > 0.2  # 10 classes: twice chance after two short rounds
     assert teacher["file_test_accuracy"] == pytest.approx(float(rounds[-1]["accuracy"]), abs=2e-3)
