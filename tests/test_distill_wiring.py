@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,6 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -22,7 +20,7 @@ from fedsqueeze.client import app as fedsqueeze_client
 from fedsqueeze.client import compression_mod
 from fedsqueeze.data import Dataset, clear_caches, client_data, client_indices, normalisation
 from fedsqueeze.protocol import arrays_to_tensors, proxy_holdout, resolve_run_config, tensors_to_arrays
-from fedsqueeze.server import app as fedsqueeze_server
+from fedsqueeze.simulation.run_cell import run_cell
 from fedsqueeze.server.compaction import compact_config, distill_config
 from fedsqueeze.server.distill import proxy_split
 from fedsqueeze.server.export import raw_pixels
@@ -50,7 +48,9 @@ def test_client_data_holdout_leaves_out_exactly_the_proxy_images(mnist: Dataset,
     clear_caches(datasets=False)
     assert all(np.array_equal(a, client_indices("mnist", i, 3, holdout=500, **kwargs)) for i, a in enumerate(held))
     x, y = client_data("mnist", 1, 3, holdout=500, **kwargs)
-    assert torch.equal(x, mnist.x_train[torch.from_numpy(held[1])]) and torch.equal(y, mnist.y_train[torch.from_numpy(held[1])])
+    assert torch.equal(x, mnist.x_train[torch.from_numpy(held[1])]) and torch.equal(
+        y, mnist.y_train[torch.from_numpy(held[1])]
+    )
     # max_samples draws from the held partition only
     small = client_indices("mnist", 1, 3, holdout=500, max_samples=50, **kwargs)
     assert len(small) == 50 and np.isin(small, held[1]).all()
@@ -103,8 +103,13 @@ def test_client_app_leaves_the_proxy_images_out(monkeypatch: pytest.MonkeyPatch)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1
     msg = Message(RecordDict(), dst_node_id=5, message_type="train")
     for run_config, holdout in (({}, 0), ({"distill-every": 1, "proxy-size": 800}, 800)):
-        context = Context(run_id=7, node_id=5, node_config={"partition-id": 0, "num-partitions": 2},
-                          state=RecordDict(), run_config=run_config)
+        context = Context(
+            run_id=7,
+            node_id=5,
+            node_config={"partition-id": 0, "num-partitions": 2},
+            state=RecordDict(),
+            run_config=run_config,
+        )
         with pytest.raises(Stop):
             fedsqueeze_client.train(msg, context)
         assert seen[-1]["holdout"] == holdout
@@ -136,9 +141,16 @@ def test_strategy_keeps_the_round_client_models_only_when_asked() -> None:
     for keep in (True, False):
         strategy = CompressedStrategy(FedAvg(), uplink="identity", downlink="identity", keep_client_models=keep)
         for server_round in (1, 2):
-            messages = strategy.configure_train(server_round, tensors_to_arrays(weights), ConfigRecord(), FakeGrid(nodes))
+            messages = strategy.configure_train(
+                server_round, tensors_to_arrays(weights), ConfigRecord(), FakeGrid(nodes)
+            )
             replies = [
-                client(m, Context(run_id=7, node_id=m.metadata.dst_node_id, node_config={}, state=RecordDict(), run_config={}))
+                client(
+                    m,
+                    Context(
+                        run_id=7, node_id=m.metadata.dst_node_id, node_config={}, state=RecordDict(), run_config={}
+                    ),
+                )
                 for m in messages
             ]
             arrays, _ = strategy.aggregate_train(server_round, replies)
@@ -162,35 +174,6 @@ def test_results_writer_logs_distillations_and_forgets_stale_files(tmp_path: Pat
 
 # ----------------------------------------------------------------------------- end to end
 
-#: Run-config overrides merged into the apps' context (``run_simulation`` passes an empty run
-#: config); the same pattern as tests/test_e2e.py.
-OVERRIDES: dict[str, Any] = {}
-
-client_app = ClientApp(mods=[compression_mod])
-
-
-def _with_overrides(context: Context) -> Context:
-    return Context(
-        run_id=context.run_id,
-        node_id=context.node_id,
-        node_config=context.node_config,
-        state=context.state,
-        run_config={**context.run_config, **OVERRIDES},
-    )
-
-
-@client_app.train()
-def _train(msg: Message, context: Context) -> Message:
-    return fedsqueeze_client.train(msg, _with_overrides(context))
-
-
-server_app = ServerApp()
-
-
-@server_app.main()
-def _main(grid: Grid, context: Context) -> None:
-    fedsqueeze_server.main(grid, _with_overrides(context))
-
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as f:
@@ -198,38 +181,22 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def test_simulation_distils_and_exports_a_compact_student(tmp_path: Path, mnist: Dataset, mnist_path: Path) -> None:
-    import ray.cloudpickle
-    from flwr.simulation import run_simulation
-
     results = tmp_path / "results"
-    OVERRIDES.clear()
-    OVERRIDES.update(
-        {
-            "num-server-rounds": 2,
-            "max-samples-per-client": 300,
-            "data-dir": str(mnist_path),
-            "results-dir": str(results),
-            "min-train-nodes": 3,
-            "local-epochs": 2,
-            "uplink-codec": "topk(ratio=0.1) | quantize(bits=8) | zstd",
-            "downlink-codec": "quantize(bits=8) | zstd",
-            "distill-every": 1,
-            "distill-epochs": 1,
-            "distill-ensemble": True,
-            "proxy-size": 500,
-        }
-    )
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    try:
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=3,
-            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}},
-        )
-    finally:
-        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-        OVERRIDES.clear()
+    overrides = {
+        "num-server-rounds": 2,
+        "max-samples-per-client": 300,
+        "data-dir": str(mnist_path),
+        "results-dir": str(results),
+        "min-train-nodes": 3,
+        "local-epochs": 2,
+        "uplink-codec": "topk(ratio=0.1) | quantize(bits=8) | zstd",
+        "downlink-codec": "quantize(bits=8) | zstd",
+        "distill-every": 1,
+        "distill-epochs": 1,
+        "distill-ensemble": True,
+        "proxy-size": 500,
+    }
+    run_cell(overrides, num_supernodes=3)
 
     rounds = _read_csv(results / "rounds.csv")
     distilled = _read_csv(results / "distill.csv")

@@ -4,49 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 import pytest
-from flwr.app import Context, Message
-from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid, ServerApp
 
-from fedsqueeze.client import app as fedsqueeze_client
-from fedsqueeze.client import compression_mod
-from fedsqueeze.server import app as fedsqueeze_server
-
-#: Run-config overrides; ``run_simulation`` passes an empty run config, so the wrapper apps
-#: below merge these in (the test sets them before the run; Ray ships the apps by value).
-OVERRIDES: dict[str, Any] = {}
-
-client_app = ClientApp(mods=[compression_mod])
-
-
-def _with_overrides(context: Context) -> Context:
-    """The same context (its state included) with the run config overrides; Flower forbids editing it."""
-    return Context(
-        run_id=context.run_id,
-        node_id=context.node_id,
-        node_config=context.node_config,
-        state=context.state,
-        run_config={**context.run_config, **OVERRIDES},
-    )
-
-
-@client_app.train()
-def _train(msg: Message, context: Context) -> Message:
-    return fedsqueeze_client.train(msg, _with_overrides(context))
-
-
-server_app = ServerApp()
-
-
-@server_app.main()
-def _main(grid: Grid, context: Context) -> None:
-    fedsqueeze_server.main(grid, _with_overrides(context))
+from fedsqueeze.simulation.run_cell import run_cell
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -55,32 +18,19 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def test_simulation_learns_and_its_byte_totals_add_up(tmp_path: Path, mnist_path: Path) -> None:
-    import ray.cloudpickle
-    from flwr.simulation import run_simulation
-
-    OVERRIDES.update(
-        {
-            "num-server-rounds": 2,
-            "max-samples-per-client": 300,
-            "data-dir": str(mnist_path),
-            "results-dir": str(tmp_path / "results"),
-            "min-train-nodes": 3,
-            "local-epochs": 2,
-            "uplink-codec": "topk(ratio=0.1) | quantize(bits=8) | zstd",
-            "downlink-codec": "quantize(bits=8) | zstd",
-            "start-from-zero": True,
-        }
-    )
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    try:
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=3,
-            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}},
-        )
-    finally:
-        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    overrides = {
+        "num-server-rounds": 2,
+        "max-samples-per-client": 300,
+        "data-dir": str(mnist_path),
+        "results-dir": str(tmp_path / "results"),
+        "min-train-nodes": 3,
+        "local-epochs": 2,
+        "uplink-codec": "topk(ratio=0.1) | quantize(bits=8) | zstd",
+        "downlink-codec": "quantize(bits=8) | zstd",
+        "start-from-zero": True,
+    }
+    # fedsqueeze's own ServerApp and ClientApp (with the compression mod), seeing these keys
+    run_cell(overrides, num_supernodes=3)
 
     results = tmp_path / "results"
     rounds = read_csv(results / "rounds.csv")
