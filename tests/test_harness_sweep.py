@@ -103,4 +103,7 @@ def test_interrupted_sweep_resumes_to_the_same_results(tmp_path: Path, mnist_pat
 
     report = write_report(tmp_path / "b")
     by_codec = {s["codec"]: s for s in report["summaries"]}
-    assert by_codec["qsgd"]["uplink_ratio"] > 5 and by_codec["fp32"]["uplink_ratio"] == pytest.approx(1.0, abs=0.01)
+    assert by_codec["qsgd"]["uplink_ratio"] > 5
+    # FP32 through fedsqueeze costs what plain Flower costs, give or take the record layout
+    # (one blob instead of one .npy array per tensor: slightly smaller)
+    assert 0.95 < by_codec["fp32"]["uplink_ratio"] < 1.1
