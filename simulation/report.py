@@ -220,12 +220,14 @@ def _plots(rows: list[dict[str, str]], summaries: list[CodecSummary], out_dir: P
         group = [s for s in summaries if s.setting == setting]
         suffix = "" if len(settings) == 1 else f"_{index + 1}"
         fig, ax = plt.subplots(figsize=(9, 6))
-        for s in group:
+        for index, s in enumerate(group):
             cell_runs = [r for r in runs.values() if r[0]["codec"] == s.codec and " / ".join(r[0][k] for k in SETTING_KEYS) == setting]
             n = min(len(r) for r in cell_runs)
             x = [_mean([_f(r[i], "cumulative_uplink_bytes") for r in cell_runs]) for i in range(n)]
             y = [100 * _mean([_f(r[i], "accuracy") for r in cell_runs]) for i in range(n)]
-            (line,) = ax.plot(x, y, marker=".", label=s.codec)
+            # 20 distinct colours, then dashed lines: every codec stays tellable from the others
+            style = {"color": plt.cm.tab20(index % 20), "linestyle": "-" if index < 20 else "--"}
+            (line,) = ax.plot(x, y, marker=".", markersize=4, label=s.codec, **style)
             if s.pareto:
                 ax.plot(x[-1:], y[-1:], marker="*", markersize=16, color=line.get_color(), markeredgecolor="black")
         front = sorted((s.uplink_bytes, 100 * s.final_accuracy) for s in group if s.pareto)
