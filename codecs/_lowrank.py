@@ -18,7 +18,6 @@ from ._stage import (
     expect_part,
     expect_parts,
     is_int,
-    is_number,
     register_stage,
 )
 

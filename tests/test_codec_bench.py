@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedsqueeze.codecs import parse
 from fedsqueeze.simulation import codec_bench
 
 
