@@ -169,3 +169,16 @@ def build_model(name: str, dataset: str = "mnist") -> nn.Module:
         raise ValueError(f"unknown dataset {dataset!r}; known datasets: {', '.join(DATASET_SHAPES)}")
     channels, image_size, num_classes = DATASET_SHAPES[dataset]
     return _MODELS[name](in_channels=channels, num_classes=num_classes, image_size=image_size)
+
+
+def first_model(name: str, dataset: str, seed: int) -> dict[str, torch.Tensor]:
+    """The weights of the run's first model: :func:`build_model` initialised from ``seed`` alone.
+
+    Server and nodes call it with the run config's values and get bit-identical weights (same
+    torch build), so the server need not send the first model; it checks a digest instead.
+    The global random state is left as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_model(name, dataset)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -1,21 +1,15 @@
-"""What fedsqueeze's client and server agree on: payload records, run-config defaults, wire sizes."""
+"""What fedsqueeze's client and server agree on: payload records, tensor layouts, wire sizes."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
-from flwr.app.message.message import remove_content_from_message
-from flwr.common.serde import message_to_proto
-from flwr.supercore.inflatable.inflatable_object import (
-    get_all_nested_objects,
-    get_object_tree,
-    no_object_id_recompute,
-)
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 __all__ = [
     "PAYLOAD_KEY",
@@ -28,19 +22,22 @@ __all__ = [
     "FULL",
     "DELTA",
     "ZERO_VERSION",
-    "RUN_CONFIG_DEFAULTS",
+    "HELLO",
+    "stable_key_of",
     "ProtocolError",
     "Downlink",
     "Uplink",
-    "resolve_run_config",
-    "proxy_holdout",
     "arrays_to_tensors",
     "tensors_to_arrays",
     "add_tensors",
     "subtract_tensors",
-    "message_bytes",
+    "layout_difference",
+    "FOLDED_FIELD",
+    "fold_records",
+    "unfold_records",
     "all_finite",
     "has_payload",
+    "model_digest",
 ]
 
 #: Name of the ConfigRecord that carries fedsqueeze's blob and bookkeeping, in both directions.
@@ -57,121 +54,14 @@ UPLINK_BYTES_METRIC = "fedsqueeze-uplink-bytes"
 #: Payload kinds: the full model (lossless) or a delta against a reference both sides hold.
 FULL = "full"
 DELTA = "delta"
-#: The reference version every node holds without being sent anything: the all-zero model.
+#: The reference version every node holds without being sent anything: the all-zero model, or
+#: the first model built by the node itself (then the payload carries its digest).
 ZERO_VERSION = 0
-
-#: Defaults of every ``[tool.flwr.app.config]`` key; ``run_simulation`` passes an empty run config.
-RUN_CONFIG_DEFAULTS: dict[str, bool | int | float | str] = {
-    "num-server-rounds": 12,
-    "fraction-train": 1.0,
-    "fraction-evaluate": 0.0,
-    "min-train-nodes": 2,
-    "local-epochs": 1,
-    "batch-size": 32,
-    "lr": 0.05,
-    "momentum": 0.9,
-    "model": "lenet5",
-    "dataset": "mnist",
-    "data-dir": "",
-    "partitioner": "dirichlet",
-    "dirichlet-alpha": 0.5,
-    "classes-per-partition": 2,
-    "max-samples-per-client": 2000,
-    "uplink-codec": "topk(ratio=0.01) | quantize(bits=8) | zstd",
-    "downlink-codec": "quantize(bits=8) | zstd",
-    "error-feedback": True,
-    "start-from-zero": True,
-    "strategy": "fedavg",
-    "proximal-mu": 0.01,
-    "server-lr": 0.0,
-    "seed": 0,
-    "results-dir": "results",
-    # Server-side distillation into a compact student (off while distill-every is 0); the
-    # defaults are what simulation/distill_bench found on MNIST/LeNet-5, sized to a few seconds.
-    "distill-every": 0,
-    "distill-epochs": 2,
-    "distill-temperature": 3.0,
-    "distill-lr": 0.003,
-    "distill-ensemble": False,
-    "proxy-size": 5000,
-    "student-linear-rank": 12,
-    "student-conv-rank": 0,
-    "student-prune-ratio": 0.5,
-    "student-bits": 8,
-}
-
+#: Payload kind of the one-time query by which the server learns a node's stable key.
+HELLO = "hello"
 
 class ProtocolError(ValueError):
     """A fedsqueeze payload record is missing fields or holds values of the wrong type."""
-
-
-def resolve_run_config(run_config: Mapping[str, Any]) -> dict[str, bool | int | float | str]:
-    """Merge a run config over :data:`RUN_CONFIG_DEFAULTS`, checking the types of known keys.
-
-    Parameters
-    ----------
-    run_config : Mapping[str, Any]
-        ``context.run_config`` (may be empty or partial).
-
-    Returns
-    -------
-    dict
-        Every default key, overridden where ``run_config`` sets it; unknown keys are kept.
-
-    Raises
-    ------
-    ValueError
-        If a known key holds a value of the wrong type (an int where a float is expected is fine).
-    """
-    out: dict[str, bool | int | float | str] = dict(RUN_CONFIG_DEFAULTS)
-    for key, value in run_config.items():
-        default = RUN_CONFIG_DEFAULTS.get(key)
-        if default is not None:
-            expected = type(default)
-            if expected is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if type(value) is not expected:
-                raise ValueError(
-                    f"run config {key!r} must be {expected.__name__} (default: {default!r}), got {value!r}"
-                )
-        out[key] = value
-    return out
-
-
-def proxy_holdout(run: Mapping[str, Any]) -> int:
-    """Training images the server keeps as its unlabeled proxy set, and no client gets.
-
-    ``proxy-size`` when server-side distillation is on (``distill-every`` > 0), else 0.
-    Clients pass it as ``holdout`` to :func:`fedsqueeze.data.client_data`, the server takes
-    the same images with :func:`fedsqueeze.server.distill.proxy_split`; both seed the split
-    with ``seed``, so they agree without exchanging anything.
-
-    Parameters
-    ----------
-    run : Mapping[str, Any]
-        Resolved run config (see :func:`resolve_run_config`).
-
-    Returns
-    -------
-    int
-        Number of held-out training images, >= 0.
-
-    Raises
-    ------
-    ValueError
-        If ``distill-every`` or ``proxy-size`` is negative, or distillation is on with
-        ``proxy-size`` 0.
-    """
-    every, size = int(run["distill-every"]), int(run["proxy-size"])
-    if every < 0:
-        raise ValueError(f"run config 'distill-every' must be >= 0 (0 turns distillation off), got {every}")
-    if size < 0:
-        raise ValueError(f"run config 'proxy-size' must be >= 0, got {size}")
-    if every == 0:
-        return 0
-    if size == 0:
-        raise ValueError("run config 'distill-every' > 0 needs unlabeled proxy images: set 'proxy-size' > 0 (e.g. 5000)")
-    return size
 
 
 def _field(record: ConfigRecord, name: str, kind: type | tuple[type, ...]) -> Any:
@@ -206,6 +96,11 @@ class Downlink:
     error_feedback : bool
         Whether the node carries what its lossy uplink codec dropped over to its next update
         (default: True).
+    max_feedback_staleness : int
+        A residual from more than this many versions ago is dropped, not added (0: never).
+    base_digest : str
+        With ``base`` 0: the digest of the first model that the node builds itself (see
+        :func:`fedsqueeze.server.downlink.model_digest`); empty: the all-zero model.
     """
 
     kind: str
@@ -215,6 +110,8 @@ class Downlink:
     uplink: str
     arrays_key: str = ARRAYS_KEY
     error_feedback: bool = True
+    max_feedback_staleness: int = 0
+    base_digest: str = ""
 
     def to_record(self) -> ConfigRecord:
         """Pack into the ConfigRecord that travels under :data:`PAYLOAD_KEY`."""
@@ -227,6 +124,8 @@ class Downlink:
                 "uplink": self.uplink,
                 "arrays-key": self.arrays_key,
                 "error-feedback": self.error_feedback,
+                "max-feedback-staleness": self.max_feedback_staleness,
+                "base-digest": self.base_digest,
             }
         )
 
@@ -248,7 +147,9 @@ class Downlink:
             blobs=blobs,
             uplink=_field(record, "uplink", str),
             arrays_key=_field(record, "arrays-key", str),
-            error_feedback=_field(record, "error-feedback", bool) if "error-feedback" in record else True,
+            error_feedback=_field(record, "error-feedback", bool),
+            max_feedback_staleness=_field(record, "max-feedback-staleness", int),
+            base_digest=_field(record, "base-digest", str),
         )
 
 
@@ -293,6 +194,14 @@ class Uplink:
         )
 
 
+def stable_key_of(reply: Message) -> int | None:
+    """The stable key a node gave in its answer to the :data:`HELLO` query, or None."""
+    if reply.has_error() or PAYLOAD_KEY not in reply.content.config_records:
+        return None
+    key = reply.content.config_records[PAYLOAD_KEY].get("stable-key")
+    return key if isinstance(key, int) and not isinstance(key, bool) else None
+
+
 def has_payload(content: RecordDict) -> bool:
     """Whether a message's content carries a fedsqueeze payload record."""
     return PAYLOAD_KEY in content.config_records
@@ -318,6 +227,22 @@ def tensors_to_arrays(tensors: Mapping[str, torch.Tensor | np.ndarray]) -> Array
     return ArrayRecord(out)
 
 
+def layout_difference(tensors: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> str | None:
+    """Say how ``tensors`` differ from ``reference`` in names or shapes, or return None if they match.
+
+    The one layout check that client, server and the tensor arithmetic below share.
+    """
+    if set(tensors) != set(reference):
+        missing = sorted(set(reference) - set(tensors))
+        extra = sorted(set(tensors) - set(reference))
+        return f"names differ: missing {missing}, unexpected {extra}"
+    for name, ref in reference.items():
+        shape = tuple(tensors[name].shape)
+        if shape != tuple(ref.shape):
+            return f"{name!r} has shape {shape}, expected {tuple(ref.shape)}"
+    return None
+
+
 def add_tensors(base: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Return ``base + delta`` per tensor in ``base``'s dtypes.
 
@@ -329,29 +254,18 @@ def add_tensors(base: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tens
     ValueError
         If the names or shapes differ.
     """
-    if set(base) != set(delta):
-        missing, extra = sorted(set(base) - set(delta)), sorted(set(delta) - set(base))
-        raise ValueError(f"delta does not match the reference: missing {missing}, unexpected {extra}")
-    out = {}
-    for name, b in base.items():
-        d = delta[name]
-        if tuple(d.shape) != tuple(b.shape):
-            raise ValueError(f"delta[{name!r}] has shape {tuple(d.shape)}, the reference {tuple(b.shape)}")
-        out[name] = torch.add(b, d.to(b.dtype))
-    return out
+    difference = layout_difference(delta, base)
+    if difference is not None:
+        raise ValueError(f"the delta does not fit the reference: {difference}")
+    return {name: torch.add(b, delta[name].to(b.dtype)) for name, b in base.items()}
 
 
 def subtract_tensors(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Return ``a - b`` per tensor (names and shapes must match, see :func:`add_tensors`)."""
-    if set(a) != set(b):
-        raise ValueError(f"cannot subtract: names differ ({sorted(set(a) ^ set(b))})")
-    out = {}
-    for name, x in a.items():
-        y = b[name]
-        if tuple(x.shape) != tuple(y.shape):
-            raise ValueError(f"cannot subtract {name!r}: shapes {tuple(x.shape)} and {tuple(y.shape)}")
-        out[name] = torch.sub(x, y.to(x.dtype))
-    return out
+    """Return ``a - b`` per tensor in ``a``'s dtypes (names and shapes must match, see :func:`add_tensors`)."""
+    difference = layout_difference(b, a)
+    if difference is not None:
+        raise ValueError(f"cannot subtract: {difference}")
+    return {name: torch.sub(x, b[name].to(x.dtype)) for name, x in a.items()}
 
 
 def all_finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
@@ -362,39 +276,71 @@ def all_finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
     return None
 
 
-def message_bytes(message: Message) -> int:
-    """Bytes Flower 1.42 moves between SuperLink and SuperNode for ``message`` (either way).
+#: Payload field listing the records folded into it, as ``"<name>:metrics"`` or ``"<name>:config"``.
+FOLDED_FIELD = "folded"
 
-    Flower sends a message in pieces: the message proto without content plus its object
-    tree (``PushMessages`` / ``PullMessages``), then every object of the tree, each
-    deflated to a header and a body (``PushObject`` / ``PullObject``): the Message, its
-    RecordDict, each record, each Array and each distinct ArrayChunk (up to 5 MiB each).
-    The count is the serialized size of the message proto (with the ``message_id`` that
-    the SuperLink assigns, the object ID of the message) plus the serialized object tree
-    plus the length of every distinct object's deflated content. It leaves out HTTP and
-    TLS framing and the per-request fields (node, run and session IDs, the 64-character
-    object ID of each ``PushObject`` request), and it does not model that the SuperLink
-    skips objects it already holds from other messages.
 
-    Parameters
-    ----------
-    message : Message
-        Any message, with content or with an error.
+def fold_records(payload: ConfigRecord, records: Mapping[str, ConfigRecord | MetricRecord]) -> None:
+    """Move small records into the payload record, as ``"<record name>/<key>"`` fields.
 
-    Returns
-    -------
-    int
-        The size in bytes.
+    Every record costs its own object on the wire (a 64-character id in the message's object
+    tree, a header and a body), so a message with one record instead of two is ~250 B smaller.
+    :func:`unfold_records` restores them.
+
+    Raises
+    ------
+    ProtocolError
+        If a record name holds ``"/"`` or ``":"``, or a record is neither a ConfigRecord nor a MetricRecord.
     """
-    with no_object_id_recompute():  # hash each object once
-        return _message_bytes(message)
+    folded = []
+    for name, record in records.items():
+        if "/" in name or ":" in name:
+            raise ProtocolError(f"cannot fold record {name!r}: its name holds '/' or ':'")
+        if not isinstance(record, (ConfigRecord, MetricRecord)):
+            raise ProtocolError(f"cannot fold record {name!r} of type {type(record).__name__}")
+        folded.append(f"{name}:{'metrics' if isinstance(record, MetricRecord) else 'config'}")
+        for key, value in record.items():
+            payload[f"{name}/{key}"] = value
+    payload[FOLDED_FIELD] = folded
 
 
-def _message_bytes(message: Message) -> int:
-    envelope = message_to_proto(remove_content_from_message(message))
-    # The SuperLink names a message by its object ID (64 hex digits); the simulation engine
-    # uses a shorter UUID and a message not sent yet has none: count what a deployment sends.
-    envelope.metadata.message_id = message.object_id
-    objects = get_all_nested_objects(message)
-    body = sum(len(obj.deflate()) for obj in objects.values())
-    return envelope.ByteSize() + get_object_tree(message).ByteSize() + body
+def unfold_records(payload: ConfigRecord) -> dict[str, ConfigRecord | MetricRecord]:
+    """The records that :func:`fold_records` moved into ``payload`` (none if it folded nothing).
+
+    Raises
+    ------
+    ProtocolError
+        If the folded list is malformed or a metric is not a number or a list of numbers.
+    """
+    entries = payload.get(FOLDED_FIELD, [])
+    if not isinstance(entries, list) or not all(isinstance(e, str) and e.count(":") == 1 for e in entries):
+        raise ProtocolError(f"fedsqueeze payload field {FOLDED_FIELD!r} must be a list of 'name:kind' strings")
+    out: dict[str, ConfigRecord | MetricRecord] = {}
+    for entry in entries:
+        name, kind = entry.split(":")
+        values = {k[len(name) + 1 :]: v for k, v in payload.items() if k.startswith(f"{name}/")}
+        if kind == "config":
+            out[name] = ConfigRecord(values)
+        elif kind == "metrics":
+            out[name] = _metric_record(name, values)
+        else:
+            raise ProtocolError(f"folded record {name!r} has kind {kind!r}, expected 'metrics' or 'config'")
+    return out
+
+
+def _metric_record(name: str, values: dict[str, Any]) -> MetricRecord:
+    for key, value in values.items():
+        items = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in items):
+            raise ProtocolError(f"folded metric {name}/{key} is {value!r}, expected a number or a list of numbers")
+    return MetricRecord(values)
+
+
+def model_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 (hex) of a model's names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()

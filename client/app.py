@@ -8,26 +8,33 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedsqueeze.client.mod import compression_mod
+from fedsqueeze.client.mod import CompressionMod
+from fedsqueeze.config import RunConfig
 from fedsqueeze.data import client_data, load_dataset
-from fedsqueeze.models import build_model
+from fedsqueeze.models import build_model, first_model
 from fedsqueeze.protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,
     METRICS_KEY,
     TRAIN_TIME_METRIC,
     arrays_to_tensors,
-    proxy_holdout,
-    resolve_run_config,
     tensors_to_arrays,
 )
 from fedsqueeze.training import evaluate as evaluate_model
 from fedsqueeze.training import get_weights, set_weights
 from fedsqueeze.training import train as train_model
 
-__all__ = ["app"]
+__all__ = ["app", "first_model_of"]
 
-app = ClientApp(mods=[compression_mod])
+
+
+def first_model_of(context: Context) -> dict[str, torch.Tensor]:
+    """The run's first model, built here from the run config's seed (the server checks its digest)."""
+    run = RunConfig.from_mapping(context.run_config)
+    return first_model(run.model, run.dataset, run.seed)
+
+
+app = ClientApp(mods=[CompressionMod(initial_model=first_model_of)])
 
 
 def _partition(context: Context) -> tuple[int, int]:
@@ -41,13 +48,13 @@ def _partition(context: Context) -> tuple[int, int]:
     return int(node_config["partition-id"]), int(node_config["num-partitions"])
 
 
-def _setting(config: ConfigRecord, run: dict, key: str) -> bool | int | float | str:
+def _setting(config: ConfigRecord, run: RunConfig, key: str) -> bool | int | float | str:
     """A training setting from the server's train config, else from the run config."""
     return config[key] if key in config else run[key]  # type: ignore[return-value]
 
 
-def _model_from(msg: Message, run: dict) -> torch.nn.Module:
-    model = build_model(str(run["model"]), str(run["dataset"]))
+def _model_from(msg: Message, run: RunConfig) -> torch.nn.Module:
+    model = build_model(run.model, run.dataset)
     arrays = msg.content[ARRAYS_KEY]
     if not isinstance(arrays, ArrayRecord):
         raise ValueError(f"the message's {ARRAYS_KEY!r} record must be an ArrayRecord, found {type(arrays).__name__}")
@@ -59,21 +66,20 @@ def _model_from(msg: Message, run: dict) -> torch.nn.Module:
 def train(msg: Message, context: Context) -> Message:
     """Train the received model on this node's partition and reply with the local model."""
     torch.set_num_threads(1)
-    run = resolve_run_config(context.run_config)
+    run = RunConfig.from_mapping(context.run_config)
     config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
     partition_id, num_partitions = _partition(context)
-    max_samples = int(run["max-samples-per-client"])
     x, y = client_data(
-        str(run["dataset"]),
+        run.dataset,
         partition_id,
         num_partitions,
-        partitioner=str(run["partitioner"]),
-        alpha=float(run["dirichlet-alpha"]),
-        classes_per_partition=int(run["classes-per-partition"]),
-        seed=int(run["seed"]),
-        max_samples=max_samples if max_samples > 0 else None,
-        holdout=proxy_holdout(run),  # the server's distillation proxy images: never on a node
-        data_dir=str(run["data-dir"]) or None,
+        partitioner=run.partitioner,
+        alpha=run.dirichlet_alpha,
+        classes_per_partition=run.classes_per_partition,
+        seed=run.seed,
+        max_samples=run.max_samples_per_client or None,
+        holdout=run.proxy_holdout(),  # the server's distillation proxy images: never on a node
+        data_dir=run.data_dir or None,
     )
     model = _model_from(msg, run)
     server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
@@ -86,7 +92,7 @@ def train(msg: Message, context: Context) -> Message:
         batch_size=int(_setting(config, run, "batch-size")),
         lr=float(_setting(config, run, "lr")),
         momentum=float(_setting(config, run, "momentum")),
-        seed=int(run["seed"]) * 1_000_003 + server_round * 1_009 + partition_id,
+        seed=run.seed * 1_000_003 + server_round * 1_009 + partition_id,
         proximal_mu=float(config.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
     )
     content = RecordDict(
@@ -104,9 +110,9 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received model on this node's share of the test set (an even split)."""
     torch.set_num_threads(1)
-    run = resolve_run_config(context.run_config)
+    run = RunConfig.from_mapping(context.run_config)
     partition_id, num_partitions = _partition(context)
-    data = load_dataset(str(run["dataset"]), str(run["data-dir"]) or None)
+    data = load_dataset(run.dataset, run.data_dir or None)
     x, y = data.x_test[partition_id::num_partitions], data.y_test[partition_id::num_partitions]
     model = _model_from(msg, run)
     loss, accuracy = evaluate_model(model, x, y)

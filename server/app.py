@@ -23,13 +23,14 @@ from flwr.serverapp.strategy import (
 )
 from flwr.supercore import log
 
+from fedsqueeze.config import RunConfig
 from fedsqueeze.data import load_dataset
-from fedsqueeze.models import build_model
-from fedsqueeze.protocol import arrays_to_tensors, proxy_holdout, resolve_run_config, tensors_to_arrays
+from fedsqueeze.models import build_model, first_model
+from fedsqueeze.protocol import arrays_to_tensors, tensors_to_arrays
 from fedsqueeze.server.compaction import ServerDistiller
 from fedsqueeze.server.results import ResultsWriter
-from fedsqueeze.server.strategy import CompressedStrategy
-from fedsqueeze.training import evaluate, get_weights, set_weights
+from fedsqueeze.server.strategy import UP, CompressedStrategy
+from fedsqueeze.training import evaluate, set_weights
 
 __all__ = ["app", "STRATEGIES", "make_strategy"]
 
@@ -49,41 +50,49 @@ STRATEGIES: dict[str, type[Strategy]] = {
 app = ServerApp()
 
 
-def make_strategy(run: Mapping[str, Any]) -> Strategy:
+def make_strategy(run: RunConfig) -> Strategy:
     """Build the inner Flower strategy that the run config names.
 
-    Parameters
-    ----------
-    run : Mapping[str, Any]
-        Resolved run config; reads ``strategy``, ``fraction-train``, ``fraction-evaluate``,
-        ``min-train-nodes``, ``proximal-mu`` (fedprox) and ``server-lr`` (fedadam,
-        fedyogi, fedadagrad: ``eta``; fedavgm: ``server_learning_rate``; 0 keeps Flower's
-        default).
+    It reads ``strategy``, ``fraction-train``, ``fraction-evaluate``, ``min-train-nodes``,
+    ``proximal-mu`` (fedprox) and ``server-lr`` (fedadam, fedyogi, fedadagrad: ``eta``;
+    fedavgm: ``server_learning_rate``; 0 keeps Flower's default).
 
     Raises
     ------
     ValueError
         If the strategy name is unknown.
     """
-    name = str(run["strategy"]).lower()
+    name = run.strategy.lower()
     if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {run['strategy']!r}; expected one of {', '.join(STRATEGIES)}")
-    min_nodes = int(run["min-train-nodes"])
+        raise ValueError(f"unknown strategy {run.strategy!r}; expected one of {', '.join(STRATEGIES)}")
     kwargs: dict[str, Any] = {
-        "fraction_train": float(run["fraction-train"]),
-        "fraction_evaluate": float(run["fraction-evaluate"]),
-        "min_train_nodes": min_nodes,
-        "min_evaluate_nodes": min_nodes,
-        "min_available_nodes": min_nodes,
+        "fraction_train": run.fraction_train,
+        "fraction_evaluate": run.fraction_evaluate,
+        "min_train_nodes": run.min_train_nodes,
+        "min_evaluate_nodes": run.min_train_nodes,
+        "min_available_nodes": run.min_train_nodes,
     }
-    server_lr = float(run["server-lr"])
     if name == "fedprox":
-        kwargs["proximal_mu"] = float(run["proximal-mu"])
-    elif name in ("fedadam", "fedyogi", "fedadagrad") and server_lr > 0:
-        kwargs["eta"] = server_lr
-    elif name == "fedavgm" and server_lr > 0:
-        kwargs["server_learning_rate"] = server_lr
+        kwargs["proximal_mu"] = run.proximal_mu
+    elif name in ("fedadam", "fedyogi", "fedadagrad") and run.server_lr > 0:
+        kwargs["eta"] = run.server_lr
+    elif name == "fedavgm" and run.server_lr > 0:
+        kwargs["server_learning_rate"] = run.server_lr
     return STRATEGIES[name](**kwargs)
+
+
+def make_compressed_strategy(run: RunConfig, keep_client_models: bool = False) -> CompressedStrategy:
+    """The inner strategy of :func:`make_strategy` wrapped with the run's codecs and settings."""
+    return CompressedStrategy(
+        make_strategy(run),
+        uplink=run.uplink_codec,
+        downlink=run.downlink_codec,
+        initial={"seeded": "shared", "zeros": "zeros", "sent": "sent"}[run.initial_model],
+        error_feedback=run.error_feedback,
+        max_feedback_staleness=run.max_feedback_staleness,
+        seed=run.seed,
+        keep_client_models=keep_client_models,
+    )
 
 
 @app.main()
@@ -96,29 +105,17 @@ def main(grid: Grid, context: Context) -> None:
     that the clients leave out, and at the end exports the last student and the final global
     model to ``<results-dir>/compact/`` and writes ``compact.json`` and ``distill.csv``.
     """
-    run = resolve_run_config(context.run_config)
+    run = RunConfig.from_mapping(context.run_config)
     torch.set_num_threads(1)  # in a simulation the server shares the CPUs with the nodes' actors
-    seed = int(run["seed"])
-    torch.manual_seed(seed)
-    model = build_model(str(run["model"]), str(run["dataset"]))
-    initial = tensors_to_arrays(get_weights(model))
-    data = load_dataset(str(run["dataset"]), str(run["data-dir"]) or None)
+    torch.manual_seed(run.seed)
+    model = build_model(run.model, run.dataset)
+    initial = first_model(run.model, run.dataset, run.seed)
+    data = load_dataset(run.dataset, run.data_dir or None)
     distiller = (
-        ServerDistiller(run, data, lambda: build_model(str(run["model"]), str(run["dataset"])))
-        if proxy_holdout(run) > 0
-        else None
+        ServerDistiller(run, data, lambda: build_model(run.model, run.dataset)) if run.proxy_holdout() > 0 else None
     )
-
-    strategy = CompressedStrategy(
-        make_strategy(run),
-        uplink=str(run["uplink-codec"]),
-        downlink=str(run["downlink-codec"]),
-        start_from_zero=bool(run["start-from-zero"]),
-        error_feedback=bool(run["error-feedback"]),
-        seed=seed,
-        keep_client_models=distiller is not None and distiller.ensemble,
-    )
-    results = ResultsWriter(str(run["results-dir"]), run)
+    strategy = make_compressed_strategy(run, keep_client_models=distiller is not None and distiller.ensemble)
+    results = ResultsWriter(run.results_dir, run.as_dict())
     log(INFO, "fedsqueeze: %s", strategy)
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -129,7 +126,7 @@ def main(grid: Grid, context: Context) -> None:
             results.start_clock()
         else:
             traffic = [t for t in strategy.traffic if t.round == server_round]
-            replies = sum(1 for t in traffic if t.direction == "up" and t.message_type == "train")
+            replies = sum(1 for t in traffic if t.direction == UP and t.message_type == "train")
             rejected = sum(1 for r in strategy.rejections if r.round == server_round)
             results.log_round(server_round, accuracy, loss, traffic, replies, rejected,
                               strategy.client_seconds.get(server_round, (0.0, 0.0)))
@@ -141,8 +138,8 @@ def main(grid: Grid, context: Context) -> None:
     train_config = ConfigRecord({key: run[key] for key in ("local-epochs", "batch-size", "lr", "momentum")})
     strategy.start(
         grid=grid,
-        initial_arrays=initial,
-        num_rounds=int(run["num-server-rounds"]),
+        initial_arrays=tensors_to_arrays(initial),
+        num_rounds=run.num_server_rounds,
         train_config=train_config,
         evaluate_fn=evaluate_global,
     )

@@ -16,7 +16,7 @@ from flwr.supercore import log
 from torch import nn
 
 from fedsqueeze.data import Dataset, normalisation
-from fedsqueeze.protocol import proxy_holdout
+from fedsqueeze.config import proxy_holdout
 from fedsqueeze.server.compact import CompactConfig, build_student, count_parameters, describe
 from fedsqueeze.server.distill import DistillConfig, distill, proxy_split
 from fedsqueeze.server.export import export_compact, file_accuracy, latencies_us, load_exported, raw_pixels

@@ -29,8 +29,8 @@ def make_apps(overrides: Mapping[str, Any]) -> tuple[Any, Any]:
     from flwr.clientapp import ClientApp
     from flwr.serverapp import Grid, ServerApp
 
+    from fedsqueeze.client import CompressionMod
     from fedsqueeze.client import app as client_module
-    from fedsqueeze.client import compression_mod
     from fedsqueeze.server import app as server_module
 
     fixed = dict(overrides)
@@ -41,7 +41,7 @@ def make_apps(overrides: Mapping[str, Any]) -> tuple[Any, Any]:
             state=context.state, run_config={**context.run_config, **fixed},
         )
 
-    client_app = ClientApp(mods=[compression_mod])
+    client_app = ClientApp(mods=[CompressionMod(lambda context: client_module.first_model_of(with_overrides(context)))])
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:

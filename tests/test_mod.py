@@ -13,6 +13,7 @@ from fedsqueeze.client import compression_mod
 from fedsqueeze.client.mod import STATE_FEEDBACK, STATE_META, STATE_REFERENCE
 from fedsqueeze.codecs import decode, parse
 from fedsqueeze.protocol import (
+    unfold_records,
     DELTA,
     ENCODE_TIME_METRIC,
     FULL,
@@ -89,12 +90,12 @@ def test_a_plain_clientapp_gets_plain_arrays_and_replies_compressed() -> None:
 
     # Its reply went out as a fedsqueeze payload: the full local model (lossless uplink)
     assert not reply.has_error()
-    assert set(reply.content) == {PAYLOAD_KEY, "metrics"}
+    assert set(reply.content) == {PAYLOAD_KEY}  # the metrics travel folded into the payload record
     up = Uplink.from_record(reply.content[PAYLOAD_KEY])
     assert up.kind == FULL and up.version == 1 and up.arrays_key == "arrays"
     local = decode(up.blob)
     assert all(torch.equal(local[k], model[k] + 1) for k in model)
-    metrics = reply.content["metrics"]
+    metrics = unfold_records(reply.content[PAYLOAD_KEY])["metrics"]
     assert metrics["num-examples"] == 3
     assert metrics[UPLINK_BYTES_METRIC] == len(up.blob)
     assert 0 <= metrics[ENCODE_TIME_METRIC] < 10
@@ -213,7 +214,7 @@ def test_the_server_chosen_arrays_key_and_a_reply_without_metrics() -> None:
     assert keys == [{"config", "weights"}]
     up = Uplink.from_record(reply.content[PAYLOAD_KEY])
     assert up.arrays_key == "weights"
-    assert reply.content["metrics"][UPLINK_BYTES_METRIC] == len(up.blob)
+    assert unfold_records(reply.content[PAYLOAD_KEY])["metrics"][UPLINK_BYTES_METRIC] == len(up.blob)
 
 
 def test_a_fresh_node_applies_deltas_from_the_all_zero_model() -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import tomllib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,17 +14,15 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, 
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents, push_objects
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedsqueeze.framing import message_bytes
 from fedsqueeze.protocol import (
     DELTA,
     FULL,
-    RUN_CONFIG_DEFAULTS,
     Downlink,
     ProtocolError,
     Uplink,
     add_tensors,
     arrays_to_tensors,
-    message_bytes,
-    resolve_run_config,
     subtract_tensors,
     tensors_to_arrays,
 )
@@ -119,35 +115,6 @@ def test_payload_records_round_trip_and_refuse_bad_fields() -> None:
     record["version"] = True
     with pytest.raises(ProtocolError, match="version"):
         Uplink.from_record(record)
-
-
-def test_run_config_defaults_and_type_checks() -> None:
-    assert resolve_run_config({}) == RUN_CONFIG_DEFAULTS
-    resolved = resolve_run_config({"lr": 1, "num-server-rounds": 3, "extra-key": "kept"})
-    assert resolved["lr"] == 1.0 and isinstance(resolved["lr"], float)
-    assert resolved["num-server-rounds"] == 3 and resolved["extra-key"] == "kept"
-    with pytest.raises(ValueError, match="'num-server-rounds' must be int"):
-        resolve_run_config({"num-server-rounds": 2.5})
-    with pytest.raises(ValueError, match="'uplink-codec' must be str"):
-        resolve_run_config({"uplink-codec": 8})
-
-
-def test_pyproject_app_config_uses_known_keys_of_the_right_types() -> None:
-    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
-    table = tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"].get("config", {})
-    flat: dict[str, object] = {}
-
-    def walk(prefix: str, value: object) -> None:  # flwr flattens nested tables with dots
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}.{k}" if prefix else k, v)
-        else:
-            flat[prefix] = value
-
-    walk("", table)
-    unknown = sorted(set(flat) - set(RUN_CONFIG_DEFAULTS))
-    assert not unknown, f"pyproject sets keys that fedsqueeze does not read: {unknown}"
-    resolve_run_config(flat)  # raises on a wrong type
 
 
 def test_tensor_helpers_keep_names_order_and_exact_values() -> None:

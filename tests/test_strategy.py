@@ -14,6 +14,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedsqueeze.client import compression_mod
 from fedsqueeze.client.mod import STATE_REFERENCE
 from fedsqueeze.codecs import parse
+from fedsqueeze.framing import message_bytes
 from fedsqueeze.protocol import (
     DELTA,
     FULL,
@@ -21,7 +22,6 @@ from fedsqueeze.protocol import (
     Downlink,
     Uplink,
     arrays_to_tensors,
-    message_bytes,
     tensors_to_arrays,
 )
 from fedsqueeze.server.strategy import DOWN, UP, CompressedStrategy
@@ -36,13 +36,18 @@ def _task_identity() -> None:
 
 
 class FakeGrid:
-    """The part of a Grid that Flower's strategies use to sample nodes."""
+    """The part of a Grid that Flower's strategies and the stable node order use."""
 
     def __init__(self, node_ids: list[int]) -> None:
         self.node_ids = node_ids
 
     def get_node_ids(self) -> list[int]:
         return list(self.node_ids)
+
+    def send_and_receive(self, messages: list[Message], timeout: float | None = None) -> list[Message]:
+        """Answer the one-time query as nodes with the client mod do (stable key = node id)."""
+        ctx = contexts(self.node_ids)
+        return [compression_mod(m, ctx[m.metadata.dst_node_id], lambda *_: None) for m in messages]  # type: ignore[arg-type,return-value]
 
 
 def global_model(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -128,14 +133,14 @@ def test_lossy_codecs_track_the_reference_bit_for_bit(inner: object) -> None:
         new_arrays, _ = strategy.aggregate_train(server_round, replies)
         assert new_arrays is not None
         arrays = new_arrays
-        server_reference = strategy._reference  # noqa: SLF001 - the invariant under test
+        server_reference = strategy.downlink_state.reference  # noqa: SLF001 - the invariant under test
         assert server_reference is not None
         for node_id in NODES:
             held = arrays_to_tensors(ctx[node_id].state[STATE_REFERENCE])
             assert all(torch.equal(held[k], server_reference[k]) for k in held)
     assert strategy.rejections == []
-    up = [t for t in strategy.traffic if t.direction == UP]
-    down = [t for t in strategy.traffic if t.direction == DOWN]
+    up = [t for t in strategy.traffic if t.message_type == "train" and t.direction == UP]
+    down = [t for t in strategy.traffic if t.message_type == "train" and t.direction == DOWN]
     assert len(up) == len(down) == 4 * len(NODES)
     assert sum(t.bytes for t in up) < sum(t.fp32_bytes for t in up) / 2
     assert sum(t.bytes for t in down[3:]) < sum(t.fp32_bytes for t in down[3:]) / 2
@@ -206,7 +211,7 @@ def test_a_bad_reply_is_dropped_with_one_log_line(how: str, reason: str, caplog:
     for name, value in arrays_to_tensors(got).items():
         want = sum(local_model(weights, n, 1)[name] * (n - 90) / total for n in good)
         assert torch.allclose(value, want, atol=1e-6), name
-    ups = [t for t in strategy.traffic if t.direction == UP]
+    ups = [t for t in strategy.traffic if t.message_type == "train" and t.direction == UP]
     assert len(ups) == 4 and sum(t.kind in ("rejected", "error") for t in ups) == 1
 
 
@@ -264,8 +269,8 @@ def test_a_node_that_missed_rounds_catches_up_with_a_chain_of_deltas() -> None:
     assert late.kind == DELTA and late.base == 1 and late.version == 4 and len(late.blobs) == 3
     assert strategy.rejections == []
     held = arrays_to_tensors(ctx[103].state[STATE_REFERENCE])
-    assert strategy._reference is not None  # noqa: SLF001
-    assert torch.equal(held["w"], strategy._reference["w"])  # noqa: SLF001
+    assert strategy.downlink_state.reference is not None  # noqa: SLF001
+    assert torch.equal(held["w"], strategy.downlink_state.reference["w"])  # noqa: SLF001
 
 
 def test_traffic_records_match_message_sizes() -> None:
@@ -276,10 +281,10 @@ def test_traffic_records_match_message_sizes() -> None:
     replies = [app(m, ctx[m.metadata.dst_node_id]) for m in messages]
     up_sizes = {r.metadata.src_node_id: message_bytes(r) for r in replies}
     strategy.aggregate_train(1, replies)
-    for t in strategy.traffic:
+    for t in [t for t in strategy.traffic if t.message_type == "train"]:
         assert t.bytes == (down_sizes if t.direction == DOWN else up_sizes)[t.node_id]
         assert t.payload_bytes > 0 and t.payload_bytes < t.bytes
-    ups = [t for t in strategy.traffic if t.direction == UP]
+    ups = [t for t in strategy.traffic if t.message_type == "train" and t.direction == UP]
     assert all(t.bytes < 0.75 * t.fp32_bytes for t in ups)  # fp16 halves the arrays
 
 
@@ -296,7 +301,7 @@ def test_start_from_zero_sends_the_first_model_through_the_downlink_codec() -> N
     app, ctx = make_client(), contexts(NODES)
     codec = "quantize(bits=8) | zstd"
     lossless_start = CompressedStrategy(FedAvg(), uplink="identity", downlink=codec)
-    zero_start = CompressedStrategy(FedAvg(), uplink="identity", downlink=codec, start_from_zero=True)
+    zero_start = CompressedStrategy(FedAvg(), uplink="identity", downlink=codec, initial="zeros")
     arrays = tensors_to_arrays(global_model())
     full_first = list(lossless_start.configure_train(1, arrays, ConfigRecord(), FakeGrid(NODES)))
     first = list(zero_start.configure_train(1, arrays, ConfigRecord(), FakeGrid(NODES)))
@@ -309,7 +314,7 @@ def test_start_from_zero_sends_the_first_model_through_the_downlink_codec() -> N
     assert not any(r.has_error() for r in replies)
     arrays, _ = zero_start.aggregate_train(1, replies)
     assert arrays is not None
-    reference = zero_start._reference  # noqa: SLF001
+    reference = zero_start.downlink_state.reference  # noqa: SLF001
     assert reference is not None
     for node_id in NODES:  # nodes and server agree bit for bit on the lossy first model
         held = arrays_to_tensors(ctx[node_id].state[STATE_REFERENCE])
@@ -325,7 +330,7 @@ def test_start_from_zero_sends_the_first_model_through_the_downlink_codec() -> N
 
 def test_a_blob_that_decodes_far_larger_than_the_model_is_refused(caplog: pytest.LogCaptureFixture) -> None:
     app, ctx = make_client(), contexts(NODES)
-    strategy = CompressedStrategy(FedAvg(), uplink="identity", downlink="identity")
+    strategy = CompressedStrategy(FedAvg(), uplink="zstd", downlink="identity")
     messages = list(strategy.configure_train(1, tensors_to_arrays(global_model()), ConfigRecord(), FakeGrid(NODES)))
     replies = [app(m, ctx[m.metadata.dst_node_id]) for m in messages]
     huge = {**global_model(), "fc.weight": torch.zeros(3000, 1000)}  # 3M zeros, a few kB after zstd

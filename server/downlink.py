@@ -1,0 +1,167 @@
+"""Downlink bookkeeping: the reference model nodes hold, its versions, and what each node needs.
+
+Flower-free: it deals in tensors and codec blobs; :class:`~fedsqueeze.server.CompressedStrategy`
+puts the result into messages.
+
+The reference ``R`` is the model that up-to-date nodes hold. Each round the server encodes
+``global - R`` with the downlink codec, adds the *decoded* blob to ``R`` (the same arithmetic as
+on the nodes, so both stay bit-identical) and keeps the blob as the step to the new version.
+What the codec drops stays in ``global - R`` and goes out in later rounds: server-side error
+feedback, with ``global - R`` itself as the residual.
+
+A node that last acknowledged version ``h`` gets the cheapest of
+
+- the chain of stored steps ``h+1 .. now`` (exact);
+- one *catch-up delta*: ``R_now - R_h`` through the downlink codec, from a stored snapshot of
+  ``R_h`` (the node then holds ``R_now`` up to one codec error, which later steps do not
+  remove, but which does not grow within the chain either);
+- the whole of ``R_now`` through the lossless ``catchup`` codec (a node that holds nothing).
+
+Memory is bounded whatever the number of nodes or rounds: ``R``, the current global model, at
+most ``max_snapshots`` snapshots of ``R``, step blobs adding up to at most the model's FP32
+size, and one integer per node.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from fedsqueeze.codecs import Codec, decode
+from fedsqueeze.protocol import DELTA, FULL, ZERO_VERSION, add_tensors, model_digest, subtract_tensors
+
+__all__ = ["DownlinkPlan", "DownlinkState", "model_digest"]  # model_digest: re-exported from protocol
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DownlinkPlan:
+    """What one node is sent: ``kind`` FULL (one lossless blob) or DELTA (blobs to add to ``base``)."""
+
+    kind: str
+    version: int
+    base: int
+    blobs: list[bytes]
+
+    @property
+    def size(self) -> int:
+        """Bytes of the codec blobs."""
+        return sum(map(len, self.blobs))
+
+
+@dataclass
+class DownlinkState:
+    """The reference model, its versions and the version each node holds.
+
+    Parameters
+    ----------
+    codec : Codec
+        Downlink codec of the steps and catch-up deltas.
+    catchup : Codec
+        Lossless codec of the full reference (nodes that hold nothing usable).
+    initial : Tensors or None
+        Version 0: a model every node holds without being sent anything (the all-zero model,
+        or one nodes build from the run's seed); None when nodes hold nothing at first.
+    max_snapshots : int
+        How many past references to keep for catch-up deltas (0: chains or full only). Use 0
+        with a sparsifying codec: a sparse catch-up would leave the node far from ``R``.
+    """
+
+    codec: Codec
+    catchup: Codec
+    initial: Tensors | None = None
+    max_snapshots: int = 32
+    version: int = 0
+    reference: Tensors | None = None
+    node_versions: dict[int, int] = field(default_factory=dict)
+    _steps: dict[int, bytes] = field(default_factory=dict)  # version v -> blob taking v-1 to v
+    _snapshots: OrderedDict[int, Tensors] = field(default_factory=OrderedDict)
+    _global: Tensors = field(default_factory=dict)
+    _full_blob: bytes | None = None
+    _catchup_cache: dict[int, bytes] = field(default_factory=dict)
+
+    def advance(self, global_model: Mapping[str, torch.Tensor]) -> None:
+        """Start a new version: move the reference toward ``global_model`` by one downlink step."""
+        self._global = dict(global_model)
+        self._full_blob, self._catchup_cache = None, {}
+        self.version += 1
+        if self.codec.lossless:
+            self.reference = None
+            return
+        if self.reference is None or not _same_layout(self.reference, self._global):
+            self._steps, self._snapshots = {}, OrderedDict()
+            if self.initial is None or not _same_layout(self.initial, self._global) or self.version != 1:
+                self.reference = {k: v.clone() for k, v in self._global.items()}
+                return
+            self.reference = {k: v.clone() for k, v in self.initial.items()}
+            self._snapshot(ZERO_VERSION, self.reference)
+        blob = self.codec.encode(subtract_tensors(self._global, self.reference))
+        self.reference = add_tensors(self.reference, decode(blob))
+        self._steps[self.version] = blob
+        self._snapshot(self.version, self.reference)
+        self._trim_steps()
+
+    def plan(self, node_id: int) -> DownlinkPlan:
+        """The cheapest payload that brings ``node_id`` to the current version."""
+        held = self.node_versions.get(node_id)
+        if held is None and self.initial is not None:
+            held = ZERO_VERSION
+        if self.codec.lossless or held is None or not 0 <= held < self.version:
+            return self._full_plan()
+        options = [p for p in (self._chain(held), self._catchup_delta(held)) if p is not None]
+        options.append(self._full_plan())
+        return min(options, key=lambda p: p.size)  # min keeps the first of equals: exact beats lossy
+
+    def acknowledge(self, node_id: int, version: int) -> None:
+        """``node_id`` replied having applied ``version``: later payloads start from there."""
+        self.node_versions[node_id] = version
+
+    def forget(self, node_id: int) -> None:
+        """``node_id`` holds nothing usable (it said so, or its state is unknown): send it in full."""
+        self.node_versions[node_id] = -1
+
+    # ------------------------------------------------------------------ payload options
+    def _full_plan(self) -> DownlinkPlan:
+        if self._full_blob is None:
+            model = self._global if self.codec.lossless or self.reference is None else self.reference
+            codec = self.codec if self.codec.lossless else self.catchup
+            self._full_blob = codec.encode(model)
+        return DownlinkPlan(FULL, self.version, -1, [self._full_blob])
+
+    def _chain(self, held: int) -> DownlinkPlan | None:
+        needed = range(held + 1, self.version + 1)
+        if not all(v in self._steps for v in needed):
+            return None
+        return DownlinkPlan(DELTA, self.version, held, [self._steps[v] for v in needed])
+
+    def _catchup_delta(self, held: int) -> DownlinkPlan | None:
+        if held >= self.version - 1 or held not in self._snapshots or self.reference is None:
+            return None  # a chain of one step is already the catch-up delta
+        if held not in self._catchup_cache:
+            delta = subtract_tensors(self.reference, self._snapshots[held])
+            self._catchup_cache[held] = self.codec.encode(delta)
+        return DownlinkPlan(DELTA, self.version, held, [self._catchup_cache[held]])
+
+    def _snapshot(self, version: int, reference: Tensors) -> None:
+        if self.max_snapshots <= 0:
+            return
+        self._snapshots[version] = reference
+        while len(self._snapshots) > self.max_snapshots:
+            self._snapshots.popitem(last=False)
+
+    def _trim_steps(self) -> None:
+        # A chain of steps longer than the model in FP32 never beats sending it in full.
+        limit = sum(t.numel() * t.element_size() for t in self._global.values())
+        total = 0
+        for version in sorted(self._steps, reverse=True):
+            total += len(self._steps[version])
+            if total > limit:
+                del self._steps[version]
+
+
+def _same_layout(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
+    return {k: tuple(v.shape) for k, v in a.items()} == {k: tuple(v.shape) for k, v in b.items()}
