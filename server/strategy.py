@@ -191,6 +191,7 @@ class CompressedStrategy(Strategy):
             result = self._accept(server_round, reply)
             if result is not None:
                 accepted.append((_content_digest(result.weights), result, reply))
+        accepted = self._same_metric_layout(server_round, accepted)
         self.client_seconds[server_round] = _client_seconds(a.metrics for _, a, _ in accepted)
         # Aggregate in an order fixed by the replies' content, not by arrival or by node ids
         # (random in simulation): float sums then come out the same in every run.
@@ -259,6 +260,26 @@ class CompressedStrategy(Strategy):
                           payload_bytes=result.payload_bytes)
         return result
 
+    def _same_metric_layout(
+        self, server_round: int, accepted: list[tuple[bytes, Accepted, Message]]
+    ) -> list[tuple[bytes, Accepted, Message]]:
+        """Drop replies whose metric names or value shapes differ from most replies' (Flower's
+        strategies refuse to aggregate a round whose MetricRecords differ)."""
+        layouts = [_metric_layout(a.metrics) for _, a, _ in accepted]
+        if len(set(layouts)) <= 1:
+            return accepted
+        common = max(sorted(set(layouts)), key=layouts.count)
+        kept = []
+        for entry, layout in zip(accepted, layouts):
+            if layout == common:
+                kept.append(entry)
+                continue
+            node_id = entry[2].metadata.src_node_id
+            reason = f"its metrics {dict(layout)} differ from the other replies' {dict(common)}"
+            log(WARNING, "fedsqueeze: round %d: dropped the reply of node %d: %s", server_round, node_id, reason)
+            self.rejections.append(Rejection(server_round, node_id, reason))
+        return kept
+
     # ------------------------------------------------------------------ evaluation
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -306,6 +327,11 @@ def _client_seconds(metrics: Iterable[MetricRecord]) -> tuple[float, float]:
         encode += _number(record.get(ENCODE_TIME_METRIC, 0.0))
         train += _number(record.get(TRAIN_TIME_METRIC, 0.0))
     return encode, train
+
+
+def _metric_layout(metrics: MetricRecord) -> tuple[tuple[str, int], ...]:
+    """Metric names with the length of list values (-1 for a number), sorted."""
+    return tuple(sorted((k, len(v) if isinstance(v, list) else -1) for k, v in metrics.items()))
 
 
 def _number(value: object) -> float:
