@@ -26,7 +26,7 @@ from flwr.supercore import log
 from fedsqueeze.data import load_dataset
 from fedsqueeze.models import build_model
 from fedsqueeze.protocol import arrays_to_tensors, proxy_holdout, resolve_run_config, tensors_to_arrays
-from fedsqueeze.server.compaction import ServerDistiller
+from fedsqueeze.server.server_distiller import ServerDistiller
 from fedsqueeze.server.results import ResultsWriter
 from fedsqueeze.server.strategy import CompressedStrategy
 from fedsqueeze.training import evaluate, get_weights, set_weights

@@ -21,7 +21,7 @@ from fedsqueeze.client import compression_mod
 from fedsqueeze.data import Dataset, clear_caches, client_data, client_indices, normalisation
 from fedsqueeze.protocol import arrays_to_tensors, proxy_holdout, resolve_run_config, tensors_to_arrays
 from fedsqueeze.simulation.run_cell import run_cell
-from fedsqueeze.server.compaction import compact_config, distill_config
+from fedsqueeze.server.server_distiller import compact_config, distill_config
 from fedsqueeze.server.distill import proxy_split
 from fedsqueeze.server.export import raw_pixels
 from fedsqueeze.server.results import ResultsWriter

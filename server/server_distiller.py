@@ -97,22 +97,22 @@ def distill_config(run: Mapping[str, Any]) -> DistillConfig:
 class ServerDistiller:
     """Distil the global model into a compact student every n rounds; export both at the end.
 
-    Each distillation builds a fresh student from the current global model
-    (:func:`~fedsqueeze.server.compact.build_student`: filter pruning and truncated SVD of
-    the global's own weights) and trains it on the proxy images to match the soft
-    predictions of the global model, or, with ``ensemble``, the average logits of the global
-    model and the client models received this round (FedDF-style, every teacher weighted
-    equally). A fresh student rather than a warm one: the student then always has the
-    structure and starting point of the model it is distilled from (filters ranked by the
-    current weights, never by a stale global of earlier rounds), each distillation depends
-    only on the current round, and on MNIST/LeNet-5 the SVD start is already close
-    (91 % before, 95.6 % after one epoch on 5,000 proxy images for a 96.2 % teacher), so a
-    warm start would save little.
+    Contracts:
 
-    The proxy images are the ``proxy-size`` training images of
-    :func:`~fedsqueeze.server.distill.proxy_split` (seed ``seed``); their labels are never
-    used, and the clients leave them out of their partitions (``client_data(...,
-    holdout=...)``).
+    - :meth:`due` is true every ``distill-every`` rounds and at the last round; the ServerApp
+      calls :meth:`distill_round` then, with the round's aggregated global model.
+    - Each distillation builds a fresh student from the current global model
+      (:func:`~fedsqueeze.server.compact.build_student`: filter pruning and truncated SVD of
+      the global's own weights), so the student's structure and starting point always come
+      from the model it is distilled from and each distillation depends on the current round
+      only. The global model and the client models are never modified.
+    - The student is trained to match the soft predictions of the global model or, with
+      ``distill-ensemble``, the average logits of the global model and the client models
+      received this round (FedDF-style, every teacher weighted equally).
+    - The proxy images are the ``proxy-size`` training images of
+      :func:`~fedsqueeze.server.distill.proxy_split` (seed ``seed``); their labels are never
+      read, and the clients leave them out of their partitions (``client_data(...,
+      holdout=...)``).
 
     Parameters
     ----------
