@@ -22,9 +22,9 @@ from fedsqueeze.server.distill import DistillConfig, distill, proxy_split
 from fedsqueeze.server.export import export_compact, file_accuracy, latencies_us, load_exported, raw_pixels
 from fedsqueeze.training import evaluate, set_weights
 
-__all__ = ["LATENCY_RUNS", "ServerDistiller", "compact_config", "distill_config"]
+__all__ = ["LATENCY_RUNS", "ServerDistiller", "compact_config", "distill_config", "measure_latency"]
 
-#: Timed batch-1 forward passes per exported model (interleaved blocks of 50).
+#: Timed batch-1 forward passes per exported model (interleaved blocks of 50), with ``distill-latency``.
 LATENCY_RUNS = 500
 
 
@@ -62,6 +62,31 @@ def compact_config(run: Mapping[str, Any]) -> CompactConfig:
         prune_ratio=float(run["student-prune-ratio"]),
         bits=int(run["student-bits"]),
     )
+
+
+def measure_latency(run: Mapping[str, Any]) -> bool:
+    """Whether the export times the exported files: the run config's ``distill-latency`` (default: False).
+
+    Timing takes ``2 * LATENCY_RUNS`` forward passes per file, so it is opt-in.
+
+    Parameters
+    ----------
+    run : Mapping[str, Any]
+        Resolved run config; ``distill-latency`` may be absent.
+
+    Returns
+    -------
+    bool
+
+    Raises
+    ------
+    ValueError
+        If ``distill-latency`` is set to anything but a bool.
+    """
+    value = run.get("distill-latency", False)
+    if not isinstance(value, bool):
+        raise ValueError(f"run config 'distill-latency' must be bool (default: False), got {value!r}")
+    return value
 
 
 def distill_config(run: Mapping[str, Any]) -> DistillConfig:
@@ -113,6 +138,9 @@ class ServerDistiller:
       :func:`~fedsqueeze.server.distill.proxy_split` (seed ``seed``); their labels are never
       read, and the clients leave them out of their partitions (``client_data(...,
       holdout=...)``).
+    - :meth:`export` writes the last student and its teacher and measures their test accuracy;
+      it times them (batch 1, one thread) only with ``distill-latency`` true (default false),
+      else nothing is timed and the latency fields are None.
 
     Parameters
     ----------
@@ -129,6 +157,7 @@ class ServerDistiller:
         self.student_config = compact_config(run)
         self.seed = int(run["seed"])
         self.num_rounds = int(run["num-server-rounds"])
+        self.measure_latency = measure_latency(run)
         self.data = data
         self.make_model = make_model
         proxy_idx, _ = proxy_split(len(data.x_train), self.config.proxy_size, seed=self.seed)
@@ -222,8 +251,9 @@ class ServerDistiller:
 
         Writes ``teacher_fp32.{pt,safetensors}`` and ``student_int8`` (or ``student_fp32``
         with ``student-bits`` 32) with :func:`~fedsqueeze.server.export.export_compact`, loads
-        each TorchScript file back and measures its test accuracy and its CPU latency for one
-        image (1 thread, median of interleaved runs, with and without oneDNN).
+        each TorchScript file back and measures its test accuracy and, with ``distill-latency``,
+        its CPU latency for one image (1 thread, median of interleaved runs, with and without
+        oneDNN; otherwise the latency fields are None and nothing is timed).
 
         Parameters
         ----------
@@ -257,11 +287,14 @@ class ServerDistiller:
         try:
             loaded = {key: load_exported(info.torchscript_path) for key, info in exports.items()}
             timed = {key: (model, example) for key, model in loaded.items()}
-            latency = latencies_us(timed, LATENCY_RUNS)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # "TF32 acceleration on top of oneDNN ..." notice
-                with torch.backends.mkldnn.flags(enabled=False):  # oneDNN's batch-1 conv overhead, see distill_bench
-                    native = latencies_us(timed, LATENCY_RUNS)
+            latency: dict[str, float | None] = dict.fromkeys(timed)
+            native: dict[str, float | None] = dict.fromkeys(timed)
+            if self.measure_latency:
+                latency.update(latencies_us(timed, LATENCY_RUNS))
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)  # "TF32 acceleration on top of oneDNN ..." notice
+                    with torch.backends.mkldnn.flags(enabled=False):  # oneDNN's batch-1 conv overhead, see distill_bench
+                        native.update(latencies_us(timed, LATENCY_RUNS))
             accuracy = {key: file_accuracy(model, raw_test, self.data.y_test) for key, model in loaded.items()}
         finally:
             torch.set_num_threads(threads)
@@ -290,23 +323,33 @@ class ServerDistiller:
                 "layers": [{**r, "weights": [list(s) for s in r["weights"]]} for r in describe(self.student)],
             }
         )
-        report["distill"] = {**asdict(self.config), "seed": self.seed}
+        report["distill"] = {**asdict(self.config), "seed": self.seed, "measure_latency": self.measure_latency}
         report["size_ratio"] = report["teacher"]["torchscript_bytes"] / report["student"]["torchscript_bytes"]
         report["params_ratio"] = report["teacher"]["params"] / report["student"]["params"]
         report["accuracy_drop_points"] = 100 * (report["teacher"]["file_test_accuracy"] - report["student"]["file_test_accuracy"])
-        log(
-            INFO,
-            "fedsqueeze: exported to %s: teacher %d params, %d bytes, accuracy %.4f, %.0f us; student %d params, "
-            "%d bytes (%.1fx smaller), accuracy %.4f, %.0f us (batch 1, 1 thread)",
-            out,
-            report["teacher"]["params"],
-            report["teacher"]["torchscript_bytes"],
-            report["teacher"]["file_test_accuracy"],
-            report["teacher"]["latency_us_batch1_1thread"],
-            report["student"]["params"],
-            report["student"]["torchscript_bytes"],
-            report["size_ratio"],
-            report["student"]["file_test_accuracy"],
-            report["student"]["latency_us_batch1_1thread"],
-        )
+        _log_export(out, report)
         return report
+
+
+def _latency_text(entry: Mapping[str, Any]) -> str:
+    value = entry["latency_us_batch1_1thread"]
+    return "latency not measured" if value is None else f"{value:.0f} us (batch 1, 1 thread)"
+
+
+def _log_export(out: Path, report: Mapping[str, Any]) -> None:
+    teacher, student = report["teacher"], report["student"]
+    log(
+        INFO,
+        "fedsqueeze: exported to %s: teacher %d params, %d bytes, accuracy %.4f, %s; student %d params, "
+        "%d bytes (%.1fx smaller), accuracy %.4f, %s",
+        out,
+        teacher["params"],
+        teacher["torchscript_bytes"],
+        teacher["file_test_accuracy"],
+        _latency_text(teacher),
+        student["params"],
+        student["torchscript_bytes"],
+        report["size_ratio"],
+        student["file_test_accuracy"],
+        _latency_text(student),
+    )

@@ -21,7 +21,9 @@ from fedsqueeze.client import compression_mod
 from fedsqueeze.data import Dataset, clear_caches, client_data, client_indices, normalisation
 from fedsqueeze.protocol import arrays_to_tensors, proxy_holdout, resolve_run_config, tensors_to_arrays
 from fedsqueeze.simulation.run_cell import run_cell
-from fedsqueeze.server.server_distiller import compact_config, distill_config
+from fedsqueeze.models import build_model
+from fedsqueeze.server import server_distiller
+from fedsqueeze.server.server_distiller import ServerDistiller, compact_config, distill_config, measure_latency
 from fedsqueeze.server.distill import proxy_split
 from fedsqueeze.server.export import raw_pixels
 from fedsqueeze.server.results import ResultsWriter
@@ -86,6 +88,58 @@ def test_proxy_holdout_and_configs_follow_the_run_config() -> None:
         compact_config({**on, "student-linear-rank": -2})
     with pytest.raises(ValueError, match="distillation is off"):
         distill_config(run)
+
+
+def _pixel_dataset(num_train: int, num_test: int) -> Dataset:
+    """A small random MNIST-shaped dataset whose images are normalised integer pixels (as load_dataset gives)."""
+    generator = torch.Generator().manual_seed(0)
+    (mean,), (std,) = normalisation("mnist")
+
+    def images(n: int) -> torch.Tensor:
+        return (torch.randint(0, 256, (n, 1, 28, 28), generator=generator).float() / 255.0 - mean) / std
+
+    labels = torch.randint(0, 10, (num_train + num_test,), generator=generator)
+    return Dataset("mnist", images(num_train), labels[:num_train], images(num_test), labels[num_train:])
+
+
+def _export_with(run: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
+    data = _pixel_dataset(300, 64)
+    distiller = ServerDistiller(run, data, lambda: build_model("lenet5", "mnist"))
+    torch.manual_seed(0)
+    distiller.distill_round(1, build_model("lenet5", "mnist"))
+    return distiller.export(tmp_path)
+
+
+@pytest.mark.parametrize("latency", [None, False])
+def test_export_times_nothing_unless_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, latency: bool | None) -> None:
+    def no_timing(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("latency was measured although distill-latency is off")
+
+    monkeypatch.setattr(server_distiller, "latencies_us", no_timing)
+    overrides: dict[str, Any] = {"distill-every": 1, "distill-epochs": 1, "proxy-size": 100, "num-server-rounds": 1}
+    if latency is not None:
+        overrides["distill-latency"] = latency
+    report = _export_with(resolve_run_config(overrides), tmp_path)
+    for entry in (report["teacher"], report["student"]):
+        assert entry["latency_us_batch1_1thread"] is None and entry["latency_us_batch1_1thread_no_onednn"] is None
+        assert 0.0 <= entry["file_test_accuracy"] <= 1.0
+    assert report["distill"]["measure_latency"] is False
+
+
+def test_export_times_both_files_when_asked(tmp_path: Path) -> None:
+    run = resolve_run_config(
+        {"distill-every": 1, "distill-epochs": 1, "proxy-size": 100, "num-server-rounds": 1, "distill-latency": True}
+    )
+    report = _export_with(run, tmp_path)
+    for entry in (report["teacher"], report["student"]):
+        assert entry["latency_us_batch1_1thread"] > 0 and entry["latency_us_batch1_1thread_no_onednn"] > 0
+    assert report["distill"]["measure_latency"] is True
+
+
+def test_distill_latency_must_be_a_bool() -> None:
+    assert measure_latency({}) is False and measure_latency({"distill-latency": True}) is True
+    with pytest.raises(ValueError, match="'distill-latency' must be bool .* got 'yes'"):
+        measure_latency({"distill-latency": "yes"})
 
 
 def test_client_app_leaves_the_proxy_images_out(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -219,7 +273,7 @@ def test_simulation_distils_and_exports_a_compact_student(tmp_path: Path, mnist:
     for entry in (teacher, student):
         assert (results / entry["torchscript_file"]).stat().st_size == entry["torchscript_bytes"]
         assert (results / entry["safetensors_file"]).stat().st_size == entry["safetensors_bytes"]
-        assert entry["latency_us_batch1_1thread"] > 0
+        assert entry["latency_us_batch1_1thread"] is None  # timing is opt-in (distill-latency)
     assert summary["compact"] == report
 
     # The exported student is self-contained: torch.jit.load alone, raw pixels in
