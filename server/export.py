@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fedsqueeze.server.compact import LowRankConv2d, LowRankLinear, Tucker2Conv2d, count_parameters, to_chain
+from fedsqueeze.server.compact import FACTORED_LAYERS, count_parameters, to_chain
 
 __all__ = [
     "ExportInfo",
@@ -130,7 +130,7 @@ def flatten_ops(model: nn.Module) -> list[dict[str, Any]]:
     """
     ops: list[dict[str, Any]] = []
     for name, layer in to_chain(model):
-        if isinstance(layer, (LowRankConv2d, LowRankLinear, Tucker2Conv2d)):
+        if isinstance(layer, FACTORED_LAYERS):
             ops.extend(_weight_op(sub) for sub in layer.children())
         elif isinstance(layer, (nn.Conv2d, nn.Linear)):
             ops.append(_weight_op(layer))
