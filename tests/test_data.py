@@ -330,3 +330,35 @@ def test_client_data_rejects_bad_partition_id(partition_id: object, mnist_path: 
 def test_client_data_rejects_bad_max_samples(mnist_path: Path) -> None:
     with pytest.raises(ValueError, match="max_samples"):
         client_data("mnist", 0, 4, max_samples=0, data_dir=mnist_path)
+
+
+def test_data_package_reexports_loading_and_partitioning() -> None:
+    """``fedsqueeze.data`` stays the one import path for client and server code after the split."""
+    from fedsqueeze.data import loading, partitioning
+
+    for name in data.__all__:
+        owners = [m for m in (loading, partitioning) if hasattr(m, name)]
+        assert owners or name == "clear_caches", f"{name} is defined in neither module"
+        if owners:
+            assert getattr(data, name) is getattr(owners[0], name)
+    assert partitioning.load_dataset is loading.load_dataset  # client_data reads the same cached dataset
+
+
+def test_clear_caches_forgets_datasets_and_partitions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedsqueeze.data import loading, partitioning
+
+    # Fresh caches for this test, so the session's MNIST stays cached for the others
+    monkeypatch.setattr(loading, "_DATASET_CACHE", {})
+    monkeypatch.setattr(partitioning, "_PARTITION_CACHE", {})
+    rng = np.random.default_rng(0)
+    images = {f"x_{s}": rng.integers(0, 256, (n, 28, 28), dtype=np.uint8) for s, n in (("train", 40), ("test", 10))}
+    labels = {f"y_{s}": np.arange(n) % 10 for s, n in (("train", 40), ("test", 10))}
+    path = write_npz(tmp_path / "mnist.npz", **images, **labels)
+    first = load_dataset("mnist", path)
+    part = partition(labels["y_train"], 4, "iid", seed=1)
+    clear_caches(partitions=False)
+    assert load_dataset("mnist", path) is not first  # reloaded
+    assert partition(labels["y_train"], 4, "iid", seed=1)[0] is part[0]  # still cached
+    clear_caches(datasets=False)
+    again = partition(labels["y_train"], 4, "iid", seed=1)
+    assert again[0] is not part[0] and all(np.array_equal(a, b) for a, b in zip(again, part))
