@@ -23,6 +23,10 @@ from fedsqueeze.server.compact import FACTORED_LAYERS, count_parameters, to_chai
 __all__ = [
     "ExportInfo",
     "FORMAT",
+    "LATENCY_KEY",
+    "LATENCY_NO_ONEDNN_KEY",
+    "batch1_latencies",
+    "export_and_measure",
     "export_compact",
     "file_accuracy",
     "flatten_ops",
@@ -35,6 +39,11 @@ __all__ = [
 
 #: Value of the ``format`` metadata key of exported safetensors files.
 FORMAT = "fedsqueeze-compact/1"
+
+#: Row keys of :func:`export_and_measure`: median batch-1 one-thread latency in microseconds,
+#: with oneDNN (torch's default CPU convolutions) and with torch's native kernels.
+LATENCY_KEY = "latency_us_batch1_1thread"
+LATENCY_NO_ONEDNN_KEY = "latency_us_batch1_1thread_no_onednn"
 
 _SUPPORTED_BITS = (8, 32)
 
@@ -601,3 +610,96 @@ def latencies_us(
                 model(example)
                 times[key].append(time.perf_counter_ns() - start)
     return {key: statistics.median(values) / 1000.0 for key, values in times.items()}
+
+
+def batch1_latencies(models: Mapping[str, tuple[nn.Module, torch.Tensor]], runs: int) -> dict[str, dict[str, float]]:
+    """One-thread latency of each model, with oneDNN and with torch's native CPU kernels.
+
+    oneDNN (mkldnn) convolutions can carry a fixed cost per call that dominates at batch 1,
+    so both are timed (each with :func:`latencies_us`, all models interleaved). The torch
+    thread count is set to 1 while timing and restored afterwards.
+
+    Parameters
+    ----------
+    models : Mapping of str to (torch.nn.Module, torch.Tensor)
+        Name -> (model, its example input: one image for batch-1 latency).
+    runs : int
+        Timed calls per model and setting, >= 1.
+
+    Returns
+    -------
+    dict of str to dict
+        Name -> ``{LATENCY_KEY: us, LATENCY_NO_ONEDNN_KEY: us}``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        default = latencies_us(models, runs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "TF32 acceleration on top of oneDNN ..." notice
+            with torch.backends.mkldnn.flags(enabled=False):
+                native = latencies_us(models, runs)
+    finally:
+        torch.set_num_threads(threads)
+    return {key: {LATENCY_KEY: default[key], LATENCY_NO_ONEDNN_KEY: native[key]} for key in models}
+
+
+def export_and_measure(
+    models: Mapping[str, tuple[nn.Module, int]],
+    out_dir: str | os.PathLike[str],
+    *,
+    raw_x: torch.Tensor,
+    y: torch.Tensor,
+    mean: float | Sequence[float],
+    std: float | Sequence[float],
+    latency_runs: int = 0,
+    also_timed: Mapping[str, tuple[nn.Module, torch.Tensor]] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Export each model with :func:`export_compact`, load the TorchScript file back and measure it.
+
+    Every file's test accuracy is measured on ``raw_x``; its batch-1 latency only when
+    ``latency_runs`` > 0 (:func:`batch1_latencies`, on ``raw_x[:1]``), else nothing is timed
+    and the latency fields are None.
+
+    Parameters
+    ----------
+    models : Mapping of str to (torch.nn.Module, int)
+        File stem -> (model, weight bits 8 or 32).
+    out_dir : str or os.PathLike
+        Folder for the files.
+    raw_x, y : torch.Tensor
+        Raw test pixels ``(N, C, H, W)`` (see :func:`raw_pixels`) and their labels; ``raw_x[:1]``
+        is also the example input for tracing and timing.
+    mean, std : float or sequence of float
+        The training normalisation, built into the files.
+    latency_runs : int
+        Timed calls per file and setting; 0 times nothing (default: 0).
+    also_timed : Mapping of str to (torch.nn.Module, torch.Tensor) or None
+        More models (e.g. the in-memory ones) timed interleaved with the files, so that load
+        from other processes hits all alike (default: None).
+
+    Returns
+    -------
+    dict of str to dict
+        File stem -> :meth:`ExportInfo.as_dict` plus ``file_test_accuracy``, :data:`LATENCY_KEY`
+        and :data:`LATENCY_NO_ONEDNN_KEY`; each ``also_timed`` name -> the two latency keys.
+    """
+    if latency_runs < 0:
+        raise ValueError(f"latency_runs must be >= 0 (0 times nothing), got {latency_runs}")
+    example = raw_x[:1].float()
+    loaded: dict[str, nn.Module] = {}
+    rows: dict[str, dict[str, Any]] = {}
+    for name, (model, bits) in models.items():
+        info = export_compact(model, out_dir, bits=bits, name=name, example_input=example, mean=mean, std=std)
+        loaded[name] = load_exported(info.torchscript_path)
+        rows[name] = {**info.as_dict(), "file_test_accuracy": file_accuracy(loaded[name], raw_x, y)}
+    timed = {name: (model, example) for name, model in loaded.items()}
+    timed.update(also_timed or {})
+    latency: Mapping[str, Mapping[str, float | None]]
+    if latency_runs:
+        latency = batch1_latencies(timed, latency_runs)
+    else:
+        latency = {name: {LATENCY_KEY: None, LATENCY_NO_ONEDNN_KEY: None} for name in timed}
+    for name in timed:
+        rows.setdefault(name, {}).update(latency[name])
+    return rows

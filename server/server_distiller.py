@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from logging import INFO
@@ -19,7 +18,7 @@ from fedsqueeze.data import Dataset, normalisation
 from fedsqueeze.protocol import proxy_holdout
 from fedsqueeze.server.compact import CompactConfig, build_student, count_parameters, describe
 from fedsqueeze.server.distill import DistillConfig, distill, proxy_split
-from fedsqueeze.server.export import export_compact, file_accuracy, latencies_us, load_exported, raw_pixels
+from fedsqueeze.server.export import LATENCY_KEY, LATENCY_NO_ONEDNN_KEY, export_and_measure, raw_pixels
 from fedsqueeze.training import evaluate, set_weights
 
 __all__ = ["LATENCY_RUNS", "ServerDistiller", "compact_config", "distill_config", "measure_latency"]
@@ -274,65 +273,56 @@ class ServerDistiller:
             raise RuntimeError("nothing to export: no distillation ran")
         results_dir = Path(results_dir)
         out = results_dir / "compact"
-        raw_test = raw_pixels(self.data.x_test, self.mean, self.std)
-        example = raw_test[:1].float()
-        norm = {"mean": self.mean, "std": self.std, "example_input": example}
         bits = self.student_config.bits
-        exports = {
-            "teacher": export_compact(self.teacher, out, bits=32, name="teacher_fp32", **norm),
-            "student": export_compact(self.student, out, bits=bits, name=f"student_{'int8' if bits == 8 else 'fp32'}", **norm),
-        }
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            loaded = {key: load_exported(info.torchscript_path) for key, info in exports.items()}
-            timed = {key: (model, example) for key, model in loaded.items()}
-            latency: dict[str, float | None] = dict.fromkeys(timed)
-            native: dict[str, float | None] = dict.fromkeys(timed)
-            if self.measure_latency:
-                latency.update(latencies_us(timed, LATENCY_RUNS))
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", UserWarning)  # "TF32 acceleration on top of oneDNN ..." notice
-                    with torch.backends.mkldnn.flags(enabled=False):  # oneDNN's batch-1 conv overhead, see distill_bench
-                        native.update(latencies_us(timed, LATENCY_RUNS))
-            accuracy = {key: file_accuracy(model, raw_test, self.data.y_test) for key, model in loaded.items()}
-        finally:
-            torch.set_num_threads(threads)
-        models = {"teacher": self.teacher, "student": self.student}
-        report: dict[str, Any] = {}
-        for key, info in exports.items():
-            report[key] = {
-                "params": count_parameters(models[key]),
-                "bits": info.bits,
-                "torchscript_file": str(info.torchscript_path.relative_to(results_dir)),
-                "torchscript_bytes": info.torchscript_bytes,
-                "safetensors_file": str(info.safetensors_path.relative_to(results_dir)),
-                "safetensors_bytes": info.safetensors_bytes,
-                "file_test_accuracy": accuracy[key],
-                "latency_us_batch1_1thread": latency[key],
-                "latency_us_batch1_1thread_no_onednn": native[key],
-            }
-        report["student"].update(
-            {
-                "round": self.last_round,
-                "test_accuracy_in_memory": self.last_row["student_accuracy"],
-                "test_accuracy_before_distill": self.last_row["student_accuracy_before"],
-                "teachers": self.last_row["teachers"],
-                "distill_seconds": self.last_row["distill_seconds"],
-                "config": asdict(self.student_config),
-                "layers": [{**r, "weights": [list(s) for s in r["weights"]]} for r in describe(self.student)],
-            }
+        names = {"teacher": "teacher_fp32", "student": f"student_{'int8' if bits == 8 else 'fp32'}"}
+        models = {"teacher": (self.teacher, 32), "student": (self.student, bits)}
+        rows = export_and_measure(
+            {names[key]: model_bits for key, model_bits in models.items()},
+            out,
+            raw_x=raw_pixels(self.data.x_test, self.mean, self.std),
+            y=self.data.y_test,
+            mean=self.mean,
+            std=self.std,
+            latency_runs=LATENCY_RUNS if self.measure_latency else 0,
         )
+        report: dict[str, Any] = {}
+        for key, (model, _) in models.items():
+            row = rows[names[key]]
+            report[key] = {
+                "params": count_parameters(model),
+                "bits": row["bits"],
+                "torchscript_file": str(Path(row["torchscript_path"]).relative_to(results_dir)),
+                "torchscript_bytes": row["torchscript_bytes"],
+                "safetensors_file": str(Path(row["safetensors_path"]).relative_to(results_dir)),
+                "safetensors_bytes": row["safetensors_bytes"],
+                "file_test_accuracy": row["file_test_accuracy"],
+                LATENCY_KEY: row[LATENCY_KEY],
+                LATENCY_NO_ONEDNN_KEY: row[LATENCY_NO_ONEDNN_KEY],
+            }
+        report["student"].update(self._student_details(self.student))
         report["distill"] = {**asdict(self.config), "seed": self.seed, "measure_latency": self.measure_latency}
-        report["size_ratio"] = report["teacher"]["torchscript_bytes"] / report["student"]["torchscript_bytes"]
-        report["params_ratio"] = report["teacher"]["params"] / report["student"]["params"]
-        report["accuracy_drop_points"] = 100 * (report["teacher"]["file_test_accuracy"] - report["student"]["file_test_accuracy"])
+        teacher, student = report["teacher"], report["student"]
+        report["size_ratio"] = teacher["torchscript_bytes"] / student["torchscript_bytes"]
+        report["params_ratio"] = teacher["params"] / student["params"]
+        report["accuracy_drop_points"] = 100 * (teacher["file_test_accuracy"] - student["file_test_accuracy"])
         _log_export(out, report)
         return report
 
+    def _student_details(self, student: nn.Module) -> dict[str, Any]:
+        """The last distillation's facts for ``compact.json``'s ``student`` entry."""
+        return {
+            "round": self.last_round,
+            "test_accuracy_in_memory": self.last_row["student_accuracy"],
+            "test_accuracy_before_distill": self.last_row["student_accuracy_before"],
+            "teachers": self.last_row["teachers"],
+            "distill_seconds": self.last_row["distill_seconds"],
+            "config": asdict(self.student_config),
+            "layers": [{**r, "weights": [list(s) for s in r["weights"]]} for r in describe(student)],
+        }
+
 
 def _latency_text(entry: Mapping[str, Any]) -> str:
-    value = entry["latency_us_batch1_1thread"]
+    value = entry[LATENCY_KEY]
     return "latency not measured" if value is None else f"{value:.0f} us (batch 1, 1 thread)"
 
 

@@ -22,7 +22,7 @@ from fedsqueeze.data import Dataset, clear_caches, client_data, client_indices, 
 from fedsqueeze.protocol import arrays_to_tensors, proxy_holdout, resolve_run_config, tensors_to_arrays
 from fedsqueeze.simulation.run_cell import run_cell
 from fedsqueeze.models import build_model
-from fedsqueeze.server import server_distiller
+from fedsqueeze.server import export as export_module
 from fedsqueeze.server.server_distiller import ServerDistiller, compact_config, distill_config, measure_latency
 from fedsqueeze.server.distill import proxy_split
 from fedsqueeze.server.export import raw_pixels
@@ -115,7 +115,7 @@ def test_export_times_nothing_unless_asked(tmp_path: Path, monkeypatch: pytest.M
     def no_timing(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("latency was measured although distill-latency is off")
 
-    monkeypatch.setattr(server_distiller, "latencies_us", no_timing)
+    monkeypatch.setattr(export_module, "latencies_us", no_timing)
     overrides: dict[str, Any] = {"distill-every": 1, "distill-epochs": 1, "proxy-size": 100, "num-server-rounds": 1}
     if latency is not None:
         overrides["distill-latency"] = latency

@@ -20,7 +20,15 @@ from torch import nn
 from fedsqueeze.predict import main as predict_main
 from fedsqueeze.predict import predict
 from fedsqueeze.server.compact import CompactConfig, build_student, count_parameters
-from fedsqueeze.server.export import export_compact, load_safetensors, quantize_per_channel
+from fedsqueeze.server import export as export_module
+from fedsqueeze.server.export import (
+    LATENCY_KEY,
+    LATENCY_NO_ONEDNN_KEY,
+    export_and_measure,
+    export_compact,
+    load_safetensors,
+    quantize_per_channel,
+)
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.* is deprecated:FutureWarning")
@@ -102,6 +110,37 @@ def test_int8_export_is_close_and_smaller(student: nn.Module, tmp_path: Path) ->
     # int8 payload is a quarter of fp32; archive overhead keeps the ratio below 4 on a tiny model
     assert int8.torchscript_bytes < 0.6 * fp32.torchscript_bytes
     assert int8.safetensors_bytes < 0.6 * fp32.safetensors_bytes
+
+
+def test_export_and_measure_times_only_when_asked(
+    teacher: nn.Module, student: nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw = _raw_images(64)
+    y = teacher(_normalise(raw)).argmax(1)  # the teacher's own predictions: its file must score 1.0
+    models = {"teacher_fp32": (teacher, 32), "student_int8": (student, 8)}
+    kwargs = {"raw_x": raw, "y": y, "mean": MEAN, "std": STD}
+    timed = export_and_measure(models, tmp_path / "a", latency_runs=50, also_timed={"eager": (teacher, _normalise(raw[:1]))}, **kwargs)
+    assert set(timed) == {"teacher_fp32", "student_int8", "eager"}
+    assert timed["teacher_fp32"]["file_test_accuracy"] == 1.0
+    with torch.no_grad():
+        loaded = torch.jit.load(timed["student_int8"]["torchscript_path"])
+        expected = float((loaded(raw).argmax(1) == y).float().mean())
+    assert timed["student_int8"]["file_test_accuracy"] == pytest.approx(expected)
+    assert timed["student_int8"]["bits"] == 8 and timed["teacher_fp32"]["bits"] == 32
+    assert Path(timed["student_int8"]["torchscript_path"]).stat().st_size == timed["student_int8"]["torchscript_bytes"]
+    for row in timed.values():
+        assert row[LATENCY_KEY] > 0 and row[LATENCY_NO_ONEDNN_KEY] > 0
+    assert torch.get_num_threads() == 1  # restored to the module's setting
+
+    def no_timing(*args: object, **kw: object) -> None:
+        raise AssertionError("timed although latency_runs is 0")
+
+    monkeypatch.setattr(export_module, "latencies_us", no_timing)
+    untimed = export_and_measure(models, tmp_path / "b", **kwargs)
+    assert all(row[LATENCY_KEY] is None and row[LATENCY_NO_ONEDNN_KEY] is None for row in untimed.values())
+    assert untimed["teacher_fp32"]["file_test_accuracy"] == 1.0 and set(untimed) == set(models)
+    with pytest.raises(ValueError, match="latency_runs must be >= 0"):
+        export_and_measure(models, tmp_path / "c", latency_runs=-1, **kwargs)
 
 
 def test_file_size_shrinks_with_compression(teacher: nn.Module, tmp_path: Path) -> None:
