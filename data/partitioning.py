@@ -89,6 +89,26 @@ def partition(
         clients per class than samples of that class).
     """
     labels = np.asarray(labels)
+    param = _check_partition_args(labels, num_partitions, partitioner, alpha, classes_per_partition, seed)
+    n = len(labels)
+    labels = np.ascontiguousarray(labels, dtype=np.int64)
+    digest = hashlib.blake2b(labels.tobytes(), digest_size=16).hexdigest()
+    key = (digest, n, int(num_partitions), partitioner, param, int(seed))
+    with _PARTITION_LOCK:
+        cached = _PARTITION_CACHE.get(key)
+    if cached is None:
+        cached = _partition(labels, int(num_partitions), partitioner, param, int(seed))
+        with _PARTITION_LOCK:
+            if len(_PARTITION_CACHE) >= _PARTITION_CACHE_SIZE:
+                _PARTITION_CACHE.clear()
+            _PARTITION_CACHE[key] = cached
+    return list(cached)
+
+
+def _check_partition_args(
+    labels: np.ndarray, num_partitions: int, partitioner: str, alpha: float, classes_per_partition: int, seed: int
+) -> float | int | None:
+    """Validate :func:`partition`'s arguments; return the partitioner's parameter (alpha, classes or None)."""
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or len(labels) == 0:
         raise ValueError(
             f"labels must be a non-empty 1-D integer array, got {labels.dtype} {labels.shape}"
@@ -107,30 +127,16 @@ def partition(
             math.isfinite(alpha) and alpha > 0
         ):
             raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
-        param: float | int | None = float(alpha)
-    elif partitioner == "classes":
+        return float(alpha)
+    if partitioner == "classes":
         num_classes = len(np.unique(labels))
         if not _is_int(classes_per_partition) or not 1 <= classes_per_partition <= num_classes:
             raise ValueError(
                 f"classes_per_partition must be an integer in 1..{num_classes} (the number of "
                 f"classes in labels), got {classes_per_partition!r}"
             )
-        param = int(classes_per_partition)
-    else:
-        param = None
-
-    labels = np.ascontiguousarray(labels, dtype=np.int64)
-    digest = hashlib.blake2b(labels.tobytes(), digest_size=16).hexdigest()
-    key = (digest, n, int(num_partitions), partitioner, param, int(seed))
-    with _PARTITION_LOCK:
-        cached = _PARTITION_CACHE.get(key)
-    if cached is None:
-        cached = _partition(labels, int(num_partitions), partitioner, param, int(seed))
-        with _PARTITION_LOCK:
-            if len(_PARTITION_CACHE) >= _PARTITION_CACHE_SIZE:
-                _PARTITION_CACHE.clear()
-            _PARTITION_CACHE[key] = cached
-    return list(cached)
+        return int(classes_per_partition)
+    return None
 
 
 def _partition(

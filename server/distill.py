@@ -196,6 +196,17 @@ def distillation_loss(student_logits: torch.Tensor, target_logits: torch.Tensor,
     return kl * temperature**2
 
 
+def _check_training_args(proxy_x: torch.Tensor, *, temperature: float, lr: float, epochs: int, batch_size: int) -> None:
+    """Raise ValueError naming the first of :func:`distill`'s arguments that is out of range."""
+    if not isinstance(proxy_x, torch.Tensor) or proxy_x.dim() < 2 or len(proxy_x) == 0:
+        raise ValueError(f"proxy_x must be a non-empty (N, ...) tensor, got {getattr(proxy_x, 'shape', proxy_x)!r}")
+    _check_positive("temperature", temperature)
+    _check_positive("lr", lr)
+    for label, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{label} must be an integer >= 1, got {value!r}")
+
+
 def distill(
     student: nn.Module,
     teachers: Sequence[nn.Module] | nn.Module,
@@ -248,13 +259,7 @@ def distill(
     """
     start = time.perf_counter()
     teacher_list = [teachers] if isinstance(teachers, nn.Module) else list(teachers)
-    if not isinstance(proxy_x, torch.Tensor) or proxy_x.dim() < 2 or len(proxy_x) == 0:
-        raise ValueError(f"proxy_x must be a non-empty (N, ...) tensor, got {getattr(proxy_x, 'shape', proxy_x)!r}")
-    _check_positive("temperature", temperature)
-    _check_positive("lr", lr)
-    for label, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{label} must be an integer >= 1, got {value!r}")
+    _check_training_args(proxy_x, temperature=temperature, lr=lr, epochs=epochs, batch_size=batch_size)
 
     targets = teacher_logits(teacher_list, proxy_x, weights)
     params = [p for p in student.parameters() if p.requires_grad]

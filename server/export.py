@@ -365,6 +365,28 @@ def _structure(ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def _per_channel(
+    mean: float | Sequence[float], std: float | Sequence[float], channels: int
+) -> tuple[list[float], list[float]]:
+    """The normalisation as one mean and one std per input channel (a single value is repeated)."""
+    mean_c, std_c = _as_channels(mean, "mean"), _as_channels(std, "std")
+    if len(mean_c) != len(std_c) or len(mean_c) not in (1, channels):
+        raise ValueError(f"mean and std need one value per input channel ({channels}), got {mean_c} and {std_c}")
+    if any(s <= 0 for s in std_c):
+        raise ValueError(f"std values must be positive, got {std_c}")
+    return mean_c * (channels // len(mean_c)), std_c * (channels // len(std_c))
+
+
+def _traced_archive(flat: nn.Module, example_input: torch.Tensor) -> bytes:
+    """``torch.jit.save`` of ``flat`` traced on ``example_input``, as bytes."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in torch 2.x but works
+        traced = torch.jit.trace(flat.eval(), example_input.to(torch.float32), check_trace=False, _store_inputs=False)
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer)
+    return buffer.getvalue()
+
+
 def export_compact(
     model: nn.Module,
     out_dir: str | os.PathLike[str],
@@ -416,22 +438,10 @@ def export_compact(
         raise ValueError(f"bits must be one of {_SUPPORTED_BITS}, got {bits}")
     if not isinstance(example_input, torch.Tensor) or example_input.dim() != 4:
         raise ValueError(f"example_input must be a (N, C, H, W) tensor, got {getattr(example_input, 'shape', example_input)!r}")
-    mean_c, std_c = _as_channels(mean, "mean"), _as_channels(std, "std")
-    if len(mean_c) != len(std_c) or len(mean_c) not in (1, example_input.shape[1]):
-        raise ValueError(f"mean and std need one value per input channel ({example_input.shape[1]}), got {mean_c} and {std_c}")
-    if any(s <= 0 for s in std_c):
-        raise ValueError(f"std values must be positive, got {std_c}")
-    channels = example_input.shape[1]
-    mean_c, std_c = mean_c * (channels // len(mean_c)), std_c * (channels // len(std_c))
-
+    mean_c, std_c = _per_channel(mean, std, example_input.shape[1])
     ops = flatten_ops(model)
     flat, tensors = _pack(ops, bits, mean_c, std_c)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        traced = torch.jit.trace(flat.eval(), example_input.to(torch.float32), check_trace=False, _store_inputs=False)
-        buffer = io.BytesIO()
-        torch.jit.save(traced, buffer)
-    raw = buffer.getvalue()
+    raw = _traced_archive(flat, example_input)
     data = _repack_zip(raw) if repack else raw
 
     out = Path(out_dir)
