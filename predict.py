@@ -114,7 +114,9 @@ def _to_nchw(images: np.ndarray) -> torch.Tensor:
     if images.ndim == 3:
         x = torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1)
     elif images.ndim == 4 and images.shape[-1] in (1, 3, 4):
-        x = torch.from_numpy(np.ascontiguousarray(images[..., :3] if images.shape[-1] == 4 else images)).permute(0, 3, 1, 2)
+        x = torch.from_numpy(np.ascontiguousarray(images[..., :3] if images.shape[-1] == 4 else images)).permute(
+            0, 3, 1, 2
+        )
     else:
         raise ValueError(f"images must be (N, H, W) or (N, H, W, C) with C in 1, 3, 4, got shape {images.shape}")
     if images.dtype == np.uint8:
@@ -175,7 +177,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("model", help="exported TorchScript file (.pt)")
     parser.add_argument("images", nargs="+", help="one .npy/.npz file (N x H x W [x C], 0..255) or image files")
     parser.add_argument("--key", default=None, help="array name in an images .npz (default: x_test or the only array)")
-    parser.add_argument("--labels", default=None, help="labels .npy/.npz file, or an array name in the images .npz (e.g. y_test)")
+    parser.add_argument(
+        "--labels", default=None, help="labels .npy/.npz file, or an array name in the images .npz (e.g. y_test)"
+    )
     args = parser.parse_args(argv)
     try:
         images = load_images(args.images, args.key)

@@ -24,6 +24,7 @@ __all__ = [
 #: Environment variable naming a data file or folder, used when no ``data_dir`` is given.
 DATA_ENV_VAR = "FEDSQUEEZE_DATA"
 
+
 @dataclass(frozen=True)
 class _Spec:
     """What a dataset looks like on disk and how to normalise it."""
@@ -85,10 +86,7 @@ class Dataset:
         return _SPECS[self.name].num_classes
 
     def __repr__(self) -> str:
-        return (
-            f"Dataset(name={self.name!r}, train={tuple(self.x_train.shape)}, "
-            f"test={tuple(self.x_test.shape)})"
-        )
+        return f"Dataset(name={self.name!r}, train={tuple(self.x_train.shape)}, test={tuple(self.x_test.shape)})"
 
 
 def _canonical_name(name: str) -> str:
@@ -153,14 +151,9 @@ def _check_arrays(name: str, source: str, arrays: dict[str, np.ndarray]) -> None
                 f"found {x.dtype} {x.shape}"
             )
         if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
-            raise ValueError(
-                f"{source}: y_{split} must be {len(x)} integer labels, found {y.dtype} {y.shape}"
-            )
+            raise ValueError(f"{source}: y_{split} must be {len(x)} integer labels, found {y.dtype} {y.shape}")
         if len(y) and (y.min() < 0 or y.max() >= spec.num_classes):
-            raise ValueError(
-                f"{source}: y_{split} must lie in 0..{spec.num_classes - 1}, "
-                f"found {y.min()}..{y.max()}"
-            )
+            raise ValueError(f"{source}: y_{split} must lie in 0..{spec.num_classes - 1}, found {y.min()}..{y.max()}")
 
 
 def _read_npz(name: str, path: Path) -> dict[str, np.ndarray]:
@@ -169,9 +162,7 @@ def _read_npz(name: str, path: Path) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as npz:
         missing = [k for k in keys if k not in npz.files]
         if missing:
-            raise ValueError(
-                f"{path}: missing arrays {missing}; expected keys {list(keys)}, found {npz.files}"
-            )
+            raise ValueError(f"{path}: missing arrays {missing}; expected keys {list(keys)}, found {npz.files}")
         arrays = {k: npz[k] for k in keys}
     _check_arrays(name, str(path), arrays)
     return arrays
@@ -197,9 +188,7 @@ def _download(name: str, root: Path) -> dict[str, np.ndarray]:
     return _read_torchvision(name, root, download=True)
 
 
-def _find_local(
-    name: str, location: Path, looked: list[str], *, strict: bool = True
-) -> dict[str, np.ndarray] | None:
+def _find_local(name: str, location: Path, looked: list[str], *, strict: bool = True) -> dict[str, np.ndarray] | None:
     """Load ``name`` from a file or folder if it holds a copy; note each place tried in ``looked``.
 
     An unreadable torchvision folder raises ValueError when ``strict``, else counts as
@@ -293,9 +282,7 @@ def _load(name: str, given: str | None) -> Dataset:
         arrays = _find_local(name, cache_dir, looked, strict=False)
     if arrays is None:
         if given:
-            warnings.warn(
-                f"no {name} data at {given}; downloading it into {cache_dir}", stacklevel=3
-            )
+            warnings.warn(f"no {name} data at {given}; downloading it into {cache_dir}", stacklevel=3)
         try:
             arrays = _download(name, cache_dir)
         except Exception as err:  # noqa: BLE001 - any download failure ends in one clear error

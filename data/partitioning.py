@@ -110,22 +110,16 @@ def _check_partition_args(
 ) -> float | int | None:
     """Validate :func:`partition`'s arguments; return the partitioner's parameter (alpha, classes or None)."""
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or len(labels) == 0:
-        raise ValueError(
-            f"labels must be a non-empty 1-D integer array, got {labels.dtype} {labels.shape}"
-        )
+        raise ValueError(f"labels must be a non-empty 1-D integer array, got {labels.dtype} {labels.shape}")
     n = len(labels)
     if not _is_int(num_partitions) or not 1 <= num_partitions <= n:
         raise ValueError(f"num_partitions must be an integer in 1..{n}, got {num_partitions!r}")
     if partitioner not in PARTITIONERS:
-        raise ValueError(
-            f"unknown partitioner {partitioner!r}; choose one of {', '.join(PARTITIONERS)}"
-        )
+        raise ValueError(f"unknown partitioner {partitioner!r}; choose one of {', '.join(PARTITIONERS)}")
     if not _is_int(seed) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     if partitioner == "dirichlet":
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (
-            math.isfinite(alpha) and alpha > 0
-        ):
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha > 0):
             raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
         return float(alpha)
     if partitioner == "classes":
@@ -176,9 +170,7 @@ def _partition(
         )
     # Arrow format: columns come back as pyarrow arrays, which numpy converts at once
     # (the default format converts row by row: seconds for 60k rows).
-    part.dataset = hf_datasets.Dataset.from_dict(
-        {"label": labels[index], "index": index}
-    ).with_format("arrow")
+    part.dataset = hf_datasets.Dataset.from_dict({"label": labels[index], "index": index}).with_format("arrow")
     try:
         with warnings.catch_warnings():
             # Dirichlet warns before each retry; its final failure is a ValueError below.
@@ -186,8 +178,7 @@ def _partition(
             parts = _partition_indices(part, num_partitions)
     except ValueError as err:
         settings = {
-            "dirichlet": f" (alpha={param}, at least {min(10, len(labels) // num_partitions)} "
-            f"samples per client)",
+            "dirichlet": f" (alpha={param}, at least {min(10, len(labels) // num_partitions)} samples per client)",
             "classes": f" (classes_per_partition={param})",
         }
         raise ValueError(
@@ -218,9 +209,7 @@ def _partition_indices(part: object, num_partitions: int) -> list[np.ndarray]:
     if isinstance(computed, dict) and sorted(computed) == list(range(num_partitions)):
         index = np.asarray(part.dataset["index"], dtype=np.int64)
         return [index[np.asarray(computed[i], dtype=np.int64)] for i in range(num_partitions)]
-    return [
-        np.asarray(part.load_partition(i)["index"], dtype=np.int64) for i in range(num_partitions)
-    ]
+    return [np.asarray(part.load_partition(i)["index"], dtype=np.int64) for i in range(num_partitions)]
 
 
 def holdout_split(num_train: int, holdout: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,7 +237,9 @@ def holdout_split(num_train: int, holdout: int, seed: int = 0) -> tuple[torch.Te
     if not _is_int(num_train) or num_train < 2:
         raise ValueError(f"num_train must be an integer >= 2, got {num_train!r}")
     if not _is_int(holdout) or not 1 <= holdout < num_train:
-        raise ValueError(f"holdout must be an integer in 1..{num_train - 1} (fewer than the training samples), got {holdout!r}")
+        raise ValueError(
+            f"holdout must be an integer in 1..{num_train - 1} (fewer than the training samples), got {holdout!r}"
+        )
     order = torch.randperm(int(num_train), generator=torch.Generator().manual_seed(int(seed)))
     return order[:holdout].sort().values, order[holdout:].sort().values
 

@@ -1,7 +1,14 @@
 """fedsqueeze on the server: the compressing strategy wrapper, distillation into a compact model, export."""
 
 from fedsqueeze.server.server_distiller import ServerDistiller
-from fedsqueeze.server.compact import CompactConfig, LowRankConv2d, LowRankLinear, Tucker2Conv2d, build_student, count_parameters
+from fedsqueeze.server.compact import (
+    CompactConfig,
+    LowRankConv2d,
+    LowRankLinear,
+    Tucker2Conv2d,
+    build_student,
+    count_parameters,
+)
 from fedsqueeze.server.distill import DistillConfig, DistillResult, distill, proxy_split, teacher_logits
 from fedsqueeze.server.export import ExportInfo, export_compact, load_safetensors
 from fedsqueeze.server.strategy import CompressedStrategy, Rejection, TrafficRecord

@@ -123,7 +123,9 @@ def proxy_split(num_train: int, proxy_size: int, seed: int = 0) -> tuple[torch.T
     partitions: the same ``(num_train, proxy_size, seed)`` give the same split on both sides.
     """
     if not 1 <= proxy_size < num_train:
-        raise ValueError(f"proxy_size must be in 1..{num_train - 1} (fewer than the training samples), got {proxy_size}")
+        raise ValueError(
+            f"proxy_size must be in 1..{num_train - 1} (fewer than the training samples), got {proxy_size}"
+        )
     return holdout_split(num_train, proxy_size, seed)
 
 
@@ -168,7 +170,9 @@ def teacher_logits(
         was_training = teacher.training
         teacher.eval()
         device = next((p.device for p in teacher.parameters()), torch.device("cpu"))
-        out = torch.cat([teacher(x[i : i + _EVAL_BATCH].to(device)).float().cpu() for i in range(0, len(x), _EVAL_BATCH)])
+        out = torch.cat(
+            [teacher(x[i : i + _EVAL_BATCH].to(device)).float().cpu() for i in range(0, len(x), _EVAL_BATCH)]
+        )
         teacher.train(was_training)
         total = out * w if total is None else total + out * w
     assert total is not None

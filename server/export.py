@@ -94,7 +94,9 @@ def _weight_op(layer: nn.Conv2d | nn.Linear) -> dict[str, Any]:
     if isinstance(layer, nn.Linear):
         return {"op": "linear", "weight": weight, "bias": bias}
     if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
-        raise ValueError(f"only numeric zero padding can be exported, got padding={layer.padding!r}, mode={layer.padding_mode!r}")
+        raise ValueError(
+            f"only numeric zero padding can be exported, got padding={layer.padding!r}, mode={layer.padding_mode!r}"
+        )
     return {
         "op": "conv2d",
         "weight": weight,
@@ -186,7 +188,8 @@ def flatten_ops(model: nn.Module) -> list[dict[str, Any]]:
         else:
             raise ValueError(
                 f"layer {name} ({type(layer).__name__}) cannot be exported; supported: Conv2d, Linear, the "
-                "factored layers, BatchNorm after them, ReLU/Tanh/Sigmoid, Max/AvgPool2d, Flatten, (Log)Softmax, Dropout"
+                "factored layers, BatchNorm after them, ReLU/Tanh/Sigmoid, Max/AvgPool2d, Flatten, (Log)Softmax, "
+                "Dropout"
             )
     return ops
 
@@ -276,7 +279,9 @@ class _FlatNet(nn.Module):
             elif kind == "max_pool2d":
                 x = F.max_pool2d(x, op["kernel_size"], op["stride"], op["padding"], op["dilation"], op["ceil_mode"])
             elif kind == "avg_pool2d":
-                x = F.avg_pool2d(x, op["kernel_size"], op["stride"], op["padding"], op["ceil_mode"], op["count_include_pad"])
+                x = F.avg_pool2d(
+                    x, op["kernel_size"], op["stride"], op["padding"], op["ceil_mode"], op["count_include_pad"]
+                )
             elif kind == "flatten":
                 x = torch.flatten(x, 1)
             elif kind == "log_softmax":
@@ -295,7 +300,9 @@ def _as_channels(value: float | Sequence[float], label: str) -> list[float]:
     return values
 
 
-def _pack(ops: list[dict[str, Any]], bits: int, mean: list[float], std: list[float]) -> tuple[_FlatNet, dict[str, torch.Tensor]]:
+def _pack(
+    ops: list[dict[str, Any]], bits: int, mean: list[float], std: list[float]
+) -> tuple[_FlatNet, dict[str, torch.Tensor]]:
     """Quantise and pack the op weights; return the flat module and per-layer tensors for safetensors."""
     q_parts: list[torch.Tensor] = []
     f_parts: list[torch.Tensor] = []
@@ -344,7 +351,10 @@ def _repack_zip(data: bytes) -> bytes:
     source ranges for error messages.
     """
     out = io.BytesIO()
-    with zipfile.ZipFile(io.BytesIO(data)) as zin, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zout:
+    with (
+        zipfile.ZipFile(io.BytesIO(data)) as zin,
+        zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zout,
+    ):
         for info in zin.infolist():
             if not info.filename.endswith(".debug_pkl"):
                 zout.writestr(info.filename, zin.read(info.filename))
@@ -437,7 +447,9 @@ def export_compact(
     if bits not in _SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {_SUPPORTED_BITS}, got {bits}")
     if not isinstance(example_input, torch.Tensor) or example_input.dim() != 4:
-        raise ValueError(f"example_input must be a (N, C, H, W) tensor, got {getattr(example_input, 'shape', example_input)!r}")
+        raise ValueError(
+            f"example_input must be a (N, C, H, W) tensor, got {getattr(example_input, 'shape', example_input)!r}"
+        )
     mean_c, std_c = _per_channel(mean, std, example_input.shape[1])
     ops = flatten_ops(model)
     flat, tensors = _pack(ops, bits, mean_c, std_c)

@@ -28,14 +28,18 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", required=True, type=Path, help="output folder for compact.json and the exported files")
     p.add_argument("--teacher", default="lenet5", help="teacher model name (default: lenet5)")
     p.add_argument("--teacher-epochs", type=int, default=3, help="teacher training epochs (default: 3)")
-    p.add_argument("--teacher-lr", type=float, default=0.01, help="teacher SGD learning rate, momentum 0.9 (default: 0.01)")
+    p.add_argument(
+        "--teacher-lr", type=float, default=0.01, help="teacher SGD learning rate, momentum 0.9 (default: 0.01)"
+    )
     p.add_argument(
         "--teacher-state",
         type=Path,
         default=None,
         help="state_dict file: load the teacher from it if it exists, else train and save it there (default: none)",
     )
-    p.add_argument("--train-limit", type=int, default=None, help="train the teacher on at most this many images (default: all)")
+    p.add_argument(
+        "--train-limit", type=int, default=None, help="train the teacher on at most this many images (default: all)"
+    )
     p.add_argument("--proxy-size", type=int, default=10_000, help="server-held unlabeled proxy images (default: 10000)")
     p.add_argument("--distill-epochs", type=int, default=10, help="distillation epochs (default: 10)")
     p.add_argument("--temperature", type=float, default=3.0, help="distillation temperature (default: 3.0)")
@@ -44,11 +48,18 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--linear-rank", type=_rank, default=12, help="linear rank: int, fraction or 'none' (default: 12)")
     p.add_argument("--conv-init", choices=["svd", "tucker2"], default="svd", help="conv factoring (default: svd)")
     p.add_argument("--prune-ratio", type=float, default=0.5, help="fraction of conv filters removed (default: 0.5)")
-    p.add_argument("--linear-prune-ratio", type=float, default=0.5, help="fraction of hidden units removed (default: 0.5)")
+    p.add_argument(
+        "--linear-prune-ratio", type=float, default=0.5, help="fraction of hidden units removed (default: 0.5)"
+    )
     p.add_argument("--norm", choices=["l1", "l2"], default="l1", help="pruning norm (default: l1)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, split and batch order (default: 0)")
     p.add_argument("--threads", type=int, default=1, help="torch threads for training (default: 1)")
-    p.add_argument("--latency-runs", type=int, default=1000, help="timed batch-1 forward passes per model, 0 times nothing (default: 1000)")
+    p.add_argument(
+        "--latency-runs",
+        type=int,
+        default=1000,
+        help="timed batch-1 forward passes per model, 0 times nothing (default: 1000)",
+    )
     return p.parse_args(argv)
 
 
@@ -201,7 +212,8 @@ def _print_table(report: dict) -> None:
     )
     print(
         f"teacher {100 * teacher['test_accuracy']:.2f} %; student before distillation "
-        f"{100 * student['test_accuracy_before_distill']:.2f} %, after {100 * student['test_accuracy_after_distill']:.2f} % "
+        f"{100 * student['test_accuracy_before_distill']:.2f} %, "
+        f"after {100 * student['test_accuracy_after_distill']:.2f} % "
         f"(in memory, fp32); distillation {student['distill_seconds']:.1f} s on {student['proxy_size']} proxy images"
     )
     print(

@@ -163,7 +163,9 @@ def test_pruning_zero_filters_and_units_keeps_outputs_exactly() -> None:
             layer.weight[dead] = 0.0
             layer.bias[dead] = 0.0
     x = _inputs()
-    config = CompactConfig(conv_rank=None, linear_rank=None, prune_ratio=0.25, linear_prune_ratio=0.5, no_prune=("fc2",))
+    config = CompactConfig(
+        conv_rank=None, linear_rank=None, prune_ratio=0.25, linear_prune_ratio=0.5, no_prune=("fc2",)
+    )
     student = build_student(model, config)
     assert student.conv1.out_channels == 6 and student.conv2.in_channels == 6
     assert student.conv2.out_channels == 9 and student.fc1.in_features == 9 * 4

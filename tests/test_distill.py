@@ -156,5 +156,8 @@ def test_distill_bench_smoke(mnist_path: Path, tmp_path: Path, capsys: pytest.Ca
     assert report["student"]["params"] < report["teacher"]["params"] / 5
     assert report["teacher"]["test_accuracy"] > 0.5  # 3000 images, one epoch: well above chance (0.1)
     assert "student_int8" in capsys.readouterr().out
-    for entry in (*files.values(), {k[len("eager_"):]: v for k, v in report["teacher"].items() if k.startswith("eager_")}):
+    for entry in (
+        *files.values(),
+        {k[len("eager_") :]: v for k, v in report["teacher"].items() if k.startswith("eager_")},
+    ):
         assert entry["latency_us_batch1_1thread"] > 0 and entry["latency_us_batch1_1thread_no_onednn"] > 0

@@ -111,7 +111,9 @@ def _export_with(run: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("latency", [None, False])
-def test_export_times_nothing_unless_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, latency: bool | None) -> None:
+def test_export_times_nothing_unless_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, latency: bool | None
+) -> None:
     def no_timing(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("latency was measured although distill-latency is off")
 

@@ -85,7 +85,9 @@ def student(teacher: nn.Module) -> nn.Module:
 
 
 def _export(model: nn.Module, out: Path, bits: int, name: str, **kwargs: object):
-    return export_compact(model, out, bits=bits, example_input=_raw_images(1).float(), mean=MEAN, std=STD, name=name, **kwargs)
+    return export_compact(
+        model, out, bits=bits, example_input=_raw_images(1).float(), mean=MEAN, std=STD, name=name, **kwargs
+    )
 
 
 def test_fp32_export_matches_the_model(teacher: nn.Module, tmp_path: Path) -> None:
@@ -119,7 +121,9 @@ def test_export_and_measure_times_only_when_asked(
     y = teacher(_normalise(raw)).argmax(1)  # the teacher's own predictions: its file must score 1.0
     models = {"teacher_fp32": (teacher, 32), "student_int8": (student, 8)}
     kwargs = {"raw_x": raw, "y": y, "mean": MEAN, "std": STD}
-    timed = export_and_measure(models, tmp_path / "a", latency_runs=50, also_timed={"eager": (teacher, _normalise(raw[:1]))}, **kwargs)
+    timed = export_and_measure(
+        models, tmp_path / "a", latency_runs=50, also_timed={"eager": (teacher, _normalise(raw[:1]))}, **kwargs
+    )
     assert set(timed) == {"teacher_fp32", "student_int8", "eager"}
     assert timed["teacher_fp32"]["file_test_accuracy"] == 1.0
     with torch.no_grad():
@@ -182,7 +186,9 @@ def test_safetensors_holds_int8_weights_and_rebuilds_the_model(student: nn.Modul
     assert json.loads(metadata["mean"]) == [MEAN] and metadata["bits"] == "8"
     raw = _raw_images(16)
     with torch.no_grad():
-        torch.testing.assert_close(load_safetensors(info.safetensors_path)(raw), torch.jit.load(str(info.torchscript_path))(raw))
+        torch.testing.assert_close(
+            load_safetensors(info.safetensors_path)(raw), torch.jit.load(str(info.torchscript_path))(raw)
+        )
 
 
 def test_exported_file_runs_without_fedsqueeze(student: nn.Module, tmp_path: Path) -> None:
@@ -214,10 +220,10 @@ def test_exported_file_runs_without_fedsqueeze(student: nn.Module, tmp_path: Pat
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     clean = tmp_path / "clean"
     clean.mkdir()
+    command = [sys.executable, "-I", "-c", script, str(info.torchscript_path), str(tmp_path / "x.npy")]
     done = subprocess.run(
-        [sys.executable, "-I", "-c", script, str(info.torchscript_path), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
-        cwd=clean, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [*command, str(tmp_path / "y.npy")], cwd=clean, env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     logits = torch.from_numpy(np.load(tmp_path / "y.npy"))
     with torch.no_grad():
@@ -253,7 +259,9 @@ def test_predict_matches_the_model(student: nn.Module, tmp_path: Path) -> None:
     expected = torch.jit.load(str(info.torchscript_path))(raw).argmax(1).numpy()
     np.testing.assert_array_equal(predict(info.torchscript_path, raw[:, 0].numpy()), expected)
     np.testing.assert_array_equal(predict(info.torchscript_path, raw.permute(0, 2, 3, 1).numpy()), expected)  # NHWC
-    np.testing.assert_array_equal(predict(info.torchscript_path, raw[:, 0].numpy() / 255.0), expected)  # floats in [0, 1]
+    np.testing.assert_array_equal(
+        predict(info.torchscript_path, raw[:, 0].numpy() / 255.0), expected
+    )  # floats in [0, 1]
 
 
 def test_predict_cli_prints_one_class_per_image(

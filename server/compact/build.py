@@ -115,7 +115,9 @@ def _resolve_aliases(names: Sequence[str], chain: list[tuple[str, nn.Module]]) -
         elif name in known:
             resolved.add(name)
         else:
-            raise ValueError(f"unknown layer {name!r} in config; layers are {sorted(known)} and aliases {sorted(aliases)}")
+            raise ValueError(
+                f"unknown layer {name!r} in config; layers are {sorted(known)} and aliases {sorted(aliases)}"
+            )
     return resolved
 
 
@@ -136,7 +138,9 @@ def _factor(name: str, layer: nn.Module, config: CompactConfig) -> nn.Module:
                 return layer
             candidate = LowRankConv2d.from_dense(layer, rank)
     elif isinstance(layer, nn.Linear):
-        rank = resolve_rank(config.layer_ranks.get(name, config.linear_rank), min(layer.in_features, layer.out_features))
+        rank = resolve_rank(
+            config.layer_ranks.get(name, config.linear_rank), min(layer.in_features, layer.out_features)
+        )
         if rank is None:
             return layer
         candidate = LowRankLinear.from_dense(layer, rank)

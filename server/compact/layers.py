@@ -82,7 +82,9 @@ class LowRankConv2d(nn.Module):
         out_ch, in_ch, kh, kw = layer.weight.shape
         max_rank = min(out_ch, in_ch * kh * kw)
         if not 1 <= rank <= max_rank:
-            raise ValueError(f"rank must be in [1, {max_rank}] for a conv of weight {tuple(layer.weight.shape)}, got {rank}")
+            raise ValueError(
+                f"rank must be in [1, {max_rank}] for a conv of weight {tuple(layer.weight.shape)}, got {rank}"
+            )
         new = cls(in_ch, out_ch, (kh, kw), rank, layer.stride, layer.padding, layer.dilation, layer.bias is not None)
         left, right = _svd_factors(layer.weight.reshape(out_ch, -1), rank)
         with torch.no_grad():
@@ -126,7 +128,9 @@ class Tucker2Conv2d(nn.Module):
         if in_rank < 1 or out_rank < 1:
             raise ValueError(f"ranks must be >= 1, got in_rank={in_rank}, out_rank={out_rank}")
         self.project = nn.Conv2d(in_channels, in_rank, 1, bias=False)
-        self.core = nn.Conv2d(in_rank, out_rank, kernel_size, stride=stride, padding=padding, dilation=dilation, bias=False)
+        self.core = nn.Conv2d(
+            in_rank, out_rank, kernel_size, stride=stride, padding=padding, dilation=dilation, bias=False
+        )
         self.expand = nn.Conv2d(out_rank, out_channels, 1, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -157,7 +161,17 @@ class Tucker2Conv2d(nn.Module):
                 f"ranks must satisfy 1 <= in_rank <= {in_ch} and 1 <= out_rank <= {out_ch}, "
                 f"got in_rank={in_rank}, out_rank={out_rank}"
             )
-        new = cls(in_ch, out_ch, (kh, kw), in_rank, out_rank, layer.stride, layer.padding, layer.dilation, layer.bias is not None)
+        new = cls(
+            in_ch,
+            out_ch,
+            (kh, kw),
+            in_rank,
+            out_rank,
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            layer.bias is not None,
+        )
         u_out = _leading_singular_vectors(weight.reshape(out_ch, -1), out_rank)  # (O, r_out)
         u_in = _leading_singular_vectors(weight.transpose(0, 1).reshape(in_ch, -1), in_rank)  # (I, r_in)
         core = torch.einsum("oikl,or,is->rskl", weight.double(), u_out, u_in)
@@ -211,7 +225,9 @@ class LowRankLinear(nn.Module):
         """
         max_rank = min(layer.in_features, layer.out_features)
         if not 1 <= rank <= max_rank:
-            raise ValueError(f"rank must be in [1, {max_rank}] for a {layer.in_features}->{layer.out_features} linear, got {rank}")
+            raise ValueError(
+                f"rank must be in [1, {max_rank}] for a {layer.in_features}->{layer.out_features} linear, got {rank}"
+            )
         new = cls(layer.in_features, layer.out_features, rank, layer.bias is not None)
         left, right = _svd_factors(layer.weight, rank)
         with torch.no_grad():
@@ -229,7 +245,8 @@ def _check_plain_conv(layer: nn.Module) -> None:
         raise ValueError(f"only groups=1 convolutions can be factored, got groups={layer.groups}")
     if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
         raise ValueError(
-            f"only numeric zero padding is supported, got padding={layer.padding!r}, padding_mode={layer.padding_mode!r}"
+            "only numeric zero padding is supported, "
+            f"got padding={layer.padding!r}, padding_mode={layer.padding_mode!r}"
         )
 
 

@@ -99,7 +99,9 @@ def prune_chain(
             continue
         factored = [n for n, m in (chain[pos], chain[nxt]) if isinstance(m, FACTORED_LAYERS)]
         if factored:
-            raise ValueError(f"cannot prune around factored layer(s) {factored}: prune the dense model before factoring")
+            raise ValueError(
+                f"cannot prune around factored layer(s) {factored}: prune the dense model before factoring"
+            )
         if isinstance(layer, nn.Conv2d) and layer.groups != 1:
             raise ValueError(f"cannot prune grouped convolution {name}")
         old = layer.weight.shape[0]
