@@ -1,4 +1,7 @@
-"""Device-side prediction with an exported TorchScript model (needs only torch, numpy and, for PNGs, Pillow)."""
+"""Device-side prediction with an exported model: TorchScript (``.pt``) or ONNX (``.onnx``, run by onnxruntime).
+
+It needs torch, numpy, onnxruntime for ``.onnx`` files and Pillow for image files; never the rest of fedsqueeze.
+"""
 
 from __future__ import annotations
 
@@ -135,17 +138,34 @@ def _load_model(model_path: str | os.PathLike[str]) -> torch.jit.ScriptModule:
         return torch.jit.load(str(model_path), map_location="cpu")
 
 
+def _onnx_predict(model_path: str | os.PathLike[str], x: torch.Tensor) -> np.ndarray:
+    """Classes predicted by an ONNX file in onnxruntime (CPU), batch by batch."""
+    try:
+        import onnxruntime
+    except ImportError as err:
+        raise RuntimeError(
+            f"{model_path}: reading .onnx files needs onnxruntime (pip install 'fedsqueeze[onnx]'); "
+            "or use the TorchScript (.pt) file"
+        ) from err
+    session = onnxruntime.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    batches = [session.run(None, {name: x[i : i + _BATCH].numpy()})[0].argmax(1) for i in range(0, len(x), _BATCH)]
+    return np.concatenate(batches).astype(np.int64) if batches else np.zeros(0, dtype=np.int64)
+
+
 @torch.inference_mode()
 def predict(model_path: str | os.PathLike[str], images: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Predict the class of each image with an exported TorchScript model.
+    """Predict the class of each image with an exported TorchScript or ONNX model.
 
-    The model (written by ``fedsqueeze.server.export.export_compact``) takes raw pixel values
-    and applies the training normalisation itself.
+    The model (written by ``fedsqueeze.server.export.export_compact`` or
+    ``fedsqueeze.server.onnx_export.export_onnx``) takes raw pixel values and applies the
+    training normalisation itself. A file whose name ends in ``.onnx`` runs in onnxruntime,
+    any other in TorchScript.
 
     Parameters
     ----------
     model_path : path
-        TorchScript file.
+        TorchScript (``.pt``) or ONNX (``.onnx``) file.
     images : numpy.ndarray or torch.Tensor
         Pixel values 0..255 (uint8, or float; floats all <= 1 are taken as [0, 1]),
         shape ``(N, H, W)``, ``(N, H, W, C)`` or a single ``(H, W)`` image.
@@ -154,10 +174,17 @@ def predict(model_path: str | os.PathLike[str], images: np.ndarray | torch.Tenso
     -------
     numpy.ndarray
         int64 predicted classes ``(N,)``.
+
+    Raises
+    ------
+    RuntimeError
+        If the file is ``.onnx`` and onnxruntime is not installed.
     """
     if isinstance(images, torch.Tensor):
         images = images.numpy()
     x = _to_nchw(images)
+    if Path(model_path).suffix.lower() == ".onnx":
+        return _onnx_predict(model_path, x)
     model = _load_model(model_path)
     model.eval()
     outputs = [model(x[i : i + _BATCH]).argmax(1) for i in range(0, len(x), _BATCH)]
@@ -172,9 +199,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = argparse.ArgumentParser(
         prog="fedsqueeze predict",
-        description="Classify images with an exported fedsqueeze model (TorchScript).",
+        description="Classify images with an exported fedsqueeze model (TorchScript .pt or ONNX .onnx).",
     )
-    parser.add_argument("model", help="exported TorchScript file (.pt)")
+    parser.add_argument("model", help="exported TorchScript (.pt) or ONNX (.onnx, needs onnxruntime) file")
     parser.add_argument("images", nargs="+", help="one .npy/.npz file (N x H x W [x C], 0..255) or image files")
     parser.add_argument("--key", default=None, help="array name in an images .npz (default: x_test or the only array)")
     parser.add_argument(

@@ -10,7 +10,8 @@ from fedsqueeze.server.compact import (
     count_parameters,
 )
 from fedsqueeze.server.distill import DistillConfig, DistillResult, distill, proxy_split, teacher_logits
-from fedsqueeze.server.export import ExportInfo, export_compact, load_safetensors
+from fedsqueeze.server.export import ExportInfo, export_and_measure, export_compact, load_safetensors
+from fedsqueeze.server.onnx_export import OnnxExportInfo, export_onnx
 from fedsqueeze.server.strategy import CompressedStrategy, Rejection, TrafficRecord
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "ExportInfo",
     "LowRankConv2d",
     "LowRankLinear",
+    "OnnxExportInfo",
     "Rejection",
     "ServerDistiller",
     "TrafficRecord",
@@ -28,7 +30,9 @@ __all__ = [
     "build_student",
     "count_parameters",
     "distill",
+    "export_and_measure",
     "export_compact",
+    "export_onnx",
     "load_safetensors",
     "proxy_split",
     "teacher_logits",

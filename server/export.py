@@ -26,6 +26,7 @@ __all__ = [
     "LATENCY_KEY",
     "LATENCY_NO_ONEDNN_KEY",
     "batch1_latencies",
+    "channel_normalisation",
     "export_and_measure",
     "export_compact",
     "file_accuracy",
@@ -375,10 +376,16 @@ def _structure(ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _per_channel(
+def channel_normalisation(
     mean: float | Sequence[float], std: float | Sequence[float], channels: int
 ) -> tuple[list[float], list[float]]:
-    """The normalisation as one mean and one std per input channel (a single value is repeated)."""
+    """The normalisation as one mean and one std per input channel (a single value is repeated).
+
+    Raises
+    ------
+    ValueError
+        If the counts do not fit ``channels`` or a std is not positive.
+    """
     mean_c, std_c = _as_channels(mean, "mean"), _as_channels(std, "std")
     if len(mean_c) != len(std_c) or len(mean_c) not in (1, channels):
         raise ValueError(f"mean and std need one value per input channel ({channels}), got {mean_c} and {std_c}")
@@ -450,7 +457,7 @@ def export_compact(
         raise ValueError(
             f"example_input must be a (N, C, H, W) tensor, got {getattr(example_input, 'shape', example_input)!r}"
         )
-    mean_c, std_c = _per_channel(mean, std, example_input.shape[1])
+    mean_c, std_c = channel_normalisation(mean, std, example_input.shape[1])
     ops = flatten_ops(model)
     flat, tensors = _pack(ops, bits, mean_c, std_c)
     raw = _traced_archive(flat, example_input)

@@ -9,6 +9,7 @@ import sys
 import textwrap
 import zipfile
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -29,6 +30,7 @@ from fedsqueeze.server.export import (
     load_safetensors,
     quantize_per_channel,
 )
+from fedsqueeze.server.onnx_export import OnnxExportInfo, export_onnx
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.* is deprecated:FutureWarning")
@@ -302,3 +304,148 @@ def test_predict_cli_reports_bad_input(student: nn.Module, tmp_path: Path, capsy
     np.save(tmp_path / "x.npy", np.zeros((2, 16, 16), dtype=np.uint8))
     assert predict_main([str(tmp_path / "missing.pt"), str(tmp_path / "x.npy")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ ONNX
+
+
+@pytest.fixture(scope="module")
+def onnxruntime() -> ModuleType:
+    """onnxruntime, or a skip where neither it nor CI is there (CI installs it with the test extra: fails there)."""
+    try:
+        import onnx  # noqa: F401 - the exporter needs it
+        import onnxruntime
+    except ImportError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip("onnx/onnxruntime not installed: pip install 'fedsqueeze[onnx]' (in CI this fails instead)")
+    return onnxruntime
+
+
+def _onnx(model: nn.Module, out: Path, bits: int, name: str) -> OnnxExportInfo:
+    return export_onnx(model, out, bits=bits, input_shape=(1, 16, 16), mean=MEAN, std=STD, name=name)
+
+
+def _run_onnx(onnxruntime: ModuleType, path: Path, raw: torch.Tensor) -> torch.Tensor:
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {"pixels": raw.float().numpy()})[0])
+
+
+@pytest.mark.parametrize("bits", [8, 32])
+def test_onnx_agrees_with_torchscript_and_the_student(
+    onnxruntime: ModuleType, student: nn.Module, tmp_path: Path, bits: int
+) -> None:
+    raw = _raw_images(200)
+    onnx_logits = _run_onnx(onnxruntime, _onnx(student, tmp_path, bits, f"s{bits}").onnx_path, raw)
+    script_logits = torch.jit.load(str(_export(student, tmp_path, bits, f"s{bits}").torchscript_path))(raw)
+    with torch.no_grad():
+        reference = student(_normalise(raw))
+    scale = float(reference.abs().max())
+    # Same op list and the same int8 weights and scales: the two files differ by float rounding only
+    torch.testing.assert_close(onnx_logits, script_logits.detach(), atol=1e-5 * scale, rtol=0)
+    tolerance = LOGIT_TOL if bits == 8 else 1e-5
+    assert float((onnx_logits - reference).abs().max()) <= tolerance * scale
+    assert float((onnx_logits.argmax(1) == reference.argmax(1)).float().mean()) >= AGREEMENT
+
+
+def test_onnx_int8_file_stores_int8_weights(onnxruntime: ModuleType, student: nn.Module, tmp_path: Path) -> None:
+    import onnx
+
+    int8, fp32 = _onnx(student, tmp_path, 8, "s8"), _onnx(student, tmp_path, 32, "s32")
+    assert int8.onnx_bytes == int8.onnx_path.stat().st_size and int8.num_parameters == count_parameters(student)
+    assert int8.onnx_bytes < 0.6 * fp32.onnx_bytes
+    graph = onnx.load(str(int8.onnx_path)).graph
+    weights = [t for t in graph.initializer if t.name.endswith(".weight_int8")]
+    layers = [n for n in graph.node if n.op_type in ("Conv", "Gemm")]
+    assert len(weights) == len(layers) > 0 and all(t.data_type == onnx.TensorProto.INT8 for t in weights)
+    assert sum(n.op_type == "DequantizeLinear" for n in graph.node) == len(layers)
+
+
+def test_onnx_covers_batchnorm_pools_and_activations(onnxruntime: ModuleType, tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    bn = nn.BatchNorm2d(4)
+    bn.running_mean.uniform_(-0.5, 0.5)
+    bn.running_var.uniform_(0.5, 2.0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), bn, nn.Tanh(), nn.AvgPool2d(2), nn.Conv2d(4, 6, 3, stride=2, dilation=1),
+        nn.Sigmoid(), nn.MaxPool2d(2, ceil_mode=True), nn.Flatten(), nn.Linear(6 * 2 * 2, 5), nn.LogSoftmax(dim=1),
+    ).eval()  # fmt: skip
+    raw = _raw_images(16)
+    logits = _run_onnx(onnxruntime, _onnx(model, tmp_path, 32, "bn").onnx_path, raw)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(_normalise(raw)), atol=1e-5, rtol=1e-5)
+
+
+def test_onnx_file_runs_in_onnxruntime_without_fedsqueeze_or_torch(
+    onnxruntime: ModuleType, student: nn.Module, tmp_path: Path
+) -> None:
+    info = _onnx(student, tmp_path, 8, "s8")
+    raw = _raw_images(20)
+    np.save(tmp_path / "x.npy", raw.float().numpy())
+    script = textwrap.dedent(
+        """
+        import importlib.abc, sys
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("fedsqueeze", "torch"):
+                    raise ModuleNotFoundError(f"blocked: {name}")
+        sys.meta_path.insert(0, Block())  # also hides an editable install of fedsqueeze
+        for blocked in ("fedsqueeze", "torch"):
+            try:
+                __import__(blocked)
+            except ModuleNotFoundError:
+                pass
+            else:
+                raise SystemExit(f"{blocked} is importable in the clean interpreter")
+        import numpy as np, onnxruntime
+        session = onnxruntime.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+        np.save(sys.argv[3], session.run(None, {"pixels": np.load(sys.argv[2])})[0])
+        assert not [m for m in sys.modules if m.split(".")[0] in ("fedsqueeze", "torch")]
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    command = [sys.executable, "-I", "-c", script, str(info.onnx_path), str(tmp_path / "x.npy")]
+    done = subprocess.run(
+        [*command, str(tmp_path / "y.npy")], cwd=clean, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    logits = torch.from_numpy(np.load(tmp_path / "y.npy"))
+    torch.testing.assert_close(logits, _run_onnx(onnxruntime, info.onnx_path, raw))
+    with torch.no_grad():
+        reference = student(_normalise(raw))
+    assert float((logits.argmax(1) == reference.argmax(1)).float().mean()) >= AGREEMENT
+
+
+def test_predict_accepts_onnx_and_torchscript_alike(
+    onnxruntime: ModuleType, student: nn.Module, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    onnx_path = _onnx(student, tmp_path, 8, "s8").onnx_path
+    script_path = _export(student, tmp_path, 8, "s8").torchscript_path
+    images = _raw_images(300)[:, 0].numpy()  # more than one batch of 128
+    np.testing.assert_array_equal(predict(onnx_path, images), predict(script_path, images))
+    np.testing.assert_array_equal(predict(onnx_path, images / 255.0), predict(script_path, images))
+    np.save(tmp_path / "x.npy", images[:7])
+    assert predict_main([str(onnx_path), str(tmp_path / "x.npy")]) == 0
+    assert [int(v) for v in capsys.readouterr().out.split()] == predict(script_path, images[:7]).tolist()
+
+
+def test_predict_onnx_without_onnxruntime_says_what_to_install(
+    student: nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model_path = tmp_path / "s8.onnx"
+    model_path.write_bytes(b"not read: onnxruntime is missing")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` raise ImportError
+    np.save(tmp_path / "x.npy", _raw_images(2)[:, 0].numpy())
+    assert predict_main([str(model_path), str(tmp_path / "x.npy")]) == 2
+    assert "needs onnxruntime" in capsys.readouterr().err
+
+
+def test_bad_onnx_export_arguments(onnxruntime: ModuleType, student: nn.Module, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="bits must be one of"):
+        _onnx(student, tmp_path, 4, "bad")
+    with pytest.raises(ValueError, match=r"input_shape must be \(C, H, W\)"):
+        export_onnx(student, tmp_path, input_shape=(16, 16), mean=MEAN, std=STD)
+    with pytest.raises(ValueError, match="cannot be exported"):
+        _onnx(nn.Sequential(nn.Conv2d(1, 2, 3), nn.GELU()), tmp_path, 8, "gelu")
