@@ -52,24 +52,24 @@ def load_images(paths: Sequence[str | os.PathLike[str]], key: str | None = None)
     numpy.ndarray
         Pixel values, ``(N, H, W)`` or ``(N, H, W, C)``.
     """
-    paths = [Path(p) for p in paths]
-    if not paths:
+    files = [Path(p) for p in paths]
+    if not files:
         raise ValueError("no image files given")
-    suffixes = {p.suffix.lower() for p in paths}
+    suffixes = {p.suffix.lower() for p in files}
     if suffixes & {".npy", ".npz"}:
-        if len(paths) != 1:
+        if len(files) != 1:
             raise ValueError("give exactly one .npy/.npz file, or image files only")
-        path = paths[0]
+        path = files[0]
         if path.suffix.lower() == ".npy":
             return np.load(path, allow_pickle=False)
         return _npz_array(path, key, ("x_test", "x", "images"))
-    unknown = [str(p) for p in paths if p.suffix.lower() not in _IMAGE_SUFFIXES]
+    unknown = [str(p) for p in files if p.suffix.lower() not in _IMAGE_SUFFIXES]
     if unknown:
         raise ValueError(f"unsupported image files {unknown}; expected .npy, .npz or {', '.join(_IMAGE_SUFFIXES)}")
     from PIL import Image  # Pillow comes with torchvision; only needed for image files
 
     arrays = []
-    for path in paths:
+    for path in files:
         with Image.open(path) as img:
             grey = img.mode in ("1", "L", "LA", "I", "I;16")
             arrays.append(np.asarray(img.convert("L" if grey else "RGB")))
