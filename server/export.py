@@ -404,6 +404,25 @@ def _traced_archive(flat: nn.Module, example_input: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
+def _write_safetensors(
+    path: Path,
+    tensors: dict[str, torch.Tensor],
+    ops: list[dict[str, Any]],
+    bits: int,
+    mean: list[float],
+    std: list[float],
+) -> None:
+    """The per-layer tensors, with the op structure, bits and normalisation as metadata."""
+    metadata = {
+        "format": FORMAT,
+        "bits": str(bits),
+        "ops": json.dumps(_structure(ops)),
+        "mean": json.dumps(mean),
+        "std": json.dumps(std),
+    }
+    save_file(tensors, str(path), metadata=metadata)
+
+
 def export_compact(
     model: nn.Module,
     out_dir: str | os.PathLike[str],
@@ -468,14 +487,7 @@ def export_compact(
     ts_path = out / f"{name}.pt"
     ts_path.write_bytes(data)
     st_path = out / f"{name}.safetensors"
-    metadata = {
-        "format": FORMAT,
-        "bits": str(bits),
-        "ops": json.dumps(_structure(ops)),
-        "mean": json.dumps(mean_c),
-        "std": json.dumps(std_c),
-    }
-    save_file(tensors, str(st_path), metadata=metadata)
+    _write_safetensors(st_path, tensors, ops, bits, mean_c, std_c)
     return ExportInfo(
         name=name,
         bits=bits,

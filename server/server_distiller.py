@@ -91,6 +91,9 @@ def measure_latency(run: Mapping[str, Any]) -> bool:
 def distill_config(run: Mapping[str, Any]) -> DistillConfig:
     """The :class:`DistillConfig` from the run config's ``distill-*`` and ``proxy-size`` keys.
 
+    ``distill-hint-weight`` (activation matching at the student's default hint layers, 0 = off)
+    and ``distill-soft-weight`` (soft labels, 0 = off) are optional, with defaults 0.0 and 1.0.
+
     Parameters
     ----------
     run : Mapping[str, Any]
@@ -115,7 +118,16 @@ def distill_config(run: Mapping[str, Any]) -> DistillConfig:
         every_n_rounds=int(run["distill-every"]),
         ensemble=bool(run["distill-ensemble"]),
         proxy_size=proxy_size,
+        soft_weight=_optional_number(run, "distill-soft-weight", 1.0),
+        hint_weight=_optional_number(run, "distill-hint-weight", 0.0),
     )
+
+
+def _optional_number(run: Mapping[str, Any], key: str, default: float) -> float:
+    value = run.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"run config {key!r} must be a number (default: {default}), got {value!r}")
+    return float(value)
 
 
 class ServerDistiller:
@@ -214,7 +226,7 @@ class ServerDistiller:
         result = distill(student, teachers, self.proxy_x, seed=self.seed + server_round, **self.config.kwargs())
         loss, accuracy = evaluate(student, self.data.x_test, self.data.y_test)
         self.student, self.teacher, self.last_round = student, teacher, server_round
-        row = {
+        row: dict[str, Any] = {
             "round": server_round,
             "student_accuracy": accuracy,
             "student_loss": loss,

@@ -52,6 +52,15 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--linear-prune-ratio", type=float, default=0.5, help="fraction of hidden units removed (default: 0.5)"
     )
     p.add_argument("--norm", choices=["l1", "l2"], default="l1", help="pruning norm (default: l1)")
+    p.add_argument("--soft-weight", type=float, default=1.0, help="weight of the soft-label loss (default: 1.0)")
+    p.add_argument(
+        "--hint-weight", type=float, default=0.0, help="weight of the activation-matching loss, 0 = off (default: 0)"
+    )
+    p.add_argument(
+        "--hint-layers",
+        default=None,
+        help="comma-separated student layer names to match (default: the output of each conv block)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of weights, split and batch order (default: 0)")
     p.add_argument("--threads", type=int, default=1, help="torch threads for training (default: 1)")
     p.add_argument(
@@ -117,7 +126,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     student = build_student(teacher, config)
     _, before_acc = evaluate(student, data.x_test, data.y_test)
-    kwargs = {"temperature": args.temperature, "epochs": args.distill_epochs, "lr": args.lr, "seed": args.seed}
+    kwargs = {
+        "temperature": args.temperature,
+        "epochs": args.distill_epochs,
+        "lr": args.lr,
+        "seed": args.seed,
+        "soft_weight": args.soft_weight,
+        "hint_weight": args.hint_weight,
+        "hint_layers": args.hint_layers.split(",") if args.hint_layers else None,
+    }
     result = distill(student, teacher, data.x_train[proxy_idx], **kwargs)
     _, after_acc = evaluate(student, data.x_test, data.y_test)
 

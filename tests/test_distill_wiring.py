@@ -88,6 +88,13 @@ def test_proxy_holdout_and_configs_follow_the_run_config() -> None:
         compact_config({**on, "student-linear-rank": -2})
     with pytest.raises(ValueError, match="distillation is off"):
         distill_config(run)
+    assert (config.soft_weight, config.hint_weight) == (1.0, 0.0)  # soft labels only unless asked
+    hinted = distill_config({**on, "distill-hint-weight": 0.5, "distill-soft-weight": 0})
+    assert (hinted.soft_weight, hinted.hint_weight) == (0.0, 0.5)
+    with pytest.raises(ValueError, match="'distill-hint-weight' must be a number"):
+        distill_config({**on, "distill-hint-weight": "0.5"})
+    with pytest.raises(ValueError, match="both 0"):
+        distill_config({**on, "distill-soft-weight": 0.0})
 
 
 def _pixel_dataset(num_train: int, num_test: int) -> Dataset:
