@@ -11,8 +11,9 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -25,6 +26,7 @@ __all__ = [
     "FORMAT",
     "LATENCY_KEY",
     "LATENCY_NO_ONEDNN_KEY",
+    "ONNX_LATENCY_KEY",
     "batch1_latencies",
     "channel_normalisation",
     "export_and_measure",
@@ -45,6 +47,8 @@ FORMAT = "fedsqueeze-compact/1"
 #: with oneDNN (torch's default CPU convolutions) and with torch's native kernels.
 LATENCY_KEY = "latency_us_batch1_1thread"
 LATENCY_NO_ONEDNN_KEY = "latency_us_batch1_1thread_no_onednn"
+#: Row key of the ONNX file's batch-1 latency in onnxruntime (one intra-op thread).
+ONNX_LATENCY_KEY = "onnx_latency_us_batch1_1thread"
 
 _SUPPORTED_BITS = (8, 32)
 
@@ -586,13 +590,16 @@ def load_exported(path: str | os.PathLike[str]) -> torch.jit.ScriptModule:
 
 
 @torch.inference_mode()
-def file_accuracy(model: nn.Module, raw_x: torch.Tensor, y: torch.Tensor, batch_size: int = 128) -> float:
+def file_accuracy(
+    model: Callable[[torch.Tensor], torch.Tensor], raw_x: torch.Tensor, y: torch.Tensor, batch_size: int = 128
+) -> float:
     """Accuracy of an exported model (raw pixels in, logits out) on ``raw_x``.
 
     Parameters
     ----------
-    model : torch.nn.Module
-        A loaded exported file (see :func:`load_exported`) or anything with its forward.
+    model : callable
+        A loaded exported file (see :func:`load_exported`, or
+        :class:`~fedsqueeze.server.onnx_export.OnnxRuntimeModel`) or anything with its forward.
     raw_x : torch.Tensor
         Raw pixels ``(N, C, H, W)``, e.g. from :func:`raw_pixels`.
     y : torch.Tensor
@@ -695,12 +702,15 @@ def export_and_measure(
     std: float | Sequence[float],
     latency_runs: int = 0,
     also_timed: Mapping[str, tuple[nn.Module, torch.Tensor]] | None = None,
+    onnx: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Export each model with :func:`export_compact`, load the TorchScript file back and measure it.
 
     Every file's test accuracy is measured on ``raw_x``; its batch-1 latency only when
     ``latency_runs`` > 0 (:func:`batch1_latencies`, on ``raw_x[:1]``), else nothing is timed
-    and the latency fields are None.
+    and the latency fields are None. With ``onnx`` each model is also written as ONNX
+    (:func:`~fedsqueeze.server.onnx_export.export_onnx`) and measured in onnxruntime (one
+    thread), timed interleaved with the TorchScript files.
 
     Parameters
     ----------
@@ -718,12 +728,16 @@ def export_and_measure(
     also_timed : Mapping of str to (torch.nn.Module, torch.Tensor) or None
         More models (e.g. the in-memory ones) timed interleaved with the files, so that load
         from other processes hits all alike (default: None).
+    onnx : bool
+        Also export and measure ONNX files; needs the ``onnx`` extra (default: False).
 
     Returns
     -------
     dict of str to dict
         File stem -> :meth:`ExportInfo.as_dict` plus ``file_test_accuracy``, :data:`LATENCY_KEY`
-        and :data:`LATENCY_NO_ONEDNN_KEY`; each ``also_timed`` name -> the two latency keys.
+        and :data:`LATENCY_NO_ONEDNN_KEY`, with ``onnx`` also ``onnx_path``, ``onnx_bytes``,
+        ``onnx_test_accuracy`` and ``onnx_latency_us_batch1_1thread``; each ``also_timed`` name
+        -> the two latency keys.
     """
     if latency_runs < 0:
         raise ValueError(f"latency_runs must be >= 0 (0 times nothing), got {latency_runs}")
@@ -734,13 +748,51 @@ def export_and_measure(
         info = export_compact(model, out_dir, bits=bits, name=name, example_input=example, mean=mean, std=std)
         loaded[name] = load_exported(info.torchscript_path)
         rows[name] = {**info.as_dict(), "file_test_accuracy": file_accuracy(loaded[name], raw_x, y)}
-    timed = {name: (model, example) for name, model in loaded.items()}
+    timed: dict[str, tuple[Any, Any]] = {name: (model, example) for name, model in loaded.items()}
     timed.update(also_timed or {})
+    if onnx:
+        timed.update(_export_onnx_files(models, out_dir, raw_x, y, mean, std, rows))
     latency: Mapping[str, Mapping[str, float | None]]
     if latency_runs:
         latency = batch1_latencies(timed, latency_runs)
     else:
         latency = {name: {LATENCY_KEY: None, LATENCY_NO_ONEDNN_KEY: None} for name in timed}
     for name in timed:
-        rows.setdefault(name, {}).update(latency[name])
+        if name.endswith(_ONNX_SUFFIX):  # onnxruntime ignores the oneDNN switch: one figure
+            rows[name[: -len(_ONNX_SUFFIX)]][ONNX_LATENCY_KEY] = latency[name][LATENCY_KEY]
+        else:
+            rows.setdefault(name, {}).update(latency[name])
     return rows
+
+
+_ONNX_SUFFIX = "#onnx"
+
+
+def _export_onnx_files(
+    models: Mapping[str, tuple[nn.Module, int]],
+    out_dir: str | os.PathLike[str],
+    raw_x: torch.Tensor,
+    y: torch.Tensor,
+    mean: float | Sequence[float],
+    std: float | Sequence[float],
+    rows: dict[str, dict[str, Any]],
+) -> dict[str, tuple[Any, np.ndarray]]:
+    """Write and measure the ONNX files into ``rows``; return them for timing, keyed ``stem#onnx``."""
+    # onnx_export builds on this module (flatten_ops, quantize_per_channel), so it is imported here
+    from fedsqueeze.server.onnx_export import OnnxRuntimeModel, export_onnx
+
+    timed: dict[str, tuple[Any, np.ndarray]] = {}
+    shape = tuple(raw_x.shape[1:])
+    for name, (model, bits) in models.items():
+        info = export_onnx(model, out_dir, bits=bits, input_shape=shape, mean=mean, std=std, name=name)
+        runtime = OnnxRuntimeModel(info.onnx_path)
+        rows[name].update(
+            {
+                "onnx_path": str(info.onnx_path),
+                "onnx_bytes": info.onnx_bytes,
+                "onnx_test_accuracy": file_accuracy(runtime, raw_x, y),
+                ONNX_LATENCY_KEY: None,
+            }
+        )
+        timed[name + _ONNX_SUFFIX] = (runtime, raw_x[:1].float().numpy())
+    return timed

@@ -23,7 +23,7 @@ from torch import nn
 from fedsqueeze.server.compact import count_parameters
 from fedsqueeze.server.export import FORMAT, channel_normalisation, flatten_ops, quantize_per_channel
 
-__all__ = ["INPUT_NAME", "OPSET", "OUTPUT_NAME", "OnnxExportInfo", "export_onnx"]
+__all__ = ["INPUT_NAME", "OPSET", "OUTPUT_NAME", "OnnxExportInfo", "OnnxRuntimeModel", "export_onnx"]
 
 #: ONNX operator set of the exported graphs (per-axis DequantizeLinear needs >= 13).
 OPSET = 13
@@ -224,3 +224,33 @@ def _model_proto(graph: _Graph, input_shape: list[int], bits: int, mean: list[fl
     metadata = {"format": FORMAT, "bits": str(bits), "mean": json.dumps(mean), "std": json.dumps(std)}
     helper.set_model_props(proto, metadata)
     return proto
+
+
+class OnnxRuntimeModel:
+    """An exported ONNX file in an onnxruntime CPU session, called like the TorchScript model.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A file written by :func:`export_onnx`.
+    threads : int
+        onnxruntime intra-op threads (default: 1, as the batch-1 latencies are stated).
+
+    Raises
+    ------
+    ImportError
+        If onnxruntime is not installed.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], threads: int = 1) -> None:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Logits for raw pixels ``x`` ``(N, C, H, W)``; a float32 numpy array is passed on without a copy."""
+        pixels = x if isinstance(x, np.ndarray) else x.detach().to(torch.float32).numpy()
+        return torch.from_numpy(self.session.run(None, {INPUT_NAME: pixels})[0])

@@ -18,10 +18,23 @@ from fedsqueeze.data import Dataset, normalisation
 from fedsqueeze.protocol import proxy_holdout
 from fedsqueeze.server.compact import CompactConfig, build_student, count_parameters, describe
 from fedsqueeze.server.distill import DistillConfig, distill, proxy_split
-from fedsqueeze.server.export import LATENCY_KEY, LATENCY_NO_ONEDNN_KEY, export_and_measure, raw_pixels
+from fedsqueeze.server.export import (
+    LATENCY_KEY,
+    LATENCY_NO_ONEDNN_KEY,
+    ONNX_LATENCY_KEY,
+    export_and_measure,
+    raw_pixels,
+)
 from fedsqueeze.training import evaluate, set_weights
 
-__all__ = ["LATENCY_RUNS", "ServerDistiller", "compact_config", "distill_config", "measure_latency"]
+__all__ = [
+    "LATENCY_RUNS",
+    "ServerDistiller",
+    "compact_config",
+    "distill_config",
+    "export_onnx_too",
+    "measure_latency",
+]
 
 #: Timed batch-1 forward passes per exported model (interleaved blocks of 50), with ``distill-latency``.
 LATENCY_RUNS = 500
@@ -82,9 +95,26 @@ def measure_latency(run: Mapping[str, Any]) -> bool:
     ValueError
         If ``distill-latency`` is set to anything but a bool.
     """
-    value = run.get("distill-latency", False)
+    return _optional_flag(run, "distill-latency")
+
+
+def export_onnx_too(run: Mapping[str, Any]) -> bool:
+    """Whether the export also writes ONNX files: the run config's ``distill-onnx`` (default: False).
+
+    The ONNX files need the ``onnx`` extra (onnx and onnxruntime).
+
+    Raises
+    ------
+    ValueError
+        If ``distill-onnx`` is set to anything but a bool.
+    """
+    return _optional_flag(run, "distill-onnx")
+
+
+def _optional_flag(run: Mapping[str, Any], key: str) -> bool:
+    value = run.get(key, False)
     if not isinstance(value, bool):
-        raise ValueError(f"run config 'distill-latency' must be bool (default: False), got {value!r}")
+        raise ValueError(f"run config {key!r} must be bool (default: False), got {value!r}")
     return value
 
 
@@ -149,7 +179,8 @@ class ServerDistiller:
       :func:`~fedsqueeze.server.distill.proxy_split` (seed ``seed``); their labels are never
       read, and the clients leave them out of their partitions (``client_data(...,
       holdout=...)``).
-    - :meth:`export` writes the last student and its teacher and measures their test accuracy;
+    - :meth:`export` writes the last student and its teacher (TorchScript and safetensors, and
+      ONNX with ``distill-onnx`` true) and measures their test accuracy;
       it times them (batch 1, one thread) only with ``distill-latency`` true (default false),
       else nothing is timed and the latency fields are None.
 
@@ -169,6 +200,7 @@ class ServerDistiller:
         self.seed = int(run["seed"])
         self.num_rounds = int(run["num-server-rounds"])
         self.measure_latency = measure_latency(run)
+        self.onnx = export_onnx_too(run)
         self.data = data
         self.make_model = make_model
         proxy_idx, _ = proxy_split(len(data.x_train), self.config.proxy_size, seed=self.seed)
@@ -296,6 +328,7 @@ class ServerDistiller:
             mean=self.mean,
             std=self.std,
             latency_runs=LATENCY_RUNS if self.measure_latency else 0,
+            onnx=self.onnx,
         )
         report: dict[str, Any] = {}
         for key, (model, _) in models.items():
@@ -311,8 +344,16 @@ class ServerDistiller:
                 LATENCY_KEY: row[LATENCY_KEY],
                 LATENCY_NO_ONEDNN_KEY: row[LATENCY_NO_ONEDNN_KEY],
             }
+            if self.onnx:
+                report[key]["onnx_file"] = str(Path(row["onnx_path"]).relative_to(results_dir))
+                report[key].update({k: row[k] for k in ("onnx_bytes", "onnx_test_accuracy", ONNX_LATENCY_KEY)})
         report["student"].update(self._student_details(self.student))
-        report["distill"] = {**asdict(self.config), "seed": self.seed, "measure_latency": self.measure_latency}
+        report["distill"] = {
+            **asdict(self.config),
+            "seed": self.seed,
+            "measure_latency": self.measure_latency,
+            "onnx": self.onnx,
+        }
         teacher, student = report["teacher"], report["student"]
         report["size_ratio"] = teacher["torchscript_bytes"] / student["torchscript_bytes"]
         report["params_ratio"] = teacher["params"] / student["params"]

@@ -15,7 +15,13 @@ from fedsqueeze.data import Dataset, load_dataset, normalisation
 from fedsqueeze.models import build_model
 from fedsqueeze.server.compact import CompactConfig, build_student, count_parameters, describe
 from fedsqueeze.server.distill import distill, proxy_split
-from fedsqueeze.server.export import LATENCY_KEY, LATENCY_NO_ONEDNN_KEY, export_and_measure, raw_pixels
+from fedsqueeze.server.export import (
+    LATENCY_KEY,
+    LATENCY_NO_ONEDNN_KEY,
+    ONNX_LATENCY_KEY,
+    export_and_measure,
+    raw_pixels,
+)
 from fedsqueeze.training import evaluate, train
 
 #: MNIST normalisation used by fedsqueeze.data (one channel).
@@ -60,6 +66,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--hint-layers",
         default=None,
         help="comma-separated student layer names to match (default: the output of each conv block)",
+    )
+    p.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also export ONNX files and measure them in onnxruntime (needs the onnx extra)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of weights, split and batch order (default: 0)")
     p.add_argument("--threads", type=int, default=1, help="torch threads for training (default: 1)")
@@ -149,6 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         std=MNIST_STD,
         latency_runs=args.latency_runs,
         also_timed={"teacher_eager": (teacher, data.x_test[:1]), "student_eager": (student, data.x_test[:1])},
+        onnx=args.onnx,
     )
     eager = {key: rows.pop(key) for key in ("teacher_eager", "student_eager")}
     report = {
@@ -220,6 +232,12 @@ def _print_table(report: dict) -> None:
             f"{row['safetensors_bytes']:,} | {100 * row['file_test_accuracy']:.2f} % | "
             f"{_us(row[LATENCY_KEY])} ({_us(row[LATENCY_NO_ONEDNN_KEY])}) |"
         )
+    for key, row in files.items():
+        if "onnx_bytes" in row:
+            print(
+                f"{key} ONNX (onnxruntime, 1 thread): {row['onnx_bytes']:,} bytes, "
+                f"{100 * row['onnx_test_accuracy']:.2f} %, {_us(row[ONNX_LATENCY_KEY])} us"
+            )
     teacher, student = report["teacher"], report["student"]
     print(
         f"in-memory fp32 models, latency us: teacher {_us(teacher['eager_' + LATENCY_KEY])} "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,13 @@ from fedsqueeze.protocol import arrays_to_tensors, proxy_holdout, resolve_run_co
 from fedsqueeze.simulation.run_cell import run_cell
 from fedsqueeze.models import build_model
 from fedsqueeze.server import export as export_module
-from fedsqueeze.server.server_distiller import ServerDistiller, compact_config, distill_config, measure_latency
+from fedsqueeze.server.server_distiller import (
+    ServerDistiller,
+    compact_config,
+    distill_config,
+    export_onnx_too,
+    measure_latency,
+)
 from fedsqueeze.server.distill import proxy_split
 from fedsqueeze.server.export import raw_pixels
 from fedsqueeze.server.results import ResultsWriter
@@ -145,10 +152,35 @@ def test_export_times_both_files_when_asked(tmp_path: Path) -> None:
     assert report["distill"]["measure_latency"] is True
 
 
+def test_export_writes_onnx_files_when_asked(tmp_path: Path) -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI"):
+            raise  # the test extra installs them: in CI this must not skip
+        pytest.skip("onnx/onnxruntime not installed: pip install 'fedsqueeze[onnx]' (in CI this fails instead)")
+    run = resolve_run_config(
+        {"distill-every": 1, "distill-epochs": 1, "proxy-size": 100, "num-server-rounds": 1, "distill-onnx": True}
+    )
+    report = _export_with(run, tmp_path)
+    for entry in (report["teacher"], report["student"]):
+        assert (tmp_path / entry["onnx_file"]).stat().st_size == entry["onnx_bytes"]
+        assert entry["onnx_file"].endswith(".onnx") and entry["onnx_latency_us_batch1_1thread"] is None
+        assert abs(entry["onnx_test_accuracy"] - entry["file_test_accuracy"]) <= 0.02  # same weights, 64 images
+    assert report["distill"]["onnx"] is True
+    assert (
+        "onnx_file" not in _export_with(resolve_run_config({**run, "distill-onnx": False}), tmp_path / "b")["student"]
+    )
+
+
 def test_distill_latency_must_be_a_bool() -> None:
     assert measure_latency({}) is False and measure_latency({"distill-latency": True}) is True
     with pytest.raises(ValueError, match="'distill-latency' must be bool .* got 'yes'"):
         measure_latency({"distill-latency": "yes"})
+    assert export_onnx_too({}) is False and export_onnx_too({"distill-onnx": True}) is True
+    with pytest.raises(ValueError, match="'distill-onnx' must be bool"):
+        export_onnx_too({"distill-onnx": 1})
 
 
 def test_client_app_leaves_the_proxy_images_out(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -25,6 +25,7 @@ from fedsqueeze.server import export as export_module
 from fedsqueeze.server.export import (
     LATENCY_KEY,
     LATENCY_NO_ONEDNN_KEY,
+    ONNX_LATENCY_KEY,
     export_and_measure,
     export_compact,
     load_safetensors,
@@ -416,6 +417,21 @@ def test_onnx_file_runs_in_onnxruntime_without_fedsqueeze_or_torch(
     with torch.no_grad():
         reference = student(_normalise(raw))
     assert float((logits.argmax(1) == reference.argmax(1)).float().mean()) >= AGREEMENT
+
+
+def test_export_and_measure_adds_onnx_files(onnxruntime: ModuleType, student: nn.Module, tmp_path: Path) -> None:
+    raw = _raw_images(64)
+    with torch.no_grad():
+        y = student(_normalise(raw)).argmax(1)
+    models = {"s8": (student, 8)}
+    rows = export_and_measure(models, tmp_path, raw_x=raw, y=y, mean=MEAN, std=STD, latency_runs=50, onnx=True)
+    row = rows["s8"]
+    assert set(rows) == {"s8"} and Path(row["onnx_path"]).stat().st_size == row["onnx_bytes"]
+    session_accuracy = float((_run_onnx(onnxruntime, Path(row["onnx_path"]), raw).argmax(1) == y).float().mean())
+    assert row["onnx_test_accuracy"] == pytest.approx(session_accuracy) and row["onnx_test_accuracy"] >= AGREEMENT
+    assert row[ONNX_LATENCY_KEY] > 0 and row[LATENCY_KEY] > 0
+    untimed = export_and_measure(models, tmp_path / "b", raw_x=raw, y=y, mean=MEAN, std=STD, onnx=True)
+    assert untimed["s8"][ONNX_LATENCY_KEY] is None and untimed["s8"]["onnx_test_accuracy"] == row["onnx_test_accuracy"]
 
 
 def test_predict_accepts_onnx_and_torchscript_alike(
