@@ -8,6 +8,8 @@ import os
 import threading
 import warnings
 
+from typing import Any, cast
+
 import numpy as np
 import torch
 
@@ -153,7 +155,7 @@ def _partition(
         part = DirichletPartitioner(
             num_partitions=num_partitions,
             partition_by="label",
-            alpha=float(param),
+            alpha=float(cast(float, param)),
             min_partition_size=min(10, len(labels) // num_partitions),
             self_balancing=False,
             shuffle=False,
@@ -163,7 +165,7 @@ def _partition(
         part = PathologicalPartitioner(
             num_partitions=num_partitions,
             partition_by="label",
-            num_classes_per_partition=int(param),
+            num_classes_per_partition=int(cast(int, param)),
             class_assignment_mode="first-deterministic",
             shuffle=False,
             seed=seed,
@@ -193,7 +195,7 @@ def _partition(
     return tuple(result)
 
 
-def _partition_indices(part: object, num_partitions: int) -> list[np.ndarray]:
+def _partition_indices(part: Any, num_partitions: int) -> list[np.ndarray]:
     """The ``index`` column of each partition of a partitioner's dataset.
 
     ``load_partition`` goes through ``Dataset.select``, whose fingerprinting hashes

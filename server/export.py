@@ -11,7 +11,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, cast
 
 import numpy as np
 import torch
@@ -147,7 +147,7 @@ def flatten_ops(model: nn.Module) -> list[dict[str, Any]]:
     ops: list[dict[str, Any]] = []
     for name, layer in to_chain(model):
         if isinstance(layer, FACTORED_LAYERS):
-            ops.extend(_weight_op(sub) for sub in layer.children())
+            ops.extend(_weight_op(cast(nn.Conv2d | nn.Linear, sub)) for sub in layer.children())
         elif isinstance(layer, (nn.Conv2d, nn.Linear)):
             ops.append(_weight_op(layer))
         elif isinstance(layer, nn.modules.batchnorm._BatchNorm):
@@ -200,7 +200,7 @@ def flatten_ops(model: nn.Module) -> list[dict[str, Any]]:
 
 
 def _pair(value: int | Sequence[int]) -> list[int]:
-    return [int(v) for v in value] if isinstance(value, (tuple, list)) else [int(value), int(value)]
+    return [value, value] if isinstance(value, int) else [int(v) for v in value]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,6 +242,9 @@ class _FlatNet(nn.Module):
     weights and the input normalisation; ``forward`` slices them with constant offsets, so a
     traced copy is one module with one short ``code`` file and two tensors.
     """
+
+    q: torch.Tensor
+    f: torch.Tensor
 
     def __init__(self, ops: list[dict[str, Any]], q: torch.Tensor, f: torch.Tensor, norm_ref: list[int]) -> None:
         super().__init__()

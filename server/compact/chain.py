@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -84,7 +84,7 @@ def _node_to_layer(node: fx.Node, modules: dict[str, nn.Module], size_nodes: set
         if target in (F.dropout, F.dropout2d):
             return None
         if target in (F.log_softmax, torch.log_softmax, F.softmax, torch.softmax):
-            dim = args[0] if args else kwargs.get("dim")
+            dim = cast("int | None", args[0] if args else kwargs.get("dim"))
             return nn.LogSoftmax(dim=dim) if target in (F.log_softmax, torch.log_softmax) else nn.Softmax(dim=dim)
     if node.op == "call_method":
         if target in _ACTIVATION_METHODS:
@@ -94,7 +94,7 @@ def _node_to_layer(node: fx.Node, modules: dict[str, nn.Module], size_nodes: set
         if target in ("view", "reshape") and _is_batch_flatten_shape(args, size_nodes):
             return nn.Flatten()
         if target in ("log_softmax", "softmax"):
-            dim = args[0] if args else kwargs.get("dim")
+            dim = cast("int | None", args[0] if args else kwargs.get("dim"))
             return nn.LogSoftmax(dim=dim) if target == "log_softmax" else nn.Softmax(dim=dim)
     raise ValueError(
         f"cannot read {node.op} {target!r} as a layer of a sequential CNN; supported: conv/linear/"

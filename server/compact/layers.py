@@ -85,12 +85,13 @@ class LowRankConv2d(nn.Module):
             raise ValueError(
                 f"rank must be in [1, {max_rank}] for a conv of weight {tuple(layer.weight.shape)}, got {rank}"
             )
-        new = cls(in_ch, out_ch, (kh, kw), rank, layer.stride, layer.padding, layer.dilation, layer.bias is not None)
+        stride, padding, dilation = _conv_geometry(layer)
+        new = cls(in_ch, out_ch, (kh, kw), rank, stride, padding, dilation, layer.bias is not None)
         left, right = _svd_factors(layer.weight.reshape(out_ch, -1), rank)
         with torch.no_grad():
             new.reduce.weight.copy_(right.reshape(rank, in_ch, kh, kw))
             new.expand.weight.copy_(left.reshape(out_ch, rank, 1, 1))
-            if layer.bias is not None:
+            if layer.bias is not None and new.expand.bias is not None:
                 new.expand.bias.copy_(layer.bias)
         return new.to(layer.weight.device)
 
@@ -167,9 +168,7 @@ class Tucker2Conv2d(nn.Module):
             (kh, kw),
             in_rank,
             out_rank,
-            layer.stride,
-            layer.padding,
-            layer.dilation,
+            *_conv_geometry(layer),
             layer.bias is not None,
         )
         u_out = _leading_singular_vectors(weight.reshape(out_ch, -1), out_rank)  # (O, r_out)
@@ -179,7 +178,7 @@ class Tucker2Conv2d(nn.Module):
             new.project.weight.copy_(u_in.T.reshape(in_rank, in_ch, 1, 1).to(weight.dtype))
             new.core.weight.copy_(core.to(weight.dtype))
             new.expand.weight.copy_(u_out.reshape(out_ch, out_rank, 1, 1).to(weight.dtype))
-            if layer.bias is not None:
+            if layer.bias is not None and new.expand.bias is not None:
                 new.expand.bias.copy_(layer.bias)
         return new.to(weight.device)
 
@@ -233,9 +232,17 @@ class LowRankLinear(nn.Module):
         with torch.no_grad():
             new.reduce.weight.copy_(right)
             new.expand.weight.copy_(left)
-            if layer.bias is not None:
+            if layer.bias is not None and new.expand.bias is not None:
                 new.expand.bias.copy_(layer.bias)
         return new.to(layer.weight.device)
+
+
+def _conv_geometry(layer: nn.Conv2d) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """Stride, padding and dilation of a 2-D convolution with numeric padding (see :func:`_check_plain_conv`)."""
+    stride, padding, dilation = layer.stride, layer.padding, layer.dilation
+    if isinstance(padding, str):
+        raise ValueError(f"only numeric padding is supported, got padding={padding!r}")
+    return (stride[0], stride[1]), (padding[0], padding[1]), (dilation[0], dilation[1])
 
 
 def _check_plain_conv(layer: nn.Module) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Collection, Literal, cast
 
 import torch
 from torch import nn
@@ -26,9 +26,10 @@ def _keep_indices(weight: torch.Tensor, ratio: float, norm: str) -> torch.Tensor
 
 def _slice_out(layer: nn.Conv2d | nn.Linear, idx: torch.Tensor) -> None:
     with torch.no_grad():
+        bias = layer.bias
         layer.weight = nn.Parameter(layer.weight[idx].clone())
-        if layer.bias is not None:
-            layer.bias = nn.Parameter(layer.bias[idx].clone())
+        if bias is not None:
+            layer.bias = nn.Parameter(bias[idx].clone())
     if isinstance(layer, nn.Conv2d):
         layer.out_channels = len(idx)
     else:
@@ -40,9 +41,10 @@ def _slice_batchnorm(bn: nn.modules.batchnorm._BatchNorm, idx: torch.Tensor) -> 
         if bn.affine:
             bn.weight = nn.Parameter(bn.weight[idx].clone())
             bn.bias = nn.Parameter(bn.bias[idx].clone())
-        if bn.running_mean is not None:
-            bn.running_mean = bn.running_mean[idx].clone()
-            bn.running_var = bn.running_var[idx].clone()
+        mean, var = bn.running_mean, bn.running_var
+        if mean is not None and var is not None:
+            bn.running_mean = mean[idx].clone()
+            bn.running_var = var[idx].clone()
     bn.num_features = len(idx)
 
 
@@ -66,7 +68,7 @@ def prune_chain(
     conv_ratio: float,
     linear_ratio: float,
     norm: Literal["l1", "l2"] = "l1",
-    skip: Sequence[str] = (),
+    skip: Collection[str] = (),
 ) -> None:
     """Remove the lowest-norm conv filters and linear hidden units of ``chain`` in place.
 
@@ -83,7 +85,7 @@ def prune_chain(
         Fraction in [0, 1) of conv filters and of linear hidden units to remove.
     norm : {"l1", "l2"}
         Norm of a filter's weights used as its importance (default: "l1").
-    skip : sequence of str
+    skip : collection of str
         Names of layers whose outputs are never pruned (default: ()).
     """
     if norm not in ("l1", "l2"):
@@ -104,10 +106,11 @@ def prune_chain(
             )
         if isinstance(layer, nn.Conv2d) and layer.groups != 1:
             raise ValueError(f"cannot prune grouped convolution {name}")
-        old = layer.weight.shape[0]
-        idx = _keep_indices(layer.weight, ratio, norm)
-        _slice_out(layer, idx)
+        dense = cast(nn.Conv2d | nn.Linear, layer)  # weighted layers, factored ones refused above
+        old = dense.weight.shape[0]
+        idx = _keep_indices(dense.weight, ratio, norm)
+        _slice_out(dense, idx)
         for _, between in chain[pos + 1 : nxt]:
             if isinstance(between, nn.modules.batchnorm._BatchNorm):
                 _slice_batchnorm(between, idx)
-        _slice_in(chain[nxt][1], idx, old)
+        _slice_in(cast(nn.Conv2d | nn.Linear, chain[nxt][1]), idx, old)
