@@ -296,7 +296,8 @@ class ServerDistiller:
         with ``student-bits`` 32) with :func:`~fedsqueeze.server.export.export_compact`, loads
         each TorchScript file back and measures its test accuracy and, with ``distill-latency``,
         its CPU latency for one image (1 thread, median of interleaved runs, with and without
-        oneDNN; otherwise the latency fields are None and nothing is timed).
+        oneDNN; otherwise the latency fields are None and nothing is timed). With
+        ``distill-onnx`` it also writes ``{name}.onnx`` and measures it in onnxruntime.
 
         Parameters
         ----------
