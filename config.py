@@ -65,6 +65,9 @@ class RunConfig(Mapping[str, ConfigValue]):
     distill_lr: float = 0.003
     distill_ensemble: bool = False
     distill_latency: bool = False
+    distill_onnx: bool = False
+    distill_soft_weight: float = 1.0
+    distill_hint_weight: float = 0.0
     proxy_size: int = 5000
     student_linear_rank: int = 12
     student_conv_rank: int = 0

@@ -1,4 +1,7 @@
-"""Device-side prediction with an exported TorchScript model (needs only torch, numpy and, for PNGs, Pillow)."""
+"""Device-side prediction with an exported model: TorchScript (``.pt``) or ONNX (``.onnx``, run by onnxruntime).
+
+It needs torch, numpy, onnxruntime for ``.onnx`` files and Pillow for image files; never the rest of fedsqueeze.
+"""
 
 from __future__ import annotations
 
@@ -49,24 +52,24 @@ def load_images(paths: Sequence[str | os.PathLike[str]], key: str | None = None)
     numpy.ndarray
         Pixel values, ``(N, H, W)`` or ``(N, H, W, C)``.
     """
-    paths = [Path(p) for p in paths]
-    if not paths:
+    files = [Path(p) for p in paths]
+    if not files:
         raise ValueError("no image files given")
-    suffixes = {p.suffix.lower() for p in paths}
+    suffixes = {p.suffix.lower() for p in files}
     if suffixes & {".npy", ".npz"}:
-        if len(paths) != 1:
+        if len(files) != 1:
             raise ValueError("give exactly one .npy/.npz file, or image files only")
-        path = paths[0]
+        path = files[0]
         if path.suffix.lower() == ".npy":
             return np.load(path, allow_pickle=False)
         return _npz_array(path, key, ("x_test", "x", "images"))
-    unknown = [str(p) for p in paths if p.suffix.lower() not in _IMAGE_SUFFIXES]
+    unknown = [str(p) for p in files if p.suffix.lower() not in _IMAGE_SUFFIXES]
     if unknown:
         raise ValueError(f"unsupported image files {unknown}; expected .npy, .npz or {', '.join(_IMAGE_SUFFIXES)}")
     from PIL import Image  # Pillow comes with torchvision; only needed for image files
 
     arrays = []
-    for path in paths:
+    for path in files:
         with Image.open(path) as img:
             grey = img.mode in ("1", "L", "LA", "I", "I;16")
             arrays.append(np.asarray(img.convert("L" if grey else "RGB")))
@@ -114,7 +117,9 @@ def _to_nchw(images: np.ndarray) -> torch.Tensor:
     if images.ndim == 3:
         x = torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1)
     elif images.ndim == 4 and images.shape[-1] in (1, 3, 4):
-        x = torch.from_numpy(np.ascontiguousarray(images[..., :3] if images.shape[-1] == 4 else images)).permute(0, 3, 1, 2)
+        x = torch.from_numpy(np.ascontiguousarray(images[..., :3] if images.shape[-1] == 4 else images)).permute(
+            0, 3, 1, 2
+        )
     else:
         raise ValueError(f"images must be (N, H, W) or (N, H, W, C) with C in 1, 3, 4, got shape {images.shape}")
     if images.dtype == np.uint8:
@@ -133,17 +138,34 @@ def _load_model(model_path: str | os.PathLike[str]) -> torch.jit.ScriptModule:
         return torch.jit.load(str(model_path), map_location="cpu")
 
 
+def _onnx_predict(model_path: str | os.PathLike[str], x: torch.Tensor) -> np.ndarray:
+    """Classes predicted by an ONNX file in onnxruntime (CPU), batch by batch."""
+    try:
+        import onnxruntime
+    except ImportError as err:
+        raise RuntimeError(
+            f"{model_path}: reading .onnx files needs onnxruntime (pip install 'fedsqueeze[onnx]'); "
+            "or use the TorchScript (.pt) file"
+        ) from err
+    session = onnxruntime.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    batches = [session.run(None, {name: x[i : i + _BATCH].numpy()})[0].argmax(1) for i in range(0, len(x), _BATCH)]
+    return np.concatenate(batches).astype(np.int64) if batches else np.zeros(0, dtype=np.int64)
+
+
 @torch.inference_mode()
 def predict(model_path: str | os.PathLike[str], images: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Predict the class of each image with an exported TorchScript model.
+    """Predict the class of each image with an exported TorchScript or ONNX model.
 
-    The model (written by ``fedsqueeze.server.export.export_compact``) takes raw pixel values
-    and applies the training normalisation itself.
+    The model (written by ``fedsqueeze.server.export.export_compact`` or
+    ``fedsqueeze.server.onnx_export.export_onnx``) takes raw pixel values and applies the
+    training normalisation itself. A file whose name ends in ``.onnx`` runs in onnxruntime,
+    any other in TorchScript.
 
     Parameters
     ----------
     model_path : path
-        TorchScript file.
+        TorchScript (``.pt``) or ONNX (``.onnx``) file.
     images : numpy.ndarray or torch.Tensor
         Pixel values 0..255 (uint8, or float; floats all <= 1 are taken as [0, 1]),
         shape ``(N, H, W)``, ``(N, H, W, C)`` or a single ``(H, W)`` image.
@@ -152,10 +174,17 @@ def predict(model_path: str | os.PathLike[str], images: np.ndarray | torch.Tenso
     -------
     numpy.ndarray
         int64 predicted classes ``(N,)``.
+
+    Raises
+    ------
+    RuntimeError
+        If the file is ``.onnx`` and onnxruntime is not installed.
     """
     if isinstance(images, torch.Tensor):
         images = images.numpy()
     x = _to_nchw(images)
+    if Path(model_path).suffix.lower() == ".onnx":
+        return _onnx_predict(model_path, x)
     model = _load_model(model_path)
     model.eval()
     outputs = [model(x[i : i + _BATCH]).argmax(1) for i in range(0, len(x), _BATCH)]
@@ -170,12 +199,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = argparse.ArgumentParser(
         prog="fedsqueeze predict",
-        description="Classify images with an exported fedsqueeze model (TorchScript).",
+        description="Classify images with an exported fedsqueeze model (TorchScript .pt or ONNX .onnx).",
     )
-    parser.add_argument("model", help="exported TorchScript file (.pt)")
+    parser.add_argument("model", help="exported TorchScript (.pt) or ONNX (.onnx, needs onnxruntime) file")
     parser.add_argument("images", nargs="+", help="one .npy/.npz file (N x H x W [x C], 0..255) or image files")
     parser.add_argument("--key", default=None, help="array name in an images .npz (default: x_test or the only array)")
-    parser.add_argument("--labels", default=None, help="labels .npy/.npz file, or an array name in the images .npz (e.g. y_test)")
+    parser.add_argument(
+        "--labels", default=None, help="labels .npy/.npz file, or an array name in the images .npz (e.g. y_test)"
+    )
     args = parser.parse_args(argv)
     try:
         images = load_images(args.images, args.key)

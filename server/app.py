@@ -27,7 +27,7 @@ from fedsqueeze.config import RunConfig
 from fedsqueeze.data import load_dataset
 from fedsqueeze.models import build_model, first_model
 from fedsqueeze.protocol import arrays_to_tensors, tensors_to_arrays
-from fedsqueeze.server.compaction import ServerDistiller
+from fedsqueeze.server.server_distiller import ServerDistiller
 from fedsqueeze.server.results import ResultsWriter
 from fedsqueeze.server.strategy import UP, CompressedStrategy
 from fedsqueeze.training import evaluate, set_weights
@@ -101,7 +101,7 @@ def main(grid: Grid, context: Context) -> None:
 
     With ``distill-every`` > 0 the server also distils the aggregated global model into a
     compact student after every ``distill-every``-th round and after the last one (see
-    :class:`~fedsqueeze.server.compaction.ServerDistiller`), on ``proxy-size`` training images
+    :class:`~fedsqueeze.server.server_distiller.ServerDistiller`), on ``proxy-size`` training images
     that the clients leave out, and at the end exports the last student and the final global
     model to ``<results-dir>/compact/`` and writes ``compact.json`` and ``distill.csv``.
     """

@@ -11,18 +11,25 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, cast
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fedsqueeze.server.compact import LowRankConv2d, LowRankLinear, Tucker2Conv2d, count_parameters, to_chain
+from fedsqueeze.server.compact import FACTORED_LAYERS, count_parameters, to_chain
 
 __all__ = [
     "ExportInfo",
     "FORMAT",
+    "LATENCY_KEY",
+    "LATENCY_NO_ONEDNN_KEY",
+    "ONNX_LATENCY_KEY",
+    "batch1_latencies",
+    "channel_normalisation",
+    "export_and_measure",
     "export_compact",
     "file_accuracy",
     "flatten_ops",
@@ -35,6 +42,13 @@ __all__ = [
 
 #: Value of the ``format`` metadata key of exported safetensors files.
 FORMAT = "fedsqueeze-compact/1"
+
+#: Row keys of :func:`export_and_measure`: median batch-1 one-thread latency in microseconds,
+#: with oneDNN (torch's default CPU convolutions) and with torch's native kernels.
+LATENCY_KEY = "latency_us_batch1_1thread"
+LATENCY_NO_ONEDNN_KEY = "latency_us_batch1_1thread_no_onednn"
+#: Row key of the ONNX file's batch-1 latency in onnxruntime (one intra-op thread).
+ONNX_LATENCY_KEY = "onnx_latency_us_batch1_1thread"
 
 _SUPPORTED_BITS = (8, 32)
 
@@ -85,7 +99,9 @@ def _weight_op(layer: nn.Conv2d | nn.Linear) -> dict[str, Any]:
     if isinstance(layer, nn.Linear):
         return {"op": "linear", "weight": weight, "bias": bias}
     if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
-        raise ValueError(f"only numeric zero padding can be exported, got padding={layer.padding!r}, mode={layer.padding_mode!r}")
+        raise ValueError(
+            f"only numeric zero padding can be exported, got padding={layer.padding!r}, mode={layer.padding_mode!r}"
+        )
     return {
         "op": "conv2d",
         "weight": weight,
@@ -130,8 +146,8 @@ def flatten_ops(model: nn.Module) -> list[dict[str, Any]]:
     """
     ops: list[dict[str, Any]] = []
     for name, layer in to_chain(model):
-        if isinstance(layer, (LowRankConv2d, LowRankLinear, Tucker2Conv2d)):
-            ops.extend(_weight_op(sub) for sub in layer.children())
+        if isinstance(layer, FACTORED_LAYERS):
+            ops.extend(_weight_op(cast(nn.Conv2d | nn.Linear, sub)) for sub in layer.children())
         elif isinstance(layer, (nn.Conv2d, nn.Linear)):
             ops.append(_weight_op(layer))
         elif isinstance(layer, nn.modules.batchnorm._BatchNorm):
@@ -177,13 +193,14 @@ def flatten_ops(model: nn.Module) -> list[dict[str, Any]]:
         else:
             raise ValueError(
                 f"layer {name} ({type(layer).__name__}) cannot be exported; supported: Conv2d, Linear, the "
-                "factored layers, BatchNorm after them, ReLU/Tanh/Sigmoid, Max/AvgPool2d, Flatten, (Log)Softmax, Dropout"
+                "factored layers, BatchNorm after them, ReLU/Tanh/Sigmoid, Max/AvgPool2d, Flatten, (Log)Softmax, "
+                "Dropout"
             )
     return ops
 
 
 def _pair(value: int | Sequence[int]) -> list[int]:
-    return [int(v) for v in value] if isinstance(value, (tuple, list)) else [int(value), int(value)]
+    return [value, value] if isinstance(value, int) else [int(v) for v in value]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,6 +243,9 @@ class _FlatNet(nn.Module):
     traced copy is one module with one short ``code`` file and two tensors.
     """
 
+    q: torch.Tensor
+    f: torch.Tensor
+
     def __init__(self, ops: list[dict[str, Any]], q: torch.Tensor, f: torch.Tensor, norm_ref: list[int]) -> None:
         super().__init__()
         self.ops = ops
@@ -267,7 +287,9 @@ class _FlatNet(nn.Module):
             elif kind == "max_pool2d":
                 x = F.max_pool2d(x, op["kernel_size"], op["stride"], op["padding"], op["dilation"], op["ceil_mode"])
             elif kind == "avg_pool2d":
-                x = F.avg_pool2d(x, op["kernel_size"], op["stride"], op["padding"], op["ceil_mode"], op["count_include_pad"])
+                x = F.avg_pool2d(
+                    x, op["kernel_size"], op["stride"], op["padding"], op["ceil_mode"], op["count_include_pad"]
+                )
             elif kind == "flatten":
                 x = torch.flatten(x, 1)
             elif kind == "log_softmax":
@@ -286,7 +308,9 @@ def _as_channels(value: float | Sequence[float], label: str) -> list[float]:
     return values
 
 
-def _pack(ops: list[dict[str, Any]], bits: int, mean: list[float], std: list[float]) -> tuple[_FlatNet, dict[str, torch.Tensor]]:
+def _pack(
+    ops: list[dict[str, Any]], bits: int, mean: list[float], std: list[float]
+) -> tuple[_FlatNet, dict[str, torch.Tensor]]:
     """Quantise and pack the op weights; return the flat module and per-layer tensors for safetensors."""
     q_parts: list[torch.Tensor] = []
     f_parts: list[torch.Tensor] = []
@@ -335,7 +359,10 @@ def _repack_zip(data: bytes) -> bytes:
     source ranges for error messages.
     """
     out = io.BytesIO()
-    with zipfile.ZipFile(io.BytesIO(data)) as zin, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zout:
+    with (
+        zipfile.ZipFile(io.BytesIO(data)) as zin,
+        zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zout,
+    ):
         for info in zin.infolist():
             if not info.filename.endswith(".debug_pkl"):
                 zout.writestr(info.filename, zin.read(info.filename))
@@ -354,6 +381,53 @@ def _structure(ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
             layer += 1
         rows.append(row)
     return rows
+
+
+def channel_normalisation(
+    mean: float | Sequence[float], std: float | Sequence[float], channels: int
+) -> tuple[list[float], list[float]]:
+    """The normalisation as one mean and one std per input channel (a single value is repeated).
+
+    Raises
+    ------
+    ValueError
+        If the counts do not fit ``channels`` or a std is not positive.
+    """
+    mean_c, std_c = _as_channels(mean, "mean"), _as_channels(std, "std")
+    if len(mean_c) != len(std_c) or len(mean_c) not in (1, channels):
+        raise ValueError(f"mean and std need one value per input channel ({channels}), got {mean_c} and {std_c}")
+    if any(s <= 0 for s in std_c):
+        raise ValueError(f"std values must be positive, got {std_c}")
+    return mean_c * (channels // len(mean_c)), std_c * (channels // len(std_c))
+
+
+def _traced_archive(flat: nn.Module, example_input: torch.Tensor) -> bytes:
+    """``torch.jit.save`` of ``flat`` traced on ``example_input``, as bytes."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in torch 2.x but works
+        traced = torch.jit.trace(flat.eval(), example_input.to(torch.float32), check_trace=False, _store_inputs=False)
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer)
+    return buffer.getvalue()
+
+
+def _write_safetensors(
+    path: Path,
+    tensors: dict[str, torch.Tensor],
+    ops: list[dict[str, Any]],
+    bits: int,
+    mean: list[float],
+    std: list[float],
+) -> None:
+    """The per-layer tensors, with the op structure, bits and normalisation as metadata."""
+    metadata = {
+        "format": FORMAT,
+        "bits": str(bits),
+        "ops": json.dumps(_structure(ops)),
+        "mean": json.dumps(mean),
+        "std": json.dumps(std),
+    }
+    save_file(tensors, str(path), metadata=metadata)
 
 
 def export_compact(
@@ -406,23 +480,13 @@ def export_compact(
     if bits not in _SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {_SUPPORTED_BITS}, got {bits}")
     if not isinstance(example_input, torch.Tensor) or example_input.dim() != 4:
-        raise ValueError(f"example_input must be a (N, C, H, W) tensor, got {getattr(example_input, 'shape', example_input)!r}")
-    mean_c, std_c = _as_channels(mean, "mean"), _as_channels(std, "std")
-    if len(mean_c) != len(std_c) or len(mean_c) not in (1, example_input.shape[1]):
-        raise ValueError(f"mean and std need one value per input channel ({example_input.shape[1]}), got {mean_c} and {std_c}")
-    if any(s <= 0 for s in std_c):
-        raise ValueError(f"std values must be positive, got {std_c}")
-    channels = example_input.shape[1]
-    mean_c, std_c = mean_c * (channels // len(mean_c)), std_c * (channels // len(std_c))
-
+        raise ValueError(
+            f"example_input must be a (N, C, H, W) tensor, got {getattr(example_input, 'shape', example_input)!r}"
+        )
+    mean_c, std_c = channel_normalisation(mean, std, example_input.shape[1])
     ops = flatten_ops(model)
     flat, tensors = _pack(ops, bits, mean_c, std_c)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        traced = torch.jit.trace(flat.eval(), example_input.to(torch.float32), check_trace=False, _store_inputs=False)
-        buffer = io.BytesIO()
-        torch.jit.save(traced, buffer)
-    raw = buffer.getvalue()
+    raw = _traced_archive(flat, example_input)
     data = _repack_zip(raw) if repack else raw
 
     out = Path(out_dir)
@@ -430,14 +494,7 @@ def export_compact(
     ts_path = out / f"{name}.pt"
     ts_path.write_bytes(data)
     st_path = out / f"{name}.safetensors"
-    metadata = {
-        "format": FORMAT,
-        "bits": str(bits),
-        "ops": json.dumps(_structure(ops)),
-        "mean": json.dumps(mean_c),
-        "std": json.dumps(std_c),
-    }
-    save_file(tensors, str(st_path), metadata=metadata)
+    _write_safetensors(st_path, tensors, ops, bits, mean_c, std_c)
     return ExportInfo(
         name=name,
         bits=bits,
@@ -536,13 +593,16 @@ def load_exported(path: str | os.PathLike[str]) -> torch.jit.ScriptModule:
 
 
 @torch.inference_mode()
-def file_accuracy(model: nn.Module, raw_x: torch.Tensor, y: torch.Tensor, batch_size: int = 128) -> float:
+def file_accuracy(
+    model: Callable[[torch.Tensor], torch.Tensor], raw_x: torch.Tensor, y: torch.Tensor, batch_size: int = 128
+) -> float:
     """Accuracy of an exported model (raw pixels in, logits out) on ``raw_x``.
 
     Parameters
     ----------
-    model : torch.nn.Module
-        A loaded exported file (see :func:`load_exported`) or anything with its forward.
+    model : callable
+        A loaded exported file (see :func:`load_exported`, or
+        :class:`~fedsqueeze.server.onnx_export.OnnxRuntimeModel`) or anything with its forward.
     raw_x : torch.Tensor
         Raw pixels ``(N, C, H, W)``, e.g. from :func:`raw_pixels`.
     y : torch.Tensor
@@ -601,3 +661,141 @@ def latencies_us(
                 model(example)
                 times[key].append(time.perf_counter_ns() - start)
     return {key: statistics.median(values) / 1000.0 for key, values in times.items()}
+
+
+def batch1_latencies(models: Mapping[str, tuple[nn.Module, torch.Tensor]], runs: int) -> dict[str, dict[str, float]]:
+    """One-thread latency of each model, with oneDNN and with torch's native CPU kernels.
+
+    oneDNN (mkldnn) convolutions can carry a fixed cost per call that dominates at batch 1,
+    so both are timed (each with :func:`latencies_us`, all models interleaved). The torch
+    thread count is set to 1 while timing and restored afterwards.
+
+    Parameters
+    ----------
+    models : Mapping of str to (torch.nn.Module, torch.Tensor)
+        Name -> (model, its example input: one image for batch-1 latency).
+    runs : int
+        Timed calls per model and setting, >= 1.
+
+    Returns
+    -------
+    dict of str to dict
+        Name -> ``{LATENCY_KEY: us, LATENCY_NO_ONEDNN_KEY: us}``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        default = latencies_us(models, runs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "TF32 acceleration on top of oneDNN ..." notice
+            with torch.backends.mkldnn.flags(enabled=False):
+                native = latencies_us(models, runs)
+    finally:
+        torch.set_num_threads(threads)
+    return {key: {LATENCY_KEY: default[key], LATENCY_NO_ONEDNN_KEY: native[key]} for key in models}
+
+
+def export_and_measure(
+    models: Mapping[str, tuple[nn.Module, int]],
+    out_dir: str | os.PathLike[str],
+    *,
+    raw_x: torch.Tensor,
+    y: torch.Tensor,
+    mean: float | Sequence[float],
+    std: float | Sequence[float],
+    latency_runs: int = 0,
+    also_timed: Mapping[str, tuple[nn.Module, torch.Tensor]] | None = None,
+    onnx: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """Export each model with :func:`export_compact`, load the TorchScript file back and measure it.
+
+    Every file's test accuracy is measured on ``raw_x``; its batch-1 latency only when
+    ``latency_runs`` > 0 (:func:`batch1_latencies`, on ``raw_x[:1]``), else nothing is timed
+    and the latency fields are None. With ``onnx`` each model is also written as ONNX
+    (:func:`~fedsqueeze.server.onnx_export.export_onnx`) and measured in onnxruntime (one
+    thread), timed interleaved with the TorchScript files.
+
+    Parameters
+    ----------
+    models : Mapping of str to (torch.nn.Module, int)
+        File stem -> (model, weight bits 8 or 32).
+    out_dir : str or os.PathLike
+        Folder for the files.
+    raw_x, y : torch.Tensor
+        Raw test pixels ``(N, C, H, W)`` (see :func:`raw_pixels`) and their labels; ``raw_x[:1]``
+        is also the example input for tracing and timing.
+    mean, std : float or sequence of float
+        The training normalisation, built into the files.
+    latency_runs : int
+        Timed calls per file and setting; 0 times nothing (default: 0).
+    also_timed : Mapping of str to (torch.nn.Module, torch.Tensor) or None
+        More models (e.g. the in-memory ones) timed interleaved with the files, so that load
+        from other processes hits all alike (default: None).
+    onnx : bool
+        Also export and measure ONNX files; needs the ``onnx`` extra (default: False).
+
+    Returns
+    -------
+    dict of str to dict
+        File stem -> :meth:`ExportInfo.as_dict` plus ``file_test_accuracy``, :data:`LATENCY_KEY`
+        and :data:`LATENCY_NO_ONEDNN_KEY`, with ``onnx`` also ``onnx_path``, ``onnx_bytes``,
+        ``onnx_test_accuracy`` and ``onnx_latency_us_batch1_1thread``; each ``also_timed`` name
+        -> the two latency keys.
+    """
+    if latency_runs < 0:
+        raise ValueError(f"latency_runs must be >= 0 (0 times nothing), got {latency_runs}")
+    example = raw_x[:1].float()
+    loaded: dict[str, nn.Module] = {}
+    rows: dict[str, dict[str, Any]] = {}
+    for name, (model, bits) in models.items():
+        info = export_compact(model, out_dir, bits=bits, name=name, example_input=example, mean=mean, std=std)
+        loaded[name] = load_exported(info.torchscript_path)
+        rows[name] = {**info.as_dict(), "file_test_accuracy": file_accuracy(loaded[name], raw_x, y)}
+    timed: dict[str, tuple[Any, Any]] = {name: (model, example) for name, model in loaded.items()}
+    timed.update(also_timed or {})
+    if onnx:
+        timed.update(_export_onnx_files(models, out_dir, raw_x, y, mean, std, rows))
+    latency: Mapping[str, Mapping[str, float | None]]
+    if latency_runs:
+        latency = batch1_latencies(timed, latency_runs)
+    else:
+        latency = {name: {LATENCY_KEY: None, LATENCY_NO_ONEDNN_KEY: None} for name in timed}
+    for name in timed:
+        if name.endswith(_ONNX_SUFFIX):  # onnxruntime ignores the oneDNN switch: one figure
+            rows[name[: -len(_ONNX_SUFFIX)]][ONNX_LATENCY_KEY] = latency[name][LATENCY_KEY]
+        else:
+            rows.setdefault(name, {}).update(latency[name])
+    return rows
+
+
+_ONNX_SUFFIX = "#onnx"
+
+
+def _export_onnx_files(
+    models: Mapping[str, tuple[nn.Module, int]],
+    out_dir: str | os.PathLike[str],
+    raw_x: torch.Tensor,
+    y: torch.Tensor,
+    mean: float | Sequence[float],
+    std: float | Sequence[float],
+    rows: dict[str, dict[str, Any]],
+) -> dict[str, tuple[Any, np.ndarray]]:
+    """Write and measure the ONNX files into ``rows``; return them for timing, keyed ``stem#onnx``."""
+    # onnx_export builds on this module (flatten_ops, quantize_per_channel), so it is imported here
+    from fedsqueeze.server.onnx_export import OnnxRuntimeModel, export_onnx
+
+    timed: dict[str, tuple[Any, np.ndarray]] = {}
+    shape = tuple(raw_x.shape[1:])
+    for name, (model, bits) in models.items():
+        info = export_onnx(model, out_dir, bits=bits, input_shape=shape, mean=mean, std=std, name=name)
+        runtime = OnnxRuntimeModel(info.onnx_path)
+        rows[name].update(
+            {
+                "onnx_path": str(info.onnx_path),
+                "onnx_bytes": info.onnx_bytes,
+                "onnx_test_accuracy": file_accuracy(runtime, raw_x, y),
+                ONNX_LATENCY_KEY: None,
+            }
+        )
+        timed[name + _ONNX_SUFFIX] = (runtime, raw_x[:1].float().numpy())
+    return timed

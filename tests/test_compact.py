@@ -163,7 +163,9 @@ def test_pruning_zero_filters_and_units_keeps_outputs_exactly() -> None:
             layer.weight[dead] = 0.0
             layer.bias[dead] = 0.0
     x = _inputs()
-    config = CompactConfig(conv_rank=None, linear_rank=None, prune_ratio=0.25, linear_prune_ratio=0.5, no_prune=("fc2",))
+    config = CompactConfig(
+        conv_rank=None, linear_rank=None, prune_ratio=0.25, linear_prune_ratio=0.5, no_prune=("fc2",)
+    )
     student = build_student(model, config)
     assert student.conv1.out_channels == 6 and student.conv2.in_channels == 6
     assert student.conv2.out_channels == 9 and student.fc1.in_features == 9 * 4
@@ -264,3 +266,29 @@ def test_pruning_a_factored_model_is_refused() -> None:
         build_student(student, CompactConfig(prune_ratio=0.5))
     again = build_student(student, CompactConfig(conv_rank=None, linear_rank=None))  # re-reading is fine
     torch.testing.assert_close(again(_inputs()), student(_inputs()))
+
+
+def test_every_subpackage_is_listed_for_installation() -> None:
+    """pyproject lists packages one by one: a split into a new package folder must be listed there too."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join(("fedsqueeze", *init.parent.relative_to(root).parts))
+        for init in root.rglob("__init__.py")
+        if not {"tests", "benchmarks", ".venv", ".git"} & set(init.relative_to(root).parts)
+    }
+    assert found - listed == set(), f"packages missing from pyproject's [tool.setuptools] packages: {found - listed}"
+    assert "fedsqueeze.server.compact" in found
+
+
+def test_compact_package_reexports_its_modules_names() -> None:
+    from fedsqueeze.server import compact
+    from fedsqueeze.server.compact import build, chain, layers, prune
+
+    for name in compact.__all__:
+        assert getattr(compact, name) is next(
+            getattr(m, name) for m in (build, chain, layers, prune) if hasattr(m, name)
+        )

@@ -60,14 +60,11 @@ def tiny_mnist(folder: Path, n: int = 12) -> tuple[np.ndarray, np.ndarray]:
     images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
     labels = rng.integers(0, 10, size=n).astype(np.uint8)
     folder.mkdir(parents=True, exist_ok=True)
-    write_npz(folder / "mnist.npz", x_train=images, y_train=labels,
-              x_test=images[: n // 2], y_test=labels[: n // 2])
+    write_npz(folder / "mnist.npz", x_train=images, y_train=labels, x_test=images[: n // 2], y_test=labels[: n // 2])
     return images[: n // 2], labels[: n // 2]
 
 
-def test_env_var_may_name_a_folder_holding_mnist_npz(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_env_var_may_name_a_folder_holding_mnist_npz(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _, labels = tiny_mnist(tmp_path / "env")
     monkeypatch.setenv(data.DATA_ENV_VAR, str(tmp_path / "env"))
     loaded = load_dataset("mnist")
@@ -113,8 +110,7 @@ def test_load_cifar10_npz_normalises_each_channel(tmp_path: Path) -> None:
     images = np.zeros((6, 32, 32, 3), dtype=np.uint8)
     images[..., 1], images[..., 2] = 128, 255
     labels = np.arange(6, dtype=np.uint8)
-    write_npz(tmp_path / "cifar10.npz", x_train=images, y_train=labels,
-              x_test=images[:2], y_test=labels[:2])
+    write_npz(tmp_path / "cifar10.npz", x_train=images, y_train=labels, x_test=images[:2], y_test=labels[:2])
     loaded = load_dataset("CIFAR-10", tmp_path)
     assert loaded.name == "cifar10"
     assert loaded.x_train.shape == (6, 3, 32, 32)
@@ -140,9 +136,7 @@ def test_missing_data_error_names_every_place_looked(offline: Path) -> None:
     assert data.DATA_ENV_VAR in message and "data-dir" in message
 
 
-def test_unreadable_torchvision_folder_is_an_error_where_given(
-    offline: Path
-) -> None:
+def test_unreadable_torchvision_folder_is_an_error_where_given(offline: Path) -> None:
     (offline / "given" / "MNIST" / "raw").mkdir(parents=True)
     with pytest.raises(ValueError, match="MNIST/raw exists but cannot be read"):
         load_dataset("mnist", offline / "given")
@@ -150,8 +144,11 @@ def test_unreadable_torchvision_folder_is_an_error_where_given(
 
 def test_incomplete_download_in_the_cache_is_downloaded_again(offline: Path) -> None:
     (offline / "cache" / "fedsqueeze" / "MNIST" / "raw").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match=r"(?s)raw \(torchvision layout, incomplete\).*"
-                       r"download into .* failed"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"(?s)raw \(torchvision layout, incomplete\).*"
+        r"download into .* failed",
+    ):
         load_dataset("mnist")
 
 
@@ -169,8 +166,7 @@ def test_npz_with_missing_keys_is_rejected(tmp_path: Path) -> None:
 def test_npz_with_wrong_image_shape_is_rejected(tmp_path: Path) -> None:
     images = np.zeros((2, 28, 28), np.uint8)
     labels = np.zeros(2, np.uint8)
-    path = write_npz(tmp_path / "mine.npz", x_train=images, y_train=labels,
-                     x_test=images, y_test=labels)
+    path = write_npz(tmp_path / "mine.npz", x_train=images, y_train=labels, x_test=images, y_test=labels)
     with pytest.raises(ValueError, match=r"\(N, 32, 32, 3\) for cifar10"):
         load_dataset("cifar10", path)
 
@@ -295,8 +291,7 @@ def test_impossible_dirichlet_split_says_why() -> None:
 
 def test_client_data_is_the_partition(mnist: Dataset, mnist_path: Path) -> None:
     parts = partition(label_array(mnist), 5, "dirichlet", alpha=0.5, seed=3)
-    x, y = client_data("mnist", 2, 5, partitioner="dirichlet", alpha=0.5, seed=3,
-                       data_dir=mnist_path)
+    x, y = client_data("mnist", 2, 5, partitioner="dirichlet", alpha=0.5, seed=3, data_dir=mnist_path)
     idx = torch.as_tensor(np.array(parts[2]))
     assert torch.equal(y, mnist.y_train[idx])
     assert torch.equal(x, mnist.x_train[idx])
@@ -330,3 +325,35 @@ def test_client_data_rejects_bad_partition_id(partition_id: object, mnist_path: 
 def test_client_data_rejects_bad_max_samples(mnist_path: Path) -> None:
     with pytest.raises(ValueError, match="max_samples"):
         client_data("mnist", 0, 4, max_samples=0, data_dir=mnist_path)
+
+
+def test_data_package_reexports_loading_and_partitioning() -> None:
+    """``fedsqueeze.data`` stays the one import path for client and server code after the split."""
+    from fedsqueeze.data import loading, partitioning
+
+    for name in data.__all__:
+        owners = [m for m in (loading, partitioning) if hasattr(m, name)]
+        assert owners or name == "clear_caches", f"{name} is defined in neither module"
+        if owners:
+            assert getattr(data, name) is getattr(owners[0], name)
+    assert partitioning.load_dataset is loading.load_dataset  # client_data reads the same cached dataset
+
+
+def test_clear_caches_forgets_datasets_and_partitions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedsqueeze.data import loading, partitioning
+
+    # Fresh caches for this test, so the session's MNIST stays cached for the others
+    monkeypatch.setattr(loading, "_DATASET_CACHE", {})
+    monkeypatch.setattr(partitioning, "_PARTITION_CACHE", {})
+    rng = np.random.default_rng(0)
+    images = {f"x_{s}": rng.integers(0, 256, (n, 28, 28), dtype=np.uint8) for s, n in (("train", 40), ("test", 10))}
+    labels = {f"y_{s}": np.arange(n) % 10 for s, n in (("train", 40), ("test", 10))}
+    path = write_npz(tmp_path / "mnist.npz", **images, **labels)
+    first = load_dataset("mnist", path)
+    part = partition(labels["y_train"], 4, "iid", seed=1)
+    clear_caches(partitions=False)
+    assert load_dataset("mnist", path) is not first  # reloaded
+    assert partition(labels["y_train"], 4, "iid", seed=1)[0] is part[0]  # still cached
+    clear_caches(datasets=False)
+    again = partition(labels["y_train"], 4, "iid", seed=1)
+    assert again[0] is not part[0] and all(np.array_equal(a, b) for a, b in zip(again, part))

@@ -12,6 +12,7 @@ from torch import nn
 
 from fedsqueeze.server.compact import CompactConfig, build_student
 from fedsqueeze.server.distill import DistillConfig, distill, distillation_loss, proxy_split, teacher_logits
+from fedsqueeze.server.hints import FeatureHints, default_hint_layers
 
 torch.set_num_threads(1)
 
@@ -141,6 +142,85 @@ def test_bad_arguments_are_rejected(trained_teacher: nn.Module) -> None:
     assert DistillConfig().kwargs()["temperature"] == 3.0
 
 
+# ----------------------------------------------------------------------------- activation matching
+
+
+def _scratch_student(teacher: nn.Module) -> nn.Module:
+    """A pruned, factored student of ``teacher`` with re-initialised weights (about chance accuracy)."""
+    student = build_student(teacher, CompactConfig(prune_ratio=0.5, linear_rank=2, keep_dense=()))
+    torch.manual_seed(5)
+    for module in student.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            module.reset_parameters()
+    return student
+
+
+def test_hint_layers_and_adapters_follow_the_widths(trained_teacher: nn.Module) -> None:
+    student = build_student(trained_teacher, CompactConfig(prune_ratio=0.5, linear_rank=2))
+    assert default_hint_layers(trained_teacher) == ["1"] == default_hint_layers(student)  # the ReLU after the conv
+    proxy_x, _ = _blob_images(40, seed=2)
+    hints = FeatureHints(student, trained_teacher, ["1", "5", "6"], proxy_x)
+    conv = hints.adapters["1"]  # 4 kept filters -> the teacher's 8
+    assert isinstance(conv, nn.Conv2d) and (conv.in_channels, conv.out_channels, conv.kernel_size) == (4, 8, (1, 1))
+    linear = hints.adapters["5"]  # 16 kept hidden units -> 32
+    assert isinstance(linear, nn.Linear) and (linear.in_features, linear.out_features) == (16, 32)
+    assert isinstance(hints.adapters["6"], nn.Identity)  # the classes are never pruned
+    with torch.no_grad():
+        expected = trained_teacher[:2](proxy_x)
+    torch.testing.assert_close(hints.targets["1"], expected)
+
+
+def test_activation_matching_alone_trains_the_student(trained_teacher: nn.Module) -> None:
+    """Hints without soft labels: the features after the conv block (through a 1x1 adapter) and the logits."""
+    x_test, y_test = _blob_images(400, seed=3)
+    proxy_x, _ = _blob_images(500, seed=2)
+    student = _scratch_student(trained_teacher)
+    before = _accuracy(student, x_test, y_test)
+    result = distill(
+        student, trained_teacher, proxy_x, epochs=10, lr=0.01, batch_size=32, soft_weight=0.0, hint_weight=1.0,
+        hint_layers=["1", "6"],
+    )  # fmt: skip
+    after = _accuracy(student, x_test, y_test)
+    assert before < 0.5 and after > 0.75 and after > before + 0.4
+    assert result.losses[0] <= 1.0 and result.losses[-1] < 0.5 * result.losses[0]  # relative errors
+    assert [type(m) for m in student.modules()] == [type(m) for m in _scratch_student(trained_teacher).modules()]
+
+
+def test_activation_matching_with_soft_labels_trains_the_student(trained_teacher: nn.Module) -> None:
+    x_test, y_test = _blob_images(400, seed=3)
+    proxy_x, _ = _blob_images(500, seed=2)
+    student = _scratch_student(trained_teacher)
+    before = _accuracy(student, x_test, y_test)
+    config = DistillConfig(epochs=10, lr=0.01, batch_size=32, hint_weight=1.0)  # default hint layer, soft labels on
+    distill(student, trained_teacher, proxy_x, **config.kwargs())  # type: ignore[arg-type]
+    after = _accuracy(student, x_test, y_test)
+    assert before < 0.5 and after > 0.9 and after > before + 0.4
+
+    # Deterministic with hints too (seeded regressors)
+    outputs = []
+    for _ in range(2):
+        again = _scratch_student(trained_teacher)
+        distill(again, trained_teacher, proxy_x[:64], epochs=1, batch_size=32, hint_weight=0.5, seed=3)
+        outputs.append(again(proxy_x[:8]).detach())
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+
+
+def test_bad_hint_arguments_are_rejected(trained_teacher: nn.Module) -> None:
+    student = build_student(trained_teacher, CompactConfig(prune_ratio=0.5))
+    proxy_x = torch.zeros(4, 1, 8, 8)
+    with pytest.raises(ValueError, match="both 0: nothing to train"):
+        distill(student, trained_teacher, proxy_x, soft_weight=0.0)
+    with pytest.raises(ValueError, match="hint_weight must be a finite number >= 0"):
+        DistillConfig(hint_weight=-1.0)
+    with pytest.raises(ValueError, match="given but hint_weight is 0"):
+        distill(student, trained_teacher, proxy_x, hint_layers=["1"])
+    with pytest.raises(ValueError, match=r"hint layers \['fc'\] are not layers of the student"):
+        distill(student, trained_teacher, proxy_x, hint_weight=1.0, hint_layers=["fc"])
+    narrow = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, CLASSES))
+    with pytest.raises(ValueError, match=r"student features \(4, 6, 6\) cannot be mapped onto teacher features"):
+        distill(narrow, trained_teacher, proxy_x, hint_weight=1.0, hint_layers=["1"])
+
+
 def test_distill_bench_smoke(mnist_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from fedsqueeze.simulation.distill_bench import main
 
@@ -156,3 +236,8 @@ def test_distill_bench_smoke(mnist_path: Path, tmp_path: Path, capsys: pytest.Ca
     assert report["student"]["params"] < report["teacher"]["params"] / 5
     assert report["teacher"]["test_accuracy"] > 0.5  # 3000 images, one epoch: well above chance (0.1)
     assert "student_int8" in capsys.readouterr().out
+    for entry in (
+        *files.values(),
+        {k[len("eager_") :]: v for k, v in report["teacher"].items() if k.startswith("eager_")},
+    ):
+        assert entry["latency_us_batch1_1thread"] > 0 and entry["latency_us_batch1_1thread_no_onednn"] > 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,18 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedsqueeze.client import app as fedsqueeze_client
 from fedsqueeze.client import compression_mod
 from fedsqueeze.data import Dataset, clear_caches, client_data, client_indices, normalisation
-from fedsqueeze.protocol import arrays_to_tensors, proxy_holdout, resolve_run_config, tensors_to_arrays
+from fedsqueeze.config import RunConfig, proxy_holdout
+from fedsqueeze.protocol import arrays_to_tensors, tensors_to_arrays
 from fedsqueeze.simulation.run_cell import run_cell
-from fedsqueeze.server.compaction import compact_config, distill_config
+from fedsqueeze.models import build_model
+from fedsqueeze.server import export as export_module
+from fedsqueeze.server.server_distiller import (
+    ServerDistiller,
+    compact_config,
+    distill_config,
+    export_onnx_too,
+    measure_latency,
+)
 from fedsqueeze.server.distill import proxy_split
 from fedsqueeze.server.export import raw_pixels
 from fedsqueeze.server.results import ResultsWriter
@@ -67,9 +77,9 @@ def test_client_data_rejects_a_bad_holdout(mnist_path: Path) -> None:
 
 
 def test_proxy_holdout_and_configs_follow_the_run_config() -> None:
-    run = resolve_run_config({})
+    run = RunConfig()
     assert proxy_holdout(run) == 0  # distillation off by default: clients keep every image
-    on = resolve_run_config({"distill-every": 2, "proxy-size": 700, "student-conv-rank": 3, "student-bits": 32})
+    on = RunConfig.from_mapping({"distill-every": 2, "proxy-size": 700, "student-conv-rank": 3, "student-bits": 32})
     assert proxy_holdout(on) == 700
     config = distill_config(on)
     assert (config.every_n_rounds, config.proxy_size, config.epochs) == (2, 700, on["distill-epochs"])
@@ -77,15 +87,101 @@ def test_proxy_holdout_and_configs_follow_the_run_config() -> None:
     assert (student.conv_rank, student.linear_rank, student.bits) == (3, on["student-linear-rank"], 32)
     assert compact_config(run).conv_rank is None  # 0 keeps convolutions dense
     with pytest.raises(ValueError, match="'proxy-size' > 0"):
-        proxy_holdout({**on, "proxy-size": 0})
+        proxy_holdout({**on.as_dict(), "proxy-size": 0})
     with pytest.raises(ValueError, match="'distill-every' must be >= 0"):
-        proxy_holdout({**on, "distill-every": -1})
+        proxy_holdout({**on.as_dict(), "distill-every": -1})
     with pytest.raises(ValueError, match="bits must be 8 or 32"):
-        compact_config({**on, "student-bits": 4})
+        compact_config({**on.as_dict(), "student-bits": 4})
     with pytest.raises(ValueError, match="'student-linear-rank' must be >= 0"):
-        compact_config({**on, "student-linear-rank": -2})
+        compact_config({**on.as_dict(), "student-linear-rank": -2})
     with pytest.raises(ValueError, match="distillation is off"):
         distill_config(run)
+    assert (config.soft_weight, config.hint_weight) == (1.0, 0.0)  # soft labels only unless asked
+    hinted = distill_config({**on, "distill-hint-weight": 0.5, "distill-soft-weight": 0})
+    assert (hinted.soft_weight, hinted.hint_weight) == (0.0, 0.5)
+    with pytest.raises(ValueError, match="'distill-hint-weight' must be float"):
+        distill_config({**on, "distill-hint-weight": "0.5"})
+    with pytest.raises(ValueError, match="both 0"):
+        distill_config({**on, "distill-soft-weight": 0.0})
+
+
+def _pixel_dataset(num_train: int, num_test: int) -> Dataset:
+    """A small random MNIST-shaped dataset whose images are normalised integer pixels (as load_dataset gives)."""
+    generator = torch.Generator().manual_seed(0)
+    (mean,), (std,) = normalisation("mnist")
+
+    def images(n: int) -> torch.Tensor:
+        return (torch.randint(0, 256, (n, 1, 28, 28), generator=generator).float() / 255.0 - mean) / std
+
+    labels = torch.randint(0, 10, (num_train + num_test,), generator=generator)
+    return Dataset("mnist", images(num_train), labels[:num_train], images(num_test), labels[num_train:])
+
+
+def _export_with(run: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
+    data = _pixel_dataset(300, 64)
+    distiller = ServerDistiller(run, data, lambda: build_model("lenet5", "mnist"))
+    torch.manual_seed(0)
+    distiller.distill_round(1, build_model("lenet5", "mnist"))
+    return distiller.export(tmp_path)
+
+
+@pytest.mark.parametrize("latency", [None, False])
+def test_export_times_nothing_unless_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, latency: bool | None
+) -> None:
+    def no_timing(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("latency was measured although distill-latency is off")
+
+    monkeypatch.setattr(export_module, "latencies_us", no_timing)
+    overrides: dict[str, Any] = {"distill-every": 1, "distill-epochs": 1, "proxy-size": 100, "num-server-rounds": 1}
+    if latency is not None:
+        overrides["distill-latency"] = latency
+    report = _export_with(RunConfig.from_mapping(overrides), tmp_path)
+    for entry in (report["teacher"], report["student"]):
+        assert entry["latency_us_batch1_1thread"] is None and entry["latency_us_batch1_1thread_no_onednn"] is None
+        assert 0.0 <= entry["file_test_accuracy"] <= 1.0
+    assert report["distill"]["measure_latency"] is False
+
+
+def test_export_times_both_files_when_asked(tmp_path: Path) -> None:
+    run = RunConfig.from_mapping(
+        {"distill-every": 1, "distill-epochs": 1, "proxy-size": 100, "num-server-rounds": 1, "distill-latency": True}
+    )
+    report = _export_with(run, tmp_path)
+    for entry in (report["teacher"], report["student"]):
+        assert entry["latency_us_batch1_1thread"] > 0 and entry["latency_us_batch1_1thread_no_onednn"] > 0
+    assert report["distill"]["measure_latency"] is True
+
+
+def test_export_writes_onnx_files_when_asked(tmp_path: Path) -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI"):
+            raise  # the test extra installs them: in CI this must not skip
+        pytest.skip("onnx/onnxruntime not installed: pip install 'fedsqueeze[onnx]' (in CI this fails instead)")
+    run = RunConfig.from_mapping(
+        {"distill-every": 1, "distill-epochs": 1, "proxy-size": 100, "num-server-rounds": 1, "distill-onnx": True}
+    )
+    report = _export_with(run, tmp_path)
+    for entry in (report["teacher"], report["student"]):
+        assert (tmp_path / entry["onnx_file"]).stat().st_size == entry["onnx_bytes"]
+        assert entry["onnx_file"].endswith(".onnx") and entry["onnx_latency_us_batch1_1thread"] is None
+        assert abs(entry["onnx_test_accuracy"] - entry["file_test_accuracy"]) <= 0.02  # same weights, 64 images
+    assert report["distill"]["onnx"] is True
+    assert (
+        "onnx_file" not in _export_with(RunConfig.from_mapping({**run.as_dict(), "distill-onnx": False}), tmp_path / "b")["student"]
+    )
+
+
+def test_distill_latency_must_be_a_bool() -> None:
+    assert measure_latency({}) is False and measure_latency({"distill-latency": True}) is True
+    with pytest.raises(ValueError, match="'distill-latency' must be bool .* got 'yes'"):
+        measure_latency({"distill-latency": "yes"})
+    assert export_onnx_too({}) is False and export_onnx_too({"distill-onnx": True}) is True
+    with pytest.raises(ValueError, match="'distill-onnx' must be bool"):
+        export_onnx_too({"distill-onnx": 1})
 
 
 def test_client_app_leaves_the_proxy_images_out(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -118,12 +214,7 @@ def test_client_app_leaves_the_proxy_images_out(monkeypatch: pytest.MonkeyPatch)
 # ----------------------------------------------------------------------------- strategy hook
 
 
-class FakeGrid:
-    def __init__(self, node_ids: list[int]) -> None:
-        self.node_ids = node_ids
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.node_ids)
+from test_strategy import FakeGrid  # noqa: E402 - the Grid stand-in the strategy tests share
 
 
 def test_strategy_keeps_the_round_client_models_only_when_asked() -> None:
@@ -219,7 +310,7 @@ def test_simulation_distils_and_exports_a_compact_student(tmp_path: Path, mnist:
     for entry in (teacher, student):
         assert (results / entry["torchscript_file"]).stat().st_size == entry["torchscript_bytes"]
         assert (results / entry["safetensors_file"]).stat().st_size == entry["safetensors_bytes"]
-        assert entry["latency_us_batch1_1thread"] > 0
+        assert entry["latency_us_batch1_1thread"] is None  # timing is opt-in (distill-latency)
     assert summary["compact"] == report
 
     # The exported student is self-contained: torch.jit.load alone, raw pixels in

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from logging import INFO
@@ -19,12 +18,25 @@ from fedsqueeze.data import Dataset, normalisation
 from fedsqueeze.config import proxy_holdout
 from fedsqueeze.server.compact import CompactConfig, build_student, count_parameters, describe
 from fedsqueeze.server.distill import DistillConfig, distill, proxy_split
-from fedsqueeze.server.export import export_compact, file_accuracy, latencies_us, load_exported, raw_pixels
+from fedsqueeze.server.export import (
+    LATENCY_KEY,
+    LATENCY_NO_ONEDNN_KEY,
+    ONNX_LATENCY_KEY,
+    export_and_measure,
+    raw_pixels,
+)
 from fedsqueeze.training import evaluate, set_weights
 
-__all__ = ["LATENCY_RUNS", "ServerDistiller", "compact_config", "distill_config"]
+__all__ = [
+    "LATENCY_RUNS",
+    "ServerDistiller",
+    "compact_config",
+    "distill_config",
+    "export_onnx_too",
+    "measure_latency",
+]
 
-#: Timed batch-1 forward passes per exported model (interleaved blocks of 50).
+#: Timed batch-1 forward passes per exported model (interleaved blocks of 50), with ``distill-latency``.
 LATENCY_RUNS = 500
 
 
@@ -64,8 +76,53 @@ def compact_config(run: Mapping[str, Any]) -> CompactConfig:
     )
 
 
+def measure_latency(run: Mapping[str, Any]) -> bool:
+    """Whether the export times the exported files: the run config's ``distill-latency`` (default: False).
+
+    Timing takes ``2 * LATENCY_RUNS`` forward passes per file, so it is opt-in.
+
+    Parameters
+    ----------
+    run : Mapping[str, Any]
+        Resolved run config; ``distill-latency`` may be absent.
+
+    Returns
+    -------
+    bool
+
+    Raises
+    ------
+    ValueError
+        If ``distill-latency`` is set to anything but a bool.
+    """
+    return _optional_flag(run, "distill-latency")
+
+
+def export_onnx_too(run: Mapping[str, Any]) -> bool:
+    """Whether the export also writes ONNX files: the run config's ``distill-onnx`` (default: False).
+
+    The ONNX files need the ``onnx`` extra (onnx and onnxruntime).
+
+    Raises
+    ------
+    ValueError
+        If ``distill-onnx`` is set to anything but a bool.
+    """
+    return _optional_flag(run, "distill-onnx")
+
+
+def _optional_flag(run: Mapping[str, Any], key: str) -> bool:
+    value = run.get(key, False)
+    if not isinstance(value, bool):
+        raise ValueError(f"run config {key!r} must be bool (default: False), got {value!r}")
+    return value
+
+
 def distill_config(run: Mapping[str, Any]) -> DistillConfig:
     """The :class:`DistillConfig` from the run config's ``distill-*`` and ``proxy-size`` keys.
+
+    ``distill-hint-weight`` (activation matching at the student's default hint layers, 0 = off)
+    and ``distill-soft-weight`` (soft labels, 0 = off) are optional, with defaults 0.0 and 1.0.
 
     Parameters
     ----------
@@ -91,28 +148,41 @@ def distill_config(run: Mapping[str, Any]) -> DistillConfig:
         every_n_rounds=int(run["distill-every"]),
         ensemble=bool(run["distill-ensemble"]),
         proxy_size=proxy_size,
+        soft_weight=_optional_number(run, "distill-soft-weight", 1.0),
+        hint_weight=_optional_number(run, "distill-hint-weight", 0.0),
     )
+
+
+def _optional_number(run: Mapping[str, Any], key: str, default: float) -> float:
+    value = run.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"run config {key!r} must be a number (default: {default}), got {value!r}")
+    return float(value)
 
 
 class ServerDistiller:
     """Distil the global model into a compact student every n rounds; export both at the end.
 
-    Each distillation builds a fresh student from the current global model
-    (:func:`~fedsqueeze.server.compact.build_student`: filter pruning and truncated SVD of
-    the global's own weights) and trains it on the proxy images to match the soft
-    predictions of the global model, or, with ``ensemble``, the average logits of the global
-    model and the client models received this round (FedDF-style, every teacher weighted
-    equally). A fresh student rather than a warm one: the student then always has the
-    structure and starting point of the model it is distilled from (filters ranked by the
-    current weights, never by a stale global of earlier rounds), each distillation depends
-    only on the current round, and on MNIST/LeNet-5 the SVD start is already close
-    (91 % before, 95.6 % after one epoch on 5,000 proxy images for a 96.2 % teacher), so a
-    warm start would save little.
+    Contracts:
 
-    The proxy images are the ``proxy-size`` training images of
-    :func:`~fedsqueeze.server.distill.proxy_split` (seed ``seed``); their labels are never
-    used, and the clients leave them out of their partitions (``client_data(...,
-    holdout=...)``).
+    - :meth:`due` is true every ``distill-every`` rounds and at the last round; the ServerApp
+      calls :meth:`distill_round` then, with the round's aggregated global model.
+    - Each distillation builds a fresh student from the current global model
+      (:func:`~fedsqueeze.server.compact.build_student`: filter pruning and truncated SVD of
+      the global's own weights), so the student's structure and starting point always come
+      from the model it is distilled from and each distillation depends on the current round
+      only. The global model and the client models are never modified.
+    - The student is trained to match the soft predictions of the global model or, with
+      ``distill-ensemble``, the average logits of the global model and the client models
+      received this round (FedDF-style, every teacher weighted equally).
+    - The proxy images are the ``proxy-size`` training images of
+      :func:`~fedsqueeze.server.distill.proxy_split` (seed ``seed``); their labels are never
+      read, and the clients leave them out of their partitions (``client_data(...,
+      holdout=...)``).
+    - :meth:`export` writes the last student and its teacher (TorchScript and safetensors, and
+      ONNX with ``distill-onnx`` true) and measures their test accuracy;
+      it times them (batch 1, one thread) only with ``distill-latency`` true (default false),
+      else nothing is timed and the latency fields are None.
 
     Parameters
     ----------
@@ -129,6 +199,8 @@ class ServerDistiller:
         self.student_config = compact_config(run)
         self.seed = int(run["seed"])
         self.num_rounds = int(run["num-server-rounds"])
+        self.measure_latency = measure_latency(run)
+        self.onnx = export_onnx_too(run)
         self.data = data
         self.make_model = make_model
         proxy_idx, _ = proxy_split(len(data.x_train), self.config.proxy_size, seed=self.seed)
@@ -186,7 +258,7 @@ class ServerDistiller:
         result = distill(student, teachers, self.proxy_x, seed=self.seed + server_round, **self.config.kwargs())
         loss, accuracy = evaluate(student, self.data.x_test, self.data.y_test)
         self.student, self.teacher, self.last_round = student, teacher, server_round
-        row = {
+        row: dict[str, Any] = {
             "round": server_round,
             "student_accuracy": accuracy,
             "student_loss": loss,
@@ -222,8 +294,10 @@ class ServerDistiller:
 
         Writes ``teacher_fp32.{pt,safetensors}`` and ``student_int8`` (or ``student_fp32``
         with ``student-bits`` 32) with :func:`~fedsqueeze.server.export.export_compact`, loads
-        each TorchScript file back and measures its test accuracy and its CPU latency for one
-        image (1 thread, median of interleaved runs, with and without oneDNN).
+        each TorchScript file back and measures its test accuracy and, with ``distill-latency``,
+        its CPU latency for one image (1 thread, median of interleaved runs, with and without
+        oneDNN; otherwise the latency fields are None and nothing is timed). With
+        ``distill-onnx`` it also writes ``{name}.onnx`` and measures it in onnxruntime.
 
         Parameters
         ----------
@@ -244,69 +318,82 @@ class ServerDistiller:
             raise RuntimeError("nothing to export: no distillation ran")
         results_dir = Path(results_dir)
         out = results_dir / "compact"
-        raw_test = raw_pixels(self.data.x_test, self.mean, self.std)
-        example = raw_test[:1].float()
-        norm = {"mean": self.mean, "std": self.std, "example_input": example}
         bits = self.student_config.bits
-        exports = {
-            "teacher": export_compact(self.teacher, out, bits=32, name="teacher_fp32", **norm),
-            "student": export_compact(self.student, out, bits=bits, name=f"student_{'int8' if bits == 8 else 'fp32'}", **norm),
-        }
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            loaded = {key: load_exported(info.torchscript_path) for key, info in exports.items()}
-            timed = {key: (model, example) for key, model in loaded.items()}
-            latency = latencies_us(timed, LATENCY_RUNS)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # "TF32 acceleration on top of oneDNN ..." notice
-                with torch.backends.mkldnn.flags(enabled=False):  # oneDNN's batch-1 conv overhead, see distill_bench
-                    native = latencies_us(timed, LATENCY_RUNS)
-            accuracy = {key: file_accuracy(model, raw_test, self.data.y_test) for key, model in loaded.items()}
-        finally:
-            torch.set_num_threads(threads)
-        models = {"teacher": self.teacher, "student": self.student}
-        report: dict[str, Any] = {}
-        for key, info in exports.items():
-            report[key] = {
-                "params": count_parameters(models[key]),
-                "bits": info.bits,
-                "torchscript_file": str(info.torchscript_path.relative_to(results_dir)),
-                "torchscript_bytes": info.torchscript_bytes,
-                "safetensors_file": str(info.safetensors_path.relative_to(results_dir)),
-                "safetensors_bytes": info.safetensors_bytes,
-                "file_test_accuracy": accuracy[key],
-                "latency_us_batch1_1thread": latency[key],
-                "latency_us_batch1_1thread_no_onednn": native[key],
-            }
-        report["student"].update(
-            {
-                "round": self.last_round,
-                "test_accuracy_in_memory": self.last_row["student_accuracy"],
-                "test_accuracy_before_distill": self.last_row["student_accuracy_before"],
-                "teachers": self.last_row["teachers"],
-                "distill_seconds": self.last_row["distill_seconds"],
-                "config": asdict(self.student_config),
-                "layers": [{**r, "weights": [list(s) for s in r["weights"]]} for r in describe(self.student)],
-            }
-        )
-        report["distill"] = {**asdict(self.config), "seed": self.seed}
-        report["size_ratio"] = report["teacher"]["torchscript_bytes"] / report["student"]["torchscript_bytes"]
-        report["params_ratio"] = report["teacher"]["params"] / report["student"]["params"]
-        report["accuracy_drop_points"] = 100 * (report["teacher"]["file_test_accuracy"] - report["student"]["file_test_accuracy"])
-        log(
-            INFO,
-            "fedsqueeze: exported to %s: teacher %d params, %d bytes, accuracy %.4f, %.0f us; student %d params, "
-            "%d bytes (%.1fx smaller), accuracy %.4f, %.0f us (batch 1, 1 thread)",
+        names = {"teacher": "teacher_fp32", "student": f"student_{'int8' if bits == 8 else 'fp32'}"}
+        models = {"teacher": (self.teacher, 32), "student": (self.student, bits)}
+        rows = export_and_measure(
+            {names[key]: model_bits for key, model_bits in models.items()},
             out,
-            report["teacher"]["params"],
-            report["teacher"]["torchscript_bytes"],
-            report["teacher"]["file_test_accuracy"],
-            report["teacher"]["latency_us_batch1_1thread"],
-            report["student"]["params"],
-            report["student"]["torchscript_bytes"],
-            report["size_ratio"],
-            report["student"]["file_test_accuracy"],
-            report["student"]["latency_us_batch1_1thread"],
+            raw_x=raw_pixels(self.data.x_test, self.mean, self.std),
+            y=self.data.y_test,
+            mean=self.mean,
+            std=self.std,
+            latency_runs=LATENCY_RUNS if self.measure_latency else 0,
+            onnx=self.onnx,
         )
+        report: dict[str, Any] = {}
+        for key, (model, _) in models.items():
+            row = rows[names[key]]
+            report[key] = {
+                "params": count_parameters(model),
+                "bits": row["bits"],
+                "torchscript_file": str(Path(row["torchscript_path"]).relative_to(results_dir)),
+                "torchscript_bytes": row["torchscript_bytes"],
+                "safetensors_file": str(Path(row["safetensors_path"]).relative_to(results_dir)),
+                "safetensors_bytes": row["safetensors_bytes"],
+                "file_test_accuracy": row["file_test_accuracy"],
+                LATENCY_KEY: row[LATENCY_KEY],
+                LATENCY_NO_ONEDNN_KEY: row[LATENCY_NO_ONEDNN_KEY],
+            }
+            if self.onnx:
+                report[key]["onnx_file"] = str(Path(row["onnx_path"]).relative_to(results_dir))
+                report[key].update({k: row[k] for k in ("onnx_bytes", "onnx_test_accuracy", ONNX_LATENCY_KEY)})
+        report["student"].update(self._student_details(self.student))
+        report["distill"] = {
+            **asdict(self.config),
+            "seed": self.seed,
+            "measure_latency": self.measure_latency,
+            "onnx": self.onnx,
+        }
+        teacher, student = report["teacher"], report["student"]
+        report["size_ratio"] = teacher["torchscript_bytes"] / student["torchscript_bytes"]
+        report["params_ratio"] = teacher["params"] / student["params"]
+        report["accuracy_drop_points"] = 100 * (teacher["file_test_accuracy"] - student["file_test_accuracy"])
+        _log_export(out, report)
         return report
+
+    def _student_details(self, student: nn.Module) -> dict[str, Any]:
+        """The last distillation's facts for ``compact.json``'s ``student`` entry."""
+        return {
+            "round": self.last_round,
+            "test_accuracy_in_memory": self.last_row["student_accuracy"],
+            "test_accuracy_before_distill": self.last_row["student_accuracy_before"],
+            "teachers": self.last_row["teachers"],
+            "distill_seconds": self.last_row["distill_seconds"],
+            "config": asdict(self.student_config),
+            "layers": [{**r, "weights": [list(s) for s in r["weights"]]} for r in describe(student)],
+        }
+
+
+def _latency_text(entry: Mapping[str, Any]) -> str:
+    value = entry[LATENCY_KEY]
+    return "latency not measured" if value is None else f"{value:.0f} us (batch 1, 1 thread)"
+
+
+def _log_export(out: Path, report: Mapping[str, Any]) -> None:
+    teacher, student = report["teacher"], report["student"]
+    log(
+        INFO,
+        "fedsqueeze: exported to %s: teacher %d params, %d bytes, accuracy %.4f, %s; student %d params, "
+        "%d bytes (%.1fx smaller), accuracy %.4f, %s",
+        out,
+        teacher["params"],
+        teacher["torchscript_bytes"],
+        teacher["file_test_accuracy"],
+        _latency_text(teacher),
+        student["params"],
+        student["torchscript_bytes"],
+        report["size_ratio"],
+        student["file_test_accuracy"],
+        _latency_text(student),
+    )

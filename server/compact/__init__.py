@@ -1,0 +1,35 @@
+"""Compact students built from a teacher CNN by structured pruning and low-rank factoring.
+
+Modules, in the order a student is built:
+
+- :mod:`~fedsqueeze.server.compact.layers`: the factored layers and ``count_parameters``;
+- :mod:`~fedsqueeze.server.compact.chain`: reading a teacher as a chain of layers (``to_chain``);
+- :mod:`~fedsqueeze.server.compact.prune`: structured pruning of that chain (``prune_chain``);
+- :mod:`~fedsqueeze.server.compact.build`: ``CompactConfig`` and ``build_student``.
+"""
+
+from fedsqueeze.server.compact.build import CompactConfig, Rank, build_student, describe, resolve_rank
+from fedsqueeze.server.compact.chain import to_chain
+from fedsqueeze.server.compact.layers import (
+    FACTORED_LAYERS,
+    LowRankConv2d,
+    LowRankLinear,
+    Tucker2Conv2d,
+    count_parameters,
+)
+from fedsqueeze.server.compact.prune import prune_chain
+
+__all__ = [
+    "FACTORED_LAYERS",
+    "CompactConfig",
+    "LowRankConv2d",
+    "LowRankLinear",
+    "Rank",
+    "Tucker2Conv2d",
+    "build_student",
+    "count_parameters",
+    "describe",
+    "prune_chain",
+    "resolve_rank",
+    "to_chain",
+]

@@ -1,0 +1,256 @@
+"""ONNX export of a (compact) CNN for edge runtimes: int8 weights in QDQ form, run by onnxruntime.
+
+The graph is written op by op from :func:`~fedsqueeze.server.export.flatten_ops`, the same op
+list the TorchScript export packs, so both files compute the same function: raw pixels in,
+``(x / 255 - mean) / std`` inside, logits out. With 8 bits every conv/linear weight is stored
+as an int8 initializer with one float32 scale per output channel and dequantised by a
+``DequantizeLinear`` node (ONNX's QDQ form, which ONNX Runtime and TensorRT read); biases
+stay float32. Needs the optional ``onnx`` package (``pip install fedsqueeze[onnx]``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedsqueeze.server.compact import count_parameters
+from fedsqueeze.server.export import FORMAT, channel_normalisation, flatten_ops, quantize_per_channel
+
+__all__ = ["INPUT_NAME", "OPSET", "OUTPUT_NAME", "OnnxExportInfo", "OnnxRuntimeModel", "export_onnx"]
+
+#: ONNX operator set of the exported graphs (per-axis DequantizeLinear needs >= 13).
+OPSET = 13
+#: Name of the graph's input, float32 raw pixels ``(N, C, H, W)`` in [0, 255].
+INPUT_NAME = "pixels"
+#: Name of the graph's output, the logits ``(N, classes)``.
+OUTPUT_NAME = "logits"
+
+_SUPPORTED_BITS = (8, 32)
+_ACTIVATIONS = {"relu": "Relu", "tanh": "Tanh", "sigmoid": "Sigmoid"}
+
+
+@dataclass(frozen=True)
+class OnnxExportInfo:
+    """What :func:`export_onnx` wrote.
+
+    Attributes
+    ----------
+    name : str
+        Stem of the file.
+    bits : int
+        Weight bits: 8 (int8 + per-output-channel float32 scale, QDQ) or 32 (float32).
+    num_parameters : int
+        Parameters of the exported model.
+    onnx_path : pathlib.Path
+        The file.
+    onnx_bytes : int
+        Its size in bytes.
+    """
+
+    name: str
+    bits: int
+    num_parameters: int
+    onnx_path: Path
+    onnx_bytes: int
+
+
+class _Graph:
+    """Collects ONNX nodes and initializers; every node gets one fresh output name."""
+
+    def __init__(self) -> None:
+        from onnx import helper, numpy_helper  # the optional dependency, imported on use
+
+        self.helper, self.numpy_helper = helper, numpy_helper
+        self.nodes: list[Any] = []
+        self.initializers: list[Any] = []
+
+    def const(self, name: str, array: np.ndarray) -> str:
+        self.initializers.append(self.numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def node(self, op_type: str, inputs: Sequence[str], **attributes: Any) -> str:
+        output = f"{op_type.lower()}_{len(self.nodes)}"
+        self.nodes.append(self.helper.make_node(op_type, list(inputs), [output], name=output, **attributes))
+        return output
+
+
+def _weight(graph: _Graph, layer: int, weight: torch.Tensor, bits: int) -> str:
+    """The weight as a float32 initializer, or as int8 + scale behind a DequantizeLinear."""
+    if bits == 32:
+        return graph.const(f"layer{layer}.weight", weight.numpy().astype(np.float32))
+    q, scale = quantize_per_channel(weight, 8)
+    inputs = [
+        graph.const(f"layer{layer}.weight_int8", q.numpy()),
+        graph.const(f"layer{layer}.scale", scale.numpy().astype(np.float32)),
+        graph.const(f"layer{layer}.zero_point", np.zeros(q.shape[0], dtype=np.int8)),
+    ]
+    return graph.node("DequantizeLinear", inputs, axis=0)
+
+
+def _weight_node(graph: _Graph, x: str, op: dict[str, Any], layer: int, bits: int) -> str:
+    inputs = [x, _weight(graph, layer, op["weight"], bits)]
+    if op["bias"] is not None:
+        inputs.append(graph.const(f"layer{layer}.bias", op["bias"].numpy().astype(np.float32)))
+    if op["op"] == "linear":
+        return graph.node("Gemm", inputs, transB=1)
+    pads = list(op["padding"]) * 2  # ONNX: begins of both axes, then ends
+    return graph.node("Conv", inputs, strides=op["stride"], pads=pads, dilations=op["dilation"], group=op["groups"])
+
+
+def _pool_node(graph: _Graph, x: str, op: dict[str, Any]) -> str:
+    common = {
+        "kernel_shape": op["kernel_size"],
+        "strides": op["stride"],
+        "pads": list(op["padding"]) * 2,
+        "ceil_mode": int(op["ceil_mode"]),
+    }
+    if op["op"] == "max_pool2d":
+        return graph.node("MaxPool", [x], dilations=op["dilation"], **common)
+    return graph.node("AveragePool", [x], count_include_pad=int(op["count_include_pad"]), **common)
+
+
+def _op_node(graph: _Graph, x: str, op: dict[str, Any], layer: int, bits: int) -> str:
+    kind = op["op"]
+    if kind in ("conv2d", "linear"):
+        return _weight_node(graph, x, op, layer, bits)
+    if kind in _ACTIVATIONS:
+        return graph.node(_ACTIVATIONS[kind], [x])
+    if kind in ("max_pool2d", "avg_pool2d"):
+        return _pool_node(graph, x, op)
+    if kind == "flatten":
+        return graph.node("Flatten", [x], axis=1)
+    if kind in ("log_softmax", "softmax"):
+        axis = 1 if op["dim"] is None else int(op["dim"])
+        return graph.node("LogSoftmax" if kind == "log_softmax" else "Softmax", [x], axis=axis)
+    raise ValueError(f"op {kind!r} has no ONNX form")  # pragma: no cover - flatten_ops emits only the kinds above
+
+
+def _normalise_input(graph: _Graph, mean: list[float], std: list[float]) -> str:
+    """``(pixels / 255 - mean) * (1 / std)``, computed as the TorchScript export does."""
+    channels = len(mean)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, channels, 1, 1)
+    inv_std = (1.0 / torch.tensor(std, dtype=torch.float32)).view(1, channels, 1, 1)
+    scaled = graph.node("Div", [INPUT_NAME, graph.const("input.255", np.array(255.0, dtype=np.float32))])
+    centred = graph.node("Sub", [scaled, graph.const("input.mean", mean_t.numpy())])
+    return graph.node("Mul", [centred, graph.const("input.inv_std", inv_std.numpy())])
+
+
+def export_onnx(
+    model: nn.Module,
+    out_dir: str | os.PathLike[str],
+    *,
+    bits: int = 8,
+    input_shape: Sequence[int],
+    mean: float | Sequence[float],
+    std: float | Sequence[float],
+    name: str = "compact",
+) -> OnnxExportInfo:
+    """Write ``model`` as ``{name}.onnx``: raw pixels in, logits out, int8 (QDQ) or float32 weights.
+
+    The graph's input ``pixels`` is float32 ``(N, C, H, W)`` with values 0..255 (the batch
+    size is free); it applies the training normalisation itself and returns the logits as
+    ``logits``. Batch norms are folded and factored layers become their dense parts, as in
+    :func:`~fedsqueeze.server.export.export_compact`, and the int8 weights and scales are the
+    same as there, so the two files agree up to float rounding. onnxruntime alone runs the
+    file (no torch or fedsqueeze needed).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Student from :func:`~fedsqueeze.server.compact.build_student` or any model
+        :func:`~fedsqueeze.server.compact.to_chain` can read.
+    out_dir : str or os.PathLike
+        Folder for the file (created if missing).
+    bits : int
+        8 (int8 weights, DequantizeLinear) or 32 (float32 weights) (default: 8).
+    input_shape : sequence of int
+        ``(C, H, W)`` of one image.
+    mean, std : float or sequence of float
+        Per-channel normalisation of the [0, 1]-scaled pixels used in training.
+    name : str
+        File stem (default: "compact").
+
+    Returns
+    -------
+    OnnxExportInfo
+
+    Raises
+    ------
+    ValueError
+        If ``bits``, ``input_shape`` or the normalisation is invalid, or a layer cannot be exported.
+    ImportError
+        If the ``onnx`` package is not installed.
+    """
+    if bits not in _SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {_SUPPORTED_BITS}, got {bits}")
+    if len(input_shape) != 3 or any(int(d) < 1 for d in input_shape):
+        raise ValueError(f"input_shape must be (C, H, W) of positive sizes, got {tuple(input_shape)}")
+    import onnx
+
+    mean_c, std_c = channel_normalisation(mean, std, int(input_shape[0]))
+    graph = _Graph()
+    x = _normalise_input(graph, mean_c, std_c)
+    layer = 0
+    for op in flatten_ops(model):
+        x = _op_node(graph, x, op, layer, bits)
+        layer += op["op"] in ("conv2d", "linear")
+    graph.nodes.append(graph.helper.make_node("Identity", [x], [OUTPUT_NAME], name=OUTPUT_NAME))
+    proto = _model_proto(graph, [int(d) for d in input_shape], bits, mean_c, std_c)
+    onnx.checker.check_model(proto)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.onnx"
+    path.write_bytes(proto.SerializeToString())
+    return OnnxExportInfo(name, bits, count_parameters(model), path, path.stat().st_size)
+
+
+def _model_proto(graph: _Graph, input_shape: list[int], bits: int, mean: list[float], std: list[float]) -> Any:
+    from onnx import TensorProto
+
+    helper = graph.helper
+    inputs = [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", *input_shape])]
+    outputs = [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", "classes"])]
+    body = helper.make_graph(graph.nodes, "fedsqueeze_compact", inputs, outputs, graph.initializers)
+    # IR version 8 with opset 13: readable by onnxruntime >= 1.10 and TensorRT 8
+    proto = helper.make_model(body, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=8)
+    proto.producer_name = "fedsqueeze"
+    metadata = {"format": FORMAT, "bits": str(bits), "mean": json.dumps(mean), "std": json.dumps(std)}
+    helper.set_model_props(proto, metadata)
+    return proto
+
+
+class OnnxRuntimeModel:
+    """An exported ONNX file in an onnxruntime CPU session, called like the TorchScript model.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A file written by :func:`export_onnx`.
+    threads : int
+        onnxruntime intra-op threads (default: 1, as the batch-1 latencies are stated).
+
+    Raises
+    ------
+    ImportError
+        If onnxruntime is not installed.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], threads: int = 1) -> None:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Logits for raw pixels ``x`` ``(N, C, H, W)``; a float32 numpy array is passed on without a copy."""
+        pixels = x if isinstance(x, np.ndarray) else x.detach().to(torch.float32).numpy()
+        return torch.from_numpy(self.session.run(None, {INPUT_NAME: pixels})[0])
