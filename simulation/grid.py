@@ -6,16 +6,12 @@ import hashlib
 import itertools
 import json
 import re
-import sys
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 __all__ = ["Cell", "Grid", "load_grid", "parse_grid", "BUILTIN_GRIDS", "builtin_grid_path"]
 
@@ -24,7 +20,6 @@ GRIDS_DIR = Path(__file__).parent / "grids"
 BUILTIN_GRIDS = {p.stem: p for p in sorted(GRIDS_DIR.glob("*.toml"))}
 #: Keys of a codec entry that are not run-config keys.
 _CODEC_KEYS = {"name", "uplink", "downlink"}
-_FEDERATION_KEYS = {"num-supernodes"}
 
 
 @dataclass(frozen=True)
