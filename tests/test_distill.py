@@ -13,8 +13,6 @@ from torch import nn
 from fedsqueeze.server.compact import CompactConfig, build_student
 from fedsqueeze.server.distill import DistillConfig, distill, distillation_loss, proxy_split, teacher_logits
 
-torch.set_num_threads(1)
-
 CLASSES = 4
 
 
