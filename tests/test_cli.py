@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from fedsqueeze.simulation import cli
 from fedsqueeze.simulation import report as report_module
 from fedsqueeze.simulation import sweep as sweep_module
