@@ -11,6 +11,7 @@ bucket. Prints the loss and the bytes each process sent against DDP's FP32 all-r
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import socket
@@ -90,6 +91,9 @@ def _process(rank: int, world: int, args: argparse.Namespace) -> None:
         summary = train(rank, world, args)
         if rank == 0 and args.json:
             args.json.write_text(json.dumps(summary, indent=2))
+        # DDP's reducer holds the process group through reference cycles: free it now, not after
+        # the group is destroyed (that order aborts the process now and then, at exit)
+        gc.collect()
         dist.barrier()  # nobody tears the group down while another process still uses it
     finally:
         dist.destroy_process_group()
