@@ -1,13 +1,25 @@
-"""The ``fedsqueeze`` command: ``sweep``, ``report``, ``predict`` and ``bench``."""
+"""The ``fedsqueeze`` command: ``sweep``, ``report``, ``grids``, ``predict`` and ``bench``.
+
+``predict`` and ``bench`` hand every argument after their name, ``--help`` included, to the
+``main`` of the module that implements them, so their options and help are that module's own.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["main"]
+__all__ = ["main", "DELEGATED"]
+
+#: Subcommands implemented by another module's ``main(argv)``: name -> (module, one-line help).
+DELEGATED: dict[str, tuple[str, str]] = {
+    "predict": ("fedsqueeze.predict", "run an exported compact model on images"),
+    "bench": ("fedsqueeze.simulation.codec_bench", "codec benchmark (bytes, error, MB/s)"),
+}
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -19,7 +31,8 @@ def _sweep(args: argparse.Namespace) -> int:
         os.environ["FEDSQUEEZE_DATA"] = str(Path(args.data_dir).resolve())
     grid = load_grid(args.grid)
     print(f"grid {grid.name!r}: {len(grid.cells)} cells -> {args.out}", file=sys.stderr)
-    path = run_sweep(grid, Path(args.out), runner=SimulationRunner(timeout=args.cell_timeout), progress=not args.quiet)
+    runner = SimulationRunner(timeout=args.cell_timeout)
+    path = run_sweep(grid, Path(args.out), runner=runner, progress=not args.quiet)
     print(f"results: {path}")
     if not args.no_report:
         write_report(Path(args.out), args.target)
@@ -28,7 +41,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from fedsqueeze.simulation.report import markdown_table, summarize, load_rows, write_report
+    from fedsqueeze.simulation.report import load_rows, markdown_table, summarize, write_report
 
     write_report(Path(args.dir), args.target)
     print(markdown_table(summarize(load_rows(Path(args.dir)), args.target)))
@@ -45,16 +58,30 @@ def _grids(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fedsqueeze", description="Federated-learning compression: sweeps, reports, on-device prediction.")
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of the ``fedsqueeze`` command (delegated subcommands appear in its help only)."""
+    parser = argparse.ArgumentParser(
+        prog="fedsqueeze", description="Federated-learning compression: sweeps, reports, on-device prediction."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("sweep", help="run a grid of codecs through Flower's simulation engine (resumable)")
     p.add_argument("grid", help="grid TOML file, or a built-in grid name (see `fedsqueeze grids`)")
     p.add_argument("--out", required=True, help="output directory; finished cells in it are not rerun")
-    p.add_argument("--data-dir", default=None, help="folder or file with the dataset (e.g. mnist.npz); default: $FEDSQUEEZE_DATA, else download")
-    p.add_argument("--target", type=float, default=None, help="accuracy (0-1) for the bytes-to-target column (default: FP32 final minus 1 point)")
-    p.add_argument("--cell-timeout", type=float, default=3600.0, help="seconds before a cell is stopped (default: 3600)")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder or file with the dataset (e.g. mnist.npz); default: $FEDSQUEEZE_DATA, else download",
+    )
+    p.add_argument(
+        "--target",
+        type=float,
+        default=None,
+        help="accuracy (0-1) for the bytes-to-target column (default: FP32 final minus 1 point)",
+    )
+    p.add_argument(
+        "--cell-timeout", type=float, default=3600.0, help="seconds before a cell is stopped (default: 3600)"
+    )
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_sweep)
@@ -67,22 +94,37 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("grids", help="list the built-in grids")
     p.set_defaults(func=_grids)
 
-    p = sub.add_parser("predict", help="run an exported compact model on images", add_help=False)
-    p.set_defaults(func=lambda a: _delegate("fedsqueeze.predict", a.rest))
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-
-    p = sub.add_parser("bench", help="codec benchmark (bytes, error, MB/s)", add_help=False)
-    p.set_defaults(func=lambda a: _delegate("fedsqueeze.simulation.codec_bench", a.rest))
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    for name, (_, summary) in DELEGATED.items():
+        # never parsed here (main hands these on before parsing); listed so that --help shows them
+        sub.add_parser(name, help=f"{summary}; `fedsqueeze {name} --help` for its options", add_help=False)
+    return parser
 
 
-def _delegate(module: str, argv: list[str]) -> int:
-    import importlib
+def exit_code(result: object) -> int:
+    """The process exit status for what a ``main`` returned: an int as it is, anything else 0.
 
-    return int(importlib.import_module(module).main(argv) or 0)
+    Delegated ``main`` functions return an exit status (``predict``), ``None``, or their results
+    (``bench`` returns its rows); only an int is a status.
+    """
+    if isinstance(result, bool) or not isinstance(result, int):
+        return 0
+    return result
+
+
+def _delegate(module: str, argv: Sequence[str]) -> int:
+    return exit_code(importlib.import_module(module).main(list(argv)))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``fedsqueeze`` command on ``argv`` (default: ``sys.argv[1:]``); return the exit status.
+
+    Usage errors and ``--help`` exit through argparse's ``SystemExit`` (status 2 and 0).
+    """
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and args_list[0] in DELEGATED:
+        return _delegate(DELEGATED[args_list[0]][0], args_list[1:])
+    args = build_parser().parse_args(args_list)
+    return exit_code(args.func(args))
 
 
 if __name__ == "__main__":

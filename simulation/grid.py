@@ -6,16 +6,11 @@ import hashlib
 import itertools
 import json
 import re
-import sys
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 __all__ = ["Cell", "Grid", "load_grid", "parse_grid", "BUILTIN_GRIDS", "builtin_grid_path"]
 
@@ -24,7 +19,6 @@ GRIDS_DIR = Path(__file__).parent / "grids"
 BUILTIN_GRIDS = {p.stem: p for p in sorted(GRIDS_DIR.glob("*.toml"))}
 #: Keys of a codec entry that are not run-config keys.
 _CODEC_KEYS = {"name", "uplink", "downlink"}
-_FEDERATION_KEYS = {"num-supernodes"}
 
 
 @dataclass(frozen=True)
@@ -88,7 +82,9 @@ def parse_grid(data: Mapping[str, Any], name: str = "grid") -> Grid:
     """
     unknown = set(data) - {"description", "base", "axes", "codecs"}
     if unknown:
-        raise ValueError(f"grid {name!r}: unknown top-level keys {sorted(unknown)}; expected description, base, axes, codecs")
+        raise ValueError(
+            f"grid {name!r}: unknown top-level keys {sorted(unknown)}; expected description, base, axes, codecs"
+        )
     base = dict(data.get("base", {}))
     axes = {k: _as_list(v) for k, v in dict(data.get("axes", {})).items()}
     codecs = data.get("codecs", [])
@@ -107,7 +103,7 @@ def parse_grid(data: Mapping[str, Any], name: str = "grid") -> Grid:
         overrides = {k: v for k, v in entry.items() if k not in _CODEC_KEYS}
         entry_axes = {k: _as_list(overrides.pop(k)) if k in overrides else v for k, v in axes.items()}
         for combo_index, combo in enumerate(itertools.product(*entry_axes.values())):
-            config = {**base, **dict(zip(entry_axes, combo)), **overrides}
+            config = {**base, **dict(zip(entry_axes, combo, strict=True)), **overrides}
             config["uplink-codec"] = str(entry["uplink"])
             config["downlink-codec"] = str(entry.get("downlink", "identity"))
             n = int(config.pop("num-supernodes", 10))

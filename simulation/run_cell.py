@@ -11,14 +11,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 __all__ = ["make_apps", "run_cell", "main"]
 
@@ -37,8 +33,11 @@ def make_apps(overrides: Mapping[str, Any]) -> tuple[Any, Any]:
 
     def with_overrides(context: Context) -> Context:
         return Context(
-            run_id=context.run_id, node_id=context.node_id, node_config=context.node_config,
-            state=context.state, run_config={**context.run_config, **fixed},
+            run_id=context.run_id,
+            node_id=context.node_id,
+            node_config=context.node_config,
+            state=context.state,
+            run_config={**context.run_config, **fixed},
         )
 
     client_app = ClientApp(mods=[CompressionMod(lambda context: client_module.first_model_of(with_overrides(context)))])
@@ -71,12 +70,17 @@ def run_cell(config: Mapping[str, Any], num_supernodes: int) -> None:
         server_app=server_app,
         client_app=client_app,
         num_supernodes=num_supernodes,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": os.cpu_count() or 1}},
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": os.cpu_count() or 1},
+        },
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedsqueeze.simulation.run_cell", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m fedsqueeze.simulation.run_cell", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("run_config", type=Path, help="TOML file of run-config keys")
     parser.add_argument("--num-supernodes", type=int, default=10, help="simulated clients (default: 10)")
     args = parser.parse_args(argv)

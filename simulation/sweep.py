@@ -18,10 +18,28 @@ from tqdm import tqdm
 
 from fedsqueeze.simulation.grid import Cell, Grid
 
-__all__ = ["Runner", "SimulationRunner", "run_sweep", "collect_results", "cell_finished", "RESULT_COLUMNS", "offline_env"]
+__all__ = [
+    "Runner",
+    "SimulationRunner",
+    "run_sweep",
+    "collect_results",
+    "cell_finished",
+    "RESULT_COLUMNS",
+    "offline_env",
+]
 
 #: Columns of the sweep's ``results.csv`` before the per-round columns of each cell's rounds.csv.
-RESULT_COLUMNS = ["cell", "codec", "seed", "model", "dataset", "partitioner", "num_supernodes", "uplink_codec", "downlink_codec"]
+RESULT_COLUMNS = [
+    "cell",
+    "codec",
+    "seed",
+    "model",
+    "dataset",
+    "partitioner",
+    "num_supernodes",
+    "uplink_codec",
+    "downlink_codec",
+]
 CELL_FILE = "cell.json"
 
 
@@ -84,13 +102,25 @@ class SimulationRunner:
         config = {**cell.config, "results-dir": str(cell_dir)}
         run_config = cell_dir / "run_config.toml"
         run_config.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in config.items()))
-        command = [sys.executable, "-m", "fedsqueeze.simulation.run_cell", str(run_config), "--num-supernodes", str(cell.num_supernodes)]
+        command = [
+            sys.executable,
+            "-m",
+            "fedsqueeze.simulation.run_cell",
+            str(run_config),
+            "--num-supernodes",
+            str(cell.num_supernodes),
+        ]
         log_path = cell_dir / "simulation.log"
         with open(log_path, "w") as log:
             # a neutral working directory: Ray puts it first on the actors' sys.path
             proc = subprocess.Popen(
-                command, cwd=cell_dir, env=offline_env(cell_dir / ".flwr"), stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
+                command,
+                cwd=cell_dir,
+                env=offline_env(cell_dir / ".flwr"),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
             start, seen = time.monotonic(), 0
             try:
@@ -138,9 +168,18 @@ def run_sweep(grid: Grid, out: Path, *, runner: Runner | None = None, progress: 
     out = Path(out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     (out / "grid.json").write_text(
-        json.dumps({"name": grid.name, "description": grid.description,
-                    "cells": [{"id": c.id, "codec": c.codec, "num_supernodes": c.num_supernodes, "config": dict(c.config)} for c in grid.cells]},
-                   indent=2) + "\n"
+        json.dumps(
+            {
+                "name": grid.name,
+                "description": grid.description,
+                "cells": [
+                    {"id": c.id, "codec": c.codec, "num_supernodes": c.num_supernodes, "config": dict(c.config)}
+                    for c in grid.cells
+                ],
+            },
+            indent=2,
+        )
+        + "\n"
     )
     total_rounds = sum(int(c.config.get("num-server-rounds", 1)) for c in grid.cells)
     cells_bar = tqdm(total=len(grid.cells), desc="cells", unit="cell", disable=not progress, position=0)
@@ -158,7 +197,13 @@ def run_sweep(grid: Grid, out: Path, *, runner: Runner | None = None, progress: 
             cell_dir.mkdir(parents=True)
             cells_bar.set_postfix_str(f"{cell.codec} seed={cell.config.get('seed', 0)}")
             runner(cell, cell_dir, rounds_bar.update)
-            marker = {"id": cell.id, "key": cell.key, "codec": cell.codec, "num_supernodes": cell.num_supernodes, "config": dict(cell.config)}
+            marker = {
+                "id": cell.id,
+                "key": cell.key,
+                "codec": cell.codec,
+                "num_supernodes": cell.num_supernodes,
+                "config": dict(cell.config),
+            }
             (cell_dir / (CELL_FILE + ".tmp")).write_text(json.dumps(marker, indent=2) + "\n")
             os.replace(cell_dir / (CELL_FILE + ".tmp"), cell_dir / CELL_FILE)
             cells_bar.update(1)
@@ -172,10 +217,17 @@ def run_sweep(grid: Grid, out: Path, *, runner: Runner | None = None, progress: 
 def collect_results(out: Path) -> Path:
     """(Re)build ``out/results.csv`` from every finished cell, in grid order."""
     out = Path(out)
-    order = {c["id"]: i for i, c in enumerate(json.loads((out / "grid.json").read_text())["cells"])} if (out / "grid.json").is_file() else {}
+    order = (
+        {c["id"]: i for i, c in enumerate(json.loads((out / "grid.json").read_text())["cells"])}
+        if (out / "grid.json").is_file()
+        else {}
+    )
     rows: list[dict[str, str]] = []
     round_columns: list[str] = []
-    cell_dirs = sorted((d for d in (out / "cells").iterdir() if cell_finished(d)), key=lambda d: (order.get(d.name, len(order)), d.name))
+    cell_dirs = sorted(
+        (d for d in (out / "cells").iterdir() if cell_finished(d)),
+        key=lambda d: (order.get(d.name, len(order)), d.name),
+    )
     for cell_dir in cell_dirs:
         marker = json.loads((cell_dir / CELL_FILE).read_text())
         # the run's own config, with the app's defaults filled in, over the grid's keys
@@ -184,12 +236,20 @@ def collect_results(out: Path) -> Path:
             reader = csv.DictReader(f)
             round_columns = round_columns or list(reader.fieldnames or [])
             for row in reader:
-                rows.append({
-                    "cell": marker["id"], "codec": marker["codec"], "seed": str(cfg.get("seed", 0)),
-                    "model": str(cfg.get("model", "")), "dataset": str(cfg.get("dataset", "")),
-                    "partitioner": str(cfg.get("partitioner", "")), "num_supernodes": str(marker["num_supernodes"]),
-                    "uplink_codec": cfg["uplink-codec"], "downlink_codec": cfg["downlink-codec"], **row,
-                })
+                rows.append(
+                    {
+                        "cell": marker["id"],
+                        "codec": marker["codec"],
+                        "seed": str(cfg.get("seed", 0)),
+                        "model": str(cfg.get("model", "")),
+                        "dataset": str(cfg.get("dataset", "")),
+                        "partitioner": str(cfg.get("partitioner", "")),
+                        "num_supernodes": str(marker["num_supernodes"]),
+                        "uplink_codec": cfg["uplink-codec"],
+                        "downlink_codec": cfg["downlink-codec"],
+                        **row,
+                    }
+                )
     path = out / "results.csv"
     tmp = path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="") as f:

@@ -19,8 +19,6 @@ from fedsqueeze.server.compact import (
     to_chain,
 )
 
-torch.set_num_threads(1)
-
 
 class TinyCNN(nn.Module):
     """LeNet-like: two convs, a functional flatten with view, three linears (12x12 inputs)."""

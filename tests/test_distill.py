@@ -14,8 +14,6 @@ from fedsqueeze.server.compact import CompactConfig, build_student
 from fedsqueeze.server.distill import DistillConfig, distill, distillation_loss, proxy_split, teacher_logits
 from fedsqueeze.server.hints import FeatureHints, default_hint_layers
 
-torch.set_num_threads(1)
-
 CLASSES = 4
 
 

@@ -37,8 +37,6 @@ from fedsqueeze.server.export import raw_pixels
 from fedsqueeze.server.results import ResultsWriter
 from fedsqueeze.server.strategy import CompressedStrategy
 
-torch.set_num_threads(1)
-
 # ----------------------------------------------------------------------------- proxy holdout
 
 
@@ -271,6 +269,7 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow  # Flower's simulation engine (Ray)
 def test_simulation_distils_and_exports_a_compact_student(tmp_path: Path, mnist: Dataset, mnist_path: Path) -> None:
     results = tmp_path / "results"
     overrides = {

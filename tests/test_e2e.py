@@ -17,6 +17,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow  # Flower's simulation engine (Ray)
 def test_simulation_learns_and_its_byte_totals_add_up(tmp_path: Path, mnist_path: Path) -> None:
     overrides = {
         "num-server-rounds": 2,

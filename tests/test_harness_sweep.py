@@ -55,6 +55,7 @@ class Interrupt(Exception):
     pass
 
 
+@pytest.mark.slow  # Flower's simulation engine (Ray)
 def test_interrupted_sweep_resumes_to_the_same_results(tmp_path: Path, mnist_path: Path) -> None:
     grid = tiny_grid(mnist_path)
     real = SimulationRunner(timeout=600)
