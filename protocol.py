@@ -18,7 +18,6 @@ __all__ = [
     "CONFIG_KEY",
     "ENCODE_TIME_METRIC",
     "TRAIN_TIME_METRIC",
-    "UPLINK_BYTES_METRIC",
     "FULL",
     "DELTA",
     "ZERO_VERSION",
@@ -47,10 +46,9 @@ ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
 CONFIG_KEY = "config"
 #: Metrics that the client mod adds to a train reply.
-ENCODE_TIME_METRIC = "fedsqueeze-encode-s"
+ENCODE_TIME_METRIC = "fsq-encode-s"
 #: Metric of fedsqueeze's own ClientApp: seconds of local training (for the codec's share of client time).
 TRAIN_TIME_METRIC = "train-seconds"
-UPLINK_BYTES_METRIC = "fedsqueeze-uplink-bytes"
 #: Payload kinds: the full model (lossless) or a delta against a reference both sides hold.
 FULL = "full"
 DELTA = "delta"
@@ -165,19 +163,16 @@ class Uplink:
         Version of the reference the node trained from (and still holds).
     blob : bytes
         Codec blob.
-    arrays_key : str
-        Name of the ArrayRecord that the node's training code replied with (default: ``"arrays"``).
     """
 
     kind: str
     version: int
     blob: bytes
-    arrays_key: str = ARRAYS_KEY
 
     def to_record(self) -> ConfigRecord:
         """Pack into the ConfigRecord that travels under :data:`PAYLOAD_KEY`."""
         return ConfigRecord(
-            {"kind": self.kind, "version": self.version, "blob": self.blob, "arrays-key": self.arrays_key}
+            {"kind": self.kind, "version": self.version, "blob": self.blob}
         )
 
     @classmethod
@@ -190,7 +185,6 @@ class Uplink:
             kind=kind,
             version=_field(record, "version", int),
             blob=_field(record, "blob", bytes),
-            arrays_key=_field(record, "arrays-key", str),
         )
 
 
@@ -276,12 +270,13 @@ def all_finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
     return None
 
 
-#: Payload field listing the records folded into it, as ``"<name>:metrics"`` or ``"<name>:config"``.
+#: Payload field listing the records folded into it, in order, as ``"<name>:m"`` (a MetricRecord)
+#: or ``"<name>:c"`` (a ConfigRecord).
 FOLDED_FIELD = "folded"
 
 
 def fold_records(payload: ConfigRecord, records: Mapping[str, ConfigRecord | MetricRecord]) -> None:
-    """Move small records into the payload record, as ``"<record name>/<key>"`` fields.
+    """Move small records into the payload record, as ``"<i>/<key>"`` fields for the i-th record.
 
     Every record costs its own object on the wire (a 64-character id in the message's object
     tree, a header and a body), so a message with one record instead of two is ~250 B smaller.
@@ -293,14 +288,14 @@ def fold_records(payload: ConfigRecord, records: Mapping[str, ConfigRecord | Met
         If a record name holds ``"/"`` or ``":"``, or a record is neither a ConfigRecord nor a MetricRecord.
     """
     folded = []
-    for name, record in records.items():
+    for index, (name, record) in enumerate(records.items()):
         if "/" in name or ":" in name:
             raise ProtocolError(f"cannot fold record {name!r}: its name holds '/' or ':'")
         if not isinstance(record, (ConfigRecord, MetricRecord)):
             raise ProtocolError(f"cannot fold record {name!r} of type {type(record).__name__}")
-        folded.append(f"{name}:{'metrics' if isinstance(record, MetricRecord) else 'config'}")
+        folded.append(f"{name}:{'m' if isinstance(record, MetricRecord) else 'c'}")
         for key, value in record.items():
-            payload[f"{name}/{key}"] = value
+            payload[f"{index}/{key}"] = value
     payload[FOLDED_FIELD] = folded
 
 
@@ -316,15 +311,16 @@ def unfold_records(payload: ConfigRecord) -> dict[str, ConfigRecord | MetricReco
     if not isinstance(entries, list) or not all(isinstance(e, str) and e.count(":") == 1 for e in entries):
         raise ProtocolError(f"fedsqueeze payload field {FOLDED_FIELD!r} must be a list of 'name:kind' strings")
     out: dict[str, ConfigRecord | MetricRecord] = {}
-    for entry in entries:
+    for index, entry in enumerate(entries):
         name, kind = entry.split(":")
-        values = {k[len(name) + 1 :]: v for k, v in payload.items() if k.startswith(f"{name}/")}
-        if kind == "config":
+        prefix = f"{index}/"
+        values = {k[len(prefix) :]: v for k, v in payload.items() if k.startswith(prefix)}
+        if kind == "c":
             out[name] = ConfigRecord(values)
-        elif kind == "metrics":
+        elif kind == "m":
             out[name] = _metric_record(name, values)
         else:
-            raise ProtocolError(f"folded record {name!r} has kind {kind!r}, expected 'metrics' or 'config'")
+            raise ProtocolError(f"folded record {name!r} has kind {kind!r}, expected 'm' (metrics) or 'c' (config)")
     return out
 
 

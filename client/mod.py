@@ -17,7 +17,6 @@ from fedsqueeze.protocol import (
     FULL,
     HELLO,
     PAYLOAD_KEY,
-    UPLINK_BYTES_METRIC,
     ZERO_VERSION,
     Downlink,
     ProtocolError,
@@ -241,8 +240,7 @@ def _compress_reply(reply: Message, down: Downlink, received: Tensors, state: Re
     metrics = dict(reply.content.metric_records) or {"metrics": MetricRecord()}
     name, target = next(iter(metrics.items()))
     target[ENCODE_TIME_METRIC] = seconds
-    target[UPLINK_BYTES_METRIC] = len(blob)
-    payload = Uplink(kind=kind, version=down.version, blob=blob, arrays_key=down.arrays_key).to_record()
+    payload = Uplink(kind=kind, version=down.version, blob=blob).to_record()
     fold_records(payload, metrics)  # one record on the wire instead of two
     content = RecordDict({n: r for n, r in reply.content.items() if n != key and n not in metrics})
     content[PAYLOAD_KEY] = payload

@@ -113,8 +113,6 @@ class ReplyChecker:
         metric_records = {k: v for k, v in {**content.metric_records, **folded}.items() if isinstance(v, MetricRecord)}
         if content.array_records:
             raise Rejected("it sent ArrayRecords next to the fedsqueeze payload")
-        if up.arrays_key != self.arrays_key:
-            raise Rejected(f"its payload names arrays key {up.arrays_key!r}, expected {self.arrays_key!r}")
         if up.version != expected_version:
             raise Rejected(f"it trained from model version {up.version}, but this round sent {expected_version}")
         weights = self._decoded_weights(up)

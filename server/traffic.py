@@ -10,7 +10,7 @@ import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from fedsqueeze.framing import message_bytes
-from fedsqueeze.protocol import ENCODE_TIME_METRIC, PAYLOAD_KEY, UPLINK_BYTES_METRIC, tensors_to_arrays
+from fedsqueeze.protocol import ENCODE_TIME_METRIC, PAYLOAD_KEY, tensors_to_arrays
 
 __all__ = ["TrafficRecord", "TrafficMeter", "Direction", "UP", "DOWN"]
 
@@ -101,4 +101,4 @@ def fp32_reply_bytes(reply: Message, weights: Mapping[str, torch.Tensor], key: s
 
 
 def _without_payload_metrics(record: MetricRecord) -> MetricRecord:
-    return MetricRecord({k: v for k, v in record.items() if k not in (ENCODE_TIME_METRIC, UPLINK_BYTES_METRIC)})
+    return MetricRecord({k: v for k, v in record.items() if k != ENCODE_TIME_METRIC})

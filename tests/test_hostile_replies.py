@@ -59,6 +59,14 @@ def plain_reply(arrays: ArrayRecord) -> Callable[[Message], None]:
     return mutate
 
 
+def plain_reply_named(key: str) -> Callable[[Message], None]:
+    def mutate(reply: Message) -> None:
+        metrics = MetricRecord({"num-examples": 10, "train-loss": 1.0})
+        reply.content = RecordDict({key: tensors_to_arrays(global_model()), "metrics": metrics})
+
+    return mutate
+
+
 def npy_with_header_shape(shape: tuple[int, ...]) -> bytes:
     buffer = io.BytesIO()
     np.lib.format.write_array_header_1_0(buffer, {"descr": "<f4", "fortran_order": False, "shape": shape})
@@ -91,14 +99,14 @@ HOSTILE_REPLIES: dict[str, tuple[Callable[[Message], None], str]] = {
     "plain wrong stype": (plain_reply(plain_model(**{"fc.bias": Array("float32", (10,), "custom", b"\0" * 40)})),
                           "serialisation type"),
     # S3: metrics of the wrong type
-    "S3 list encode seconds": (set_field("metrics/fedsqueeze-encode-s", [1.0, 2.0]), "metrics"),
-    "metric is a string": (set_field("metrics/train-loss", "high"), "expected a number"),
+    "S3 list encode seconds": (set_field("0/fsq-encode-s", [1.0, 2.0]), "metrics"),
+    "metric is a string": (set_field("0/train-loss", "high"), "expected a number"),
     # S4: replies that would break the inner strategy
-    "S4 wrong arrays key": (set_field("arrays-key", "weights"), "arrays key 'weights'"),
-    "S4 NaN num-examples": (set_field("metrics/num-examples", float("nan")), "'num-examples'"),
-    "zero num-examples": (set_field("metrics/num-examples", 0), "positive integer"),
-    "fractional num-examples": (set_field("metrics/num-examples", 2.5), "positive integer"),
-    "inf train-loss": (set_field("metrics/train-loss", float("inf")), "finite"),
+    "S4 wrong arrays key": (plain_reply_named("weights"), "expected exactly one named 'arrays'"),
+    "S4 NaN num-examples": (set_field("0/num-examples", float("nan")), "'num-examples'"),
+    "zero num-examples": (set_field("0/num-examples", 0), "positive integer"),
+    "fractional num-examples": (set_field("0/num-examples", 2.5), "positive integer"),
+    "inf train-loss": (set_field("0/train-loss", float("inf")), "finite"),
     "wrong version": (set_field("version", 7), "version 7"),
     "version of wrong type": (set_field("version", "1"), "'version'"),
     "folded list malformed": (set_field("folded", ["metrics"]), "folded"),
@@ -139,7 +147,7 @@ def run_round(mutate: Callable[[Message], None] | None, strategy: CompressedStra
 
 def test_a_reply_with_extra_metrics_is_dropped_not_the_round(caplog: pytest.LogCaptureFixture) -> None:
     strategy = CompressedStrategy(FedAvg(), uplink=UPLINK, downlink="identity", seed=0)
-    got = run_round(set_field("metrics/extra", 1.0), strategy)
+    got = run_round(set_field("0/extra", 1.0), strategy)
     assert [r.node_id for r in strategy.rejections] == [HOSTILE] and "differ" in strategy.rejections[0].reason
     honest = run_round(None)
     assert all(torch.equal(got[k], honest[k]) for k in got)

@@ -1,0 +1,78 @@
+"""Framing bytes per message: pinned, so a change in Flower's framing or in fedsqueeze's records shows.
+
+``message_bytes`` reads Flower's private serialization code (fedsqueeze/framing.py). The exact
+sizes below were measured with flwr 1.42; if this test fails after a Flower upgrade, the byte
+accounting of every result must be re-checked before the numbers are updated.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedsqueeze.client import CompressionMod
+from fedsqueeze.framing import message_bytes
+from fedsqueeze.models import first_model
+from fedsqueeze.protocol import arrays_to_tensors, tensors_to_arrays
+from fedsqueeze.server.strategy import CompressedStrategy
+from test_strategy import FakeGrid, contexts
+
+# 19-digit node ids, as Flower draws them: their varints are part of the framing
+NODES = [4038654934485940047, 5038654934485940047]
+
+
+def setup_function() -> None:
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1
+
+
+def lenet_rounds(rounds: int = 2) -> CompressedStrategy:
+    """Two rounds of fedsqueeze's defaults on LeNet-5, with 'training' a small random step."""
+    weights = first_model("lenet5", "mnist", 0)
+    app = ClientApp(mods=[CompressionMod(lambda context: weights)])
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        received = arrays_to_tensors(msg.content["arrays"])
+        g = torch.Generator().manual_seed(context.node_id % 1000)
+        local = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in received.items()}
+        metrics = MetricRecord({"num-examples": 600, "train-loss": 0.5, "train-seconds": 1.0})
+        return Message(RecordDict({"arrays": tensors_to_arrays(local), "metrics": metrics}), reply_to=msg)
+
+    strategy = CompressedStrategy(FedAvg(), uplink="topk(ratio=0.01) | quantize(bits=8) | zstd",
+                                  downlink="quantize(bits=8) | zstd", initial="shared", seed=0)
+    ctx = contexts(NODES)
+    arrays: ArrayRecord | None = tensors_to_arrays(weights)
+    for server_round in range(1, rounds + 1):
+        assert arrays is not None
+        config = ConfigRecord({"server-round": server_round, "lr": 0.05})
+        messages = strategy.configure_train(server_round, arrays, config, FakeGrid(NODES))
+        arrays, _ = strategy.aggregate_train(server_round, [app(m, ctx[m.metadata.dst_node_id]) for m in messages])
+    assert strategy.rejections == []
+    return strategy
+
+
+def test_framing_of_a_lenet5_train_reply_is_pinned_and_under_800_bytes() -> None:
+    train = [t for t in lenet_rounds().traffic if t.message_type == "train"]
+    up = {t.bytes - t.payload_bytes for t in train if t.direction == "up"}
+    down = {t.bytes - t.payload_bytes for t in train if t.direction == "down" and t.round == 2}
+    # One payload record (blob, version, kind and the folded metrics) and nothing else: was ~1,150 B
+    assert up == {795}
+    assert down == {874}
+    assert max(up) <= 800
+
+
+def test_message_bytes_of_a_fixed_message_are_pinned() -> None:
+    """A change here means Flower changed its framing (or fedsqueeze's counting)."""
+    content = RecordDict({
+        "arrays": tensors_to_arrays({"w": torch.arange(12, dtype=torch.float32).reshape(3, 4)}),
+        "config": ConfigRecord({"server-round": 3, "lr": 0.1}),
+    })
+    msg = Message(content, dst_node_id=NODES[0], message_type="train")
+    assert message_bytes(msg) == PINNED_FIXED_MESSAGE_BYTES
+
+
+#: Measured with flwr 1.42.0: envelope with a 64-hex message id, object tree of 5 objects, their bodies.
+PINNED_FIXED_MESSAGE_BYTES = 1499
