@@ -17,9 +17,10 @@ A node that last acknowledged version ``h`` gets the cheapest of
   remove, but which does not grow within the chain either);
 - the whole of ``R_now`` through the lossless ``catchup`` codec (a node that holds nothing).
 
-Memory is bounded whatever the number of nodes or rounds: ``R``, the current global model, at
-most ``max_snapshots`` snapshots of ``R``, step blobs adding up to at most the model's FP32
-size, and one integer per node.
+Memory is bounded whatever the number of nodes or rounds: ``R``, the current global model, the
+first model (version 0), at most ``max_snapshots`` snapshots of ``R``, step blobs adding up to at
+most the model's FP32 size, one cached catch-up blob per version asked for in the round, and one
+integer per node: about ``(max_snapshots + 3)`` times the model in FP32 plus 16 bytes per node.
 """
 
 from __future__ import annotations
@@ -139,10 +140,11 @@ class DownlinkState:
         return DownlinkPlan(DELTA, self.version, held, [self._steps[v] for v in needed])
 
     def _catchup_delta(self, held: int) -> DownlinkPlan | None:
-        if held >= self.version - 1 or held not in self._snapshots or self.reference is None:
+        base = self._snapshots.get(held, self.initial if held == ZERO_VERSION else None)
+        if held >= self.version - 1 or self.max_snapshots <= 0 or base is None or self.reference is None:
             return None  # a chain of one step is already the catch-up delta
         if held not in self._catchup_cache:
-            delta = subtract_tensors(self.reference, self._snapshots[held])
+            delta = subtract_tensors(self.reference, base)
             self._catchup_cache[held] = self.codec.encode(delta)
         return DownlinkPlan(DELTA, self.version, held, [self._catchup_cache[held]])
 

@@ -1,0 +1,79 @@
+"""DownlinkState: what each node is sent, and that memory stays bounded in nodes and rounds."""
+
+from __future__ import annotations
+
+import torch
+
+from fedsqueeze.codecs import decode, parse
+from fedsqueeze.protocol import DELTA, FULL, add_tensors
+from fedsqueeze.server.downlink import DownlinkState
+
+
+def model(step: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(step)
+    return {"w": torch.randn(64, 64, generator=g) * 0.01 + step * 0.001, "b": torch.randn(64, generator=g)}
+
+
+def state(max_snapshots: int = 32) -> DownlinkState:
+    return DownlinkState(parse("quantize(bits=8) | zstd", seed=0), parse("zstd"), initial=model(0),
+                         max_snapshots=max_snapshots)
+
+
+def apply(held: dict[str, torch.Tensor], blobs: list[bytes]) -> dict[str, torch.Tensor]:
+    for blob in blobs:
+        held = add_tensors(held, decode(blob))
+    return held
+
+
+def test_an_up_to_date_node_gets_one_step_and_holds_the_servers_reference_bit_for_bit() -> None:
+    s = state()
+    held = model(0)
+    for version in range(1, 6):
+        s.advance(model(version))
+        plan = s.plan(7)
+        assert plan.kind == DELTA and plan.base == version - 1 and len(plan.blobs) == 1
+        held = apply(held, plan.blobs)
+        s.acknowledge(7, version)
+        assert s.reference is not None and all(torch.equal(held[k], s.reference[k]) for k in held)
+
+
+def test_a_stale_node_gets_one_catch_up_delta_far_smaller_than_the_model() -> None:
+    s = state()
+    for version in range(1, 13):
+        s.advance(model(version))
+    full = s.plan(999_999)  # a node never seen holds version 0 (the shared first model)
+    assert full.kind == DELTA and full.base == 0 and len(full.blobs) == 1  # one delta, not 12 steps
+    s.forget(5)
+    assert s.plan(5).kind == FULL
+    s.acknowledge(8, 3)
+    plan = s.plan(8)
+    assert plan.kind == DELTA and plan.base == 3 and len(plan.blobs) == 1
+    model_bytes = sum(4 * t.numel() for t in model(0).values())
+    assert plan.size < model_bytes / 3
+    # The node ends near the server's reference: one quantization error of the 9-round delta
+    held = apply(model(0), s.plan(999_999).blobs)
+    assert s.reference is not None
+    err = max(float((held[k] - s.reference[k]).abs().max()) for k in held)
+    span = max(float((s.reference[k] - model(0)[k]).abs().max()) for k in held)
+    assert err <= span / 100
+
+
+def test_memory_is_bounded_whatever_the_rounds() -> None:
+    s = state(max_snapshots=4)
+    for version in range(1, 40):
+        s.advance(model(version))
+    assert len(s._snapshots) == 4  # noqa: SLF001 - the bound under test
+    fp32 = sum(4 * t.numel() for t in model(0).values())
+    assert sum(len(b) for b in s._steps.values()) <= fp32  # noqa: SLF001
+    s.acknowledge(1, 2)  # older than every snapshot, and the chain is gone: full
+    assert s.plan(1).kind == FULL
+    assert s.plan(2).kind == DELTA  # a node never seen holds the first model, which is always kept
+
+
+def test_a_sparse_codec_never_sends_a_lossy_catch_up() -> None:
+    s = DownlinkState(parse("topk(ratio=0.1) | zstd"), parse("zstd"), initial=None, max_snapshots=0)
+    for version in range(1, 5):
+        s.advance(model(version))
+    s.acknowledge(3, 1)
+    plan = s.plan(3)
+    assert plan.kind == DELTA and len(plan.blobs) == 3  # the exact chain of steps
