@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import asdict
 from logging import INFO
 from typing import Any
 
@@ -149,6 +150,7 @@ def main(grid: Grid, context: Context) -> None:
         results.write_compact(extra["compact"])
     results.write_summary(
         strategy.rejections,
+        guard_events=[asdict(g) for g in strategy.guard_events],
         uplink_codec=strategy.uplink.spec,
         downlink_codec=strategy.downlink.spec,
         **extra,

@@ -6,7 +6,7 @@ import hashlib
 import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -24,6 +24,7 @@ from fedsqueeze.protocol import (
     PAYLOAD_KEY,
     ZERO_VERSION,
     Downlink,
+    all_finite,
     arrays_to_tensors,
     fold_records,
     model_digest,
@@ -137,6 +138,8 @@ class CompressedStrategy(Strategy):
         self.node_order = StableNodeOrder()
         #: Every train reply dropped so far.
         self.rejections: list[Rejection] = []
+        #: Rounds whose aggregate was refused (node 0: the server itself), see :meth:`_guard_aggregate`.
+        self.guard_events: list[Rejection] = []
         #: Per round: (seconds nodes spent encoding, seconds they spent training), summed over replies.
         self.client_seconds: dict[int, tuple[float, float]] = {}
         #: With ``keep_client_models``: the decoded models accepted in the latest round, else empty.
@@ -197,7 +200,25 @@ class CompressedStrategy(Strategy):
         # (random in simulation): float sums then come out the same in every run.
         accepted.sort(key=lambda t: t[0])
         self.client_models = [a.weights for _, a, _ in accepted] if self.keep_client_models else []
-        return self.inner.aggregate_train(server_round, [reply for _, _, reply in accepted])
+        arrays, metrics = self.inner.aggregate_train(server_round, [reply for _, _, reply in accepted])
+        return self._guard_aggregate(server_round, arrays), metrics
+
+    def _guard_aggregate(self, server_round: int, arrays: ArrayRecord | None) -> ArrayRecord | None:
+        """Refuse a non-finite aggregate: keep the round's starting model, and say so.
+
+        Every reply was finite, so a non-finite aggregate means the inner strategy's arithmetic
+        overflowed (e.g. a server learning rate far too large): the run goes on from the last good
+        model, and the event is logged and kept in :attr:`guard_events`, never silently.
+        """
+        if arrays is None or self._checker is None:
+            return arrays
+        bad = all_finite(arrays_to_tensors(arrays))
+        if bad is None:
+            return arrays
+        reason = f"the aggregate's {bad!r} holds NaN or infinite values; kept the round's starting model"
+        log(ERROR, "fedsqueeze: round %d: %s", server_round, reason)
+        self.guard_events.append(Rejection(server_round, 0, reason))
+        return tensors_to_arrays(self._checker.global_model)
 
     def _start_round(self, global_model: dict[str, torch.Tensor]) -> None:
         if set(self._dtypes) != set(global_model):

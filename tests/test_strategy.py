@@ -340,3 +340,25 @@ def test_a_blob_that_decodes_far_larger_than_the_model_is_refused(caplog: pytest
         got, _ = strategy.aggregate_train(1, replies)
     assert got is not None
     assert len(strategy.rejections) == 1 and "over the limit" in strategy.rejections[0].reason
+
+
+class OverflowingFedAvg(FedAvg):
+    """An inner strategy whose arithmetic overflows (as a far too large server step would)."""
+
+    def aggregate_train(self, server_round, replies):  # type: ignore[no-untyped-def]
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        assert arrays is not None
+        return tensors_to_arrays({k: v * float("inf") for k, v in arrays_to_tensors(arrays).items()}), metrics
+
+
+def test_a_non_finite_aggregate_is_refused_and_reported(caplog: pytest.LogCaptureFixture) -> None:
+    app, ctx = make_client(), contexts(NODES)
+    weights = global_model()
+    strategy = CompressedStrategy(OverflowingFedAvg(), uplink="identity", downlink="identity")
+    messages = strategy.configure_train(1, tensors_to_arrays(weights), ConfigRecord(), FakeGrid(NODES))
+    with caplog.at_level(logging.ERROR):
+        got, _ = strategy.aggregate_train(1, [app(m, ctx[m.metadata.dst_node_id]) for m in messages])
+    assert got is not None
+    assert all(torch.equal(arrays_to_tensors(got)[k], weights[k]) for k in weights)
+    assert len(strategy.guard_events) == 1 and "NaN or infinite" in strategy.guard_events[0].reason
+    assert any("kept the round's starting model" in r.getMessage() for r in caplog.records)
