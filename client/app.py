@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsqueeze.client.mod import CompressionMod
@@ -24,7 +24,7 @@ from fedsqueeze.training import evaluate as evaluate_model
 from fedsqueeze.training import get_weights, set_weights
 from fedsqueeze.training import train as train_model
 
-__all__ = ["app", "first_model_of"]
+__all__ = ["app", "first_model_of", "query"]
 
 
 
@@ -118,3 +118,14 @@ def evaluate(msg: Message, context: Context) -> Message:
     loss, accuracy = evaluate_model(model, x, y)
     metrics = MetricRecord({"num-examples": len(x), "eval-loss": loss, "eval-acc": accuracy})
     return Message(RecordDict({METRICS_KEY: metrics}), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Queries: the compression mod answers the server's one-time stable-key query before this runs.
+
+    Flower calls mods only for message types that have a handler, so the handler must exist;
+    any other query gets an error reply.
+    """
+    return Message(Error(0, "fedsqueeze's ClientApp answers no queries but the compression mod's"), reply_to=msg)
+

@@ -50,6 +50,10 @@ def make_apps(overrides: Mapping[str, Any]) -> tuple[Any, Any]:
     def evaluate(msg: Message, context: Context) -> Message:
         return client_module.evaluate(msg, with_overrides(context))
 
+    @client_app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return client_module.query(msg, with_overrides(context))
+
     server_app = ServerApp()
 
     @server_app.main()
