@@ -37,6 +37,27 @@ class Encoded:
     meta: bytes = b""
 
 
+@dataclass(frozen=True)
+class DecodeCost:
+    """What one :meth:`Stage.decode` call needs beyond its decoded parts, declared before it runs.
+
+    Attributes
+    ----------
+    scratch_bytes : int
+        Upper bound on the bytes the call allocates, its float32 output included.
+    work : int
+        Upper bound on the elementary operations (multiply-adds, element visits) it performs.
+    """
+
+    scratch_bytes: int
+    work: int
+
+
+def parts_size(parts: Sequence[torch.Tensor]) -> tuple[int, int]:
+    """(bytes, elements) of ``parts`` together."""
+    return sum(p.numel() * p.element_size() for p in parts), sum(p.numel() for p in parts)
+
+
 @dataclass
 class EncodeContext:
     """Per-tensor context given to :meth:`Stage.encode`.
@@ -85,6 +106,8 @@ class Stage:
     kind: ClassVar[Literal["tensor", "bytes"]] = "tensor"
     lossless: ClassVar[bool] = False
     """True when decode(encode(x)) == x exactly for float32 input."""
+    passthrough: ClassVar[bool] = False
+    """True for stages that never take a tensor (``identity``): values travel in their own dtype."""
 
     # --- tensor stages -------------------------------------------------------------------
     def encode(self, x: torch.Tensor, ctx: EncodeContext) -> Encoded | None:
@@ -93,6 +116,28 @@ class Stage:
     def decode(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> torch.Tensor:
         """Rebuild a float32 tensor of ``shape`` from decoded parts; raise CodecError if inconsistent."""
         raise NotImplementedError
+
+    def decode_cost(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> DecodeCost:
+        """Bound the memory and work of :meth:`decode` on these inputs, before it runs.
+
+        The decoder charges the result against :class:`DecodeLimits` and refuses the blob when it
+        does not fit, so that hostile parts cannot make ``decode`` allocate or compute without
+        bound. The default fits stages that touch each element a few times: twice the bytes of
+        the output and the parts, and one operation per element. Stages whose decode does more
+        (matrix products, large index arrays) override it; a bound that is too low is a bug.
+        Raise :class:`CodecError` here for parts whose sizes are inconsistent with ``shape``.
+        """
+        part_bytes, part_elements = parts_size(parts)
+        n = math.prod(shape)
+        return DecodeCost(scratch_bytes=2 * (4 * n + part_bytes), work=n + part_elements)
+
+    def check_state(self, entry: str, value: torch.Tensor) -> None:
+        """Validate one entry of this stage's per-tensor state before it is loaded.
+
+        Stages without state (the default) accept none. Raise ``ValueError`` naming the entry,
+        what was expected and what was found.
+        """
+        raise ValueError(f"stage {self.name!r} keeps no state, found an entry {entry!r}")
 
     # --- bytes stages ----------------------------------------------------------------------
     def encode_bytes(self, data: bytes) -> bytes:

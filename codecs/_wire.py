@@ -138,10 +138,10 @@ class Reader:
         if ndim > MAX_NDIM:
             raise CodecError(f"{what} has {ndim} dimensions; at most {MAX_NDIM} are allowed")
         dims = tuple(self.varint(f"dimension {i} of {what} (over the element limit)", max_elements) for i in range(ndim))
-        if numel(dims) > max_elements:
+        if extent(dims) > max_elements:
             raise CodecError(
-                f"{what} has shape {dims} ({numel(dims)} elements), over the limit of "
-                f"{max_elements} elements"
+                f"{what} has shape {dims}, which spans {extent(dims)} positions (product of the non-zero "
+                f"dimensions), over the limit of {max_elements} elements"
             )
         return dims
 
@@ -154,6 +154,14 @@ def numel(shape: tuple[int, ...]) -> int:
     n = 1
     for dim in shape:
         n *= dim
+    return n
+
+
+def extent(shape: tuple[int, ...]) -> int:
+    """Product of the non-zero dimensions: what strides must address even when numel is 0."""
+    n = 1
+    for dim in shape:
+        n *= max(dim, 1)
     return n
 
 
