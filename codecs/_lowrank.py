@@ -12,7 +12,7 @@ from ._stage import (
     DecodeCost,
     EncodeContext,
     Encoded,
-    Open,
+    EncodeFurther,
     Stage,
     check_param,
     expect,
@@ -120,7 +120,7 @@ class SVD(Stage):
             r = _rank_for_energy(s, self.rank) if isinstance(self.rank, float) else min(self.rank, s.numel())
         if not _low_rank_pays(*m.shape, r):
             return None
-        return Encoded([Open(u[:, :r] * (s[:r] * scale)), Open(vh[:r].contiguous())])
+        return Encoded([EncodeFurther(u[:, :r] * (s[:r] * scale)), EncodeFurther(vh[:r].contiguous())])
 
     def decode_cost(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> DecodeCost:
         return _factors_cost(self.name, parts, shape, transpose_q=False)
@@ -175,7 +175,7 @@ class PowerSGD(Stage):
         q = q * scale
         if bool(torch.isfinite(q).all()):  # an overflowing q is refused below; keep the last good warm start
             ctx.state["q"] = q.clone()
-        return Encoded([Open(p.contiguous()), Open(q.contiguous())])
+        return Encoded([EncodeFurther(p.contiguous()), EncodeFurther(q.contiguous())])
 
     def check_state(self, entry: str, value: torch.Tensor) -> None:
         """PowerSGD keeps ``q``, a finite float32 matrix of at most ``rank`` columns."""
@@ -251,7 +251,7 @@ class Tucker(Stage):
         if u.shape[1] * o + v.shape[1] * i + u.shape[1] * v.shape[1] * kh * kw >= x.numel():
             return None
         core = torch.einsum("oiyx,oa,ib->abyx", x, u, v).mul_(scale).contiguous()
-        return Encoded([Open(core), Open(u), Open(v)])
+        return Encoded([EncodeFurther(core), EncodeFurther(u), EncodeFurther(v)])
 
     def _ranks(self, parts: list[torch.Tensor], shape: tuple[int, ...]) -> tuple[int, int]:
         """Check the core and factors against ``shape``; return (r_out, r_in)."""
@@ -335,7 +335,7 @@ class CP(Stage):
                 rhs = torch.einsum(subscripts[mode], x, *others)
                 factors[mode] = rhs @ torch.linalg.pinv(gram)
         factors[0] = factors[0] * scale
-        return Encoded([Open(f.contiguous()) for f in factors])
+        return Encoded([EncodeFurther(f.contiguous()) for f in factors])
 
     def _rank(self, parts: list[torch.Tensor], shape: tuple[int, ...]) -> int:
         expect_parts(self.name, parts, 4)

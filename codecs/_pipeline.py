@@ -12,10 +12,23 @@ from typing import Any, Union
 import numpy as np
 import torch
 
-from . import _wire as w
+from ._wire import (
+    DTYPES,
+    FLOAT_DTYPES,
+    MAGIC,
+    Reader,
+    VERSION,
+    Writer,
+    dtype_code,
+    extent,
+    itemsize,
+    numel,
+    tensor_from_bytes,
+    tensor_to_bytes,
+)
 from ._errors import CodecError
 from ._spec import MAX_SPEC_LENGTH, parse_stages
-from ._stage import Encoded, EncodeContext, Open, Stage
+from ._stage import Encoded, EncodeContext, EncodeFurther, Stage
 
 TensorLike = Union[torch.Tensor, np.ndarray]
 MAX_NAME_LENGTH = 1024
@@ -64,7 +77,7 @@ def _to_tensor(name: str, value: Any) -> torch.Tensor:
         value = torch.from_numpy(np.ascontiguousarray(value))
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"update[{name!r}] must be a torch.Tensor or numpy.ndarray, found {type(value).__name__}")
-    w.dtype_code(value.dtype)  # raises for unsupported dtypes
+    dtype_code(value.dtype)  # raises for unsupported dtypes
     return value.detach().cpu()
 
 
@@ -219,14 +232,14 @@ class Codec:
         """
         if not isinstance(update, Mapping):
             raise TypeError(f"update must be a mapping of names to tensors, found {type(update).__name__}")
-        body = w.Writer()
+        body = Writer()
         body.varint(len(update))
         for name, value in update.items():
             if not isinstance(name, str) or not name or len(name.encode()) > MAX_NAME_LENGTH:
                 raise ValueError(f"tensor names must be non-empty strings of at most {MAX_NAME_LENGTH} bytes, got {name!r}")
             t = _to_tensor(name, value)
             body.blob(name.encode())
-            body.u8(w.dtype_code(t.dtype))
+            body.u8(dtype_code(t.dtype))
             body.extend(self._encode_tensor(name, t))
         self._calls += 1
         body_len = body.size
@@ -235,9 +248,9 @@ class Codec:
             payload = body.getvalue()
             for stage in self._bytes_stages:
                 payload = stage.encode_bytes(payload)
-        out = w.Writer()
-        out.raw(w.MAGIC)
-        out.u8(w.VERSION)
+        out = Writer()
+        out.raw(MAGIC)
+        out.u8(VERSION)
         out.blob(self.spec.encode())
         out.varint(body_len)
         if self._bytes_stages:
@@ -246,17 +259,17 @@ class Codec:
             out.extend(body)  # no copy of the body before the final join
         return out.getvalue()
 
-    def _encode_tensor(self, name: str, t: torch.Tensor) -> w.Writer:
+    def _encode_tensor(self, name: str, t: torch.Tensor) -> Writer:
         """The node of one tensor: staged if a stage takes it and that pays, else raw."""
         if t.numel() == 0:
-            if w.extent(tuple(t.shape)) > DecodeLimits().max_elements:
+            if extent(tuple(t.shape)) > DecodeLimits().max_elements:
                 raise ValueError(
-                    f"update[{name!r}] is empty but its shape {tuple(t.shape)} spans {w.extent(tuple(t.shape))} "
+                    f"update[{name!r}] is empty but its shape {tuple(t.shape)} spans {extent(tuple(t.shape))} "
                     f"positions, more than decode accepts by default (DecodeLimits.max_elements = "
                     f"{DecodeLimits().max_elements}); drop the tensor or give it a smaller shape"
                 )
             return self._raw_node(t)
-        if t.dtype not in w.FLOAT_DTYPES:
+        if t.dtype not in FLOAT_DTYPES:
             return self._raw_node(t)
         if not _all_finite(t):
             raise ValueError(f"update[{name!r}] contains NaN or infinite values; expected finite numbers")
@@ -277,21 +290,21 @@ class Codec:
         return node
 
     @staticmethod
-    def _raw_node(t: torch.Tensor, made_by: str = "") -> w.Writer:
+    def _raw_node(t: torch.Tensor, made_by: str = "") -> Writer:
         """A raw node; ``made_by`` names the stage whose part ``t`` is, for the finiteness check."""
-        if made_by and t.dtype in w.FLOAT_DTYPES and not _all_finite(t):
+        if made_by and t.dtype in FLOAT_DTYPES and not _all_finite(t):
             raise ValueError(
                 f"{made_by} overflows float32 (its output holds NaN or infinite values); scale the update "
                 "down or choose another codec"
             )
-        node = w.Writer()
+        node = Writer()
         node.u8(TAG_RAW)
-        node.u8(w.dtype_code(t.dtype))
+        node.u8(dtype_code(t.dtype))
         node.shape(tuple(t.shape))
-        node.raw(w.tensor_to_bytes(t))
+        node.raw(tensor_to_bytes(t))
         return node
 
-    def _encode_node(self, x: torch.Tensor, name: str, start: int, made_by: str = "", fallback: torch.Tensor | None = None) -> w.Writer:
+    def _encode_node(self, x: torch.Tensor, name: str, start: int, made_by: str = "", fallback: torch.Tensor | None = None) -> Writer:
         """Encode float32 ``x`` with the first tensor stage at or after ``start`` that takes it.
 
         If no stage takes it, ``fallback`` (the tensor in its own dtype) or ``x`` is sent as it is.
@@ -310,15 +323,15 @@ class Codec:
             return self._stage_node(index, encoded, tuple(x.shape), name)
         return self._raw_node(raw, made_by)
 
-    def _stage_node(self, index: int, encoded: Encoded, shape: tuple[int, ...], name: str) -> w.Writer:
+    def _stage_node(self, index: int, encoded: Encoded, shape: tuple[int, ...], name: str) -> Writer:
         made_by = f"encoding update[{name!r}] with stage {self._tensor_stages[index].name!r}"
-        node = w.Writer()
+        node = Writer()
         node.u8(index + 1)
         node.shape(shape)
         node.blob(encoded.meta)
         node.u8(len(encoded.parts))
         for part in encoded.parts:
-            if isinstance(part, Open):
+            if isinstance(part, EncodeFurther):
                 child = self._encode_node(part.tensor.to(torch.float32).contiguous(), name, index + 1, made_by)
             else:
                 child = self._raw_node(part, made_by)
@@ -348,8 +361,8 @@ class _Budget:
         self.work_left = 0
 
     def start_tensor(self, shape: tuple[int, ...], what: str) -> None:
-        n = w.numel(shape)
-        self.output_elements += max(n, w.extent(shape))
+        n = numel(shape)
+        self.output_elements += max(n, extent(shape))
         if self.output_elements > self.limits.max_elements:
             raise CodecError(
                 f"{what} brings the decoded size to {self.output_elements} elements, over the limit of "
@@ -379,13 +392,13 @@ class _Decoder:
         self.limits = limits
         self.budget = _Budget(limits)
 
-    def _shape(self, r: w.Reader, what: str, depth: int) -> tuple[int, ...]:
+    def _shape(self, r: Reader, what: str, depth: int) -> tuple[int, ...]:
         shape = r.shape(what, self.limits.max_elements)
         if depth == 0:
             self.budget.start_tensor(shape, what)
         return shape
 
-    def node(self, r: w.Reader, first_stage: int, what: str, depth: int = 0) -> torch.Tensor:
+    def node(self, r: Reader, first_stage: int, what: str, depth: int = 0) -> torch.Tensor:
         tag = r.u8(f"tag of {what}")
         if tag == TAG_RAW:
             return self._raw(r, what, depth)
@@ -397,7 +410,7 @@ class _Decoder:
             )
         stage = self.stages[index]
         shape = self._shape(r, what, depth)
-        n = w.numel(shape)
+        n = numel(shape)
         if n == 0:
             raise CodecError(f"{what}: stage {stage.name!r} node of shape {shape} has no elements; empty tensors are raw")
         self.budget.charge(NODE_BYTES + 4 * n, NODE_WORK, what)
@@ -414,32 +427,32 @@ class _Decoder:
             raise CodecError(f"{what}: stage {stage.name!r} produced {tuple(out.shape)} {out.dtype}, expected {shape} float32")
         return out
 
-    def _raw(self, r: w.Reader, what: str, depth: int) -> torch.Tensor:
+    def _raw(self, r: Reader, what: str, depth: int) -> torch.Tensor:
         code = r.u8(f"dtype of {what}")
-        if code not in w.DTYPES:
-            raise CodecError(f"{what}: unknown dtype code {code}; expected one of {sorted(w.DTYPES)}")
-        dtype = w.DTYPES[code]
+        if code not in DTYPES:
+            raise CodecError(f"{what}: unknown dtype code {code}; expected one of {sorted(DTYPES)}")
+        dtype = DTYPES[code]
         shape = self._shape(r, what, depth)
-        n = w.numel(shape)
-        size = w.itemsize(dtype)
+        n = numel(shape)
+        size = itemsize(dtype)
         self.budget.charge(NODE_BYTES + n * size, NODE_WORK + n, what)
         data = r.take(n * size, f"data of {what}")
         if dtype == torch.bool and n and int(np.frombuffer(data, np.uint8).max()) > 1:
             raise CodecError(f"{what}: bool data holds a byte other than 0 or 1")
-        return w.tensor_from_bytes(data, dtype, shape)
+        return tensor_from_bytes(data, dtype, shape)
 
 
-def read_header(blob: bytes | bytearray | memoryview) -> tuple[str, int, w.Reader]:
+def read_header(blob: bytes | bytearray | memoryview) -> tuple[str, int, Reader]:
     """Check magic and version; return (spec, body length, reader positioned at the payload)."""
     if not isinstance(blob, (bytes, bytearray, memoryview)):
         raise CodecError(f"a blob must be bytes, found {type(blob).__name__}")
-    r = w.Reader(blob)
-    magic = bytes(r.take(len(w.MAGIC), "magic"))
-    if magic != w.MAGIC:
-        raise CodecError(f"not a fedsqueeze blob: magic is {magic!r}, expected {w.MAGIC!r}")
+    r = Reader(blob)
+    magic = bytes(r.take(len(MAGIC), "magic"))
+    if magic != MAGIC:
+        raise CodecError(f"not a fedsqueeze blob: magic is {magic!r}, expected {MAGIC!r}")
     version = r.u8("version")
-    if version != w.VERSION:
-        raise CodecError(f"unsupported wire format version {version}; this fedsqueeze reads version {w.VERSION}")
+    if version != VERSION:
+        raise CodecError(f"unsupported wire format version {version}; this fedsqueeze reads version {VERSION}")
     try:
         spec = bytes(r.blob("codec spec", MAX_SPEC_LENGTH)).decode("utf-8")
     except UnicodeDecodeError:
@@ -455,7 +468,7 @@ def _header_codec(spec: str) -> Codec:
         raise CodecError(f"bad codec spec in the blob header ({spec[:100]!r}): {exc}") from None
 
 
-def _read_record(body: w.Reader, decoder: _Decoder, i: int, seen: Mapping[str, torch.Tensor]) -> tuple[str, torch.Tensor]:
+def _read_record(body: Reader, decoder: _Decoder, i: int, seen: Mapping[str, torch.Tensor]) -> tuple[str, torch.Tensor]:
     try:
         name = bytes(body.blob(f"name of tensor {i}", MAX_NAME_LENGTH)).decode("utf-8")
     except UnicodeDecodeError:
@@ -463,14 +476,14 @@ def _read_record(body: w.Reader, decoder: _Decoder, i: int, seen: Mapping[str, t
     if not name or name in seen:
         raise CodecError(f"tensor {i}: name {name!r} is empty or repeated")
     code = body.u8(f"dtype of {name!r}")
-    if code not in w.DTYPES:
-        raise CodecError(f"tensor {name!r}: unknown dtype code {code}; expected one of {sorted(w.DTYPES)}")
-    dtype = w.DTYPES[code]
+    if code not in DTYPES:
+        raise CodecError(f"tensor {name!r}: unknown dtype code {code}; expected one of {sorted(DTYPES)}")
+    dtype = DTYPES[code]
     t = decoder.node(body, 0, repr(name))
     if t.dtype != dtype:
-        if t.dtype != torch.float32 or dtype not in w.FLOAT_DTYPES:
+        if t.dtype != torch.float32 or dtype not in FLOAT_DTYPES:
             raise CodecError(f"tensor {name!r}: record says {dtype} but carries {t.dtype}")
-        decoder.budget.charge(t.numel() * w.itemsize(dtype), t.numel(), repr(name))
+        decoder.budget.charge(t.numel() * itemsize(dtype), t.numel(), repr(name))
         t = t.to(dtype)
     return name, t
 
@@ -498,7 +511,7 @@ def decode(blob: bytes | bytearray | memoryview, *, limits: DecodeLimits | None 
         payload = stage.decode_bytes(payload, limits.max_body_bytes)
     if len(payload) != body_len:
         raise CodecError(f"body is {len(payload)} bytes, the header says {body_len}")
-    body = w.Reader(payload, "body")
+    body = Reader(payload, "body")
     count = body.varint("tensor count", limits.max_tensors)
     decoder = _Decoder(codec._tensor_stages, limits)
     out: dict[str, torch.Tensor] = {}

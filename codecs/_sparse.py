@@ -16,7 +16,7 @@ from ._stage import (
     DecodeCost,
     EncodeContext,
     Encoded,
-    Open,
+    EncodeFurther,
     Stage,
     as_numpy,
     check_param,
@@ -77,7 +77,7 @@ class _IndexedSparse(Stage):
         idx = self.select(flat).sort().values
         mode, index_bytes = encode_indices(as_numpy(idx), flat.numel())
         meta = bytes((mode,)) + _varint(idx.numel())
-        return Encoded([Open(flat[idx]), torch.from_numpy(index_bytes)], meta)
+        return Encoded([EncodeFurther(flat[idx]), torch.from_numpy(index_bytes)], meta)
 
     def _header(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> tuple[int, int]:
         """(index coding, k) from the header, checked against ``shape``."""
@@ -242,7 +242,7 @@ class RandomK(Stage):
         k = max(1, round(self.ratio * n))
         seed = ctx.seed if self.seed is None else ctx.derive_seed(self.seed)
         idx = torch.from_numpy(self.indices(seed, n, k))
-        return Encoded([Open(flat[idx])], struct.pack("<Q", seed) + _varint(k))
+        return Encoded([EncodeFurther(flat[idx])], struct.pack("<Q", seed) + _varint(k))
 
     def _header(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> tuple[int, int]:
         """(seed, k) from the header, checked against ``shape``."""

@@ -19,19 +19,39 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class Open:
-    """A float32 part that later stages of the pipeline may encode further (e.g. top-k values)."""
+class EncodeFurther:
+    """Marks a part that the later stages of the pipeline encode further.
+
+    A stage wraps the values it keeps (top-k values, low-rank factors) in ``EncodeFurther`` so
+    that, in ``topk | quantize``, the kept values are quantized. Parts returned as plain
+    tensors (codes, indices, scales) are stored as they are.
+
+    Attributes
+    ----------
+    tensor : torch.Tensor
+        The part; it is converted to float32 before the next stage sees it, and on decode the
+        stage gets it back as float32 of the same shape.
+    """
 
     tensor: torch.Tensor
 
 
-Part = Open | torch.Tensor
-"""A part of a stage's output: :class:`Open` (encoded on by later stages) or a tensor stored as is."""
+Part = EncodeFurther | torch.Tensor
+"""A part of a stage's output: :class:`EncodeFurther` (encoded on by later stages) or a tensor stored as is."""
 
 
 @dataclass
 class Encoded:
-    """What a tensor stage produces for one tensor: a small stage-specific header and its parts."""
+    """What a tensor stage produces for one tensor.
+
+    Attributes
+    ----------
+    parts : list[EncodeFurther | torch.Tensor]
+        At most 16 parts, in the order :meth:`Stage.decode` receives them back.
+    meta : bytes
+        A stage-specific header of at most 4096 bytes (e.g. ``k`` and the index coding),
+        handed back to :meth:`Stage.decode` unchanged (default: empty).
+    """
 
     parts: list[Part]
     meta: bytes = b""
@@ -87,6 +107,7 @@ class EncodeContext:
         return int.from_bytes(digest, "little") >> 1
 
     def generator(self) -> torch.Generator:
+        """A CPU generator seeded with :attr:`seed`."""
         gen = torch.Generator()
         gen.manual_seed(self.seed)
         return gen
@@ -111,10 +132,50 @@ class Stage:
 
     # --- tensor stages -------------------------------------------------------------------
     def encode(self, x: torch.Tensor, ctx: EncodeContext) -> Encoded | None:
+        """Encode one tensor, or decline it.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            A contiguous float32 tensor with at least one element, all finite.
+        ctx : EncodeContext
+            The tensor's name, this stage's state for it, and a seed for random draws.
+
+        Returns
+        -------
+        Encoded | None
+            The parts and header, or ``None`` to leave ``x`` to the next stage (or to be sent
+            raw), e.g. when factoring would not make it smaller. Float parts must be finite;
+            the codec refuses the update with a ``ValueError`` otherwise.
+        """
         raise NotImplementedError
 
     def decode(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> torch.Tensor:
-        """Rebuild a float32 tensor of ``shape`` from decoded parts; raise CodecError if inconsistent."""
+        """Rebuild the tensor from its decoded parts.
+
+        Parameters
+        ----------
+        parts : list[torch.Tensor]
+            The parts as read from the blob: :class:`EncodeFurther` parts come back as float32
+            of the shape they were encoded with, plain ones in their own dtype and shape. They
+            come from untrusted input: check their count, dtypes and shapes (see
+            :func:`expect_parts`, :func:`expect_part`).
+        meta : bytes
+            The header :meth:`encode` wrote, unchecked.
+        shape : tuple[int, ...]
+            The shape to rebuild; it has at least one element.
+
+        Returns
+        -------
+        torch.Tensor
+            A float32 tensor of ``shape``.
+
+        Raises
+        ------
+        CodecError
+            For parts or a header that this stage cannot have written. Nothing else may
+            escape: the decoder does not catch other exceptions.
+        """
         raise NotImplementedError
 
     def decode_cost(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> DecodeCost:
@@ -141,9 +202,42 @@ class Stage:
 
     # --- bytes stages ----------------------------------------------------------------------
     def encode_bytes(self, data: bytes) -> bytes:
+        """Encode the whole serialized body (bytes stages only, e.g. entropy coding).
+
+        Parameters
+        ----------
+        data : bytes
+            The body, or the output of the previous bytes stage.
+
+        Returns
+        -------
+        bytes
+            What :meth:`decode_bytes` turns back into ``data`` exactly.
+        """
         raise NotImplementedError
 
     def decode_bytes(self, data: bytes | memoryview, max_size: int) -> bytes:
+        """Undo :meth:`encode_bytes` on untrusted input without exceeding ``max_size``.
+
+        Parameters
+        ----------
+        data : bytes | memoryview
+            Everything after the blob header; trailing bytes are an error.
+        max_size : int
+            The most bytes the result may have (``DecodeLimits.max_body_bytes``); check it
+            before decompressing.
+
+        Returns
+        -------
+        bytes
+            The decoded body.
+
+        Raises
+        ------
+        CodecError
+            For corrupt, truncated or over-long input, or a result over ``max_size``. Nothing
+            else may escape.
+        """
         raise NotImplementedError
 
     # --- composition ---------------------------------------------------------------------
@@ -222,15 +316,22 @@ def param_error(stage: str, param: str, allowed: str, got: Any) -> ValueError:
 
 
 def check_param(ok: bool, stage: str, param: str, allowed: str, got: Any) -> None:
+    """Raise ``ValueError`` "stage S: parameter P must be <allowed>, got <got>" unless ``ok``.
+
+    Call it from a stage's ``__post_init__`` for every parameter, so that ``parse`` reports bad
+    specs (and blob headers) clearly.
+    """
     if not ok:
         raise param_error(stage, param, allowed, got)
 
 
 def is_int(value: Any) -> bool:
+    """True for an ``int`` that is not a ``bool``."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def is_number(value: Any) -> bool:
+    """True for a finite ``int`` or ``float`` that is not a ``bool``."""
     return (is_int(value) or isinstance(value, float)) and math.isfinite(value)
 
 
@@ -241,6 +342,7 @@ def expect(ok: bool, stage: str, what: str) -> None:
 
 
 def expect_parts(stage: str, parts: Sequence[torch.Tensor], count: int) -> None:
+    """Raise CodecError unless there are exactly ``count`` parts."""
     expect(len(parts) == count, stage, f"expected {count} parts, found {len(parts)}")
 
 
@@ -253,6 +355,7 @@ def expect_part(
     shape: tuple[int, ...] | None = None,
     numel: int | None = None,
 ) -> None:
+    """Raise CodecError unless ``part`` has the given dtype, shape and element count (each if given)."""
     if dtype is not None:
         expect(part.dtype == dtype, stage, f"{what} must be {dtype}, found {part.dtype}")
     if shape is not None:
@@ -262,5 +365,6 @@ def expect_part(
 
 
 def as_numpy(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of a CPU tensor (a copy only if it is not contiguous)."""
     return t.detach().contiguous().numpy()
 
