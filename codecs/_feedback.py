@@ -62,9 +62,10 @@ class ErrorFeedback:
         Raises
         ------
         ValueError
-            For a key other than ``residual/<name>`` or ``codec/<key>``, a residual that is not a
-            finite float32 tensor, or codec state the codec refuses (see
-            :meth:`Codec.load_state_dict`). Nothing is loaded then.
+            For a key other than ``residual/<name>`` or ``codec/<key>``, a residual that is not
+            finite float32, or codec state the codec refuses (see :meth:`Codec.load_state_dict`).
+        TypeError
+            For a value that is not a tensor. Nothing is loaded when anything is raised.
         """
         residual, codec_state = {}, {}
         for key, value in state.items():
@@ -81,7 +82,7 @@ class ErrorFeedback:
 
 def _checked_residual(key: str, value: object) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
-        raise ValueError(f"error-feedback state {key!r} must be a torch.Tensor, found {type(value).__name__}")
+        raise TypeError(f"error-feedback state {key!r} must be a torch.Tensor, found {type(value).__name__}")
     if value.dtype != torch.float32:
         raise ValueError(f"error-feedback state {key!r} must be float32, found {value.dtype}")
     if not bool(torch.isfinite(value).all()):

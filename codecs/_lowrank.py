@@ -24,7 +24,7 @@ from ._stage import (
 )
 
 
-def _check_rank(stage: str, param: str, rank: int | float) -> None:
+def _check_rank(stage: str, param: str, rank: float) -> None:
     ok = (is_int(rank) and rank >= 1) or (isinstance(rank, float) and 0 < rank <= 1)
     check_param(ok, stage, param, "an integer >= 1 or a float in (0, 1] (fraction of energy)", rank)
 
@@ -77,7 +77,8 @@ def _factors_cost(stage: str, parts: list[torch.Tensor], shape: tuple[int, ...],
 def _decode_factors(stage: str, parts: list[torch.Tensor], shape: tuple[int, ...], transpose_q: bool) -> torch.Tensor:
     _factor_rank(stage, parts, shape, transpose_q)
     p, q = parts
-    return (p @ (q.T if transpose_q else q)).reshape(shape)
+    product: torch.Tensor = p @ (q.T if transpose_q else q)
+    return product.reshape(shape)
 
 
 @register_stage
@@ -88,9 +89,9 @@ class SVD(Stage):
     Math: M = U S V^T; send P = U_r S_r (out x r) and Q = V_r^T (r x in*kh*kw); M_r = P Q, the
     best rank-r approximation: ||M - M_r||_F^2 = sum_{i>r} s_i^2 (Eckart-Young). Cost: an
     exact SVD (O(out * in * min(out, in))), or for an integer rank on matrices whose smaller
-    side exceeds 1024 a randomized SVD (4 power iterations, 10 oversamples); r (out + in) values. Pays: where updates are
-    close to low rank (large fully connected layers); a tensor that factoring would not make
-    smaller, and 1-D tensors, go to the next stage unchanged.
+    side exceeds 1024 a randomized SVD (4 power iterations, 10 oversamples); r (out + in) values.
+    Pays: where updates are close to low rank (large fully connected layers); a tensor that
+    factoring would not make smaller, and 1-D tensors, go to the next stage unchanged.
 
     Parameters
     ----------
@@ -118,7 +119,7 @@ class SVD(Stage):
         else:
             u, s, vh = torch.linalg.svd(m, full_matrices=False)
             r = _rank_for_energy(s, self.rank) if isinstance(self.rank, float) else min(self.rank, s.numel())
-        if not _low_rank_pays(*m.shape, r):
+        if not _low_rank_pays(m.shape[0], m.shape[1], r):
             return None
         return Encoded([EncodeFurther(u[:, :r] * (s[:r] * scale)), EncodeFurther(vh[:r].contiguous())])
 
@@ -155,7 +156,9 @@ class PowerSGD(Stage):
 
     def __post_init__(self) -> None:
         check_param(is_int(self.rank) and self.rank >= 1, self.name, "rank", "an integer >= 1", self.rank)
-        check_param(is_int(self.iters) and 1 <= self.iters <= 100, self.name, "iters", "an integer in 1..100", self.iters)
+        check_param(
+            is_int(self.iters) and 1 <= self.iters <= 100, self.name, "iters", "an integer in 1..100", self.iters
+        )
 
     def encode(self, x: torch.Tensor, ctx: EncodeContext) -> Encoded | None:
         if x.dim() < 2:
@@ -163,7 +166,7 @@ class PowerSGD(Stage):
         scale = _scale(x)
         m = _matrix(x) / scale
         r = min(self.rank, *m.shape)
-        if not _low_rank_pays(*m.shape, r):
+        if not _low_rank_pays(m.shape[0], m.shape[1], r):
             return None
         q = ctx.state.get("q")
         if q is None or q.shape != (m.shape[1], r):
@@ -197,11 +200,12 @@ class PowerSGD(Stage):
         return _decode_factors(self.name, parts, shape, transpose_q=True)
 
 
-def _mode_basis(unfolded: torch.Tensor, rank: int | float) -> torch.Tensor:
+def _mode_basis(unfolded: torch.Tensor, rank: float) -> torch.Tensor:
     """Leading left singular vectors of a mode unfolding (HOSVD)."""
     u, s, _ = torch.linalg.svd(unfolded, full_matrices=False)
     r = _rank_for_energy(s, rank) if isinstance(rank, float) else min(rank, s.numel())
-    return u[:, :r].contiguous()
+    basis: torch.Tensor = u[:, :r].contiguous()
+    return basis
 
 
 @register_stage
@@ -262,7 +266,11 @@ class Tucker(Stage):
         ra, rb = core.shape[:2]
         o, i, kh, kw = shape
         expect(1 <= ra <= o and 1 <= rb <= i, self.name, f"ranks ({ra}, {rb}) must be in 1..{o} and 1..{i}")
-        expect(ra * o + rb * i + ra * rb * kh * kw < o * i * kh * kw, self.name, f"ranks ({ra}, {rb}) do not shrink {shape}")
+        expect(
+            ra * o + rb * i + ra * rb * kh * kw < o * i * kh * kw,
+            self.name,
+            f"ranks ({ra}, {rb}) do not shrink {shape}",
+        )
         expect_part(self.name, core, "the core", dtype=torch.float32, shape=(ra, rb, kh, kw))
         expect_part(self.name, u, "U", dtype=torch.float32, shape=(o, ra))
         expect_part(self.name, v, "V", dtype=torch.float32, shape=(i, rb))
@@ -309,7 +317,9 @@ class CP(Stage):
 
     def __post_init__(self) -> None:
         check_param(is_int(self.rank) and self.rank >= 1, self.name, "rank", "an integer >= 1", self.rank)
-        check_param(is_int(self.iters) and 1 <= self.iters <= 500, self.name, "iters", "an integer in 1..500", self.iters)
+        check_param(
+            is_int(self.iters) and 1 <= self.iters <= 500, self.name, "iters", "an integer in 1..500", self.iters
+        )
 
     def encode(self, x: torch.Tensor, ctx: EncodeContext) -> Encoded | None:
         if x.dim() != 4 or self.rank * sum(x.shape) >= x.numel():

@@ -7,17 +7,20 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
 
+from ._errors import CodecError
+from ._spec import MAX_SPEC_LENGTH, parse_stages
+from ._stage import EncodeContext, Encoded, EncodeFurther, Stage
 from ._wire import (
     DTYPES,
     FLOAT_DTYPES,
     MAGIC,
-    Reader,
     VERSION,
+    Reader,
     Writer,
     dtype_code,
     extent,
@@ -26,11 +29,8 @@ from ._wire import (
     tensor_from_bytes,
     tensor_to_bytes,
 )
-from ._errors import CodecError
-from ._spec import MAX_SPEC_LENGTH, parse_stages
-from ._stage import Encoded, EncodeContext, EncodeFurther, Stage
 
-TensorLike = Union[torch.Tensor, np.ndarray]
+TensorLike = torch.Tensor | np.ndarray
 MAX_NAME_LENGTH = 1024
 MAX_PARTS = 16
 MAX_META = 4096
@@ -88,14 +88,17 @@ def _check_pipeline(stages: tuple[Stage, ...]) -> None:
     names = [s.name for s in stages]
     for name in names:
         if names.count(name) > 1:
-            raise ValueError(f"stage {name!r} appears {names.count(name)} times in the codec; each stage may appear once")
+            raise ValueError(
+                f"stage {name!r} appears {names.count(name)} times in the codec; each stage may appear once"
+            )
     seen_bytes = False
     for s in stages:
         if s.kind == "bytes":
             seen_bytes = True
         elif seen_bytes:
             raise ValueError(
-                f"stage {s.name!r} works on tensors but follows a bytes stage; entropy coding stages (zstd) must come last"
+                f"stage {s.name!r} works on tensors but follows a bytes stage; "
+                "entropy coding stages (zstd) must come last"
             )
 
 
@@ -119,11 +122,9 @@ class Codec:
     """
 
     def __init__(self, stages: str | Sequence[Stage], *, seed: int | None = None) -> None:
-        if isinstance(stages, str):
-            stages = parse_stages(stages)
-        if not isinstance(stages, Sequence):
+        if not isinstance(stages, (str, Sequence)):
             raise TypeError(f"a codec is built from a spec string or a sequence of stages, got {type(stages).__name__}")
-        stages = tuple(stages)
+        stages = tuple(parse_stages(stages) if isinstance(stages, str) else stages)
         for s in stages:
             if not isinstance(s, Stage):
                 raise TypeError(f"codec stages must be Stage objects, found {type(s).__name__}")
@@ -135,7 +136,9 @@ class Codec:
         self._calls = 0
         self._state: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
         if len(self.spec) > MAX_SPEC_LENGTH:
-            raise ValueError(f"codec spec is {len(self.spec)} characters; at most {MAX_SPEC_LENGTH} fit the wire format")
+            raise ValueError(
+                f"codec spec is {len(self.spec)} characters; at most {MAX_SPEC_LENGTH} fit the wire format"
+            )
 
     # ------------------------------------------------------------------ description
     @property
@@ -177,16 +180,17 @@ class Codec:
         Raises
         ------
         ValueError
-            For a key that names no stage of this codec, a value that is not a tensor, a call
-            counter that is not a non-negative integer scalar, or an entry its stage refuses
-            (wrong dtype, shape or non-finite values; see :meth:`Stage.check_state`). Nothing is
-            loaded then.
+            For a key that names no stage of this codec, a call counter that is not a
+            non-negative integer scalar, or an entry its stage refuses (wrong dtype, shape or
+            non-finite values; see :meth:`Stage.check_state`).
+        TypeError
+            For a value that is not a tensor. Nothing is loaded when anything is raised.
         """
         loaded: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
         calls = 0
         for key, value in state.items():
             if not isinstance(value, torch.Tensor):
-                raise ValueError(f"codec state {key!r} must be a torch.Tensor, found {type(value).__name__}")
+                raise TypeError(f"codec state {key!r} must be a torch.Tensor, found {type(value).__name__}")
             if key == "calls":
                 if value.numel() != 1 or value.dtype.is_floating_point or value.dtype == torch.bool or int(value) < 0:
                     raise ValueError(f"codec state 'calls' must be a non-negative integer scalar, found {value!r}")
@@ -236,7 +240,9 @@ class Codec:
         body.varint(len(update))
         for name, value in update.items():
             if not isinstance(name, str) or not name or len(name.encode()) > MAX_NAME_LENGTH:
-                raise ValueError(f"tensor names must be non-empty strings of at most {MAX_NAME_LENGTH} bytes, got {name!r}")
+                raise ValueError(
+                    f"tensor names must be non-empty strings of at most {MAX_NAME_LENGTH} bytes, got {name!r}"
+                )
             t = _to_tensor(name, value)
             body.blob(name.encode())
             body.u8(dtype_code(t.dtype))
@@ -304,7 +310,9 @@ class Codec:
         node.raw(tensor_to_bytes(t))
         return node
 
-    def _encode_node(self, x: torch.Tensor, name: str, start: int, made_by: str = "", fallback: torch.Tensor | None = None) -> Writer:
+    def _encode_node(
+        self, x: torch.Tensor, name: str, start: int, made_by: str = "", fallback: torch.Tensor | None = None
+    ) -> Writer:
         """Encode float32 ``x`` with the first tensor stage at or after ``start`` that takes it.
 
         If no stage takes it, ``fallback`` (the tensor in its own dtype) or ``x`` is sent as it is.
@@ -315,7 +323,9 @@ class Codec:
         for index in range(start, len(self._tensor_stages)):
             stage = self._tensor_stages[index]
             state = self._state.setdefault(index, {}).setdefault(name, {})
-            encoded = stage.encode(x, EncodeContext(name=name, state=state, seed=self._seed(index, name), call=self._calls))
+            encoded = stage.encode(
+                x, EncodeContext(name=name, state=state, seed=self._seed(index, name), call=self._calls)
+            )
             if not state:
                 self._state[index].pop(name)
             if encoded is None:
@@ -412,7 +422,9 @@ class _Decoder:
         shape = self._shape(r, what, depth)
         n = numel(shape)
         if n == 0:
-            raise CodecError(f"{what}: stage {stage.name!r} node of shape {shape} has no elements; empty tensors are raw")
+            raise CodecError(
+                f"{what}: stage {stage.name!r} node of shape {shape} has no elements; empty tensors are raw"
+            )
         self.budget.charge(NODE_BYTES + 4 * n, NODE_WORK, what)
         meta = bytes(r.blob(f"header of {what}", MAX_META))
         nparts = r.u8(f"part count of {what}")
@@ -424,7 +436,9 @@ class _Decoder:
         self.budget.charge(cost.scratch_bytes, cost.work, f"{what}: stage {stage.name!r}")
         out = stage.decode(parts, meta, shape)
         if tuple(out.shape) != shape or out.dtype != torch.float32:
-            raise CodecError(f"{what}: stage {stage.name!r} produced {tuple(out.shape)} {out.dtype}, expected {shape} float32")
+            raise CodecError(
+                f"{what}: stage {stage.name!r} produced {tuple(out.shape)} {out.dtype}, expected {shape} float32"
+            )
         return out
 
     def _raw(self, r: Reader, what: str, depth: int) -> torch.Tensor:
@@ -505,7 +519,9 @@ def decode(blob: bytes | bytearray | memoryview, *, limits: DecodeLimits | None 
     spec, body_len, r = read_header(blob)
     codec = _header_codec(spec)
     if body_len > limits.max_body_bytes:
-        raise CodecError(f"body declares {body_len} bytes, over the limit of {limits.max_body_bytes} (DecodeLimits.max_body_bytes)")
+        raise CodecError(
+            f"body declares {body_len} bytes, over the limit of {limits.max_body_bytes} (DecodeLimits.max_body_bytes)"
+        )
     payload: bytes | memoryview = r.take(r.remaining, "payload")
     for stage in reversed(codec._bytes_stages):
         payload = stage.decode_bytes(payload, limits.max_body_bytes)
@@ -525,11 +541,11 @@ def decode(blob: bytes | bytearray | memoryview, *, limits: DecodeLimits | None 
 def parse(spec: str, *, seed: int | None = None) -> Codec:
     """Build a :class:`Codec` from spec text such as ``"topk(ratio=0.01) | quantize(bits=4) | zstd"``.
 
-    Raises ``ValueError`` naming the stage, the parameter and what is allowed (also when
-    ``spec`` is not a string).
+    Raises ``ValueError`` naming the stage, the parameter and what is allowed, and
+    ``TypeError`` when ``spec`` is not a string.
     """
     if not isinstance(spec, str):
-        raise ValueError(f"a codec spec must be a string such as 'topk | zstd', got {type(spec).__name__}")
+        raise TypeError(f"a codec spec must be a string such as 'topk | zstd', got {type(spec).__name__}")
     return Codec(spec, seed=seed)
 
 

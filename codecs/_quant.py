@@ -25,7 +25,6 @@ from ._stage import (
     register_stage,
 )
 
-
 CHUNK = 65_536
 
 
@@ -47,7 +46,9 @@ def _groups(x: torch.Tensor, granularity: str | int) -> torch.Tensor:
     return flat.reshape(-1, block)
 
 
-def _codes(groups: torch.Tensor, lo: torch.Tensor, inv: torch.Tensor, levels: int, gen: torch.Generator | None) -> torch.Tensor:
+def _codes(
+    groups: torch.Tensor, lo: torch.Tensor, inv: torch.Tensor, levels: int, gen: torch.Generator | None
+) -> torch.Tensor:
     """uint8 codes clamp(round((x - lo) * inv)) (or floor(... + u) with ``gen``), in pieces of ~CHUNK values.
 
     Working piece by piece keeps temporaries small: a fresh 40 MB temporary costs more to page
@@ -113,8 +114,11 @@ class Quantize(Stage):
         check_param(isinstance(self.stochastic, bool), self.name, "stochastic", "true or false", self.stochastic)
         g = self.granularity
         check_param(
-            g in ("tensor", "channel") or (is_int(g) and 8 <= g <= 2**24),
-            self.name, "granularity", '"tensor", "channel" or a block size in 8..2**24', g,
+            g in ("tensor", "channel") or (isinstance(g, int) and not isinstance(g, bool) and 8 <= g <= 2**24),
+            self.name,
+            "granularity",
+            '"tensor", "channel" or a block size in 8..2**24',
+            g,
         )
 
     def encode(self, x: torch.Tensor, ctx: EncodeContext) -> Encoded | None:

@@ -229,7 +229,13 @@ class RandomK(Stage):
 
     def __post_init__(self) -> None:
         _check_ratio(self.name, self.ratio)
-        check_param(self.seed is None or (is_int(self.seed) and 0 <= self.seed < 2**63), self.name, "seed", "an integer in [0, 2**63)", self.seed)
+        check_param(
+            self.seed is None or (is_int(self.seed) and 0 <= self.seed < 2**63),
+            self.name,
+            "seed",
+            "an integer in [0, 2**63)",
+            self.seed,
+        )
 
     @staticmethod
     def indices(seed: int, n: int, k: int) -> np.ndarray:

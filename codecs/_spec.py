@@ -51,7 +51,8 @@ def tokenize(spec: str) -> list[Token]:
         if not match or match.end() == pos:
             bad = spec[pos:].lstrip()[:1]
             raise ValueError(
-                f"codec spec {_show(spec)}: unexpected character {bad!r} at offset {len(spec) - len(spec[pos:].lstrip())}; "
+                f"codec spec {_show(spec)}: unexpected character {bad!r} at offset "
+                f"{len(spec) - len(spec[pos:].lstrip())}; "
                 "expected a stage name, key=value, a number, a word or a quoted string"
             )
         kind = match.lastgroup or ""
@@ -79,7 +80,9 @@ class _Cursor:
         return token
 
     def fail(self, token: Token, expected: str) -> ValueError:
-        return ValueError(f"codec spec {_show(self.spec)}: expected {expected} at offset {token[2]}, found {token[1]!r}")
+        return ValueError(
+            f"codec spec {_show(self.spec)}: expected {expected} at offset {token[2]}, found {token[1]!r}"
+        )
 
     def punct(self, text: str, expected: str) -> None:
         token = self.next(expected)
@@ -106,7 +109,7 @@ def _value(cursor: _Cursor) -> Any:
     if token[:2] not in (("punct", "("), ("punct", "[")):
         return _scalar(token, cursor)
     closing = _CLOSING[token[1]]
-    items = []
+    items: list[Any] = []
     while True:
         item = cursor.next(f"a value or {closing!r}")
         if item[:2] == ("punct", closing):
@@ -127,7 +130,9 @@ def _params(cursor: _Cursor, name: str) -> list[tuple[str, Any]]:
         if key[:2] == ("punct", ")"):
             return params
         if key[0] != "name":
-            raise ValueError(f"stage {name!r}: parameters must be given as key=value, found {key[1]!r} at offset {key[2]}")
+            raise ValueError(
+                f"stage {name!r}: parameters must be given as key=value, found {key[1]!r} at offset {key[2]}"
+            )
         eq = cursor.next("'='")
         if eq[:2] != ("punct", "="):
             raise ValueError(f"stage {name!r}: parameters must be given as key=value, found {eq[1]!r} after {key[1]!r}")
@@ -182,7 +187,7 @@ def _stage(cursor: _Cursor) -> Stage:
 def parse_stages(spec: str) -> list[Stage]:
     """Parse a full spec into stage objects; ``ValueError`` names the stage and parameter at fault."""
     if not isinstance(spec, str):
-        raise ValueError(f"a codec spec must be a string such as 'topk | zstd', got {type(spec).__name__}")
+        raise TypeError(f"a codec spec must be a string such as 'topk | zstd', got {type(spec).__name__}")
     if len(spec) > MAX_SPEC_LENGTH:
         raise ValueError(f"codec spec is {len(spec)} characters long; at most {MAX_SPEC_LENGTH} are allowed")
     cursor = _Cursor(spec, tokenize(spec))

@@ -367,4 +367,3 @@ def expect_part(
 def as_numpy(t: torch.Tensor) -> np.ndarray:
     """A numpy view of a CPU tensor (a copy only if it is not contiguous)."""
     return t.detach().contiguous().numpy()
-

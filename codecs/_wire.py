@@ -108,8 +108,7 @@ class Reader:
     def take(self, n: int, what: str) -> memoryview:
         if n < 0 or n > self.remaining:
             raise CodecError(
-                f"truncated {self._what}: {what} needs {n} bytes at offset {self.pos}, "
-                f"only {self.remaining} left"
+                f"truncated {self._what}: {what} needs {n} bytes at offset {self.pos}, only {self.remaining} left"
             )
         view = self._data[self.pos : self.pos + n]
         self.pos += n
@@ -137,7 +136,9 @@ class Reader:
         ndim = self.u8(f"ndim of {what}")
         if ndim > MAX_NDIM:
             raise CodecError(f"{what} has {ndim} dimensions; at most {MAX_NDIM} are allowed")
-        dims = tuple(self.varint(f"dimension {i} of {what} (over the element limit)", max_elements) for i in range(ndim))
+        dims = tuple(
+            self.varint(f"dimension {i} of {what} (over the element limit)", max_elements) for i in range(ndim)
+        )
         if extent(dims) > max_elements:
             raise CodecError(
                 f"{what} has shape {dims}, which spans {extent(dims)} positions (product of the non-zero "
@@ -173,7 +174,7 @@ def tensor_to_bytes(t: torch.Tensor) -> memoryview:
     arr = t.numpy()
     if arr.dtype.byteorder == ">":  # pragma: no cover - big-endian hosts only
         arr = arr.byteswap()
-    return memoryview(arr.reshape(-1)).cast("B")
+    return arr.reshape(-1).data.cast("B")
 
 
 def tensor_from_bytes(data: memoryview | bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
