@@ -11,7 +11,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from fedsqueeze.codecs import Codec, ErrorFeedback, compression_stats, decode, parse, registered_stages
 
 # Pipelines beyond the single stages; every registered stage is tested alone as well.
@@ -166,7 +165,9 @@ def test_a_stage_file_dropped_into_the_package_is_registered(tmp_path: pathlib.P
     import fedsqueeze.codecs
 
     package = tmp_path / "dropin_codecs"
-    shutil.copytree(pathlib.Path(fedsqueeze.codecs.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        pathlib.Path(fedsqueeze.codecs.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__")
+    )
     (package / "_scale.py").write_text(DROP_IN_STAGE)
     script = (
         "import torch, dropin_codecs as c\n"
@@ -183,11 +184,29 @@ def test_a_stage_file_dropped_into_the_package_is_registered(tmp_path: pathlib.P
 def test_stage_author_helpers_are_public() -> None:
     from fedsqueeze.codecs import stage_api
 
-    for name in ("Stage", "EncodeFurther", "Encoded", "EncodeContext", "DecodeCost", "register_stage",
-                 "check_param", "expect", "expect_part", "expect_parts", "is_int", "is_number", "CodecError"):
+    for name in (
+        "Stage",
+        "EncodeFurther",
+        "Encoded",
+        "EncodeContext",
+        "DecodeCost",
+        "register_stage",
+        "check_param",
+        "expect",
+        "expect_part",
+        "expect_parts",
+        "is_int",
+        "is_number",
+        "CodecError",
+    ):
         assert hasattr(stage_api, name) and not name.startswith("_"), name
-    for method in (stage_api.Stage.encode, stage_api.Stage.decode, stage_api.Stage.encode_bytes,
-                   stage_api.Stage.decode_bytes, stage_api.Stage.decode_cost):
+    for method in (
+        stage_api.Stage.encode,
+        stage_api.Stage.decode,
+        stage_api.Stage.encode_bytes,
+        stage_api.Stage.decode_bytes,
+        stage_api.Stage.decode_cost,
+    ):
         doc = method.__doc__ or ""
         assert "Parameters" in doc or "Raise" in doc, method.__name__
     assert "later stages" in (stage_api.EncodeFurther.__doc__ or "")

@@ -7,11 +7,9 @@ from collections.abc import Iterator
 import pytest
 import torch
 import zstandard
+from fedsqueeze.codecs import CodecError, DecodeLimits, blob_spec, decode, parse
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from fedsqueeze.codecs import CodecError, DecodeLimits, blob_spec, decode, parse
-
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -21,6 +19,7 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
 
 SPECS = [
     "identity",
