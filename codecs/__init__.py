@@ -4,12 +4,18 @@ Build a codec from a spec string or from stage objects, encode an update (names 
 into a self-describing blob, decode it anywhere with :func:`decode`::
 
     from fedsqueeze.codecs import parse, decode, ErrorFeedback
-    codec = parse("topk(ratio=0.01) | quantize(bits=8) | zstd(level=3)")
+    codec = parse("topk(ratio=0.01) | quantize(bits=8) | zstd")
     blob = ErrorFeedback(codec).encode(update)
     restored = decode(blob)
 
+New stages are one file in this folder (see :mod:`fedsqueeze.codecs.stage_api`): every module
+here is imported below, which registers the stages it defines.
+
 This package imports only the standard library, numpy, torch and zstandard.
 """
+
+import importlib
+import pkgutil
 
 from ._basic import BF16, FP16, Identity, Zstd
 from ._errors import CodecError
@@ -18,22 +24,42 @@ from ._lowrank import CP, SVD, PowerSGD, Tucker
 from ._pipeline import Codec, CompressionStats, DecodeLimits, blob_spec, compression_stats, decode, parse
 from ._quant import Quantize, Sign, Ternary
 from ._sparse import RandomK, Threshold, TopK
-from ._stage import EncodeContext, Encoded, Open, Stage, register_stage, registered_stages
+from .stage_api import (
+    DecodeCost,
+    EncodeContext,
+    Encoded,
+    EncodeFurther,
+    Stage,
+    check_param,
+    expect,
+    expect_part,
+    expect_parts,
+    is_int,
+    is_number,
+    register_stage,
+    registered_stages,
+)
+
+# Last, once every name above exists (a module may import them back): every module in this
+# folder, so that a stage file dropped here registers itself without an edit to this list.
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "BF16",
     "CP",
+    "FP16",
     "SVD",
     "Codec",
     "CodecError",
     "CompressionStats",
+    "DecodeCost",
     "DecodeLimits",
     "EncodeContext",
+    "EncodeFurther",
     "Encoded",
     "ErrorFeedback",
-    "FP16",
     "Identity",
-    "Open",
     "PowerSGD",
     "Quantize",
     "RandomK",
@@ -45,8 +71,14 @@ __all__ = [
     "Tucker",
     "Zstd",
     "blob_spec",
+    "check_param",
     "compression_stats",
     "decode",
+    "expect",
+    "expect_part",
+    "expect_parts",
+    "is_int",
+    "is_number",
     "parse",
     "register_stage",
     "registered_stages",

@@ -25,6 +25,7 @@ class Identity(Stage):
 
     name: ClassVar[str] = "identity"
     lossless: ClassVar[bool] = True
+    passthrough: ClassVar[bool] = True
 
     def encode(self, x: torch.Tensor, ctx: EncodeContext) -> Encoded | None:
         return None  # leave the tensor as it is (raw float32, or to the next stage)
@@ -118,6 +119,9 @@ class Zstd(Stage):
             raise CodecError("stage 'zstd': the frame does not declare its content size")
         if size > max_size:
             raise CodecError(f"stage 'zstd': frame declares {size} bytes, over the limit of {max_size}")
+        frame_len = zstd_frame_length(data)
+        if frame_len != len(data):
+            raise CodecError(f"stage 'zstd': {len(data) - frame_len} unexpected trailing bytes after the frame")
         try:
             out = zstandard.ZstdDecompressor().decompress(data, max_output_size=max_size)
         except zstandard.ZstdError as exc:
@@ -125,3 +129,34 @@ class Zstd(Stage):
         if len(out) != size:
             raise CodecError(f"stage 'zstd': frame declared {size} bytes but held {len(out)}")
         return out
+
+
+ZSTD_BLOCK_RLE = 1
+ZSTD_BLOCK_RESERVED = 3
+
+
+def zstd_frame_length(data: bytes) -> int:
+    """Bytes taken by the zstd frame at the start of ``data``: header, blocks and checksum.
+
+    Walks the block headers (RFC 8878, section 3.1.1) without decompressing; raises
+    :class:`CodecError` for a reserved block type or a frame cut short.
+    """
+    try:
+        pos = zstandard.frame_header_size(data)
+    except zstandard.ZstdError as exc:
+        raise CodecError(f"stage 'zstd': bad frame header ({exc})") from None
+    has_checksum = len(data) > 4 and bool(data[4] & 0x04)
+    while True:
+        if pos + 3 > len(data):
+            raise CodecError(f"stage 'zstd': frame cut short at offset {pos}, in a block header")
+        header = int.from_bytes(data[pos : pos + 3], "little")
+        last, kind, size = header & 1, (header >> 1) & 3, header >> 3
+        if kind == ZSTD_BLOCK_RESERVED:
+            raise CodecError(f"stage 'zstd': reserved block type at offset {pos}")
+        pos += 3 + (1 if kind == ZSTD_BLOCK_RLE else size)
+        if last:
+            break
+    pos += 4 if has_checksum else 0
+    if pos > len(data):
+        raise CodecError(f"stage 'zstd': frame cut short; it needs {pos} bytes, found {len(data)}")
+    return pos

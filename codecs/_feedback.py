@@ -57,15 +57,34 @@ class ErrorFeedback:
         return out
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Restore what :meth:`state_dict` returned."""
+        """Restore what :meth:`state_dict` returned.
+
+        Raises
+        ------
+        ValueError
+            For a key other than ``residual/<name>`` or ``codec/<key>``, a residual that is not
+            finite float32, or codec state the codec refuses (see :meth:`Codec.load_state_dict`).
+        TypeError
+            For a value that is not a tensor. Nothing is loaded when anything is raised.
+        """
         residual, codec_state = {}, {}
         for key, value in state.items():
             head, _, rest = key.partition("/")
             if head == "residual" and rest:
-                residual[rest] = value.to(torch.float32).clone()
+                residual[rest] = _checked_residual(key, value)
             elif head == "codec" and rest:
                 codec_state[rest] = value
             else:
                 raise ValueError(f"unexpected error-feedback state key {key!r}; expected 'residual/...' or 'codec/...'")
-        self.residual = residual
         self.codec.load_state_dict(codec_state)
+        self.residual = residual
+
+
+def _checked_residual(key: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"error-feedback state {key!r} must be a torch.Tensor, found {type(value).__name__}")
+    if value.dtype != torch.float32:
+        raise ValueError(f"error-feedback state {key!r} must be float32, found {value.dtype}")
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"error-feedback state {key!r} holds NaN or infinite values")
+    return value.clone()

@@ -9,20 +9,22 @@ from typing import ClassVar
 import torch
 
 from ._stage import (
+    DecodeCost,
     EncodeContext,
     Encoded,
-    Open,
+    EncodeFurther,
     Stage,
     check_param,
     expect,
     expect_part,
     expect_parts,
     is_int,
+    parts_size,
     register_stage,
 )
 
 
-def _check_rank(stage: str, param: str, rank: int | float) -> None:
+def _check_rank(stage: str, param: str, rank: float) -> None:
     ok = (is_int(rank) and rank >= 1) or (isinstance(rank, float) and 0 < rank <= 1)
     check_param(ok, stage, param, "an integer >= 1 or a float in (0, 1] (fraction of energy)", rank)
 
@@ -46,16 +48,37 @@ def _low_rank_pays(rows: int, cols: int, r: int) -> bool:
     return r * (rows + cols) < rows * cols
 
 
-def _decode_factors(stage: str, parts: list[torch.Tensor], shape: tuple[int, ...], transpose_q: bool) -> torch.Tensor:
+def _scale(x: torch.Tensor) -> float:
+    """max |x| (1 for an all-zero x): factoring x / scale keeps every intermediate far from overflow."""
+    biggest = float(x.abs().max())
+    return biggest if biggest > 0 else 1.0
+
+
+def _factor_rank(stage: str, parts: list[torch.Tensor], shape: tuple[int, ...], transpose_q: bool) -> int:
+    """Check P and Q against ``shape``; return their rank r (r (rows + cols) < rows * cols)."""
     expect_parts(stage, parts, 2)
     expect(len(shape) >= 2, stage, f"factored tensors have >= 2 dimensions, found shape {shape}")
     rows, cols = shape[0], math.prod(shape[1:])
     p, q = parts
     expect(p.dim() == 2 and q.dim() == 2, stage, "factors must be matrices")
     r = p.shape[1]
+    expect(r >= 1 and _low_rank_pays(rows, cols, r), stage, f"rank {r} does not shrink a {rows} x {cols} matrix")
     expect_part(stage, p, "P", dtype=torch.float32, shape=(rows, r))
     expect_part(stage, q, "Q", dtype=torch.float32, shape=(cols, r) if transpose_q else (r, cols))
-    return (p @ (q.T if transpose_q else q)).reshape(shape)
+    return r
+
+
+def _factors_cost(stage: str, parts: list[torch.Tensor], shape: tuple[int, ...], transpose_q: bool) -> DecodeCost:
+    r = _factor_rank(stage, parts, shape, transpose_q)
+    n = math.prod(shape)
+    return DecodeCost(scratch_bytes=2 * 4 * n, work=n * r)
+
+
+def _decode_factors(stage: str, parts: list[torch.Tensor], shape: tuple[int, ...], transpose_q: bool) -> torch.Tensor:
+    _factor_rank(stage, parts, shape, transpose_q)
+    p, q = parts
+    product: torch.Tensor = p @ (q.T if transpose_q else q)
+    return product.reshape(shape)
 
 
 @register_stage
@@ -66,9 +89,9 @@ class SVD(Stage):
     Math: M = U S V^T; send P = U_r S_r (out x r) and Q = V_r^T (r x in*kh*kw); M_r = P Q, the
     best rank-r approximation: ||M - M_r||_F^2 = sum_{i>r} s_i^2 (Eckart-Young). Cost: an
     exact SVD (O(out * in * min(out, in))), or for an integer rank on matrices whose smaller
-    side exceeds 1024 a randomized SVD (4 power iterations, 10 oversamples); r (out + in) values. Pays: where updates are
-    close to low rank (large fully connected layers); a tensor that factoring would not make
-    smaller, and 1-D tensors, go to the next stage unchanged.
+    side exceeds 1024 a randomized SVD (4 power iterations, 10 oversamples); r (out + in) values.
+    Pays: where updates are close to low rank (large fully connected layers); a tensor that
+    factoring would not make smaller, and 1-D tensors, go to the next stage unchanged.
 
     Parameters
     ----------
@@ -86,7 +109,8 @@ class SVD(Stage):
     def encode(self, x: torch.Tensor, ctx: EncodeContext) -> Encoded | None:
         if x.dim() < 2:
             return None
-        m = _matrix(x)
+        scale = _scale(x)
+        m = _matrix(x) / scale
         if isinstance(self.rank, int) and min(m.shape) > EXACT_SVD_MAX and 2 * self.rank < min(m.shape):
             # randomized SVD (Halko et al. 2011) with oversampling and power iterations:
             # seconds instead of minutes on a 4k x 4k matrix, error within a hair of exact
@@ -95,9 +119,12 @@ class SVD(Stage):
         else:
             u, s, vh = torch.linalg.svd(m, full_matrices=False)
             r = _rank_for_energy(s, self.rank) if isinstance(self.rank, float) else min(self.rank, s.numel())
-        if not _low_rank_pays(*m.shape, r):
+        if not _low_rank_pays(m.shape[0], m.shape[1], r):
             return None
-        return Encoded([Open(u[:, :r] * s[:r]), Open(vh[:r].contiguous())])
+        return Encoded([EncodeFurther(u[:, :r] * (s[:r] * scale)), EncodeFurther(vh[:r].contiguous())])
+
+    def decode_cost(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> DecodeCost:
+        return _factors_cost(self.name, parts, shape, transpose_q=False)
 
     def decode(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> torch.Tensor:
         return _decode_factors(self.name, parts, shape, transpose_q=False)
@@ -129,33 +156,56 @@ class PowerSGD(Stage):
 
     def __post_init__(self) -> None:
         check_param(is_int(self.rank) and self.rank >= 1, self.name, "rank", "an integer >= 1", self.rank)
-        check_param(is_int(self.iters) and 1 <= self.iters <= 100, self.name, "iters", "an integer in 1..100", self.iters)
+        check_param(
+            is_int(self.iters) and 1 <= self.iters <= 100, self.name, "iters", "an integer in 1..100", self.iters
+        )
 
     def encode(self, x: torch.Tensor, ctx: EncodeContext) -> Encoded | None:
         if x.dim() < 2:
             return None
-        m = _matrix(x)
+        scale = _scale(x)
+        m = _matrix(x) / scale
         r = min(self.rank, *m.shape)
-        if not _low_rank_pays(*m.shape, r):
+        if not _low_rank_pays(m.shape[0], m.shape[1], r):
             return None
         q = ctx.state.get("q")
         if q is None or q.shape != (m.shape[1], r):
             q = torch.randn(m.shape[1], r, generator=ctx.generator())
+        q = q / _scale(q)  # only the warm start's direction matters
         for _ in range(self.iters):
             p = torch.linalg.qr(m @ q).Q
             q = m.T @ p
-        ctx.state["q"] = q.clone()
-        return Encoded([Open(p.contiguous()), Open(q.contiguous())])
+        q = q * scale
+        if bool(torch.isfinite(q).all()):  # an overflowing q is refused below; keep the last good warm start
+            ctx.state["q"] = q.clone()
+        return Encoded([EncodeFurther(p.contiguous()), EncodeFurther(q.contiguous())])
+
+    def check_state(self, entry: str, value: torch.Tensor) -> None:
+        """PowerSGD keeps ``q``, a finite float32 matrix of at most ``rank`` columns."""
+        if entry != "q":
+            raise ValueError(f"stage {self.name!r} keeps only a state entry 'q', found {entry!r}")
+        ok = value.dtype == torch.float32 and value.dim() == 2 and 1 <= value.shape[1] <= self.rank
+        if not ok:
+            raise ValueError(
+                f"stage {self.name!r}: state 'q' must be a float32 matrix with 1..{self.rank} columns, "
+                f"found {value.dtype} of shape {tuple(value.shape)}"
+            )
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"stage {self.name!r}: state 'q' holds NaN or infinite values")
+
+    def decode_cost(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> DecodeCost:
+        return _factors_cost(self.name, parts, shape, transpose_q=True)
 
     def decode(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> torch.Tensor:
         return _decode_factors(self.name, parts, shape, transpose_q=True)
 
 
-def _mode_basis(unfolded: torch.Tensor, rank: int | float) -> torch.Tensor:
+def _mode_basis(unfolded: torch.Tensor, rank: float) -> torch.Tensor:
     """Leading left singular vectors of a mode unfolding (HOSVD)."""
     u, s, _ = torch.linalg.svd(unfolded, full_matrices=False)
     r = _rank_for_energy(s, rank) if isinstance(rank, float) else min(rank, s.numel())
-    return u[:, :r].contiguous()
+    basis: torch.Tensor = u[:, :r].contiguous()
+    return basis
 
 
 @register_stage
@@ -195,6 +245,8 @@ class Tucker(Stage):
             return None
         o, i, kh, kw = x.shape
         r_out, r_in = self.ranks if isinstance(self.ranks, tuple) else (self.ranks, self.ranks)
+        scale = _scale(x)
+        x = x / scale
         u = _mode_basis(x.reshape(o, -1), r_out)
         v = _mode_basis(x.transpose(0, 1).reshape(i, -1), r_in)
         for _ in range(self.iters):  # HOOI: each basis from the tensor projected on the other
@@ -202,19 +254,41 @@ class Tucker(Stage):
             v = _mode_basis(torch.einsum("oiyx,oa->iayx", x, u).reshape(i, -1), v.shape[1])
         if u.shape[1] * o + v.shape[1] * i + u.shape[1] * v.shape[1] * kh * kw >= x.numel():
             return None
-        core = torch.einsum("oiyx,oa,ib->abyx", x, u, v).contiguous()
-        return Encoded([Open(core), Open(u), Open(v)])
+        core = torch.einsum("oiyx,oa,ib->abyx", x, u, v).mul_(scale).contiguous()
+        return Encoded([EncodeFurther(core), EncodeFurther(u), EncodeFurther(v)])
 
-    def decode(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> torch.Tensor:
+    def _ranks(self, parts: list[torch.Tensor], shape: tuple[int, ...]) -> tuple[int, int]:
+        """Check the core and factors against ``shape``; return (r_out, r_in)."""
         expect_parts(self.name, parts, 3)
         expect(len(shape) == 4, self.name, f"Tucker-2 rebuilds 4-D kernels, found shape {shape}")
         core, u, v = parts
         expect(core.dim() == 4 and u.dim() == 2 and v.dim() == 2, self.name, "core must be 4-D and factors 2-D")
         ra, rb = core.shape[:2]
-        expect_part(self.name, core, "the core", dtype=torch.float32, shape=(ra, rb, shape[2], shape[3]))
-        expect_part(self.name, u, "U", dtype=torch.float32, shape=(shape[0], ra))
-        expect_part(self.name, v, "V", dtype=torch.float32, shape=(shape[1], rb))
-        return torch.einsum("abyx,oa,ib->oiyx", core, u, v).contiguous()
+        o, i, kh, kw = shape
+        expect(1 <= ra <= o and 1 <= rb <= i, self.name, f"ranks ({ra}, {rb}) must be in 1..{o} and 1..{i}")
+        expect(
+            ra * o + rb * i + ra * rb * kh * kw < o * i * kh * kw,
+            self.name,
+            f"ranks ({ra}, {rb}) do not shrink {shape}",
+        )
+        expect_part(self.name, core, "the core", dtype=torch.float32, shape=(ra, rb, kh, kw))
+        expect_part(self.name, u, "U", dtype=torch.float32, shape=(o, ra))
+        expect_part(self.name, v, "V", dtype=torch.float32, shape=(i, rb))
+        return ra, rb
+
+    def decode_cost(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> DecodeCost:
+        ra, rb = self._ranks(parts, shape)
+        n = math.prod(shape)
+        middle = shape[0] * rb * shape[2] * shape[3]  # core x_1 U, at most n since rb <= I
+        work = middle * ra + n * rb
+        return DecodeCost(scratch_bytes=3 * 4 * (n + middle) + 2 * parts_size(parts)[0], work=work)
+
+    def decode(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> torch.Tensor:
+        self._ranks(parts, shape)
+        core, u, v = parts
+        # two products, in this order, so that no intermediate exceeds the output
+        middle = torch.einsum("abyx,oa->obyx", core, u)
+        return torch.einsum("obyx,ib->oiyx", middle, v).contiguous()
 
 
 @register_stage
@@ -243,12 +317,16 @@ class CP(Stage):
 
     def __post_init__(self) -> None:
         check_param(is_int(self.rank) and self.rank >= 1, self.name, "rank", "an integer >= 1", self.rank)
-        check_param(is_int(self.iters) and 1 <= self.iters <= 500, self.name, "iters", "an integer in 1..500", self.iters)
+        check_param(
+            is_int(self.iters) and 1 <= self.iters <= 500, self.name, "iters", "an integer in 1..500", self.iters
+        )
 
     def encode(self, x: torch.Tensor, ctx: EncodeContext) -> Encoded | None:
         if x.dim() != 4 or self.rank * sum(x.shape) >= x.numel():
             return None
         r = self.rank
+        scale = _scale(x)
+        x = x / scale
         gen = ctx.generator()
         factors = []
         for mode, size in enumerate(x.shape):
@@ -266,13 +344,35 @@ class CP(Stage):
                     gram = gram * (f.T @ f)
                 rhs = torch.einsum(subscripts[mode], x, *others)
                 factors[mode] = rhs @ torch.linalg.pinv(gram)
-        return Encoded([Open(f.contiguous()) for f in factors])
+        factors[0] = factors[0] * scale
+        return Encoded([EncodeFurther(f.contiguous()) for f in factors])
 
-    def decode(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> torch.Tensor:
+    def _rank(self, parts: list[torch.Tensor], shape: tuple[int, ...]) -> int:
         expect_parts(self.name, parts, 4)
         expect(len(shape) == 4, self.name, f"CP rebuilds 4-D kernels, found shape {shape}")
         expect(parts[0].dim() == 2, self.name, "factors must be matrices")
         r = parts[0].shape[1]
+        expect(1 <= r and r * sum(shape) < math.prod(shape), self.name, f"rank {r} does not shrink {shape}")
         for f, size, what in zip(parts, shape, "ABCD"):
             expect_part(self.name, f, f"factor {what}", dtype=torch.float32, shape=(size, r))
-        return torch.einsum("or,ir,yr,xr->oiyx", *parts).contiguous()
+        return r
+
+    def decode_cost(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> DecodeCost:
+        r = self._rank(parts, shape)
+        n = math.prod(shape)
+        o, i, kh, kw = shape
+        # the output and one chunk of each Khatri-Rao product, each at most n values
+        return DecodeCost(scratch_bytes=4 * 4 * n, work=r * (n + o * i + kh * kw))
+
+    def decode(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> torch.Tensor:
+        r = self._rank(parts, shape)
+        a, b, c, d = parts
+        o, i, kh, kw = shape
+        # sum over rank chunks of (A . B)(C . D)^T (Khatri-Rao products), each chunk at most n values
+        chunk = max(1, math.prod(shape) // (o * i + kh * kw))
+        out = torch.zeros(o * i, kh * kw)
+        for s in range(0, r, chunk):
+            ab = (a[:, None, s : s + chunk] * b[None, :, s : s + chunk]).reshape(o * i, -1)
+            cd = (c[:, None, s : s + chunk] * d[None, :, s : s + chunk]).reshape(kh * kw, -1)
+            out.addmm_(ab, cd.T)
+        return out.reshape(shape)

@@ -7,40 +7,69 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
 
-from . import _wire as w
 from ._errors import CodecError
 from ._spec import MAX_SPEC_LENGTH, parse_stages
-from ._stage import Encoded, EncodeContext, Open, Stage
+from ._stage import EncodeContext, Encoded, EncodeFurther, Stage
+from ._wire import (
+    DTYPES,
+    FLOAT_DTYPES,
+    MAGIC,
+    VERSION,
+    Reader,
+    Writer,
+    dtype_code,
+    extent,
+    itemsize,
+    numel,
+    tensor_from_bytes,
+    tensor_to_bytes,
+)
 
-TensorLike = Union[torch.Tensor, np.ndarray]
+TensorLike = torch.Tensor | np.ndarray
 MAX_NAME_LENGTH = 1024
 MAX_PARTS = 16
 MAX_META = 4096
+MAX_STAGES = 8
 TAG_RAW = 0
 
 
 @dataclass(frozen=True)
 class DecodeLimits:
-    """Caps that :func:`decode` enforces before it allocates.
+    """Caps that :func:`decode` enforces before it allocates or computes.
 
     Parameters
     ----------
     max_elements : int
-        Most elements over all decoded tensors together (default: 2**28, 1 GiB of float32).
+        Most elements over all decoded tensors together; an empty tensor counts the product of
+        its non-zero dimensions (default: 2**28, 1 GiB of float32).
     max_body_bytes : int
         Most bytes the body may take once entropy coding is undone (default: 2**30).
     max_tensors : int
         Most tensors in one blob (default: 100_000).
+    scratch_factor : int
+        Bytes that decoding one tensor may allocate (every node, part and stage scratch of its
+        encoding), as a multiple of its float32 size (default: 16).
+    scratch_bytes : int
+        Bytes that decoding one tensor may allocate on top of that (default: 2**20).
+    work_factor : int
+        Elementary operations (multiply-adds, element visits) that decoding one tensor may
+        take, per element of that tensor (default: 2048).
+    work_constant : int
+        Operations that decoding one tensor may take on top of that (default: 2**22).
     """
 
     max_elements: int = 2**28
     max_body_bytes: int = 2**30
     max_tensors: int = 100_000
+    scratch_factor: int = 16
+    scratch_bytes: int = 2**20
+    work_factor: int = 2048
+    work_constant: int = 2**22
 
 
 def _to_tensor(name: str, value: Any) -> torch.Tensor:
@@ -48,8 +77,29 @@ def _to_tensor(name: str, value: Any) -> torch.Tensor:
         value = torch.from_numpy(np.ascontiguousarray(value))
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"update[{name!r}] must be a torch.Tensor or numpy.ndarray, found {type(value).__name__}")
-    w.dtype_code(value.dtype)  # raises for unsupported dtypes
+    dtype_code(value.dtype)  # raises for unsupported dtypes
     return value.detach().cpu()
+
+
+def _check_pipeline(stages: tuple[Stage, ...]) -> None:
+    """At most MAX_STAGES stages, each stage at most once, bytes stages last."""
+    if len(stages) > MAX_STAGES:
+        raise ValueError(f"a codec has at most {MAX_STAGES} stages, got {len(stages)}")
+    names = [s.name for s in stages]
+    for name in names:
+        if names.count(name) > 1:
+            raise ValueError(
+                f"stage {name!r} appears {names.count(name)} times in the codec; each stage may appear once"
+            )
+    seen_bytes = False
+    for s in stages:
+        if s.kind == "bytes":
+            seen_bytes = True
+        elif seen_bytes:
+            raise ValueError(
+                f"stage {s.name!r} works on tensors but follows a bytes stage; "
+                "entropy coding stages (zstd) must come last"
+            )
 
 
 class Codec:
@@ -72,23 +122,13 @@ class Codec:
     """
 
     def __init__(self, stages: str | Sequence[Stage], *, seed: int | None = None) -> None:
-        if isinstance(stages, str):
-            stages = parse_stages(stages)
-        stages = tuple(stages)
+        if not isinstance(stages, (str, Sequence)):
+            raise TypeError(f"a codec is built from a spec string or a sequence of stages, got {type(stages).__name__}")
+        stages = tuple(parse_stages(stages) if isinstance(stages, str) else stages)
         for s in stages:
             if not isinstance(s, Stage):
                 raise TypeError(f"codec stages must be Stage objects, found {type(s).__name__}")
-        seen_bytes = False
-        for s in stages:
-            if s.kind == "bytes":
-                seen_bytes = True
-            elif seen_bytes:
-                raise ValueError(
-                    f"stage {s.name!r} works on tensors but follows a bytes stage; "
-                    "entropy coding stages (zstd) must come last"
-                )
-        if len(stages) > 200:
-            raise ValueError(f"a codec has at most 200 stages, got {len(stages)}")
+        _check_pipeline(stages)
         self.stages: tuple[Stage, ...] = stages
         self._tensor_stages = [s for s in stages if s.kind == "tensor"]
         self._bytes_stages = [s for s in stages if s.kind == "bytes"]
@@ -96,7 +136,9 @@ class Codec:
         self._calls = 0
         self._state: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
         if len(self.spec) > MAX_SPEC_LENGTH:
-            raise ValueError(f"codec spec is {len(self.spec)} characters; at most {MAX_SPEC_LENGTH} fit the wire format")
+            raise ValueError(
+                f"codec spec is {len(self.spec)} characters; at most {MAX_SPEC_LENGTH} fit the wire format"
+            )
 
     # ------------------------------------------------------------------ description
     @property
@@ -133,20 +175,43 @@ class Codec:
         return out
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        self._state = {}
-        self._calls = int(state["calls"]) if "calls" in state else 0
+        """Restore what :meth:`state_dict` returned.
+
+        Raises
+        ------
+        ValueError
+            For a key that names no stage of this codec, a call counter that is not a
+            non-negative integer scalar, or an entry its stage refuses (wrong dtype, shape or
+            non-finite values; see :meth:`Stage.check_state`).
+        TypeError
+            For a value that is not a tensor. Nothing is loaded when anything is raised.
+        """
+        loaded: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+        calls = 0
         for key, value in state.items():
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"codec state {key!r} must be a torch.Tensor, found {type(value).__name__}")
             if key == "calls":
+                if value.numel() != 1 or value.dtype.is_floating_point or value.dtype == torch.bool or int(value) < 0:
+                    raise ValueError(f"codec state 'calls' must be a non-negative integer scalar, found {value!r}")
+                calls = int(value)
                 continue
-            head, _, rest = key.partition("/")
-            entry, _, tensor_name = rest.partition("/")
-            if not head.startswith("stage") or not head[5:].isdigit() or not entry or not tensor_name:
-                raise ValueError(f"unexpected codec state key {key!r}; expected 'stage<i>/<entry>/<tensor name>'")
-            index = int(head[5:])
-            if index >= len(self.stages):
-                raise ValueError(f"codec state key {key!r} names stage {index}, but the codec has {len(self.stages)}")
-            self._state.setdefault(index, {}).setdefault(tensor_name, {})[entry] = value.clone()
+            index, entry, tensor_name = self._state_key(key)
+            self._tensor_stages[index].check_state(entry, value)
+            loaded.setdefault(index, {}).setdefault(tensor_name, {})[entry] = value.clone()
+        self._state, self._calls = loaded, calls
+
+    def _state_key(self, key: str) -> tuple[int, str, str]:
+        head, _, rest = key.partition("/")
+        entry, _, tensor_name = rest.partition("/")
+        if not head.startswith("stage") or not head[5:].isdigit() or not entry or not tensor_name:
+            raise ValueError(f"unexpected codec state key {key!r}; expected 'stage<i>/<entry>/<tensor name>'")
+        index = int(head[5:])
+        if index >= len(self._tensor_stages):
+            raise ValueError(
+                f"codec state key {key!r} names tensor stage {index}, but the codec has {len(self._tensor_stages)}"
+            )
+        return index, entry, tensor_name
 
     # ------------------------------------------------------------------ encode
     def _seed(self, stage_index: int, name: str) -> int:
@@ -158,31 +223,30 @@ class Codec:
         """Encode ``update`` (names -> tensors or arrays) into a self-describing blob.
 
         Float tensors go through the tensor stages as float32 and come back in their own
-        dtype; other dtypes (e.g. BatchNorm counters) are sent losslessly. Raises
-        ``ValueError`` for non-finite values, bad names or unsupported dtypes.
+        dtype; other dtypes (e.g. BatchNorm counters) are sent losslessly. The blob never holds
+        NaN or infinity: what a stage cannot represent is refused.
+
+        Raises
+        ------
+        ValueError
+            For NaN or infinite values, float64 values beyond float32's range (unless no stage
+            takes the tensor, as with ``identity``), a stage whose output would overflow
+            float32, an empty tensor whose shape :func:`decode` would refuse, bad names or
+            unsupported dtypes.
         """
         if not isinstance(update, Mapping):
             raise TypeError(f"update must be a mapping of names to tensors, found {type(update).__name__}")
-        body = w.Writer()
+        body = Writer()
         body.varint(len(update))
         for name, value in update.items():
             if not isinstance(name, str) or not name or len(name.encode()) > MAX_NAME_LENGTH:
-                raise ValueError(f"tensor names must be non-empty strings of at most {MAX_NAME_LENGTH} bytes, got {name!r}")
+                raise ValueError(
+                    f"tensor names must be non-empty strings of at most {MAX_NAME_LENGTH} bytes, got {name!r}"
+                )
             t = _to_tensor(name, value)
             body.blob(name.encode())
-            body.u8(w.dtype_code(t.dtype))
-            if t.dtype in w.FLOAT_DTYPES:
-                x = t.to(torch.float32).contiguous()
-                # NaN and inf always reach the sum; a sum that overflowed gets the exact check
-                if not math.isfinite(float(torch.sum(x))) and not bool(torch.isfinite(x).all()):
-                    raise ValueError(f"update[{name!r}] contains NaN or infinite values; expected finite numbers")
-                node = self._encode_node(x, name, 0, fallback=t)
-                raw_size = 2 + 5 * t.dim() + t.numel() * t.element_size()
-                if node.size > raw_size:  # compression would not pay: send as it is
-                    node = self._raw_node(t)
-            else:
-                node = self._raw_node(t)
-            body.extend(node)
+            body.u8(dtype_code(t.dtype))
+            body.extend(self._encode_tensor(name, t))
         self._calls += 1
         body_len = body.size
         payload = b""
@@ -190,9 +254,9 @@ class Codec:
             payload = body.getvalue()
             for stage in self._bytes_stages:
                 payload = stage.encode_bytes(payload)
-        out = w.Writer()
-        out.raw(w.MAGIC)
-        out.u8(w.VERSION)
+        out = Writer()
+        out.raw(MAGIC)
+        out.u8(VERSION)
         out.blob(self.spec.encode())
         out.varint(body_len)
         if self._bytes_stages:
@@ -201,78 +265,153 @@ class Codec:
             out.extend(body)  # no copy of the body before the final join
         return out.getvalue()
 
-    @staticmethod
-    def _raw_node(t: torch.Tensor) -> w.Writer:
-        node = w.Writer()
-        node.u8(TAG_RAW)
-        node.u8(w.dtype_code(t.dtype))
-        node.shape(tuple(t.shape))
-        node.raw(w.tensor_to_bytes(t))
+    def _encode_tensor(self, name: str, t: torch.Tensor) -> Writer:
+        """The node of one tensor: staged if a stage takes it and that pays, else raw."""
+        if t.numel() == 0:
+            if extent(tuple(t.shape)) > DecodeLimits().max_elements:
+                raise ValueError(
+                    f"update[{name!r}] is empty but its shape {tuple(t.shape)} spans {extent(tuple(t.shape))} "
+                    f"positions, more than decode accepts by default (DecodeLimits.max_elements = "
+                    f"{DecodeLimits().max_elements}); drop the tensor or give it a smaller shape"
+                )
+            return self._raw_node(t)
+        if t.dtype not in FLOAT_DTYPES:
+            return self._raw_node(t)
+        if not _all_finite(t):
+            raise ValueError(f"update[{name!r}] contains NaN or infinite values; expected finite numbers")
+        x = t.to(torch.float32).contiguous()
+        if not _all_finite(x):
+            if all(s.passthrough for s in self._tensor_stages):
+                return self._raw_node(t)  # no stage computes in float32: send the float64 values as they are
+            biggest = float(t.abs().max())
+            raise ValueError(
+                f"update[{name!r}] holds values up to {biggest:.3g} in magnitude, beyond float32's range "
+                f"(about 3.4e38); the codec's stages compute in float32. Scale the update down, or send it "
+                "with the lossless 'identity' codec"
+            )
+        node = self._encode_node(x, name, 0, fallback=t)
+        raw_size = 2 + 5 * t.dim() + t.numel() * t.element_size()
+        if node.size > raw_size:  # compression would not pay: send as it is
+            node = self._raw_node(t)
         return node
 
-    def _encode_node(self, x: torch.Tensor, name: str, start: int, fallback: torch.Tensor | None = None) -> w.Writer:
+    @staticmethod
+    def _raw_node(t: torch.Tensor, made_by: str = "") -> Writer:
+        """A raw node; ``made_by`` names the stage whose part ``t`` is, for the finiteness check."""
+        if made_by and t.dtype in FLOAT_DTYPES and not _all_finite(t):
+            raise ValueError(
+                f"{made_by} overflows float32 (its output holds NaN or infinite values); scale the update "
+                "down or choose another codec"
+            )
+        node = Writer()
+        node.u8(TAG_RAW)
+        node.u8(dtype_code(t.dtype))
+        node.shape(tuple(t.shape))
+        node.raw(tensor_to_bytes(t))
+        return node
+
+    def _encode_node(
+        self, x: torch.Tensor, name: str, start: int, made_by: str = "", fallback: torch.Tensor | None = None
+    ) -> Writer:
         """Encode float32 ``x`` with the first tensor stage at or after ``start`` that takes it.
 
         If no stage takes it, ``fallback`` (the tensor in its own dtype) or ``x`` is sent as it is.
         """
         raw = x if fallback is None else fallback
         if x.numel() == 0:
-            return self._raw_node(raw)
+            return self._raw_node(raw, made_by)
         for index in range(start, len(self._tensor_stages)):
             stage = self._tensor_stages[index]
             state = self._state.setdefault(index, {}).setdefault(name, {})
-            encoded = stage.encode(x, EncodeContext(name=name, state=state, seed=self._seed(index, name), call=self._calls))
+            encoded = stage.encode(
+                x, EncodeContext(name=name, state=state, seed=self._seed(index, name), call=self._calls)
+            )
             if not state:
                 self._state[index].pop(name)
             if encoded is None:
                 continue
             return self._stage_node(index, encoded, tuple(x.shape), name)
-        return self._raw_node(raw)
+        return self._raw_node(raw, made_by)
 
-    def _stage_node(self, index: int, encoded: Encoded, shape: tuple[int, ...], name: str) -> w.Writer:
-        node = w.Writer()
+    def _stage_node(self, index: int, encoded: Encoded, shape: tuple[int, ...], name: str) -> Writer:
+        made_by = f"encoding update[{name!r}] with stage {self._tensor_stages[index].name!r}"
+        node = Writer()
         node.u8(index + 1)
         node.shape(shape)
         node.blob(encoded.meta)
         node.u8(len(encoded.parts))
         for part in encoded.parts:
-            if isinstance(part, Open):
-                child = self._encode_node(part.tensor.to(torch.float32).contiguous(), name, index + 1)
+            if isinstance(part, EncodeFurther):
+                child = self._encode_node(part.tensor.to(torch.float32).contiguous(), name, index + 1, made_by)
             else:
-                child = self._raw_node(part)
+                child = self._raw_node(part, made_by)
             node.extend(child)
         return node
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    # NaN and inf always reach the sum; only a sum that overflowed needs the exact check
+    return math.isfinite(float(torch.sum(t))) or bool(torch.isfinite(t).all())
+
+
 # ---------------------------------------------------------------------- decode
+NODE_BYTES = 512
+"""Bytes charged per node for the Python and torch objects it creates."""
+NODE_WORK = 10_000
+"""Operations charged per node for its fixed interpreter overhead."""
+
+
+class _Budget:
+    """Memory and work allowed for decoding one tensor, charged before anything is allocated."""
+
+    def __init__(self, limits: DecodeLimits) -> None:
+        self.limits = limits
+        self.output_elements = 0  # over the whole blob
+        self.bytes_left = 0
+        self.work_left = 0
+
+    def start_tensor(self, shape: tuple[int, ...], what: str) -> None:
+        n = numel(shape)
+        self.output_elements += max(n, extent(shape))
+        if self.output_elements > self.limits.max_elements:
+            raise CodecError(
+                f"{what} brings the decoded size to {self.output_elements} elements, over the limit of "
+                f"{self.limits.max_elements} (DecodeLimits.max_elements)"
+            )
+        self.bytes_left = self.limits.scratch_factor * 4 * n + self.limits.scratch_bytes
+        self.work_left = self.limits.work_factor * n + self.limits.work_constant
+
+    def charge(self, nbytes: int, work: int, what: str) -> None:
+        self.bytes_left -= nbytes
+        self.work_left -= work
+        if self.bytes_left < 0:
+            raise CodecError(
+                f"{what}: decoding needs more than DecodeLimits.scratch_factor ({self.limits.scratch_factor}) x "
+                f"the tensor's float32 size + scratch_bytes ({self.limits.scratch_bytes}) of memory"
+            )
+        if self.work_left < 0:
+            raise CodecError(
+                f"{what}: decoding needs more than DecodeLimits.work_factor ({self.limits.work_factor}) x "
+                f"the tensor's elements + work_constant ({self.limits.work_constant}) operations"
+            )
+
+
 class _Decoder:
     def __init__(self, stages: list[Stage], limits: DecodeLimits) -> None:
         self.stages = stages
         self.limits = limits
-        self.elements = 0  # elements allocated so far, over the whole blob
+        self.budget = _Budget(limits)
 
-    def _budget(self, n: int, what: str) -> None:
-        self.elements += n
-        if self.elements > self.limits.max_elements:
-            raise CodecError(
-                f"{what} brings the decoded size to {self.elements} elements, over the limit of "
-                f"{self.limits.max_elements} (DecodeLimits.max_elements)"
-            )
+    def _shape(self, r: Reader, what: str, depth: int) -> tuple[int, ...]:
+        shape = r.shape(what, self.limits.max_elements)
+        if depth == 0:
+            self.budget.start_tensor(shape, what)
+        return shape
 
-    def node(self, r: w.Reader, first_stage: int, what: str, depth: int = 0) -> torch.Tensor:
-        if depth > len(self.stages) + 1:
-            raise CodecError(f"{what}: nesting deeper than the pipeline")
+    def node(self, r: Reader, first_stage: int, what: str, depth: int = 0) -> torch.Tensor:
         tag = r.u8(f"tag of {what}")
         if tag == TAG_RAW:
-            code = r.u8(f"dtype of {what}")
-            if code not in w.DTYPES:
-                raise CodecError(f"{what}: unknown dtype code {code}; expected one of {sorted(w.DTYPES)}")
-            dtype = w.DTYPES[code]
-            shape = r.shape(what, self.limits.max_elements)
-            n = w.numel(shape)
-            self._budget(n, what)
-            data = r.take(n * w.itemsize(dtype), f"data of {what}")
-            return w.tensor_from_bytes(data, dtype, shape)
+            return self._raw(r, what, depth)
         index = tag - 1
         if not first_stage <= index < len(self.stages):
             raise CodecError(
@@ -280,35 +419,54 @@ class _Decoder:
                 f"{first_stage}..{len(self.stages) - 1}"
             )
         stage = self.stages[index]
-        shape = r.shape(what, self.limits.max_elements)
-        self._budget(w.numel(shape), what)
+        shape = self._shape(r, what, depth)
+        n = numel(shape)
+        if n == 0:
+            raise CodecError(
+                f"{what}: stage {stage.name!r} node of shape {shape} has no elements; empty tensors are raw"
+            )
+        self.budget.charge(NODE_BYTES + 4 * n, NODE_WORK, what)
         meta = bytes(r.blob(f"header of {what}", MAX_META))
         nparts = r.u8(f"part count of {what}")
         if nparts > MAX_PARTS:
             raise CodecError(f"{what}: {nparts} parts, at most {MAX_PARTS} are allowed")
+        # children belong to later stages only, so the recursion is at most one level per stage
         parts = [self.node(r, index + 1, f"{what}/{stage.name}[{i}]", depth + 1) for i in range(nparts)]
-        try:
-            out = stage.decode(parts, meta, shape)
-        except CodecError:
-            raise
-        except (ValueError, RuntimeError, IndexError, TypeError, OverflowError) as exc:
-            raise CodecError(f"{what}: stage {stage.name!r} could not decode its parts: {exc}") from None
+        cost = stage.decode_cost(parts, meta, shape)
+        self.budget.charge(cost.scratch_bytes, cost.work, f"{what}: stage {stage.name!r}")
+        out = stage.decode(parts, meta, shape)
         if tuple(out.shape) != shape or out.dtype != torch.float32:
-            raise CodecError(f"{what}: stage {stage.name!r} produced {tuple(out.shape)} {out.dtype}, expected {shape} float32")
+            raise CodecError(
+                f"{what}: stage {stage.name!r} produced {tuple(out.shape)} {out.dtype}, expected {shape} float32"
+            )
         return out
 
+    def _raw(self, r: Reader, what: str, depth: int) -> torch.Tensor:
+        code = r.u8(f"dtype of {what}")
+        if code not in DTYPES:
+            raise CodecError(f"{what}: unknown dtype code {code}; expected one of {sorted(DTYPES)}")
+        dtype = DTYPES[code]
+        shape = self._shape(r, what, depth)
+        n = numel(shape)
+        size = itemsize(dtype)
+        self.budget.charge(NODE_BYTES + n * size, NODE_WORK + n, what)
+        data = r.take(n * size, f"data of {what}")
+        if dtype == torch.bool and n and int(np.frombuffer(data, np.uint8).max()) > 1:
+            raise CodecError(f"{what}: bool data holds a byte other than 0 or 1")
+        return tensor_from_bytes(data, dtype, shape)
 
-def read_header(blob: bytes | bytearray | memoryview) -> tuple[str, int, w.Reader]:
+
+def read_header(blob: bytes | bytearray | memoryview) -> tuple[str, int, Reader]:
     """Check magic and version; return (spec, body length, reader positioned at the payload)."""
     if not isinstance(blob, (bytes, bytearray, memoryview)):
         raise CodecError(f"a blob must be bytes, found {type(blob).__name__}")
-    r = w.Reader(blob)
-    magic = bytes(r.take(len(w.MAGIC), "magic"))
-    if magic != w.MAGIC:
-        raise CodecError(f"not a fedsqueeze blob: magic is {magic!r}, expected {w.MAGIC!r}")
+    r = Reader(blob)
+    magic = bytes(r.take(len(MAGIC), "magic"))
+    if magic != MAGIC:
+        raise CodecError(f"not a fedsqueeze blob: magic is {magic!r}, expected {MAGIC!r}")
     version = r.u8("version")
-    if version != w.VERSION:
-        raise CodecError(f"unsupported wire format version {version}; this fedsqueeze reads version {w.VERSION}")
+    if version != VERSION:
+        raise CodecError(f"unsupported wire format version {version}; this fedsqueeze reads version {VERSION}")
     try:
         spec = bytes(r.blob("codec spec", MAX_SPEC_LENGTH)).decode("utf-8")
     except UnicodeDecodeError:
@@ -317,8 +475,39 @@ def read_header(blob: bytes | bytearray | memoryview) -> tuple[str, int, w.Reade
     return spec, body_len, r
 
 
+def _header_codec(spec: str) -> Codec:
+    try:
+        return Codec(parse_stages(spec))
+    except ValueError as exc:  # parse errors; CodecError is a ValueError too
+        raise CodecError(f"bad codec spec in the blob header ({spec[:100]!r}): {exc}") from None
+
+
+def _read_record(body: Reader, decoder: _Decoder, i: int, seen: Mapping[str, torch.Tensor]) -> tuple[str, torch.Tensor]:
+    try:
+        name = bytes(body.blob(f"name of tensor {i}", MAX_NAME_LENGTH)).decode("utf-8")
+    except UnicodeDecodeError:
+        raise CodecError(f"name of tensor {i} is not valid UTF-8") from None
+    if not name or name in seen:
+        raise CodecError(f"tensor {i}: name {name!r} is empty or repeated")
+    code = body.u8(f"dtype of {name!r}")
+    if code not in DTYPES:
+        raise CodecError(f"tensor {name!r}: unknown dtype code {code}; expected one of {sorted(DTYPES)}")
+    dtype = DTYPES[code]
+    t = decoder.node(body, 0, repr(name))
+    if t.dtype != dtype:
+        if t.dtype != torch.float32 or dtype not in FLOAT_DTYPES:
+            raise CodecError(f"tensor {name!r}: record says {dtype} but carries {t.dtype}")
+        decoder.budget.charge(t.numel() * itemsize(dtype), t.numel(), repr(name))
+        t = t.to(dtype)
+    return name, t
+
+
 def decode(blob: bytes | bytearray | memoryview, *, limits: DecodeLimits | None = None) -> dict[str, torch.Tensor]:
     """Decode a blob made by :meth:`Codec.encode`; it describes its own codec.
+
+    Memory and work are charged against ``limits`` before they are spent (see FORMAT.md,
+    "Errors and limits"): the peak memory of a decode is bounded by a small multiple of the
+    decoded tensors' size plus a constant, whatever the blob holds.
 
     Raises
     ------
@@ -328,43 +517,22 @@ def decode(blob: bytes | bytearray | memoryview, *, limits: DecodeLimits | None 
     """
     limits = limits or DecodeLimits()
     spec, body_len, r = read_header(blob)
-    try:
-        stages = parse_stages(spec)
-        codec = Codec(stages)
-    except (ValueError, TypeError) as exc:
-        raise CodecError(f"bad codec spec in the blob header ({spec!r}): {exc}") from None
+    codec = _header_codec(spec)
     if body_len > limits.max_body_bytes:
-        raise CodecError(f"body declares {body_len} bytes, over the limit of {limits.max_body_bytes} (DecodeLimits.max_body_bytes)")
+        raise CodecError(
+            f"body declares {body_len} bytes, over the limit of {limits.max_body_bytes} (DecodeLimits.max_body_bytes)"
+        )
     payload: bytes | memoryview = r.take(r.remaining, "payload")
     for stage in reversed(codec._bytes_stages):
-        try:
-            payload = stage.decode_bytes(payload, limits.max_body_bytes)
-        except CodecError:
-            raise
-        except Exception as exc:  # the entropy coder's own errors
-            raise CodecError(f"stage {stage.name!r} could not decode the body: {exc}") from None
+        payload = stage.decode_bytes(payload, limits.max_body_bytes)
     if len(payload) != body_len:
         raise CodecError(f"body is {len(payload)} bytes, the header says {body_len}")
-    body = w.Reader(payload, "body")
+    body = Reader(payload, "body")
     count = body.varint("tensor count", limits.max_tensors)
     decoder = _Decoder(codec._tensor_stages, limits)
     out: dict[str, torch.Tensor] = {}
     for i in range(count):
-        try:
-            name = bytes(body.blob(f"name of tensor {i}", MAX_NAME_LENGTH)).decode("utf-8")
-        except UnicodeDecodeError:
-            raise CodecError(f"name of tensor {i} is not valid UTF-8") from None
-        if not name or name in out:
-            raise CodecError(f"tensor {i}: name {name!r} is empty or repeated")
-        code = body.u8(f"dtype of {name!r}")
-        if code not in w.DTYPES:
-            raise CodecError(f"tensor {name!r}: unknown dtype code {code}; expected one of {sorted(w.DTYPES)}")
-        dtype = w.DTYPES[code]
-        t = decoder.node(body, 0, repr(name))
-        if t.dtype != dtype:
-            if t.dtype != torch.float32 or dtype not in w.FLOAT_DTYPES:
-                raise CodecError(f"tensor {name!r}: record says {dtype} but carries {t.dtype}")
-            t = t.to(dtype)
+        name, t = _read_record(body, decoder, i, out)
         out[name] = t
     body.expect_end()
     return out
@@ -373,8 +541,11 @@ def decode(blob: bytes | bytearray | memoryview, *, limits: DecodeLimits | None 
 def parse(spec: str, *, seed: int | None = None) -> Codec:
     """Build a :class:`Codec` from spec text such as ``"topk(ratio=0.01) | quantize(bits=4) | zstd"``.
 
-    Raises ``ValueError`` naming the stage, the parameter and what is allowed.
+    Raises ``ValueError`` naming the stage, the parameter and what is allowed, and
+    ``TypeError`` when ``spec`` is not a string.
     """
+    if not isinstance(spec, str):
+        raise TypeError(f"a codec spec must be a string such as 'topk | zstd', got {type(spec).__name__}")
     return Codec(spec, seed=seed)
 
 

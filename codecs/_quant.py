@@ -11,6 +11,7 @@ import torch
 
 from ._bits import pack_bits, unpack_bits
 from ._stage import (
+    DecodeCost,
     EncodeContext,
     Encoded,
     Stage,
@@ -23,7 +24,6 @@ from ._stage import (
     is_number,
     register_stage,
 )
-
 
 CHUNK = 65_536
 
@@ -39,14 +39,16 @@ def _groups(x: torch.Tensor, granularity: str | int) -> torch.Tensor:
         return flat.reshape(1, -1)
     if granularity == "channel":
         return flat.reshape(x.shape[0], -1)
-    assert isinstance(granularity, int)
-    pad = (-flat.numel()) % granularity
+    block = int(granularity)
+    pad = (-flat.numel()) % block
     if pad:
         flat = torch.cat([flat, flat[-1:].expand(pad)])
-    return flat.reshape(-1, granularity)
+    return flat.reshape(-1, block)
 
 
-def _codes(groups: torch.Tensor, lo: torch.Tensor, inv: torch.Tensor, levels: int, gen: torch.Generator | None) -> torch.Tensor:
+def _codes(
+    groups: torch.Tensor, lo: torch.Tensor, inv: torch.Tensor, levels: int, gen: torch.Generator | None
+) -> torch.Tensor:
     """uint8 codes clamp(round((x - lo) * inv)) (or floor(... + u) with ``gen``), in pieces of ~CHUNK values.
 
     Working piece by piece keeps temporaries small: a fresh 40 MB temporary costs more to page
@@ -75,8 +77,7 @@ def _num_groups(shape: tuple[int, ...], granularity: str | int) -> int:
         return 1
     if granularity == "channel":
         return shape[0]
-    assert isinstance(granularity, int)
-    return -(-n // granularity)
+    return -(-n // int(granularity))
 
 
 @register_stage
@@ -113,8 +114,11 @@ class Quantize(Stage):
         check_param(isinstance(self.stochastic, bool), self.name, "stochastic", "true or false", self.stochastic)
         g = self.granularity
         check_param(
-            g in ("tensor", "channel") or (is_int(g) and 8 <= g <= 2**24),
-            self.name, "granularity", '"tensor", "channel" or a block size in 8..2**24', g,
+            g in ("tensor", "channel") or (isinstance(g, int) and not isinstance(g, bool) and 8 <= g <= 2**24),
+            self.name,
+            "granularity",
+            '"tensor", "channel" or a block size in 8..2**24',
+            g,
         )
 
     def encode(self, x: torch.Tensor, ctx: EncodeContext) -> Encoded | None:
@@ -124,16 +128,22 @@ class Quantize(Stage):
         else:
             lo, hi = groups.aminmax(dim=1)
         levels = (1 << self.bits) - 1
-        step = (hi - lo) / levels
+        step = ((hi.double() - lo.double()) / levels).to(torch.float32)  # hi - lo may overflow float32
         inv = torch.where(step > 0, 1.0 / step, torch.zeros_like(step))
         codes = _codes(groups, lo, inv, levels, ctx.generator() if self.stochastic else None)
         packed = torch.from_numpy(pack_bits(as_numpy(codes.reshape(-1)[: x.numel()]), self.bits))
         return Encoded([packed, lo.contiguous(), step.contiguous()])
 
+    def decode_cost(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> DecodeCost:
+        n = math.prod(shape)
+        # unpacked codes (n bytes), float32 values, and a padded copy when the last block is short
+        return DecodeCost(scratch_bytes=10 * n, work=4 * n)
+
     def decode(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> torch.Tensor:
         expect_parts(self.name, parts, 3)
         packed, lo, step = parts
         g = _num_groups(shape, self.granularity)
+        expect(g >= 1, self.name, f"a tensor of shape {shape} has no elements to quantize")
         expect_part(self.name, packed, "the packed codes", dtype=torch.uint8)
         expect_part(self.name, lo, "the group minima", dtype=torch.float32, shape=(g,))
         expect_part(self.name, step, "the group steps", dtype=torch.float32, shape=(g,))
@@ -142,7 +152,8 @@ class Quantize(Stage):
         values = codes.to(torch.float32)
         if g == 1:
             return values.mul_(step).add_(lo).reshape(shape)
-        size = -(-n // g)
+        # blocks hold `granularity` values (the last one fewer); channels split n evenly
+        size = self.granularity if isinstance(self.granularity, int) else n // g
         if g * size != n:  # last block is short
             values = torch.cat([values, values.new_zeros(g * size - n)])
         out = values.reshape(g, size).mul_(step[:, None]).add_(lo[:, None])
@@ -176,8 +187,9 @@ class Ternary(Stage):
     def encode(self, x: torch.Tensor, ctx: EncodeContext) -> Encoded | None:
         flat = x.reshape(-1)
         mag = flat.abs()
-        keep = mag > self.delta * mag.mean()
-        mu = mag[keep].mean() if bool(keep.any()) else mag.new_zeros(())
+        # means in float64: a float32 sum of large magnitudes overflows and would zero every value
+        keep = mag > self.delta * float(mag.double().mean())
+        mu = mag[keep].double().mean() if bool(keep.any()) else mag.new_zeros((), dtype=torch.float64)
         mu_part = mu.reshape(1).to(torch.float32)
         if bool(keep.all()):
             signs = as_numpy(flat >= 0).astype(np.uint8)
@@ -186,6 +198,11 @@ class Ternary(Stage):
         k = as_numpy(keep)
         codes[k] = np.where(as_numpy(flat)[k] >= 0, 1, 2)
         return Encoded([torch.from_numpy(pack_bits(codes, 2)), mu_part], b"\x00")
+
+    def decode_cost(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> DecodeCost:
+        n = math.prod(shape)
+        # unpacked codes, two masks and two float32 temporaries besides the output
+        return DecodeCost(scratch_bytes=16 * n, work=4 * n)
 
     def decode(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> torch.Tensor:
         expect_parts(self.name, parts, 2)
@@ -217,7 +234,7 @@ class Sign(Stage):
 
     def encode(self, x: torch.Tensor, ctx: EncodeContext) -> Encoded | None:
         flat = x.reshape(-1)
-        scale = flat.abs().mean().reshape(1)
+        scale = flat.abs().double().mean().reshape(1).to(torch.float32)  # a float32 sum could overflow
         bits = as_numpy(flat >= 0).astype(np.uint8)
         return Encoded([torch.from_numpy(pack_bits(bits, 1)), scale])
 

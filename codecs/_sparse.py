@@ -11,10 +11,12 @@ import numpy as np
 import torch
 
 from ._bits import varint_decode, varint_encode
+from ._errors import CodecError
 from ._stage import (
+    DecodeCost,
     EncodeContext,
     Encoded,
-    Open,
+    EncodeFurther,
     Stage,
     as_numpy,
     check_param,
@@ -54,8 +56,7 @@ def decode_indices(stage: str, mode: int, data: np.ndarray, k: int, n: int) -> n
         idx = np.flatnonzero(np.unpackbits(data, count=n, bitorder="little"))
         expect(idx.size == k, stage, f"bitmap marks {idx.size} entries, the header says {k}")
         return idx
-    expect(False, stage, f"unknown index coding {mode}; expected 0 (delta varint) or 1 (bitmap)")
-    raise AssertionError  # unreachable
+    raise CodecError(f"stage {stage!r}: unknown index coding {mode}; expected 0 (delta varint) or 1 (bitmap)")
 
 
 def scatter(values: torch.Tensor, idx: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
@@ -76,15 +77,29 @@ class _IndexedSparse(Stage):
         idx = self.select(flat).sort().values
         mode, index_bytes = encode_indices(as_numpy(idx), flat.numel())
         meta = bytes((mode,)) + _varint(idx.numel())
-        return Encoded([Open(flat[idx]), torch.from_numpy(index_bytes)], meta)
+        return Encoded([EncodeFurther(flat[idx]), torch.from_numpy(index_bytes)], meta)
 
-    def decode(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> torch.Tensor:
+    def _header(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> tuple[int, int]:
+        """(index coding, k) from the header, checked against ``shape``."""
         expect_parts(self.name, parts, 2)
         r = Reader(meta, f"{self.name} header")
         mode, k = r.u8("index coding"), r.varint("k")
         r.expect_end()
         n = math.prod(shape)
         expect(k <= n, self.name, f"k={k} is more than the {n} elements of the tensor")
+        return mode, k
+
+    def decode_cost(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> DecodeCost:
+        mode, k = self._header(parts, meta, shape)
+        n = math.prod(shape)
+        # float32 output and a bitmap unpacked to bytes; the varint decoder peaks at ~50 bytes
+        # per index (measured with tracemalloc), a bitmap needs one int64 per index
+        per_index = 64 if mode == INDEX_DELTA_VARINT else 16
+        return DecodeCost(scratch_bytes=5 * n + per_index * k, work=2 * n + 32 * k)
+
+    def decode(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> torch.Tensor:
+        mode, k = self._header(parts, meta, shape)
+        n = math.prod(shape)
         values, index_bytes = parts
         expect_part(self.name, values, "the values", dtype=torch.float32, numel=k)
         expect_part(self.name, index_bytes, "the index bytes", dtype=torch.uint8)
@@ -214,7 +229,13 @@ class RandomK(Stage):
 
     def __post_init__(self) -> None:
         _check_ratio(self.name, self.ratio)
-        check_param(self.seed is None or (is_int(self.seed) and 0 <= self.seed < 2**63), self.name, "seed", "an integer in [0, 2**63)", self.seed)
+        check_param(
+            self.seed is None or (is_int(self.seed) and 0 <= self.seed < 2**63),
+            self.name,
+            "seed",
+            "an integer in [0, 2**63)",
+            self.seed,
+        )
 
     @staticmethod
     def indices(seed: int, n: int, k: int) -> np.ndarray:
@@ -227,9 +248,10 @@ class RandomK(Stage):
         k = max(1, round(self.ratio * n))
         seed = ctx.seed if self.seed is None else ctx.derive_seed(self.seed)
         idx = torch.from_numpy(self.indices(seed, n, k))
-        return Encoded([Open(flat[idx])], struct.pack("<Q", seed) + _varint(k))
+        return Encoded([EncodeFurther(flat[idx])], struct.pack("<Q", seed) + _varint(k))
 
-    def decode(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> torch.Tensor:
+    def _header(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> tuple[int, int]:
+        """(seed, k) from the header, checked against ``shape``."""
         expect_parts(self.name, parts, 1)
         r = Reader(meta, "randomk header")
         seed = struct.unpack("<Q", r.take(8, "seed"))[0]
@@ -237,5 +259,19 @@ class RandomK(Stage):
         r.expect_end()
         n = math.prod(shape)
         expect(k <= n, self.name, f"k={k} is more than the {n} elements of the tensor")
+        return seed, k
+
+    def decode_cost(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> DecodeCost:
+        _, k = self._header(parts, meta, shape)
+        n = math.prod(shape)
+        # numpy's choice shuffles an int64 arange of n, or for n > 10_000 and k <= n / 50 fills
+        # Floyd's hash set of ~2.4 k uint64; then k int64 are copied and sorted; plus the output
+        floyd = n > 10_000 and k <= n // 50
+        scratch = 4 * n + (56 * k if floyd else 8 * n + 16 * k)
+        return DecodeCost(scratch_bytes=scratch, work=2 * n + 32 * k)
+
+    def decode(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> torch.Tensor:
+        seed, k = self._header(parts, meta, shape)
+        n = math.prod(shape)
         expect_part(self.name, parts[0], "the values", dtype=torch.float32, numel=k)
         return scatter(parts[0].reshape(-1), self.indices(seed, n, k), shape)

@@ -1,8 +1,17 @@
-"""Safe parsing of codec spec strings such as ``"topk(ratio=0.01) | quantize(bits=4) | zstd"``."""
+"""Safe parsing of codec spec strings such as ``"topk(ratio=0.01) | quantize(bits=4) | zstd"``.
+
+The grammar is small enough for a hand-written, non-recursive scanner, so that no input (a
+spec typed by a user or read from a hostile blob header) can exhaust the stack or run code::
+
+    spec   := stage ("|" stage)*
+    stage  := NAME [ "(" [ param ("," param)* [","] ] ")" ]
+    param  := NAME "=" value
+    value  := scalar | "(" [ scalar ("," scalar)* [","] ] ")"     (also with [ ])
+    scalar := NUMBER | "string" | 'string' | NAME                  (true/false are booleans)
+"""
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import re
 import typing
@@ -11,43 +20,131 @@ from typing import Any
 from ._stage import Stage, stage_class
 
 MAX_SPEC_LENGTH = 1000
-_STAGE_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\((.*)\))?\s*$", re.DOTALL)
+"""Most characters in a spec (user text or blob header)."""
+
+_TOKEN_RE = re.compile(
+    r"""\s*(?:
+        (?P<number>[+-]?(?:\d+\.?\d*(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?))
+      | (?P<name>[A-Za-z_][A-Za-z0-9_]*)
+      | (?P<string>"[^"\\]*"|'[^'\\]*')
+      | (?P<punct>[|(),=\[\]])
+    )""",
+    re.VERBOSE,
+)
 _BARE_WORDS = {"true": True, "false": False, "True": True, "False": False}
+_CLOSING = {"(": ")", "[": "]"}
+Token = tuple[str, str, int]  # (kind, text, offset)
 
 
-def split_spec(spec: str) -> list[str]:
-    """Split on ``|`` outside parentheses and quotes."""
-    parts, depth, quote, start = [], 0, "", 0
-    for i, ch in enumerate(spec):
-        if quote:
-            if ch == quote:
-                quote = ""
-        elif ch in "\"'":
-            quote = ch
-        elif ch in "([":
-            depth += 1
-        elif ch in ")]":
-            depth -= 1
-        elif ch == "|" and depth == 0:
-            parts.append(spec[start:i])
-            start = i + 1
-    parts.append(spec[start:])
-    return parts
+def _show(spec: str) -> str:
+    """The spec for an error message, shortened so that a hostile one cannot flood a log."""
+    return repr(spec) if len(spec) <= 80 else repr(spec[:77] + "...")
 
 
-def _literal(node: ast.expr, where: str) -> Any:
-    """Turn an AST node into a literal value without evaluating anything."""
-    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, str, bool)):
-        return node.value
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-        inner = _literal(node.operand, where)
-        if isinstance(inner, (int, float)) and not isinstance(inner, bool):
-            return -inner if isinstance(node.op, ast.USub) else inner
-    if isinstance(node, ast.Name):  # bare words: true/false, or a string such as channel
-        return _BARE_WORDS.get(node.id, node.id)
-    if isinstance(node, (ast.Tuple, ast.List)):
-        return tuple(_literal(elt, where) for elt in node.elts)
-    raise ValueError(f"{where}: expected a literal (number, true/false, word or string, tuple), found {ast.unparse(node)!r}")
+def tokenize(spec: str) -> list[Token]:
+    """Split ``spec`` into (kind, text, offset) tokens; ``ValueError`` at the first bad character."""
+    tokens: list[Token] = []
+    pos = 0
+    end = len(spec.rstrip())
+    while pos < end:
+        match = _TOKEN_RE.match(spec, pos)
+        if not match or match.end() == pos:
+            bad = spec[pos:].lstrip()[:1]
+            raise ValueError(
+                f"codec spec {_show(spec)}: unexpected character {bad!r} at offset "
+                f"{len(spec) - len(spec[pos:].lstrip())}; "
+                "expected a stage name, key=value, a number, a word or a quoted string"
+            )
+        kind = match.lastgroup or ""
+        tokens.append((kind, match.group(kind), match.start(kind)))
+        pos = match.end()
+    return tokens
+
+
+class _Cursor:
+    """A position in a token list with helpers that raise ``ValueError`` naming what was expected."""
+
+    def __init__(self, spec: str, tokens: list[Token]) -> None:
+        self.spec = spec
+        self.tokens = tokens
+        self.i = 0
+
+    def peek(self) -> Token | None:
+        return self.tokens[self.i] if self.i < len(self.tokens) else None
+
+    def next(self, expected: str) -> Token:
+        token = self.peek()
+        if token is None:
+            raise ValueError(f"codec spec {_show(self.spec)} ends early: expected {expected}")
+        self.i += 1
+        return token
+
+    def fail(self, token: Token, expected: str) -> ValueError:
+        return ValueError(
+            f"codec spec {_show(self.spec)}: expected {expected} at offset {token[2]}, found {token[1]!r}"
+        )
+
+    def punct(self, text: str, expected: str) -> None:
+        token = self.next(expected)
+        if token[:2] != ("punct", text):
+            raise self.fail(token, expected)
+
+
+def _scalar(token: Token, cursor: _Cursor) -> Any:
+    kind, text, _ = token
+    if kind == "number":
+        if re.fullmatch(r"[+-]?\d+", text):
+            return int(text)
+        return float(text)
+    if kind == "string":
+        return text[1:-1]
+    if kind == "name":
+        return _BARE_WORDS.get(text, text)
+    raise cursor.fail(token, "a literal (number, true/false, word or quoted string)")
+
+
+def _value(cursor: _Cursor) -> Any:
+    """A scalar, or a flat tuple of scalars in ( ) or [ ]; nothing nests deeper."""
+    token = cursor.next("a value")
+    if token[:2] not in (("punct", "("), ("punct", "[")):
+        return _scalar(token, cursor)
+    closing = _CLOSING[token[1]]
+    items: list[Any] = []
+    while True:
+        item = cursor.next(f"a value or {closing!r}")
+        if item[:2] == ("punct", closing):
+            return tuple(items)
+        items.append(_scalar(item, cursor))
+        sep = cursor.next(f"',' or {closing!r}")
+        if sep[:2] == ("punct", closing):
+            return tuple(items)
+        if sep[:2] != ("punct", ","):
+            raise cursor.fail(sep, f"',' or {closing!r}")
+
+
+def _params(cursor: _Cursor, name: str) -> list[tuple[str, Any]]:
+    """``key=value, ...`` up to and including the closing parenthesis."""
+    params: list[tuple[str, Any]] = []
+    while True:
+        key = cursor.next("a parameter name or ')'")
+        if key[:2] == ("punct", ")"):
+            return params
+        if key[0] != "name":
+            raise ValueError(
+                f"stage {name!r}: parameters must be given as key=value, found {key[1]!r} at offset {key[2]}"
+            )
+        eq = cursor.next("'='")
+        if eq[:2] != ("punct", "="):
+            raise ValueError(f"stage {name!r}: parameters must be given as key=value, found {eq[1]!r} after {key[1]!r}")
+        params.append((key[1], _value(cursor)))
+        sep = cursor.next("',' or ')'")
+        if sep[:2] == ("punct", ")"):
+            return params
+        if sep[:2] != ("punct", ","):
+            raise ValueError(
+                f"stage {name!r}, parameter {key[1]!r}: expected ',' or ')' after its value at offset {sep[2]}, "
+                f"found {sep[1]!r}; values are literals (number, true/false, word, quoted string or tuple)"
+            )
 
 
 def _coerce(value: Any, annotation: Any) -> Any:
@@ -57,41 +154,51 @@ def _coerce(value: Any, annotation: Any) -> Any:
     return value
 
 
-def parse_stage(text: str) -> Stage:
-    """Parse one ``name`` or ``name(key=value, ...)`` into a stage object."""
-    match = _STAGE_RE.match(text)
-    if not match:
-        raise ValueError(f"bad stage {text.strip()!r}: expected `name` or `name(key=value, ...)`")
-    name, args = match.group(1), match.group(2)
+def build_stage(name: str, params: list[tuple[str, Any]]) -> Stage:
+    """Instantiate the stage registered as ``name`` from parsed ``key=value`` pairs."""
     cls = stage_class(name)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
-    if args and args.strip():
-        try:
-            call = ast.parse(f"f({args})", mode="eval").body
-        except (SyntaxError, RecursionError, MemoryError, ValueError):
-            raise ValueError(f"stage {name!r}: cannot parse parameters {args!r}; expected key=value, ...") from None
-        assert isinstance(call, ast.Call)
-        if call.args:
-            raise ValueError(f"stage {name!r}: parameters must be given as key=value, found {args!r}")
-        hints = typing.get_type_hints(cls)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        for kw in call.keywords:
-            if kw.arg is None or kw.arg not in fields:
-                allowed = ", ".join(sorted(fields)) or "none"
-                raise ValueError(f"stage {name!r}: unknown parameter {kw.arg!r}; allowed: {allowed}")
-            if kw.arg in kwargs:
-                raise ValueError(f"stage {name!r}: parameter {kw.arg!r} given twice")
-            kwargs[kw.arg] = _coerce(_literal(kw.value, f"stage {name!r}, parameter {kw.arg!r}"), hints.get(kw.arg))
+    for key, value in params:
+        if key not in fields:
+            allowed = ", ".join(sorted(fields)) or "none"
+            raise ValueError(f"stage {name!r}: unknown parameter {key!r}; allowed: {allowed}")
+        if key in kwargs:
+            raise ValueError(f"stage {name!r}: parameter {key!r} given twice")
+        kwargs[key] = _coerce(value, hints.get(key))
     return cls(**kwargs)
+
+
+def _stage(cursor: _Cursor) -> Stage:
+    token = cursor.next("a stage name")
+    if token[:2] == ("punct", "|"):
+        raise ValueError(f"empty stage in codec spec {_show(cursor.spec)}: stages are separated by a single '|'")
+    if token[0] != "name":
+        raise cursor.fail(token, "a stage name")
+    params: list[tuple[str, Any]] = []
+    following = cursor.peek()
+    if following is not None and following[:2] == ("punct", "("):
+        cursor.i += 1
+        params = _params(cursor, token[1])
+    return build_stage(token[1], params)
 
 
 def parse_stages(spec: str) -> list[Stage]:
     """Parse a full spec into stage objects; ``ValueError`` names the stage and parameter at fault."""
     if not isinstance(spec, str):
-        raise ValueError(f"a codec spec must be a string, got {type(spec).__name__}")
+        raise TypeError(f"a codec spec must be a string such as 'topk | zstd', got {type(spec).__name__}")
     if len(spec) > MAX_SPEC_LENGTH:
         raise ValueError(f"codec spec is {len(spec)} characters long; at most {MAX_SPEC_LENGTH} are allowed")
-    texts = split_spec(spec)
-    if any(not t.strip() for t in texts):
-        raise ValueError(f"empty stage in codec spec {spec!r}: stages are separated by a single '|'")
-    return [parse_stage(t) for t in texts]
+    cursor = _Cursor(spec, tokenize(spec))
+    if not cursor.tokens:
+        raise ValueError("empty codec spec; expected stages such as 'topk(ratio=0.01) | zstd' (or 'identity')")
+    stages = [_stage(cursor)]
+    while (token := cursor.peek()) is not None:
+        if token[:2] != ("punct", "|"):
+            raise cursor.fail(token, "'|' between stages or the end of the spec")
+        cursor.i += 1
+        if cursor.peek() is None:
+            raise ValueError(f"empty stage in codec spec {_show(spec)}: stages are separated by a single '|'")
+        stages.append(_stage(cursor))
+    return stages

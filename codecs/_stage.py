@@ -19,22 +19,63 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class Open:
-    """A float32 part that later stages of the pipeline may encode further (e.g. top-k values)."""
+class EncodeFurther:
+    """Marks a part that the later stages of the pipeline encode further.
+
+    A stage wraps the values it keeps (top-k values, low-rank factors) in ``EncodeFurther`` so
+    that, in ``topk | quantize``, the kept values are quantized. Parts returned as plain
+    tensors (codes, indices, scales) are stored as they are.
+
+    Attributes
+    ----------
+    tensor : torch.Tensor
+        The part; it is converted to float32 before the next stage sees it, and on decode the
+        stage gets it back as float32 of the same shape.
+    """
 
     tensor: torch.Tensor
 
 
-Part = Open | torch.Tensor
-"""A part of a stage's output: :class:`Open` (encoded on by later stages) or a tensor stored as is."""
+Part = EncodeFurther | torch.Tensor
+"""A part of a stage's output: :class:`EncodeFurther` (encoded on by later stages) or a tensor stored as is."""
 
 
 @dataclass
 class Encoded:
-    """What a tensor stage produces for one tensor: a small stage-specific header and its parts."""
+    """What a tensor stage produces for one tensor.
+
+    Attributes
+    ----------
+    parts : list[EncodeFurther | torch.Tensor]
+        At most 16 parts, in the order :meth:`Stage.decode` receives them back.
+    meta : bytes
+        A stage-specific header of at most 4096 bytes (e.g. ``k`` and the index coding),
+        handed back to :meth:`Stage.decode` unchanged (default: empty).
+    """
 
     parts: list[Part]
     meta: bytes = b""
+
+
+@dataclass(frozen=True)
+class DecodeCost:
+    """What one :meth:`Stage.decode` call needs beyond its decoded parts, declared before it runs.
+
+    Attributes
+    ----------
+    scratch_bytes : int
+        Upper bound on the bytes the call allocates, its float32 output included.
+    work : int
+        Upper bound on the elementary operations (multiply-adds, element visits) it performs.
+    """
+
+    scratch_bytes: int
+    work: int
+
+
+def parts_size(parts: Sequence[torch.Tensor]) -> tuple[int, int]:
+    """(bytes, elements) of ``parts`` together."""
+    return sum(p.numel() * p.element_size() for p in parts), sum(p.numel() for p in parts)
 
 
 @dataclass
@@ -66,6 +107,7 @@ class EncodeContext:
         return int.from_bytes(digest, "little") >> 1
 
     def generator(self) -> torch.Generator:
+        """A CPU generator seeded with :attr:`seed`."""
         gen = torch.Generator()
         gen.manual_seed(self.seed)
         return gen
@@ -85,20 +127,117 @@ class Stage:
     kind: ClassVar[Literal["tensor", "bytes"]] = "tensor"
     lossless: ClassVar[bool] = False
     """True when decode(encode(x)) == x exactly for float32 input."""
+    passthrough: ClassVar[bool] = False
+    """True for stages that never take a tensor (``identity``): values travel in their own dtype."""
 
     # --- tensor stages -------------------------------------------------------------------
     def encode(self, x: torch.Tensor, ctx: EncodeContext) -> Encoded | None:
+        """Encode one tensor, or decline it.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            A contiguous float32 tensor with at least one element, all finite.
+        ctx : EncodeContext
+            The tensor's name, this stage's state for it, and a seed for random draws.
+
+        Returns
+        -------
+        Encoded | None
+            The parts and header, or ``None`` to leave ``x`` to the next stage (or to be sent
+            raw), e.g. when factoring would not make it smaller. Float parts must be finite;
+            the codec refuses the update with a ``ValueError`` otherwise.
+        """
         raise NotImplementedError
 
     def decode(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> torch.Tensor:
-        """Rebuild a float32 tensor of ``shape`` from decoded parts; raise CodecError if inconsistent."""
+        """Rebuild the tensor from its decoded parts.
+
+        Parameters
+        ----------
+        parts : list[torch.Tensor]
+            The parts as read from the blob: :class:`EncodeFurther` parts come back as float32
+            of the shape they were encoded with, plain ones in their own dtype and shape. They
+            come from untrusted input: check their count, dtypes and shapes (see
+            :func:`expect_parts`, :func:`expect_part`).
+        meta : bytes
+            The header :meth:`encode` wrote, unchecked.
+        shape : tuple[int, ...]
+            The shape to rebuild; it has at least one element.
+
+        Returns
+        -------
+        torch.Tensor
+            A float32 tensor of ``shape``.
+
+        Raises
+        ------
+        CodecError
+            For parts or a header that this stage cannot have written. Nothing else may
+            escape: the decoder does not catch other exceptions.
+        """
         raise NotImplementedError
+
+    def decode_cost(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> DecodeCost:
+        """Bound the memory and work of :meth:`decode` on these inputs, before it runs.
+
+        The decoder charges the result against :class:`DecodeLimits` and refuses the blob when it
+        does not fit, so that hostile parts cannot make ``decode`` allocate or compute without
+        bound. The default fits stages that touch each element a few times: twice the bytes of
+        the output and the parts, and one operation per element. Stages whose decode does more
+        (matrix products, large index arrays) override it; a bound that is too low is a bug.
+        Raise :class:`CodecError` here for parts whose sizes are inconsistent with ``shape``.
+        """
+        part_bytes, part_elements = parts_size(parts)
+        n = math.prod(shape)
+        return DecodeCost(scratch_bytes=2 * (4 * n + part_bytes), work=n + part_elements)
+
+    def check_state(self, entry: str, value: torch.Tensor) -> None:
+        """Validate one entry of this stage's per-tensor state before it is loaded.
+
+        Stages without state (the default) accept none. Raise ``ValueError`` naming the entry,
+        what was expected and what was found.
+        """
+        raise ValueError(f"stage {self.name!r} keeps no state, found an entry {entry!r}")
 
     # --- bytes stages ----------------------------------------------------------------------
     def encode_bytes(self, data: bytes) -> bytes:
+        """Encode the whole serialized body (bytes stages only, e.g. entropy coding).
+
+        Parameters
+        ----------
+        data : bytes
+            The body, or the output of the previous bytes stage.
+
+        Returns
+        -------
+        bytes
+            What :meth:`decode_bytes` turns back into ``data`` exactly.
+        """
         raise NotImplementedError
 
     def decode_bytes(self, data: bytes | memoryview, max_size: int) -> bytes:
+        """Undo :meth:`encode_bytes` on untrusted input without exceeding ``max_size``.
+
+        Parameters
+        ----------
+        data : bytes | memoryview
+            Everything after the blob header; trailing bytes are an error.
+        max_size : int
+            The most bytes the result may have (``DecodeLimits.max_body_bytes``); check it
+            before decompressing.
+
+        Returns
+        -------
+        bytes
+            The decoded body.
+
+        Raises
+        ------
+        CodecError
+            For corrupt, truncated or over-long input, or a result over ``max_size``. Nothing
+            else may escape.
+        """
         raise NotImplementedError
 
     # --- composition ---------------------------------------------------------------------
@@ -177,15 +316,22 @@ def param_error(stage: str, param: str, allowed: str, got: Any) -> ValueError:
 
 
 def check_param(ok: bool, stage: str, param: str, allowed: str, got: Any) -> None:
+    """Raise ``ValueError`` "stage S: parameter P must be <allowed>, got <got>" unless ``ok``.
+
+    Call it from a stage's ``__post_init__`` for every parameter, so that ``parse`` reports bad
+    specs (and blob headers) clearly.
+    """
     if not ok:
         raise param_error(stage, param, allowed, got)
 
 
 def is_int(value: Any) -> bool:
+    """True for an ``int`` that is not a ``bool``."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def is_number(value: Any) -> bool:
+    """True for a finite ``int`` or ``float`` that is not a ``bool``."""
     return (is_int(value) or isinstance(value, float)) and math.isfinite(value)
 
 
@@ -196,6 +342,7 @@ def expect(ok: bool, stage: str, what: str) -> None:
 
 
 def expect_parts(stage: str, parts: Sequence[torch.Tensor], count: int) -> None:
+    """Raise CodecError unless there are exactly ``count`` parts."""
     expect(len(parts) == count, stage, f"expected {count} parts, found {len(parts)}")
 
 
@@ -208,6 +355,7 @@ def expect_part(
     shape: tuple[int, ...] | None = None,
     numel: int | None = None,
 ) -> None:
+    """Raise CodecError unless ``part`` has the given dtype, shape and element count (each if given)."""
     if dtype is not None:
         expect(part.dtype == dtype, stage, f"{what} must be {dtype}, found {part.dtype}")
     if shape is not None:
@@ -217,5 +365,5 @@ def expect_part(
 
 
 def as_numpy(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of a CPU tensor (a copy only if it is not contiguous)."""
     return t.detach().contiguous().numpy()
-

@@ -108,8 +108,7 @@ class Reader:
     def take(self, n: int, what: str) -> memoryview:
         if n < 0 or n > self.remaining:
             raise CodecError(
-                f"truncated {self._what}: {what} needs {n} bytes at offset {self.pos}, "
-                f"only {self.remaining} left"
+                f"truncated {self._what}: {what} needs {n} bytes at offset {self.pos}, only {self.remaining} left"
             )
         view = self._data[self.pos : self.pos + n]
         self.pos += n
@@ -137,11 +136,13 @@ class Reader:
         ndim = self.u8(f"ndim of {what}")
         if ndim > MAX_NDIM:
             raise CodecError(f"{what} has {ndim} dimensions; at most {MAX_NDIM} are allowed")
-        dims = tuple(self.varint(f"dimension {i} of {what} (over the element limit)", max_elements) for i in range(ndim))
-        if numel(dims) > max_elements:
+        dims = tuple(
+            self.varint(f"dimension {i} of {what} (over the element limit)", max_elements) for i in range(ndim)
+        )
+        if extent(dims) > max_elements:
             raise CodecError(
-                f"{what} has shape {dims} ({numel(dims)} elements), over the limit of "
-                f"{max_elements} elements"
+                f"{what} has shape {dims}, which spans {extent(dims)} positions (product of the non-zero "
+                f"dimensions), over the limit of {max_elements} elements"
             )
         return dims
 
@@ -157,6 +158,14 @@ def numel(shape: tuple[int, ...]) -> int:
     return n
 
 
+def extent(shape: tuple[int, ...]) -> int:
+    """Product of the non-zero dimensions: what strides must address even when numel is 0."""
+    n = 1
+    for dim in shape:
+        n *= max(dim, 1)
+    return n
+
+
 def tensor_to_bytes(t: torch.Tensor) -> memoryview:
     """Little-endian bytes of a CPU tensor (bfloat16 and bool included), without a copy if contiguous."""
     t = t.detach().contiguous().cpu()
@@ -165,7 +174,7 @@ def tensor_to_bytes(t: torch.Tensor) -> memoryview:
     arr = t.numpy()
     if arr.dtype.byteorder == ">":  # pragma: no cover - big-endian hosts only
         arr = arr.byteswap()
-    return memoryview(arr.reshape(-1)).cast("B")
+    return arr.reshape(-1).data.cast("B")
 
 
 def tensor_from_bytes(data: memoryview | bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import pathlib
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-
 from fedsqueeze.codecs import Codec, ErrorFeedback, compression_stats, decode, parse, registered_stages
 
 # Pipelines beyond the single stages; every registered stage is tested alone as well.
@@ -125,3 +128,85 @@ def test_every_stage_is_a_frozen_dataclass_with_docstring() -> None:
     for name, cls in registered_stages().items():
         assert dataclasses.is_dataclass(cls), name
         assert cls.__doc__ and "Math" in cls.__doc__ and "Cost" in cls.__doc__ and "Pays" in cls.__doc__, name
+
+
+DROP_IN_STAGE = '''
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from .stage_api import EncodeContext, Encoded, EncodeFurther, Stage, check_param, expect_part, expect_parts, register_stage
+
+
+@register_stage
+@dataclass(frozen=True)
+class Scale(Stage):
+    """Math: y = x. Cost: none. Pays: never; a test stage."""
+
+    name: ClassVar[str] = "scale"
+    factor: float = 2.0
+
+    def __post_init__(self) -> None:
+        check_param(self.factor > 0, self.name, "factor", "a number > 0", self.factor)
+
+    def encode(self, x: torch.Tensor, ctx: EncodeContext) -> Encoded | None:
+        return Encoded([EncodeFurther(x / self.factor)])
+
+    def decode(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> torch.Tensor:
+        expect_parts(self.name, parts, 1)
+        expect_part(self.name, parts[0], "the values", dtype=torch.float32, shape=shape)
+        return parts[0] * self.factor
+'''
+
+
+def test_a_stage_file_dropped_into_the_package_is_registered(tmp_path: pathlib.Path) -> None:
+    # a copy of the package under another name, plus one new file and no other edit
+    import fedsqueeze.codecs
+
+    package = tmp_path / "dropin_codecs"
+    shutil.copytree(
+        pathlib.Path(fedsqueeze.codecs.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__")
+    )
+    (package / "_scale.py").write_text(DROP_IN_STAGE)
+    script = (
+        "import torch, dropin_codecs as c\n"
+        "assert 'scale' in c.registered_stages()\n"
+        "x = torch.randn(5, 3)\n"
+        "y = c.decode(c.parse('scale(factor=4) | quantize(bits=8)').encode({'x': x}))['x']\n"
+        "assert float((y - x).abs().max()) < 0.05, float((y - x).abs().max())\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_stage_author_helpers_are_public() -> None:
+    from fedsqueeze.codecs import stage_api
+
+    for name in (
+        "Stage",
+        "EncodeFurther",
+        "Encoded",
+        "EncodeContext",
+        "DecodeCost",
+        "register_stage",
+        "check_param",
+        "expect",
+        "expect_part",
+        "expect_parts",
+        "is_int",
+        "is_number",
+        "CodecError",
+    ):
+        assert hasattr(stage_api, name) and not name.startswith("_"), name
+    for method in (
+        stage_api.Stage.encode,
+        stage_api.Stage.decode,
+        stage_api.Stage.encode_bytes,
+        stage_api.Stage.decode_bytes,
+        stage_api.Stage.decode_cost,
+    ):
+        doc = method.__doc__ or ""
+        assert "Parameters" in doc or "Raise" in doc, method.__name__
+    assert "later stages" in (stage_api.EncodeFurther.__doc__ or "")

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
-
 from fedsqueeze.codecs import ErrorFeedback, compression_stats, decode, parse
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread while these tests run (the machine is shared), restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
@@ -155,7 +162,13 @@ def test_ternary_and_sign_values() -> None:
 
 @pytest.mark.parametrize(
     "spec",
-    ["topk(ratio=0.01) | quantize(bits=4)", "sign", "powersgd(rank=1)", "randomk(ratio=0.05, seed=1) | fp16", "topk(ratio=0.02) | ternary"],
+    [
+        "topk(ratio=0.01) | quantize(bits=4)",
+        "sign",
+        "powersgd(rank=1)",
+        "randomk(ratio=0.05, seed=1) | fp16",
+        "topk(ratio=0.02) | ternary",
+    ],
 )
 def test_error_feedback_conserves_the_sum(spec: str) -> None:
     g = torch.Generator().manual_seed(3)

@@ -1,0 +1,80 @@
+"""Everything a stage author needs, in one public module.
+
+A new stage is one file in ``fedsqueeze/codecs/``: a frozen dataclass subclassing
+:class:`Stage`, decorated with :func:`register_stage`. The package imports every module in its
+folder, so the stage is then known to ``parse`` and ``decode`` and covered by the contract
+tests. Sketch::
+
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    import torch
+
+    from fedsqueeze.codecs.stage_api import (
+        EncodeContext, Encoded, EncodeFurther, Stage, check_param, expect_part, expect_parts, register_stage,
+    )
+
+    @register_stage
+    @dataclass(frozen=True)
+    class Scale(Stage):
+        '''Math: ... Cost: ... Pays: ...'''
+
+        name: ClassVar[str] = "scale"
+        factor: float = 2.0
+
+        def __post_init__(self) -> None:
+            check_param(self.factor > 0, self.name, "factor", "a number > 0", self.factor)
+
+        def encode(self, x: torch.Tensor, ctx: EncodeContext) -> Encoded | None:
+            return Encoded([EncodeFurther(x / self.factor)])
+
+        def decode(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> torch.Tensor:
+            expect_parts(self.name, parts, 1)
+            expect_part(self.name, parts[0], "the values", dtype=torch.float32, shape=shape)
+            return parts[0] * self.factor
+
+Override :meth:`Stage.decode_cost` when decoding needs more than a few passes over the output
+and parts, and :meth:`Stage.check_state` when ``encode`` keeps state in ``ctx.state``.
+"""
+
+from ._errors import CodecError
+from ._stage import (
+    DecodeCost,
+    EncodeContext,
+    Encoded,
+    EncodeFurther,
+    Part,
+    Stage,
+    as_numpy,
+    check_param,
+    expect,
+    expect_part,
+    expect_parts,
+    is_int,
+    is_number,
+    param_error,
+    parts_size,
+    register_stage,
+    registered_stages,
+)
+
+__all__ = [
+    "CodecError",
+    "DecodeCost",
+    "EncodeContext",
+    "EncodeFurther",
+    "Encoded",
+    "Part",
+    "Stage",
+    "as_numpy",
+    "check_param",
+    "expect",
+    "expect_part",
+    "expect_parts",
+    "is_int",
+    "is_number",
+    "param_error",
+    "parts_size",
+    "register_stage",
+    "registered_stages",
+]

@@ -1,0 +1,757 @@
+"""Fuzzing campaign for the codec decoder and the spec parser (a script, not a test).
+
+``decode`` must raise only ``CodecError`` and ``parse`` only ``ValueError``, in bounded time and
+memory, whatever they are given. Three kinds of input:
+
+- **structure**: valid blobs of many pipelines are parsed into their records and nodes (see
+  codecs/FORMAT.md), then mutated where it matters (header spec and its parameters, varints,
+  shapes, dtypes, stage tags and headers, part lists, body lengths, records) and spliced with
+  nodes of other blobs before they are serialized again (and recompressed when the spec says
+  zstd);
+- **bytes**: bit flips, byte edits, insertions, deletions, truncations and random bytes;
+- **atheris**: coverage-guided fuzzing with atheris (libFuzzer), when it is installed.
+
+Run::
+
+    python -m fedsqueeze.simulation.fuzz_codecs --inputs 1000000 --out fuzz-out
+
+The report (``DIR/report.json``, rewritten as the run goes) holds the inputs run, the outcomes
+per target and exception type, the slowest decodes and the largest growths of peak resident
+memory; inputs that raised anything else are saved under ``DIR/failures/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import random
+import resource
+import signal
+import sys
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import zstandard
+from fedsqueeze.codecs import CodecError, DecodeLimits, decode, parse
+
+SEED_SPECS = [
+    "identity",
+    "fp16",
+    "bf16",
+    "zstd",
+    "topk(ratio=0.1) | quantize(bits=8) | zstd",
+    "topk(ratio=0.2) | ternary",
+    "randomk(ratio=0.1, seed=1) | quantize(bits=4)",
+    "svd(rank=2) | quantize(bits=2, granularity=8)",
+    "powersgd(rank=1) | sign",
+    "tucker(ranks=2) | bf16 | zstd",
+    "tucker(ranks=(2, 3), iters=0) | topk(ratio=0.5) | quantize(granularity=channel)",
+    "cp(rank=2, iters=3) | fp16",
+    "threshold(value=0.5) | quantize(bits=1, stochastic=true)",
+    "svd(rank=0.9) | randomk(ratio=0.5) | ternary(delta=0.5) | zstd(level=5)",
+    "quantize(bits=4, granularity=channel) | zstd",
+]
+INTERESTING = [
+    0,
+    1,
+    2,
+    3,
+    4,
+    7,
+    8,
+    15,
+    16,
+    31,
+    127,
+    128,
+    255,
+    256,
+    1000,
+    2**16,
+    2**20,
+    2**24,
+    2**27,
+    2**28,
+    2**28 + 1,
+    2**31 - 1,
+    2**32,
+    2**40,
+    2**62,
+    2**63 - 1,
+    2**64 - 1,
+    2**70,
+]
+LITERALS = [
+    "0",
+    "-1",
+    "1",
+    "2",
+    "0.5",
+    "1e308",
+    "-1e308",
+    "1e-320",
+    "inf",
+    "nan",
+    "true",
+    "false",
+    "()",
+    "(1,)",
+    "(0, 0)",
+    "(1, 2, 3)",
+    '"tensor"',
+    "channel",
+    "x",
+    "9" * 40,
+    "2**8",
+    "[1, [2]]",
+    "'a'",
+    '"',
+]
+TIMEOUT_S = 20.0
+MAX_GENERATED_SPEC = 3000  # three times what parse accepts: long enough to test the cap, no longer
+
+
+# ------------------------------------------------------------------------------- blob model
+@dataclass
+class Raw:
+    dtype: int
+    shape: list[int]
+    data: bytes
+
+
+@dataclass
+class Staged:
+    tag: int
+    shape: list[int]
+    meta: bytes
+    parts: list[Raw | Staged]
+
+
+Node = Raw | Staged
+
+
+@dataclass
+class Record:
+    name: bytes
+    dtype: int
+    node: Node
+
+
+@dataclass
+class Blob:
+    spec: str
+    records: list[Record]
+    compressed: bool
+    body_len: int | None = None  # None: the true length
+    count: int | None = None  # None: the number of records
+    extra: bytes = b""
+
+
+ITEMSIZE = {1: 4, 2: 2, 3: 2, 4: 8, 5: 1, 6: 1, 7: 2, 8: 4, 9: 8, 10: 1}
+
+
+class _Bytes:
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = data, 0
+
+    def take(self, n: int) -> bytes:
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def u8(self) -> int:
+        return self.take(1)[0]
+
+    def varint(self) -> int:
+        value, shift = 0, 0
+        while True:
+            byte = self.u8()
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                return value
+
+    def shape(self) -> list[int]:
+        return [self.varint() for _ in range(self.u8())]
+
+
+def _read_node(r: _Bytes) -> Node:
+    tag = r.u8()
+    if tag == 0:
+        dtype = r.u8()
+        shape = r.shape()
+        n = 1
+        for d in shape:
+            n *= d
+        return Raw(dtype, shape, r.take(n * ITEMSIZE[dtype]))
+    shape = r.shape()
+    meta = r.take(r.varint())
+    return Staged(tag, shape, meta, [_read_node(r) for _ in range(r.u8())])
+
+
+def parse_blob(blob: bytes) -> Blob:
+    """Split a valid blob into its model (the inverse of :func:`serialize`)."""
+    r = _Bytes(blob)
+    r.take(5)
+    spec = r.take(r.varint()).decode()
+    r.varint()
+    payload = blob[r.pos :]
+    compressed = "zstd" in spec
+    body = _Bytes(zstandard.ZstdDecompressor().decompress(payload) if compressed else payload)
+    records = []
+    for _ in range(body.varint()):
+        name = body.take(body.varint())
+        dtype = body.u8()
+        records.append(Record(name, dtype, _read_node(body)))
+    return Blob(spec, records, compressed)
+
+
+def varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def _write_node(node: Node, out: bytearray) -> None:
+    if isinstance(node, Raw):
+        out += b"\x00" + bytes([node.dtype & 0xFF, len(node.shape) & 0xFF])
+        out += b"".join(varint(d) for d in node.shape) + node.data
+        return
+    out += bytes([node.tag & 0xFF, len(node.shape) & 0xFF]) + b"".join(varint(d) for d in node.shape)
+    out += varint(len(node.meta)) + node.meta + bytes([len(node.parts) & 0xFF])
+    for part in node.parts:
+        _write_node(part, out)
+
+
+def serialize(blob: Blob) -> bytes:
+    body = bytearray(varint(len(blob.records) if blob.count is None else blob.count))
+    for rec in blob.records:
+        body += varint(len(rec.name)) + rec.name + bytes([rec.dtype & 0xFF])
+        _write_node(rec.node, body)
+    spec = blob.spec.encode("utf-8", "surrogatepass")
+    header = b"FSQZ\x01" + varint(len(spec)) + spec + varint(len(body) if blob.body_len is None else blob.body_len)
+    payload = zstandard.ZstdCompressor(write_content_size=True).compress(bytes(body)) if blob.compressed else body
+    return header + bytes(payload) + blob.extra
+
+
+# ------------------------------------------------------------------------------- structure mutations
+def _nodes(blob: Blob) -> list[Node]:
+    out: list[Node] = []
+    stack: list[Node] = [rec.node for rec in blob.records]
+    while stack:
+        node = stack.pop()
+        out.append(node)
+        if isinstance(node, Staged):
+            stack.extend(node.parts)
+    return out
+
+
+def _number(rng: random.Random) -> int:
+    if rng.random() < 0.7:
+        return rng.choice(INTERESTING)
+    return rng.randrange(0, 1 << rng.choice([4, 8, 16, 32, 64]))
+
+
+def _mutate_shape(rng: random.Random, blob: Blob, pool: list[Blob]) -> None:
+    node = rng.choice(_nodes(blob))
+    roll = rng.random()
+    if roll < 0.6 and node.shape:
+        node.shape[rng.randrange(len(node.shape))] = _number(rng)
+    elif roll < 0.8:
+        node.shape.insert(rng.randrange(len(node.shape) + 1), _number(rng))
+    elif node.shape:
+        node.shape.pop(rng.randrange(len(node.shape)))
+    else:
+        node.shape = [_number(rng) for _ in range(rng.randrange(10))]
+
+
+def _mutate_dtype(rng: random.Random, blob: Blob, pool: list[Blob]) -> None:
+    raws = [n for n in _nodes(blob) if isinstance(n, Raw)]
+    if raws and rng.random() < 0.7:
+        node = rng.choice(raws)
+        node.dtype = rng.choice([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 255])
+        if node.dtype == 10 and node.data and rng.random() < 0.5:
+            node.data = bytes([rng.choice([0, 1, 2, 255]) for _ in node.data])
+    else:
+        rng.choice(blob.records).dtype = rng.randrange(12)
+
+
+def _mutate_data(rng: random.Random, blob: Blob, pool: list[Blob]) -> None:
+    raws = [n for n in _nodes(blob) if isinstance(n, Raw)]
+    if not raws:
+        return
+    node = rng.choice(raws)
+    roll = rng.random()
+    if roll < 0.3:
+        node.data = node.data[: rng.randrange(len(node.data) + 1)]
+    elif roll < 0.5:
+        node.data += os.urandom(rng.randrange(1, 16))
+    elif node.data:
+        data = bytearray(node.data)
+        for _ in range(rng.randrange(1, 8)):
+            data[rng.randrange(len(data))] = rng.choice([0, 1, 2, 3, 0x7F, 0x80, 0xFF, rng.randrange(256)])
+        node.data = bytes(data)
+
+
+def _mutate_meta(rng: random.Random, blob: Blob, pool: list[Blob]) -> None:
+    staged = [n for n in _nodes(blob) if isinstance(n, Staged)]
+    if not staged:
+        return
+    node = rng.choice(staged)
+    roll = rng.random()
+    if roll < 0.4 and node.meta:  # keep the leading mode/seed bytes, replace the varint k
+        keep = 8 if len(node.meta) > 8 else 1
+        node.meta = node.meta[:keep] + varint(_number(rng))
+    elif roll < 0.6 and node.meta:
+        meta = bytearray(node.meta)
+        meta[rng.randrange(len(meta))] = rng.randrange(256)
+        node.meta = bytes(meta)
+    elif roll < 0.8:
+        node.meta = os.urandom(rng.randrange(0, 12))
+    else:
+        node.meta = node.meta + os.urandom(rng.randrange(1, 4))
+
+
+def _mutate_tag(rng: random.Random, blob: Blob, pool: list[Blob]) -> None:
+    staged = [n for n in _nodes(blob) if isinstance(n, Staged)]
+    if staged and rng.random() < 0.6:
+        node = rng.choice(staged)
+        node.tag = rng.choice([0, 1, 2, 3, 4, 5, 8, 9, 17, 255, node.tag + 1, max(node.tag - 1, 1)])
+    else:  # wrap a record's node in a node of some stage
+        rec = rng.choice(blob.records)
+        meta = rng.choice([b"", b"\x00", b"\x01", b"\x00\x00", os.urandom(9)])
+        rec.node = Staged(rng.randrange(1, 9), list(rec.node.shape), meta, [rec.node])
+
+
+def _mutate_parts(rng: random.Random, blob: Blob, pool: list[Blob]) -> None:
+    staged = [n for n in _nodes(blob) if isinstance(n, Staged)]
+    if not staged:
+        return
+    node = rng.choice(staged)
+    roll = rng.random()
+    if roll < 0.25 and node.parts:
+        node.parts.pop(rng.randrange(len(node.parts)))
+    elif roll < 0.5 and node.parts:
+        node.parts.insert(rng.randrange(len(node.parts) + 1), rng.choice(node.parts))
+    elif roll < 0.7 and len(node.parts) > 1:
+        i, j = rng.sample(range(len(node.parts)), 2)
+        node.parts[i], node.parts[j] = node.parts[j], node.parts[i]
+    else:
+        donor = rng.choice(_nodes(rng.choice(pool)))
+        if node.parts:
+            node.parts[rng.randrange(len(node.parts))] = _copy_node(donor)
+        else:
+            node.parts.append(_copy_node(donor))
+
+
+def _copy_node(node: Node) -> Node:
+    if isinstance(node, Raw):
+        return Raw(node.dtype, list(node.shape), node.data)
+    return Staged(node.tag, list(node.shape), node.meta, [_copy_node(p) for p in node.parts])
+
+
+def _splice_node(rng: random.Random, blob: Blob, pool: list[Blob]) -> None:
+    """Replace a record's node by a node of another blob (its stage indices may mean other stages here)."""
+    rec = rng.choice(blob.records)
+    rec.node = _copy_node(rng.choice(_nodes(rng.choice(pool))))
+
+
+def _mutate_records(rng: random.Random, blob: Blob, pool: list[Blob]) -> None:
+    roll = rng.random()
+    if roll < 0.25:
+        blob.records.append(Record(rng.choice(blob.records).name, 1, Raw(1, [1], b"\x00" * 4)))
+    elif roll < 0.45 and blob.records:
+        blob.records.pop(rng.randrange(len(blob.records)))
+    elif roll < 0.6:
+        rng.choice(blob.records).name = rng.choice([b"", b"\xff\xfe", b"a" * 1025, os.urandom(4)])
+    elif roll < 0.8:
+        blob.count = _number(rng)
+    else:
+        blob.records = [Record(f"t{i}".encode(), 1, Raw(1, [0], b"")) for i in range(rng.choice([1000, 5000]))]
+
+
+def _mutate_header(rng: random.Random, blob: Blob, pool: list[Blob]) -> None:
+    roll = rng.random()
+    if roll < 0.3:
+        blob.body_len = _number(rng)
+    elif roll < 0.5:
+        blob.compressed = not blob.compressed
+    elif roll < 0.7:
+        blob.extra = rng.choice([b"JUNK", b"\x00", os.urandom(rng.randrange(1, 64))])
+    else:
+        blob.spec = rng.choice(pool).spec  # another pipeline: stage indices now point elsewhere
+
+
+def mutate_spec(rng: random.Random, spec: str) -> str:
+    """A spec with one stage, parameter or character changed."""
+    roll = rng.random()
+    stages = [s.strip() for s in spec.split("|")]
+    if roll < 0.35:
+        name = rng.choice(
+            ["topk", "randomk", "quantize", "svd", "tucker", "cp", "powersgd", "zstd", "ternary", "threshold"]
+        )
+        param = rng.choice(
+            ["ratio", "bits", "granularity", "rank", "ranks", "iters", "level", "seed", "delta", "value", "x"]
+        )
+        stages[rng.randrange(len(stages))] = f"{name}({param}={rng.choice(LITERALS)})"
+    elif roll < 0.5:
+        stages.insert(rng.randrange(len(stages) + 1), rng.choice(stages))
+    elif roll < 0.6 and len(stages) > 1:
+        stages.pop(rng.randrange(len(stages)))
+    elif roll < 0.7:
+        stages = stages * rng.choice([2, 9, 142])
+    else:
+        i = rng.randrange(len(spec) + 1)
+        junk = rng.choice(["(", ")", "|", ",", "=", "~", "<", "'", '"', "\\", "\x00", "é", "((((((((", "1+1", " "])
+        return spec[:i] + junk * rng.choice([1, 1, 2, 50, 400]) + spec[i:]
+    return " | ".join(stages)
+
+
+def _mutate_spec_field(rng: random.Random, blob: Blob, pool: list[Blob]) -> None:
+    blob.spec = mutate_spec(rng, blob.spec)[:MAX_GENERATED_SPEC]
+
+
+STRUCTURE_MUTATIONS: list[Callable[[random.Random, Blob, list[Blob]], None]] = [
+    _mutate_shape,
+    _mutate_shape,
+    _mutate_dtype,
+    _mutate_data,
+    _mutate_meta,
+    _mutate_meta,
+    _mutate_tag,
+    _mutate_parts,
+    _splice_node,
+    _mutate_records,
+    _mutate_header,
+    _mutate_spec_field,
+]
+
+
+def structure_input(rng: random.Random, seeds: list[bytes], pool: list[Blob]) -> bytes:
+    blob = parse_blob(rng.choice(seeds))  # a fresh copy to mutate
+    for _ in range(rng.choice([1, 1, 1, 2, 3])):
+        if not blob.records:
+            break
+        rng.choice(STRUCTURE_MUTATIONS)(rng, blob, pool)
+    data = serialize(blob)
+    return byte_mutation(rng, data, seeds) if rng.random() < 0.1 else data
+
+
+# ------------------------------------------------------------------------------- byte mutations
+def byte_mutation(rng: random.Random, data: bytes, seeds: list[bytes]) -> bytes:
+    out = bytearray(data)
+    roll = rng.random()
+    if roll < 0.35 and out:
+        for _ in range(rng.randrange(1, 5)):
+            bit = rng.randrange(len(out) * 8)
+            out[bit // 8] ^= 1 << (bit % 8)
+    elif roll < 0.5 and out:
+        out[rng.randrange(len(out))] = rng.choice([0, 1, 0x7F, 0x80, 0xFF, rng.randrange(256)])
+    elif roll < 0.6:
+        i = rng.randrange(len(out) + 1)
+        out[i:i] = os.urandom(rng.randrange(1, 16))
+    elif roll < 0.7 and out:
+        i = rng.randrange(len(out))
+        del out[i : i + rng.randrange(1, 16)]
+    elif roll < 0.8:
+        out = out[: rng.randrange(len(out) + 1)]
+    elif roll < 0.9:
+        other = rng.choice(seeds)
+        out = out[: rng.randrange(len(out) + 1)] + other[rng.randrange(len(other) + 1) :]
+    else:
+        out = bytearray(rng.choice([b"", b"FSQZ\x01"]) + os.urandom(rng.randrange(0, 64)))
+    return bytes(out)
+
+
+def bytes_input(rng: random.Random, seeds: list[bytes], pool: list[Blob]) -> bytes:
+    return byte_mutation(rng, rng.choice(seeds), seeds)
+
+
+# ------------------------------------------------------------------------------- running and reporting
+class DecodeTimeout(Exception):
+    """Raised by the alarm when one input runs longer than TIMEOUT_S."""
+
+
+def _on_alarm(signum: int, frame: object) -> None:
+    raise DecodeTimeout(f"no result within {TIMEOUT_S} s")
+
+
+def _status_kib(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name):
+                return int(line.split()[1])
+    return 0
+
+
+class MemoryProbe:
+    """Growth of peak resident memory around one call (Linux; zero where /proc is missing)."""
+
+    def __init__(self) -> None:
+        self.enabled = Path("/proc/self/clear_refs").exists()
+        if self.enabled:
+            # large blocks always from mmap, so that freed memory leaves RSS and reuse cannot hide growth
+            ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+
+    def start(self) -> int:
+        if not self.enabled:
+            return 0
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_kib("VmRSS")
+
+    def growth_kib(self, before: int) -> int:
+        return _status_kib("VmHWM") - before if self.enabled else 0
+
+
+@dataclass
+class Report:
+    """What the campaign saw; written as JSON."""
+
+    command: str
+    limits: dict[str, int]
+    inputs: int = 0
+    outcomes: Counter[str] = field(default_factory=Counter)
+    slowest: list[dict[str, Any]] = field(default_factory=list)
+    largest_growth: list[dict[str, Any]] = field(default_factory=list)
+    failures: int = 0
+    wall_s_max: float = 0.0
+    started: float = field(default_factory=time.time)
+
+    def note(self, kind: str, key: str, value: float, data: bytes, outcome: str, keep: int = 5) -> None:
+        board = self.slowest if kind == "slowest" else self.largest_growth
+        if len(board) < keep or value > board[-1][key]:
+            board.append({key: value, "outcome": outcome, "size": len(data), "input_hex": data[:200].hex()})
+            board.sort(key=lambda e: -e[key])
+            del board[keep:]
+
+    def to_json(self, finished: bool) -> dict[str, Any]:
+        elapsed = time.time() - self.started
+        return {
+            "command": self.command,
+            "finished": finished,
+            "inputs": self.inputs,
+            "elapsed_s": round(elapsed, 1),
+            "inputs_per_s": round(self.inputs / max(elapsed, 1e-9), 1),
+            "decode_limits": self.limits,
+            "outcomes": dict(sorted(self.outcomes.items())),
+            "non_codec_error_outcomes": self.failures,
+            "slowest_by_cpu_time": self.slowest,
+            "slowest_wall_s": round(self.wall_s_max, 4),
+            "largest_peak_rss_growth": self.largest_growth,
+            "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        }
+
+
+def seed_blobs() -> list[bytes]:
+    """Valid blobs of SEED_SPECS over small updates of every tensor kind."""
+    g = torch.Generator().manual_seed(0)
+    update = {
+        "conv": torch.randn(8, 4, 3, 3, generator=g),
+        "fc": torch.randn(20, 30, generator=g),
+        "bias": torch.randn(20, generator=g),
+        "half": torch.randn(6, 5, generator=g).half(),
+        "steps": torch.tensor([3], dtype=torch.int64),
+        "mask": torch.arange(9) % 2 == 0,
+        "empty": torch.zeros(0, 3),
+    }
+    return [parse(spec, seed=i).encode(update) for i, spec in enumerate(SEED_SPECS)]
+
+
+def run_one(target: str, data: bytes | str, limits: DecodeLimits) -> str:
+    """Run one input; return its outcome: 'ok' or the expected error type (others propagate)."""
+    try:
+        if isinstance(data, str):
+            parse(data)
+        else:
+            decode(data, limits=limits)
+    except CodecError:
+        return "CodecError"
+    except ValueError:
+        return "ValueError" if target == "parse" else "ValueError (not CodecError)"
+    return "ok"
+
+
+def _record_failure(out: Path, report: Report, target: str, data: bytes, exc: BaseException) -> str:
+    name = type(exc).__name__
+    report.failures += 1
+    folder = out / "failures"
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"{target}-{name}-{report.inputs}"
+    (folder / f"{stem}.bin").write_bytes(data)
+    (folder / f"{stem}.txt").write_text("".join(traceback.format_exception(exc)))
+    return name
+
+
+def measured_run(target: str, data: bytes, limits: DecodeLimits, report: Report, probe: MemoryProbe, out: Path) -> None:
+    """Run one input under the alarm, timing it and measuring its memory; tally the outcome."""
+    argument = data.decode("utf-8", "replace") if target == "parse" else data  # made before measuring
+    before = probe.start()
+    start, cpu_start = time.perf_counter(), time.process_time()
+    signal.setitimer(signal.ITIMER_REAL, TIMEOUT_S)
+    try:
+        outcome = run_one(target, argument, limits)
+        if outcome == "ValueError (not CodecError)":
+            report.failures += 1
+    except Exception as exc:  # noqa: BLE001 - the point of the campaign: record whatever else escapes
+        outcome = _record_failure(out, report, target, data, exc)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+    cpu_seconds, seconds = time.process_time() - cpu_start, time.perf_counter() - start
+    growth = probe.growth_kib(before)
+    report.inputs += 1
+    report.outcomes[f"{target}: {outcome}"] += 1
+    report.wall_s_max = max(report.wall_s_max, seconds)
+    # CPU time, not wall time: the campaign runs niced on a shared machine
+    report.note("slowest", "cpu_seconds", round(cpu_seconds, 4), data, f"{target}: {outcome}")
+    report.note("growth", "kib", growth, data, f"{target}: {outcome}")
+
+
+def inputs(rng: random.Random, seeds: list[bytes]) -> Iterator[tuple[str, bytes]]:
+    """An endless mix: 55 % structure-aware blobs, 35 % byte-mutated blobs, 10 % specs for parse."""
+    pool = [parse_blob(s) for s in seeds]
+    while True:
+        roll = rng.random()
+        if roll < 0.55:
+            yield "decode", structure_input(rng, seeds, pool)
+        elif roll < 0.9:
+            yield "decode", bytes_input(rng, seeds, pool)
+        else:
+            spec = rng.choice(SEED_SPECS)
+            for _ in range(rng.choice([1, 1, 2, 4])):
+                spec = mutate_spec(rng, spec)[:MAX_GENERATED_SPEC]
+            yield "parse", spec.encode("utf-8", "surrogatepass")
+
+
+class Campaign:
+    """Runs inputs one at a time in this process, with progress lines and a report file."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.limits = DecodeLimits(max_elements=args.max_elements, max_body_bytes=4 * args.max_elements)
+        limits = {k: getattr(self.limits, k) for k in self.limits.__dataclass_fields__}
+        self.report = Report(
+            command=" ".join([Path(sys.executable).name, "-m", __spec__.name if __spec__ else __file__, *sys.argv[1:]]),
+            limits=limits,
+        )
+        self.probe = MemoryProbe()
+        signal.signal(signal.SIGALRM, _on_alarm)
+
+    def step(self, target: str, data: bytes) -> None:
+        measured_run(target, data, self.limits, self.report, self.probe, self.out)
+        if self.report.inputs % self.args.progress == 0:
+            self.write(finished=False)
+            r = self.report.to_json(False)
+            print(
+                f"[fuzz] {r['inputs']} inputs, {r['inputs_per_s']}/s, {r['non_codec_error_outcomes']} unexpected, "
+                f"slowest {self.report.slowest[0]['cpu_seconds'] if self.report.slowest else 0} s CPU",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def write(self, finished: bool) -> None:
+        tmp = self.out / "report.json.tmp"
+        tmp.write_text(json.dumps(self.report.to_json(finished), indent=1) + "\n")
+        tmp.replace(self.out / "report.json")
+
+    def run_mixed(self) -> None:
+        rng = random.Random(self.args.seed)
+        for target, data in inputs(rng, seed_blobs()):
+            if self.report.inputs >= self.args.inputs:
+                break
+            self.step(target, data)
+        self.write(finished=True)
+
+    def run_atheris(self) -> None:
+        try:
+            import atheris
+        except ImportError:
+            print("atheris is not installed: the coverage-guided mode needs `pip install atheris`", file=sys.stderr)
+            raise SystemExit(2) from None
+        corpus = self.out / "atheris-corpus"
+        corpus.mkdir(exist_ok=True)
+        for i, blob in enumerate(seed_blobs()):
+            (corpus / f"seed-{i}").write_bytes(b"\x00" + blob)
+        for i, spec in enumerate(SEED_SPECS):
+            (corpus / f"spec-{i}").write_bytes(b"\x01" + spec.encode())
+
+        def one_input(data: bytes) -> None:
+            # the first byte picks the target, the rest is the input
+            self.step("parse" if data[:1] == b"\x01" else "decode", data[1:])
+            if self.report.inputs >= self.args.inputs:
+                self.write(finished=True)
+
+        _instrument_codecs(atheris)
+        argv = [
+            sys.argv[0],
+            str(corpus),
+            f"-runs={self.args.inputs}",
+            "-max_len=16384",
+            "-rss_limit_mb=8192",
+            f"-timeout={int(TIMEOUT_S) + 10}",
+            f"-seed={self.args.seed or 1}",
+            "-print_final_stats=1",
+        ]
+        atheris.Setup(argv, one_input)
+        atheris.Fuzz()
+
+
+def _instrument_codecs(atheris: Any) -> None:
+    """Coverage instrumentation for the functions of fedsqueeze.codecs only (all of torch takes minutes)."""
+    import gc
+    import types
+
+    for obj in gc.get_objects():
+        if isinstance(obj, types.FunctionType) and (obj.__module__ or "").startswith("fedsqueeze.codecs"):
+            atheris.instrument_func(obj)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--inputs", type=int, default=100_000, help="inputs to run (default: 100000)")
+    parser.add_argument("--out", required=True, help="folder for report.json and failing inputs")
+    parser.add_argument(
+        "--mode",
+        choices=["mixed", "atheris"],
+        default="mixed",
+        help="mixed: structure-aware + byte mutations + specs; atheris: coverage-guided (default: mixed)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the mutations (default: 0)")
+    parser.add_argument(
+        "--max-elements",
+        type=int,
+        default=2**22,
+        help="DecodeLimits.max_elements for the decodes; the memory bound scales with it (default: 2**22)",
+    )
+    parser.add_argument(
+        "--progress", type=int, default=10_000, help="print a line and rewrite the report every N inputs"
+    )
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    campaign = Campaign(args)
+    if args.mode == "atheris":
+        campaign.run_atheris()
+    else:
+        campaign.run_mixed()
+    report = campaign.report.to_json(True)
+    print(json.dumps({k: report[k] for k in ("inputs", "elapsed_s", "outcomes", "non_codec_error_outcomes")}, indent=1))
+    return 1 if report["non_codec_error_outcomes"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
