@@ -82,7 +82,9 @@ class RunConfig(Mapping[str, ConfigValue]):
             if self[key] < 1:  # type: ignore[operator]
                 raise ValueError(f"run config {key!r} must be >= 1, got {self[key]!r}")
         if self.max_feedback_staleness < 0:
-            raise ValueError(f"run config 'max-feedback-staleness' must be >= 0 (0: never), got {self.max_feedback_staleness}")
+            raise ValueError(
+                f"run config 'max-feedback-staleness' must be >= 0 (0: never), got {self.max_feedback_staleness}"
+            )
 
     @classmethod
     def from_mapping(cls, run_config: Mapping[str, Any]) -> RunConfig:
@@ -129,7 +131,9 @@ class RunConfig(Mapping[str, ConfigValue]):
             ``proxy-size`` 0.
         """
         if self.distill_every < 0:
-            raise ValueError(f"run config 'distill-every' must be >= 0 (0 turns distillation off), got {self.distill_every}")
+            raise ValueError(
+                f"run config 'distill-every' must be >= 0 (0 turns distillation off), got {self.distill_every}"
+            )
         if self.proxy_size < 0:
             raise ValueError(f"run config 'proxy-size' must be >= 0, got {self.proxy_size}")
         if self.distill_every == 0:
@@ -171,8 +175,7 @@ def _typed(key: str, value: Any, expected: type) -> ConfigValue:
             f"run config {key!r} must be {expected.__name__} (default: {getattr(RunConfig(), _attribute(key))!r}), "
             f"got {type(value).__name__} {value!r}"
         )
-    result: ConfigValue = value
-    return result
+    return value  # type: ignore[no-any-return,return-value]  # type checked just above
 
 
 _KEYS: tuple[str, ...] = tuple(_key(f.name) for f in fields(RunConfig))

@@ -64,7 +64,8 @@ class LeNet5(nn.Module):
 
 
 class _TwoConvNet(nn.Module):
-    """conv (32, k x k, 'same'), ReLU, max-pool 2; conv (64, k x k, 'same'), ReLU, max-pool 2; FC hidden, ReLU; FC classes."""
+    """conv (32, k x k, 'same'), ReLU, max-pool 2; conv (64, k x k, 'same'), ReLU, max-pool 2;
+    FC hidden, ReLU; FC classes."""
 
     def __init__(self, in_channels: int, num_classes: int, image_size: int, *, kernel_size: int, hidden: int) -> None:
         super().__init__()

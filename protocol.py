@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +57,7 @@ DELTA = "delta"
 ZERO_VERSION = 0
 #: Payload kind of the one-time query by which the server learns a node's stable key.
 HELLO = "hello"
+
 
 class ProtocolError(ValueError):
     """A fedsqueeze payload record is missing fields or holds values of the wrong type."""
@@ -171,9 +172,7 @@ class Uplink:
 
     def to_record(self) -> ConfigRecord:
         """Pack into the ConfigRecord that travels under :data:`PAYLOAD_KEY`."""
-        return ConfigRecord(
-            {"kind": self.kind, "version": self.version, "blob": self.blob}
-        )
+        return ConfigRecord({"kind": self.kind, "version": self.version, "blob": self.blob})
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> Uplink:
@@ -312,7 +311,7 @@ def unfold_records(payload: ConfigRecord) -> dict[str, ConfigRecord | MetricReco
         raise ProtocolError(f"fedsqueeze payload field {FOLDED_FIELD!r} must be a list of 'name:kind' strings")
     out: dict[str, ConfigRecord | MetricRecord] = {}
     for index, entry in enumerate(entries):
-        name, kind = entry.split(":")
+        name, kind = str(entry).split(":")
         prefix = f"{index}/"
         values = {k[len(prefix) :]: v for k, v in payload.items() if k.startswith(prefix)}
         if kind == "c":

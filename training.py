@@ -20,13 +20,10 @@ MAX_CPU_EVAL_BATCH = 128
 def _check_data(x: torch.Tensor, y: torch.Tensor) -> None:
     """Raise ValueError unless ``x`` and ``y`` are non-empty tensors of the same length."""
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-        raise ValueError(
-            f"x and y must be torch tensors, got {type(x).__name__} and {type(y).__name__}"
-        )
+        raise ValueError(f"x and y must be torch tensors, got {type(x).__name__} and {type(y).__name__}")
     if x.ndim == 0 or y.ndim != 1:
         raise ValueError(
-            f"expected x of shape (N, ...) and labels y of shape (N,), "
-            f"got {tuple(x.shape)} and {tuple(y.shape)}"
+            f"expected x of shape (N, ...) and labels y of shape (N,), got {tuple(x.shape)} and {tuple(y.shape)}"
         )
     if len(x) != len(y):
         raise ValueError(f"x and y differ in length: {len(x)} samples vs {len(y)} labels")
@@ -40,14 +37,19 @@ def _check_positive_int(label: str, value: int) -> None:
         raise ValueError(f"{label} must be an integer >= 1, got {value!r}")
 
 
-def _check_real(label: str, value: float, *, low: float, high: float = math.inf,
-                low_inclusive: bool = True, high_inclusive: bool = True) -> None:
+def _check_real(
+    label: str,
+    value: float,
+    *,
+    low: float,
+    high: float = math.inf,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+) -> None:
     """Raise ValueError unless ``value`` is a finite real number in the given range."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if ok:
-        ok = (value >= low if low_inclusive else value > low) and (
-            value <= high if high_inclusive else value < high
-        )
+        ok = (value >= low if low_inclusive else value > low) and (value <= high if high_inclusive else value < high)
     if not ok:
         left = "[" if low_inclusive else "("
         right = "]" if high_inclusive and high != math.inf else ")"
@@ -139,13 +141,13 @@ def train(
         order = torch.randperm(n, generator=generator)
         total.zero_()
         for begin in range(0, n, batch_size):
-            idx = order[begin:begin + batch_size]
+            idx = order[begin : begin + batch_size]
             xb = x[idx].to(device, non_blocking=True)
             yb = y[idx].to(device, non_blocking=True)
             loss = F.cross_entropy(model(xb), yb)
             objective = loss
             if start:
-                sq = sum((p - p0).pow(2).sum() for p, p0 in zip(params, start))
+                sq = sum((p - p0).pow(2).sum() for p, p0 in zip(params, start, strict=True))
                 objective = loss + 0.5 * proximal_mu * sq
             optimizer.zero_grad(set_to_none=True)
             objective.backward()
@@ -154,9 +156,7 @@ def train(
     return float(total) / n
 
 
-def evaluate(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 128
-) -> tuple[float, float]:
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 128) -> tuple[float, float]:
     """Compute the mean cross-entropy and the accuracy of ``model`` on ``(x, y)``.
 
     Runs in evaluation mode under :func:`torch.inference_mode`; the model's training flag
@@ -196,8 +196,8 @@ def evaluate(
     try:
         with torch.inference_mode():
             for begin in range(0, len(x), batch_size):
-                xb = x[begin:begin + batch_size].to(device, non_blocking=True)
-                yb = y[begin:begin + batch_size].to(device, non_blocking=True)
+                xb = x[begin : begin + batch_size].to(device, non_blocking=True)
+                yb = y[begin : begin + batch_size].to(device, non_blocking=True)
                 logits = model(xb)
                 loss_sum += F.cross_entropy(logits, yb, reduction="sum")
                 correct += (logits.argmax(dim=1) == yb).sum()
@@ -220,9 +220,7 @@ def get_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     dict of str to torch.Tensor
         Name to tensor, in ``state_dict`` order; changing them leaves the model untouched.
     """
-    return {
-        name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()
-    }
+    return {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()}
 
 
 def set_weights(model: nn.Module, weights: Mapping[str, torch.Tensor | np.ndarray]) -> None:
@@ -255,8 +253,7 @@ def set_weights(model: nn.Module, weights: Mapping[str, torch.Tensor | np.ndarra
     for name in weights:
         if name not in expected:
             raise ValueError(
-                f"weights hold {name!r}, which the model does not have; "
-                f"expected names: {', '.join(expected)}"
+                f"weights hold {name!r}, which the model does not have; expected names: {', '.join(expected)}"
             )
     tensors: dict[str, torch.Tensor] = {}
     for name, target in expected.items():
@@ -265,13 +262,9 @@ def set_weights(model: nn.Module, weights: Mapping[str, torch.Tensor | np.ndarra
             value = torch.from_numpy(value)
         if not isinstance(value, torch.Tensor):
             raise ValueError(
-                f"weights[{name!r}]: expected a torch.Tensor or numpy.ndarray, "
-                f"found {type(value).__name__}"
+                f"weights[{name!r}]: expected a torch.Tensor or numpy.ndarray, found {type(value).__name__}"
             )
         if tuple(value.shape) != tuple(target.shape):
-            raise ValueError(
-                f"weights[{name!r}]: expected shape {tuple(target.shape)}, "
-                f"found {tuple(value.shape)}"
-            )
+            raise ValueError(f"weights[{name!r}]: expected shape {tuple(target.shape)}, found {tuple(value.shape)}")
         tensors[name] = value
     model.load_state_dict(tensors, strict=True)

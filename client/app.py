@@ -27,7 +27,6 @@ from fedsqueeze.training import train as train_model
 __all__ = ["app", "first_model_of", "query"]
 
 
-
 def first_model_of(context: Context) -> dict[str, torch.Tensor]:
     """The run's first model, built here from the run config's seed (the server checks its digest)."""
     run = RunConfig.from_mapping(context.run_config)
@@ -43,7 +42,7 @@ def _partition(context: Context) -> tuple[int, int]:
     if "partition-id" not in node_config or "num-partitions" not in node_config:
         raise ValueError(
             "the node config needs 'partition-id' and 'num-partitions' (the simulation engine sets them; "
-            f"for a SuperNode pass --node-config \"partition-id=0 num-partitions=10\"), got {dict(node_config)}"
+            f'for a SuperNode pass --node-config "partition-id=0 num-partitions=10"), got {dict(node_config)}'
         )
     return int(node_config["partition-id"]), int(node_config["num-partitions"])
 
@@ -128,4 +127,3 @@ def query(msg: Message, context: Context) -> Message:
     any other query gets an error reply.
     """
     return Message(Error(0, "fedsqueeze's ClientApp answers no queries but the compression mod's"), reply_to=msg)
-

@@ -128,7 +128,7 @@ class CompressionMod:
         is_chain = len(down.blobs) == down.version - down.base
         if held is not None and (held == down.base or (is_chain and down.base < held <= down.version)):
             # A node whose last reply did not reach the server holds a later step of the chain: skip it.
-            return arrays_to_tensors(context.state[STATE_REFERENCE]), down.blobs[held - down.base:]  # type: ignore[arg-type]
+            return arrays_to_tensors(context.state[STATE_REFERENCE]), down.blobs[held - down.base :]  # type: ignore[arg-type]
         if held is None and down.base == ZERO_VERSION:
             return self._first_model(down, context), down.blobs
         raise Rejected(
@@ -181,7 +181,10 @@ def _store_reference(state: RecordDict, weights: Mapping[str, torch.Tensor], ver
 
 
 def _encode_reply(
-    local: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], codec: Codec, state: RecordDict,
+    local: Mapping[str, torch.Tensor],
+    reference: Mapping[str, torch.Tensor],
+    codec: Codec,
+    state: RecordDict,
     down: Downlink,
 ) -> tuple[str, bytes]:
     """Encode the local model: in full for a lossless codec, else its delta (through error feedback)."""
@@ -195,8 +198,9 @@ def _encode_reply(
         feedback.load_state_dict(arrays_to_tensors(saved))
     blob = feedback.encode(subtract_tensors(local, reference))
     state[STATE_FEEDBACK] = tensors_to_arrays(feedback.state_dict())
-    meta = dict(state[STATE_META])  # type: ignore[arg-type]
-    state[STATE_META] = ConfigRecord({**meta, "feedback-version": down.version})
+    meta = state[STATE_META]
+    assert isinstance(meta, ConfigRecord)  # written by _store_reference before the app ran
+    meta["feedback-version"] = down.version
     return DELTA, blob
 
 

@@ -211,7 +211,7 @@ def read_plain_array(array: Array, shape: tuple[int, ...], dtype: torch.dtype) -
             f"its .npy header says shape {tuple(header_shape)}, dtype {header_dtype}, fortran {fortran}; "
             f"expected shape {shape}, dtype {expected_dtype}, C order"
         )
-    body = array.data[buffer.tell():]
+    body = array.data[buffer.tell() :]
     expected_bytes = expected_dtype.itemsize * math.prod(shape)
     if len(body) != expected_bytes:
         raise ValueError(f"it holds {len(body)} data bytes, expected {expected_bytes}")

@@ -42,8 +42,9 @@ class StableNodeOrder:
 
     def _ask(self, grid: Grid, node_ids: list[int], server_round: int, meter: TrafficMeter) -> None:
         messages = [
-            Message(RecordDict({PAYLOAD_KEY: ConfigRecord({"kind": HELLO})}), dst_node_id=i,
-                    message_type=MessageType.QUERY)
+            Message(
+                RecordDict({PAYLOAD_KEY: ConfigRecord({"kind": HELLO})}), dst_node_id=i, message_type=MessageType.QUERY
+            )
             for i in node_ids
         ]
         for msg in messages:

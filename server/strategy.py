@@ -20,8 +20,8 @@ from fedsqueeze.protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,
     ENCODE_TIME_METRIC,
-    TRAIN_TIME_METRIC,
     PAYLOAD_KEY,
+    TRAIN_TIME_METRIC,
     ZERO_VERSION,
     Downlink,
     all_finite,
@@ -124,8 +124,11 @@ class CompressedStrategy(Strategy):
             raise ValueError(f"the catchup codec must be lossless, got {self.catchup.spec!r}")
         dense = all(stage.name in _DENSE_STAGES for stage in self.downlink.stages)
         if initial == "zeros" and not dense:
-            log(INFO, "fedsqueeze: initial='zeros' needs a dense downlink codec, not %r: the first model goes in full",
-                self.downlink.spec)
+            log(
+                INFO,
+                "fedsqueeze: initial='zeros' needs a dense downlink codec, not %r: the first model goes in full",
+                self.downlink.spec,
+            )
             initial = "sent"
         self.initial = initial
         self.error_feedback = bool(error_feedback)
@@ -156,8 +159,10 @@ class CompressedStrategy(Strategy):
 
     def __repr__(self) -> str:
         """Name the wrapper, its codecs and the inner strategy."""
-        return (f"CompressedStrategy({self.inner!r}, uplink={self.uplink.spec!r}, "
-                f"downlink={self.downlink.spec!r}, catchup={self.catchup.spec!r}, initial={self.initial!r})")
+        return (
+            f"CompressedStrategy({self.inner!r}, uplink={self.uplink.spec!r}, "
+            f"downlink={self.downlink.spec!r}, catchup={self.catchup.spec!r}, initial={self.initial!r})"
+        )
 
     def summary(self) -> None:
         """Log the codecs, then the inner strategy's summary."""
@@ -226,7 +231,9 @@ class CompressedStrategy(Strategy):
             # (FedAdam) turn the global model into float64; the nodes' models stay as they are.
             self._dtypes = {name: t.dtype for name, t in global_model.items()}
         if self.initial != "sent" and self.downlink_state.initial is None:
-            first = global_model if self.initial == "shared" else {k: torch.zeros_like(v) for k, v in global_model.items()}
+            first = (
+                global_model if self.initial == "shared" else {k: torch.zeros_like(v) for k, v in global_model.items()}
+            )
             self.downlink_state.initial = first
             self._initial_digest = model_digest(first) if self.initial == "shared" else ""
         weight_key = getattr(self.inner, "weighted_by_key", "num-examples")
@@ -241,17 +248,33 @@ class CompressedStrategy(Strategy):
             self.meter.record(server_round, node_id, DOWN, msg, "plain", size=fp32, fp32_bytes=fp32)
             return
         plan = self.downlink_state.plan(node_id)
-        payload = Downlink(plan.kind, plan.version, plan.base, plan.blobs, self.uplink.spec, key,
-                           self.error_feedback, self.max_feedback_staleness,
-                           self._initial_digest if plan.base == ZERO_VERSION else "").to_record()
+        payload = Downlink(
+            plan.kind,
+            plan.version,
+            plan.base,
+            plan.blobs,
+            self.uplink.spec,
+            key,
+            self.error_feedback,
+            self.max_feedback_staleness,
+            self._initial_digest if plan.base == ZERO_VERSION else "",
+        ).to_record()
         foldable = {n: r for n, r in msg.content.items() if n == CONFIG_KEY and isinstance(r, ConfigRecord)}
         fold_records(payload, foldable)
         content = RecordDict({n: r for n, r in msg.content.items() if n != key and n not in foldable})
         content[PAYLOAD_KEY] = payload
         msg.content = content  # the inner strategy shares one RecordDict among its messages
         self._expected[node_id] = plan.version
-        self.meter.record(server_round, node_id, DOWN, msg, plan.kind, size=message_bytes(msg), fp32_bytes=fp32,
-                          payload_bytes=plan.size)
+        self.meter.record(
+            server_round,
+            node_id,
+            DOWN,
+            msg,
+            plan.kind,
+            size=message_bytes(msg),
+            fp32_bytes=fp32,
+            payload_bytes=plan.size,
+        )
 
     def _accept(self, server_round: int, reply: Message) -> Accepted | None:
         """Check one reply; on success turn it into the plain reply the inner strategy expects."""
@@ -272,13 +295,23 @@ class CompressedStrategy(Strategy):
             return None
         if result.kind != "plain" and expected is not None:
             self.downlink_state.acknowledge(node_id, expected)
-        plain = RecordDict({n: r for n, r in reply.content.items() if n != PAYLOAD_KEY and not isinstance(r, MetricRecord)})
+        plain = RecordDict(
+            {n: r for n, r in reply.content.items() if n != PAYLOAD_KEY and not isinstance(r, MetricRecord)}
+        )
         plain[self.arrays_key] = tensors_to_arrays(result.weights)
         plain[result.metrics_name] = result.metrics
         reply.content = plain
         fp32 = fp32_reply_bytes(reply, result.weights, self.arrays_key)
-        self.meter.record(server_round, node_id, UP, reply, result.kind, size=size, fp32_bytes=fp32,
-                          payload_bytes=result.payload_bytes)
+        self.meter.record(
+            server_round,
+            node_id,
+            UP,
+            reply,
+            result.kind,
+            size=size,
+            fp32_bytes=fp32,
+            payload_bytes=result.payload_bytes,
+        )
         return result
 
     def _same_metric_layout(
@@ -291,7 +324,7 @@ class CompressedStrategy(Strategy):
             return accepted
         common = max(sorted(set(layouts)), key=layouts.count)
         kept = []
-        for entry, layout in zip(accepted, layouts):
+        for entry, layout in zip(accepted, layouts, strict=True):
             if layout == common:
                 kept.append(entry)
                 continue

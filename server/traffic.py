@@ -63,13 +63,22 @@ class TrafficMeter:
     records: list[TrafficRecord] = field(default_factory=list)
 
     def record(
-        self, server_round: int, node_id: int, direction: Direction, msg: Message, kind: str, *,
-        size: int, fp32_bytes: int, payload_bytes: int = 0,
+        self,
+        server_round: int,
+        node_id: int,
+        direction: Direction,
+        msg: Message,
+        kind: str,
+        *,
+        size: int,
+        fp32_bytes: int,
+        payload_bytes: int = 0,
     ) -> None:
         """Add one message (``size`` from :func:`message_bytes`, measured when it crossed)."""
         self.records.append(
-            TrafficRecord(server_round, node_id, direction, msg.metadata.message_type, kind, size, fp32_bytes,
-                          payload_bytes)
+            TrafficRecord(
+                server_round, node_id, direction, msg.metadata.message_type, kind, size, fp32_bytes, payload_bytes
+            )
         )
 
     def record_plain(self, server_round: int, node_id: int, direction: Direction, msg: Message) -> None:

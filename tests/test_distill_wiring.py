@@ -19,12 +19,14 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedsqueeze.client import app as fedsqueeze_client
 from fedsqueeze.client import compression_mod
-from fedsqueeze.data import Dataset, clear_caches, client_data, client_indices, normalisation
 from fedsqueeze.config import RunConfig, proxy_holdout
-from fedsqueeze.protocol import arrays_to_tensors, tensors_to_arrays
-from fedsqueeze.simulation.run_cell import run_cell
+from fedsqueeze.data import Dataset, clear_caches, client_data, client_indices, normalisation
 from fedsqueeze.models import build_model
+from fedsqueeze.protocol import arrays_to_tensors, tensors_to_arrays
 from fedsqueeze.server import export as export_module
+from fedsqueeze.server.distill import proxy_split
+from fedsqueeze.server.export import raw_pixels
+from fedsqueeze.server.results import ResultsWriter
 from fedsqueeze.server.server_distiller import (
     ServerDistiller,
     compact_config,
@@ -32,10 +34,8 @@ from fedsqueeze.server.server_distiller import (
     export_onnx_too,
     measure_latency,
 )
-from fedsqueeze.server.distill import proxy_split
-from fedsqueeze.server.export import raw_pixels
-from fedsqueeze.server.results import ResultsWriter
 from fedsqueeze.server.strategy import CompressedStrategy
+from fedsqueeze.simulation.run_cell import run_cell
 
 # ----------------------------------------------------------------------------- proxy holdout
 
@@ -169,7 +169,8 @@ def test_export_writes_onnx_files_when_asked(tmp_path: Path) -> None:
         assert abs(entry["onnx_test_accuracy"] - entry["file_test_accuracy"]) <= 0.02  # same weights, 64 images
     assert report["distill"]["onnx"] is True
     assert (
-        "onnx_file" not in _export_with(RunConfig.from_mapping({**run.as_dict(), "distill-onnx": False}), tmp_path / "b")["student"]
+        "onnx_file"
+        not in _export_with(RunConfig.from_mapping({**run.as_dict(), "distill-onnx": False}), tmp_path / "b")["student"]
     )
 
 
@@ -295,7 +296,7 @@ def test_simulation_distils_and_exports_a_compact_student(tmp_path: Path, mnist:
 
     # One distillation per round, each from the global model and the three client models
     assert [int(r["round"]) for r in distilled] == [1, 2]
-    for row, round_row in zip(distilled, rounds):
+    for row, round_row in zip(distilled, rounds, strict=False):
         assert int(row["teachers"]) == 4 and int(row["proxy_samples"]) == 500
         assert int(row["student_params"]) < int(row["teacher_params"])
         assert float(row["global_accuracy"]) == pytest.approx(float(round_row["accuracy"]))

@@ -15,8 +15,9 @@ def model(step: int) -> dict[str, torch.Tensor]:
 
 
 def state(max_snapshots: int = 32) -> DownlinkState:
-    return DownlinkState(parse("quantize(bits=8) | zstd", seed=0), parse("zstd"), initial=model(0),
-                         max_snapshots=max_snapshots)
+    return DownlinkState(
+        parse("quantize(bits=8) | zstd", seed=0), parse("zstd"), initial=model(0), max_snapshots=max_snapshots
+    )
 
 
 def apply(held: dict[str, torch.Tensor], blobs: list[bytes]) -> dict[str, torch.Tensor]:

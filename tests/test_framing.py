@@ -12,13 +12,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
+from test_strategy import FakeGrid, contexts
 
 from fedsqueeze.client import CompressionMod
 from fedsqueeze.framing import message_bytes
 from fedsqueeze.models import first_model
 from fedsqueeze.protocol import arrays_to_tensors, tensors_to_arrays
 from fedsqueeze.server.strategy import CompressedStrategy
-from test_strategy import FakeGrid, contexts
 
 # 19-digit node ids, as Flower draws them: their varints are part of the framing
 NODES = [4038654934485940047, 5038654934485940047]
@@ -41,8 +41,13 @@ def lenet_rounds(rounds: int = 2) -> CompressedStrategy:
         metrics = MetricRecord({"num-examples": 600, "train-loss": 0.5, "train-seconds": 1.0})
         return Message(RecordDict({"arrays": tensors_to_arrays(local), "metrics": metrics}), reply_to=msg)
 
-    strategy = CompressedStrategy(FedAvg(), uplink="topk(ratio=0.01) | quantize(bits=8) | zstd",
-                                  downlink="quantize(bits=8) | zstd", initial="shared", seed=0)
+    strategy = CompressedStrategy(
+        FedAvg(),
+        uplink="topk(ratio=0.01) | quantize(bits=8) | zstd",
+        downlink="quantize(bits=8) | zstd",
+        initial="shared",
+        seed=0,
+    )
     ctx = contexts(NODES)
     arrays: ArrayRecord | None = tensors_to_arrays(weights)
     for server_round in range(1, rounds + 1):
@@ -66,10 +71,12 @@ def test_framing_of_a_lenet5_train_reply_is_pinned_and_under_800_bytes() -> None
 
 def test_message_bytes_of_a_fixed_message_are_pinned() -> None:
     """A change here means Flower changed its framing (or fedsqueeze's counting)."""
-    content = RecordDict({
-        "arrays": tensors_to_arrays({"w": torch.arange(12, dtype=torch.float32).reshape(3, 4)}),
-        "config": ConfigRecord({"server-round": 3, "lr": 0.1}),
-    })
+    content = RecordDict(
+        {
+            "arrays": tensors_to_arrays({"w": torch.arange(12, dtype=torch.float32).reshape(3, 4)}),
+            "config": ConfigRecord({"server-round": 3, "lr": 0.1}),
+        }
+    )
     msg = Message(content, dst_node_id=NODES[0], message_type="train")
     assert message_bytes(msg) == PINNED_FIXED_MESSAGE_BYTES
 

@@ -16,20 +16,37 @@ from fedsqueeze.simulation.sweep import SimulationRunner, cell_finished, run_swe
 #: Columns that measure wall time and legitimately differ between two runs.
 TIME_COLUMNS = {"round_seconds", "elapsed_seconds", "client_encode_seconds", "client_train_seconds"}
 #: Wire sizes include Flower's random 64-bit node ids (varints of varying length): a few bytes per message.
-WIRE_COLUMNS = {"uplink_bytes", "downlink_bytes", "uplink_fp32_bytes", "downlink_fp32_bytes", "cumulative_uplink_bytes",
-                "cumulative_downlink_bytes", "cumulative_bytes", "cumulative_fp32_bytes"}
+WIRE_COLUMNS = {
+    "uplink_bytes",
+    "downlink_bytes",
+    "uplink_fp32_bytes",
+    "downlink_fp32_bytes",
+    "cumulative_uplink_bytes",
+    "cumulative_downlink_bytes",
+    "cumulative_bytes",
+    "cumulative_fp32_bytes",
+}
 
 
 def tiny_grid(data_dir: Path):
     return parse_grid(
         {
-            "base": {"num-supernodes": 2, "num-server-rounds": 2, "max-samples-per-client": 150, "partitioner": "iid",
-                     "data-dir": str(data_dir), "local-epochs": 1},
+            "base": {
+                "num-supernodes": 2,
+                "num-server-rounds": 2,
+                "max-samples-per-client": 150,
+                "partitioner": "iid",
+                "data-dir": str(data_dir),
+                "local-epochs": 1,
+            },
             "axes": {"seed": [0]},
             "codecs": [
                 {"name": "fp32", "uplink": "identity", "downlink": "identity"},
-                {"name": "qsgd", "uplink": "topk(ratio=0.05) | quantize(bits=4, stochastic=true) | zstd",
-                 "downlink": "quantize(bits=8) | zstd"},
+                {
+                    "name": "qsgd",
+                    "uplink": "topk(ratio=0.05) | quantize(bits=4, stochastic=true) | zstd",
+                    "downlink": "quantize(bits=8) | zstd",
+                },
             ],
         },
         name="tiny",
@@ -43,9 +60,11 @@ def comparable(path: Path) -> list[dict[str, str]]:
 
 def assert_same_results(a: list[dict[str, str]], b: list[dict[str, str]]) -> None:
     assert len(a) == len(b)
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=True):
         # accuracy, loss, codec payload bytes, replies...: exactly equal
-        assert {k: v for k, v in ra.items() if k not in WIRE_COLUMNS} == {k: v for k, v in rb.items() if k not in WIRE_COLUMNS}
+        assert {k: v for k, v in ra.items() if k not in WIRE_COLUMNS} == {
+            k: v for k, v in rb.items() if k not in WIRE_COLUMNS
+        }
         # wire sizes: equal up to the length of Flower's random node ids (<= 16 bytes per message, 2 nodes, both ways)
         for column in WIRE_COLUMNS:
             assert abs(int(ra[column]) - int(rb[column])) <= 16 * 4 * int(ra["round"]), column

@@ -13,11 +13,11 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
+from test_strategy import FakeGrid, contexts, global_model, make_client
 
 from fedsqueeze.codecs import parse
 from fedsqueeze.protocol import DELTA, PAYLOAD_KEY, Downlink, arrays_to_tensors, tensors_to_arrays
 from fedsqueeze.server.strategy import CompressedStrategy
-from test_strategy import FakeGrid, contexts, global_model, make_client
 
 NODES = [101, 102, 103, 104]
 HOSTILE = 103
@@ -86,18 +86,32 @@ HOSTILE_REPLIES: dict[str, tuple[Callable[[Message], None], str]] = {
     "D1 quantize granularity": (set_blob(raw_blob(b"quantize(granularity=8)", D1_BODY)), "expected the configured"),
     "D2 deep spec": (set_blob(raw_blob(b"svd(rank=" + b"~" * 100 + b"1)", b"")), "expected the configured"),
     "D3 bad operator": (set_blob(raw_blob(b"topk(ratio=0.5) < quantize(bits=4)", b"")), "expected the configured"),
-    "S5 142-stage pipeline": (set_blob(b"FSQZ\x01" + bytes([0x80 | (len(LONG_PIPELINE) & 0x7F), len(LONG_PIPELINE) >> 7])
-                                       + LONG_PIPELINE.encode() + b"\x00"), "expected the configured"),
+    "S5 142-stage pipeline": (
+        set_blob(
+            b"FSQZ\x01"
+            + bytes([0x80 | (len(LONG_PIPELINE) & 0x7F), len(LONG_PIPELINE) >> 7])
+            + LONG_PIPELINE.encode()
+            + b"\x00"
+        ),
+        "expected the configured",
+    ),
     "tucker blob": (set_blob(raw_blob(b"tucker(ranks=4)", b"\x00")), "expected the configured"),
     "not a blob": (set_blob(b"\x00" * 40), "cannot be decoded"),
     # S2: plain replies with broken numpy payloads
-    "S2 empty array data": (plain_reply(plain_model(**{"fc.bias": Array("float32", (10,), "numpy.ndarray", b"")})),
-                            "header cannot be read"),
-    "S2 huge npy header": (plain_reply(plain_model(**{"fc.bias": Array("float32", (10,), "numpy.ndarray",
-                                                                          npy_with_header_shape((2**40,)))})),
-                           "expected shape (10,)"),
-    "plain wrong stype": (plain_reply(plain_model(**{"fc.bias": Array("float32", (10,), "custom", b"\0" * 40)})),
-                          "serialisation type"),
+    "S2 empty array data": (
+        plain_reply(plain_model(**{"fc.bias": Array("float32", (10,), "numpy.ndarray", b"")})),
+        "header cannot be read",
+    ),
+    "S2 huge npy header": (
+        plain_reply(
+            plain_model(**{"fc.bias": Array("float32", (10,), "numpy.ndarray", npy_with_header_shape((2**40,)))})
+        ),
+        "expected shape (10,)",
+    ),
+    "plain wrong stype": (
+        plain_reply(plain_model(**{"fc.bias": Array("float32", (10,), "custom", b"\0" * 40)})),
+        "serialisation type",
+    ),
     # S3: metrics of the wrong type
     "S3 list encode seconds": (set_field("0/fsq-encode-s", [1.0, 2.0]), "metrics"),
     "metric is a string": (set_field("0/train-loss", "high"), "expected a number"),

@@ -13,7 +13,6 @@ from fedsqueeze.client import compression_mod
 from fedsqueeze.client.mod import STATE_FEEDBACK, STATE_META, STATE_REFERENCE
 from fedsqueeze.codecs import decode, parse
 from fedsqueeze.protocol import (
-    unfold_records,
     DELTA,
     ENCODE_TIME_METRIC,
     FULL,
@@ -22,6 +21,7 @@ from fedsqueeze.protocol import (
     Uplink,
     arrays_to_tensors,
     tensors_to_arrays,
+    unfold_records,
 )
 
 NODE = 42
@@ -41,7 +41,9 @@ def context() -> Context:
     return Context(run_id=3, node_id=NODE, node_config={}, state=RecordDict(), run_config={})
 
 
-def train_message(payload: Downlink | None, model: dict[str, torch.Tensor] | None = None, kind: str = "train") -> Message:
+def train_message(
+    payload: Downlink | None, model: dict[str, torch.Tensor] | None = None, kind: str = "train"
+) -> Message:
     content = RecordDict({"config": ConfigRecord({"server-round": 1, "lr": 0.1})})
     if payload is not None:
         content[PAYLOAD_KEY] = payload.to_record()
@@ -190,8 +192,9 @@ def test_a_reply_that_does_not_fit_the_received_model_gives_an_error_reply() -> 
     @app.train()
     def train(msg: Message, ctx: Context) -> Message:
         bad = {"layer.weight": torch.zeros(8, 6), "layer.bias": torch.zeros(8)}
-        return Message(RecordDict({"arrays": tensors_to_arrays(bad), "metrics": MetricRecord({"num-examples": 1})}),
-                       reply_to=msg)
+        return Message(
+            RecordDict({"arrays": tensors_to_arrays(bad), "metrics": MetricRecord({"num-examples": 1})}), reply_to=msg
+        )
 
     reply = app(train_message(full(weights())), context())
     assert reply.has_error() and "shape (8, 6)" in (reply.error.reason or "")

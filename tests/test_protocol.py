@@ -37,8 +37,12 @@ def sample_message() -> Message:
     rng = np.random.default_rng(0)
     content = RecordDict(
         {
-            "arrays": ArrayRecord({"w": Array(rng.standard_normal((50, 40)).astype(np.float32)),
-                                   "b": Array(rng.standard_normal(40).astype(np.float32))}),
+            "arrays": ArrayRecord(
+                {
+                    "w": Array(rng.standard_normal((50, 40)).astype(np.float32)),
+                    "b": Array(rng.standard_normal(40).astype(np.float32)),
+                }
+            ),
             "config": ConfigRecord({"server-round": 3, "lr": 0.1, "blob": os.urandom(777)}),
             "metrics": MetricRecord({"num-examples": 12}),
         }
@@ -50,12 +54,18 @@ def test_message_bytes_equal_the_pieces_flower_pushes() -> None:
     msg = sample_message()
     pushed: dict[str, bytes] = {}
     # Flower's own push routine, as the ServerApp and SuperNodes use it
-    push_objects(get_all_nested_objects(msg), lambda object_id, content: pushed.__setitem__(object_id, content),
-                 keep_objects=True)
+    push_objects(
+        get_all_nested_objects(msg),
+        lambda object_id, content: pushed.__setitem__(object_id, content),
+        keep_objects=True,
+    )
     envelope = message_to_proto(remove_content_from_message(msg))
     envelope.metadata.message_id = msg.object_id
-    expected = (len(envelope.SerializeToString()) + len(get_object_tree(msg).SerializeToString())
-                + sum(len(c) for c in pushed.values()))
+    expected = (
+        len(envelope.SerializeToString())
+        + len(get_object_tree(msg).SerializeToString())
+        + sum(len(c) for c in pushed.values())
+    )
     assert message_bytes(msg) == expected
     # The pieces are the whole message: Flower rebuilds it from them
     rebuilt = inflate_object_from_contents(msg.object_id, dict(pushed), keep_object_contents=True)
@@ -81,11 +91,17 @@ def test_a_configrecord_carries_a_blob_more_cheaply_than_an_array() -> None:
     blob = os.urandom(2000)
     as_config = Message(RecordDict({"p": ConfigRecord({"blob": blob})}), dst_node_id=5, message_type="train")
     as_array = Message(
-        RecordDict({"p": ArrayRecord({"blob": Array(dtype="uint8", shape=(len(blob),), stype="fedsqueeze", data=blob)})}),
-        dst_node_id=5, message_type="train",
+        RecordDict(
+            {"p": ArrayRecord({"blob": Array(dtype="uint8", shape=(len(blob),), stype="fedsqueeze", data=blob)})}
+        ),
+        dst_node_id=5,
+        message_type="train",
     )
-    as_npy = Message(RecordDict({"p": ArrayRecord({"blob": Array(np.frombuffer(blob, dtype=np.uint8))})}),
-                     dst_node_id=5, message_type="train")
+    as_npy = Message(
+        RecordDict({"p": ArrayRecord({"blob": Array(np.frombuffer(blob, dtype=np.uint8))})}),
+        dst_node_id=5,
+        message_type="train",
+    )
     config_size, array_size, npy_size = message_bytes(as_config), message_bytes(as_array), message_bytes(as_npy)
     assert config_size + 200 < array_size < npy_size
 

@@ -52,8 +52,11 @@ class FakeGrid:
 
 def global_model(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"conv.weight": torch.randn(4, 1, 3, 3, generator=g), "fc.weight": torch.randn(10, 36, generator=g),
-            "fc.bias": torch.randn(10, generator=g)}
+    return {
+        "conv.weight": torch.randn(4, 1, 3, 3, generator=g),
+        "fc.weight": torch.randn(10, 36, generator=g),
+        "fc.bias": torch.randn(10, generator=g),
+    }
 
 
 def local_model(received: dict[str, torch.Tensor], node_id: int, server_round: int) -> dict[str, torch.Tensor]:
@@ -100,11 +103,11 @@ def test_identity_codec_then_fedavg_equals_plain_fedavg_exactly() -> None:
 
     # Plain Flower on the very same local weights
     plain = FedAvg()
-    plain_messages = sorted(plain.configure_train(1, arrays, ConfigRecord(), FakeGrid(NODES)),
-                            key=lambda m: m.metadata.dst_node_id)
+    plain_messages = sorted(
+        plain.configure_train(1, arrays, ConfigRecord(), FakeGrid(NODES)), key=lambda m: m.metadata.dst_node_id
+    )
     plain_replies = [
-        plain_reply(m, local_model(weights, m.metadata.dst_node_id, 1), m.metadata.dst_node_id)
-        for m in plain_messages
+        plain_reply(m, local_model(weights, m.metadata.dst_node_id, 1), m.metadata.dst_node_id) for m in plain_messages
     ]
     expected, expected_metrics = plain.aggregate_train(1, plain_replies)
 
@@ -121,8 +124,9 @@ def test_identity_codec_then_fedavg_equals_plain_fedavg_exactly() -> None:
 def test_lossy_codecs_track_the_reference_bit_for_bit(inner: object) -> None:
     """Over rounds the nodes' reference equals the server's, and the aggregate stays near plain."""
     app, ctx = make_client(), contexts(NODES)
-    strategy = CompressedStrategy(inner, uplink="topk(ratio=0.2) | quantize(bits=8) | zstd",
-                                  downlink="quantize(bits=8) | zstd")
+    strategy = CompressedStrategy(
+        inner, uplink="topk(ratio=0.2) | quantize(bits=8) | zstd", downlink="quantize(bits=8) | zstd"
+    )
     arrays = tensors_to_arrays(global_model())
     for server_round in range(1, 5):
         messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), FakeGrid(NODES)))
@@ -167,8 +171,9 @@ def corrupt(reply: Message, how: str) -> Message:
     elif how == "truncated":
         payload["blob"] = blob[: len(blob) // 2]
     elif how == "wrong-shape":
-        payload["blob"] = parse("identity").encode({"conv.weight": torch.zeros(4, 1, 3, 4), "fc.weight": torch.zeros(10, 36),
-                                                    "fc.bias": torch.zeros(10)})
+        payload["blob"] = parse("identity").encode(
+            {"conv.weight": torch.zeros(4, 1, 3, 4), "fc.weight": torch.zeros(10, 36), "fc.bias": torch.zeros(10)}
+        )
     elif how == "nan":  # the encoder refuses NaN, so write one into the raw float32 bytes
         raw = bytearray(parse("identity").encode({k: torch.zeros_like(v) for k, v in global_model().items()}))
         raw[-4:] = bytes.fromhex("0000c07f")  # float32 NaN as the last value of the last tensor
@@ -180,8 +185,14 @@ def corrupt(reply: Message, how: str) -> Message:
 
 @pytest.mark.parametrize(
     ("how", "reason"),
-    [("flipped", "cannot be decoded"), ("truncated", "cannot be decoded"), ("wrong-shape", "has shape"),
-     ("nan", "NaN"), ("missing", "names differ"), ("error", "replied with error 2: boom")],
+    [
+        ("flipped", "cannot be decoded"),
+        ("truncated", "cannot be decoded"),
+        ("wrong-shape", "has shape"),
+        ("nan", "NaN"),
+        ("missing", "names differ"),
+        ("error", "replied with error 2: boom"),
+    ],
 )
 def test_a_bad_reply_is_dropped_with_one_log_line(how: str, reason: str, caplog: pytest.LogCaptureFixture) -> None:
     nodes = [101, 102, 103, 104]
@@ -322,8 +333,10 @@ def test_start_from_zero_sends_the_first_model_through_the_downlink_codec() -> N
     assert any(not torch.equal(reference[k], global_model()[k]) for k in reference)  # it was lossy
 
     ctx[102] = contexts([102])[102]  # a node that lost its state is not assumed to hold zeros
-    second = {m.metadata.dst_node_id: Downlink.from_record(m.content[PAYLOAD_KEY])
-              for m in zero_start.configure_train(2, arrays, ConfigRecord(), FakeGrid(NODES))}
+    second = {
+        m.metadata.dst_node_id: Downlink.from_record(m.content[PAYLOAD_KEY])
+        for m in zero_start.configure_train(2, arrays, ConfigRecord(), FakeGrid(NODES))
+    }
     assert {n: p.kind for n, p in second.items()} == {101: DELTA, 102: DELTA, 103: DELTA}
     assert second[102].base == 1  # the server believes it holds version 1; the node will say otherwise
 
