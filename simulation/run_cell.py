@@ -12,15 +12,18 @@ import argparse
 import os
 import sys
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 __all__ = ["make_apps", "run_cell", "main"]
 
 
-def make_apps(overrides: Mapping[str, Any]) -> tuple[Any, Any]:
-    """fedsqueeze's ServerApp and ClientApp, seeing ``overrides`` on top of their run config."""
+def make_apps(overrides: Mapping[str, Any], client_mods: Sequence[Any] = ()) -> tuple[Any, Any]:
+    """fedsqueeze's ServerApp and ClientApp, seeing ``overrides`` on top of their run config.
+
+    ``client_mods`` go outside the compression mod (e.g. :func:`fedsqueeze.simulation.hostile.hostile_mod`).
+    """
     from flwr.app import Context, Message
     from flwr.clientapp import ClientApp
     from flwr.serverapp import Grid, ServerApp
@@ -40,7 +43,8 @@ def make_apps(overrides: Mapping[str, Any]) -> tuple[Any, Any]:
             run_config={**context.run_config, **fixed},
         )
 
-    client_app = ClientApp(mods=[CompressionMod(lambda context: client_module.first_model_of(with_overrides(context)))])
+    compression = CompressionMod(lambda context: client_module.first_model_of(with_overrides(context)))
+    client_app = ClientApp(mods=[*client_mods, compression])
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -63,13 +67,13 @@ def make_apps(overrides: Mapping[str, Any]) -> tuple[Any, Any]:
     return server_app, client_app
 
 
-def run_cell(config: Mapping[str, Any], num_supernodes: int) -> None:
+def run_cell(config: Mapping[str, Any], num_supernodes: int, client_mods: Sequence[Any] = ()) -> None:
     """Run the simulation for one cell in this process (Ray, one CPU per simulated client)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     from flwr.simulation import run_simulation
 
-    server_app, client_app = make_apps(config)
+    server_app, client_app = make_apps(config, client_mods)
     run_simulation(
         server_app=server_app,
         client_app=client_app,

