@@ -63,6 +63,28 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _check_train_arguments(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    proximal_mu: float,
+    seed: int,
+) -> None:
+    _check_data(x, y)
+    _check_positive_int("epochs", epochs)
+    _check_positive_int("batch_size", batch_size)
+    _check_real("lr", lr, low=0.0, low_inclusive=False)
+    _check_real("momentum", momentum, low=0.0, high=1.0, high_inclusive=False)
+    _check_real("weight_decay", weight_decay, low=0.0)
+    _check_real("proximal_mu", proximal_mu, low=0.0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+
+
 def train(
     model: nn.Module,
     x: torch.Tensor,
@@ -116,16 +138,7 @@ def train(
     ValueError
         If the data or a hyper-parameter is invalid.
     """
-    _check_data(x, y)
-    _check_positive_int("epochs", epochs)
-    _check_positive_int("batch_size", batch_size)
-    _check_real("lr", lr, low=0.0, low_inclusive=False)
-    _check_real("momentum", momentum, low=0.0, high=1.0, high_inclusive=False)
-    _check_real("weight_decay", weight_decay, low=0.0)
-    _check_real("proximal_mu", proximal_mu, low=0.0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
-
+    _check_train_arguments(x, y, epochs, batch_size, lr, momentum, weight_decay, proximal_mu, seed)
     device = _model_device(model)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
