@@ -20,7 +20,8 @@ from fedsqueeze.protocol import PAYLOAD_KEY
 
 __all__ = ["HOSTILE_KINDS", "hostile_mod"]
 
-Corrupt = Callable[[Message, Context], Message]
+#: (reply, the message it answers, the node context) -> the reply sent instead
+Corrupt = Callable[[Message, Message, Context], Message]
 
 
 def _raw_blob(spec: bytes, body: bytes) -> bytes:
@@ -28,7 +29,7 @@ def _raw_blob(spec: bytes, body: bytes) -> bytes:
 
 
 def _set_blob(blob: bytes) -> Corrupt:
-    def corrupt(reply: Message, context: Context) -> Message:
+    def corrupt(reply: Message, request: Message, context: Context) -> Message:
         reply.content[PAYLOAD_KEY]["blob"] = blob  # type: ignore[index]
         return reply
 
@@ -36,7 +37,7 @@ def _set_blob(blob: bytes) -> Corrupt:
 
 
 def _set_field(name: str, value: object) -> Corrupt:
-    def corrupt(reply: Message, context: Context) -> Message:
+    def corrupt(reply: Message, request: Message, context: Context) -> Message:
         reply.content[PAYLOAD_KEY][name] = value  # type: ignore[index]
         return reply
 
@@ -46,14 +47,14 @@ def _set_field(name: str, value: object) -> Corrupt:
 def _plain_array(data: bytes) -> Corrupt:
     """A plain reply (no payload): the model the node holds, its last array's bytes replaced by ``data``."""
 
-    def corrupt(reply: Message, context: Context) -> Message:
+    def corrupt(reply: Message, request: Message, context: Context) -> Message:
         held = context.state[STATE_REFERENCE]
         assert isinstance(held, ArrayRecord)  # the compression mod stored it before the app ran
         arrays = dict(held.items())
         last = next(reversed(arrays))
         arrays[last] = Array(arrays[last].dtype, arrays[last].shape, "numpy.ndarray", data)
         metrics = MetricRecord({"num-examples": 10})
-        return Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": metrics}), reply_to=reply)
+        return Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": metrics}), reply_to=request)
 
     return corrupt
 
@@ -64,8 +65,8 @@ def _huge_npy_header() -> bytes:
     return buffer.getvalue() + b"\0" * 40
 
 
-def _error(reply: Message, context: Context) -> Message:
-    return Message(Error(0, "hostile node: error reply"), reply_to=reply)
+def _error(reply: Message, request: Message, context: Context) -> Message:
+    return Message(Error(0, "hostile node: error reply"), reply_to=request)
 
 
 _D1_BODY = b"\x01\x01w\x01\x01\x01\x00\x00\x03" + b"\x00\x05\x01\x00" + b"\x00\x01\x01\x00" * 2
@@ -106,6 +107,6 @@ def hostile_mod(partitions: Iterable[int], kinds: Iterable[str]) -> Callable[...
         context.state["hostile"] = ConfigRecord({"n": n + 1})
         if reply.has_error():
             return reply
-        return HOSTILE_KINDS[order[n % len(order)]](reply, context)
+        return HOSTILE_KINDS[order[n % len(order)]](reply, msg, context)
 
     return mod
