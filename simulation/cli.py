@@ -43,8 +43,8 @@ def _sweep(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from fedsqueeze.simulation.report import load_rows, markdown_table, summarize, write_report
 
-    write_report(Path(args.dir), args.target)
-    print(markdown_table(summarize(load_rows(Path(args.dir)), args.target)))
+    write_report(Path(args.dir), args.target, args.ignore_key)
+    print(markdown_table(summarize(load_rows(Path(args.dir), args.ignore_key), args.target)))
     print(f"written: {Path(args.dir) / 'report.md'}, report.json and PNG plots")
     return 0
 
@@ -89,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="plots and tables from a sweep directory")
     p.add_argument("dir", help="the --out directory of a sweep")
     p.add_argument("--target", type=float, default=None, help="accuracy (0-1) for the bytes-to-target column")
+    p.add_argument(
+        "--ignore-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="a run-config key that must not split settings (repeatable), e.g. a default changed mid-sweep",
+    )
     p.set_defaults(func=_report)
 
     p = sub.add_parser("grids", help="list the built-in grids")

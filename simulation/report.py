@@ -19,7 +19,7 @@ import json
 import math
 import statistics
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,20 +159,23 @@ def _cell_configs(out: Path) -> dict[str, dict[str, Any]]:
     return configs
 
 
-def load_rows(out: Path) -> list[dict[str, str]]:
+def load_rows(out: Path, ignore_keys: Iterable[str] = ()) -> list[dict[str, str]]:
     """The rows of ``out/results.csv``, each with its cell's run config as ``config.<key>`` columns.
 
     results.csv holds only a few config keys; the full config comes from ``out/cells/<cell>/``
     (summary.json's resolved config over cell.json's) or, without cell folders, from ``out/grid.json``.
-    Rows of a cell found in neither keep the results.csv columns alone.
+    Rows of a cell found in neither keep the results.csv columns alone. Keys in ``ignore_keys`` are
+    left out, so they never split settings (e.g. a default that changed between cells of one sweep
+    and cannot matter in it).
     """
     out = Path(out)
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     configs = _cell_configs(out)
+    ignored = set(ignore_keys)
     for row in rows:
         config = configs.get(row.get("cell", ""), {})
-        row.update({CONFIG_PREFIX + k: "" if v is None else str(v) for k, v in config.items()})
+        row.update({CONFIG_PREFIX + k: "" if v is None else str(v) for k, v in config.items() if k not in ignored})
     return rows
 
 
@@ -579,14 +582,14 @@ def _plots(rows: list[dict[str, str]], summaries: list[CodecSummary], out_dir: P
     return paths
 
 
-def write_report(out: Path, target: float | None = None) -> dict[str, Any]:
+def write_report(out: Path, target: float | None = None, ignore_keys: Iterable[str] = ()) -> dict[str, Any]:
     """Write ``report.md``, ``report.json`` and PNG plots into ``out`` from ``out/results.csv``.
 
     report.json holds ``summaries`` (``CodecSummary`` fields), ``problem_cells`` (every cell that is
     not ok, with the reason), ``last_rounds`` (the window of the last-5 means) and ``plots``.
     """
     out = Path(out)
-    rows = load_rows(out)
+    rows = load_rows(out, ignore_keys)
     if not rows:
         raise ValueError(f"{out / 'results.csv'} has no rows: run the sweep first")
     summaries = summarize(rows, target)

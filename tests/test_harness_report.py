@@ -390,6 +390,27 @@ def test_load_rows_reads_each_cells_resolved_config_and_settings_follow_it(tmp_p
     assert len(report["plots"]) == 4
 
 
+def test_an_ignored_key_does_not_split_settings(tmp_path: Path) -> None:
+    """A default that changed between cells of one sweep: ignored, the seeds are one setting again."""
+    for seed, staleness in ((0, 0), (1, 20)):
+        _fake_cell(
+            tmp_path,
+            f"a{seed}",
+            "fp32",
+            seed,
+            "identity",
+            "identity",
+            [0.5, 0.9],
+            [4000, 4000],
+            {"max-feedback-staleness": staleness},
+        )
+    collect_results(tmp_path)
+    assert len({s["setting"] for s in write_report(tmp_path)["summaries"]}) == 2
+    report = write_report(tmp_path, ignore_keys=["max-feedback-staleness"])
+    assert [(s["setting"], s["seeds"]) for s in report["summaries"]] == [("lenet5 / mnist / iid / 2 clients", 2)]
+    assert all("config.max-feedback-staleness" not in r for r in load_rows(tmp_path, ["max-feedback-staleness"]))
+
+
 def test_load_rows_falls_back_on_grid_json_without_cell_folders(tmp_path: Path) -> None:
     _fake_cell(tmp_path, "a0", "fp32", 0, "identity", "identity", [0.5, 0.9], [4000, 4000])
     _fake_cell(tmp_path, "a1", "fp32", 0, "identity", "identity", [0.5, 0.9], [4000, 4000])
