@@ -135,12 +135,12 @@ def test_report_passes_dir_and_target_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     seen: list[Any] = []
-    monkeypatch.setattr(report_module, "write_report", lambda out, target: seen.append(("write", out, target)))
-    monkeypatch.setattr(report_module, "load_rows", lambda out: seen.append(("load", out)) or ["row"])
+    monkeypatch.setattr(report_module, "write_report", lambda out, target, ig: seen.append(("write", out, target, ig)))
+    monkeypatch.setattr(report_module, "load_rows", lambda out, ig: seen.append(("load", out, ig)) or ["row"])
     monkeypatch.setattr(report_module, "summarize", lambda rows, target: seen.append(("sum", rows, target)) or "s")
     monkeypatch.setattr(report_module, "markdown_table", lambda summary: f"table of {summary}")
-    assert cli.main(["report", str(tmp_path), "--target", "0.75"]) == 0
-    assert seen == [("write", tmp_path, 0.75), ("load", tmp_path), ("sum", ["row"], 0.75)]
+    assert cli.main(["report", str(tmp_path), "--target", "0.75", "--ignore-key", "lr"]) == 0
+    assert seen == [("write", tmp_path, 0.75, ["lr"]), ("load", tmp_path, ["lr"]), ("sum", ["row"], 0.75)]
     assert "table of s" in capsys.readouterr().out
 
 
