@@ -140,6 +140,7 @@ def main(grid: Grid, context: Context) -> None:
         grid=grid,
         initial_arrays=tensors_to_arrays(initial),
         num_rounds=run.num_server_rounds,
+        timeout=run.round_timeout,
         train_config=train_config,
         evaluate_fn=evaluate_global,
     )
