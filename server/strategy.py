@@ -15,7 +15,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from fedsqueeze.codecs import Codec, parse
-from fedsqueeze.framing import message_bytes
+from fedsqueeze.framing import wire_bytes
 from fedsqueeze.protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -215,7 +215,7 @@ class CompressedStrategy(Strategy):
 
     def _compress_message(self, server_round: int, msg: Message) -> None:
         node_id = msg.metadata.dst_node_id
-        fp32 = message_bytes(msg)
+        fp32 = wire_bytes(msg)
         records = msg.content.array_records
         key = self.arrays_key if self.arrays_key in records else next(iter(records), None)
         if key is None:  # nothing to compress
@@ -231,7 +231,7 @@ class CompressedStrategy(Strategy):
         content[PAYLOAD_KEY] = payload
         msg.content = content  # the inner strategy shares one RecordDict among its messages
         self._expected[node_id] = plan.version
-        self.meter.record(server_round, node_id, DOWN, msg, plan.kind, size=message_bytes(msg), fp32_bytes=fp32,
+        self.meter.record(server_round, node_id, DOWN, msg, plan.kind, size=wire_bytes(msg), fp32_bytes=fp32,
                           payload_bytes=plan.size)
 
     def _accept(self, server_round: int, reply: Message) -> Accepted | None:
@@ -239,7 +239,7 @@ class CompressedStrategy(Strategy):
         assert self._checker is not None, "configure_train runs before aggregate_train"
         node_id = self._recipient(reply)
         expected = self._expected.pop(node_id, None)
-        size = message_bytes(reply)
+        size = wire_bytes(reply)
         try:
             result = self._checker.check(reply, expected)
         except Rejected as err:
