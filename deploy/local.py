@@ -141,6 +141,13 @@ class Deployment:
         self.supernodes[index] = proc
         return proc
 
+    def kill_supernode(self, index: int) -> None:
+        """SIGKILL SuperNode ``index`` and the processes it started (as a crash or a power cut would)."""
+        proc = self.supernodes[index]
+        if proc is not None:
+            _signal_group(proc, signal.SIGKILL)
+            proc.wait()
+
     def flwr(self, args: Sequence[str], timeout: float = 120.0, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run the ``flwr`` CLI against this deployment's ``$FLWR_HOME``."""
         done = subprocess.run(["flwr", *args], env=self.env, cwd=self.settings.app_dir, text=True,
