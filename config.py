@@ -76,6 +76,8 @@ class RunConfig(Mapping[str, ConfigValue]):
     # Deployment: seconds the server waits for a round's replies (Flower's default 3600); a node that has not
     # replied by then is left out of the round, so a dead SuperNode costs this, not the SuperLink's heartbeat
     round_timeout: float = 3600.0
+    # Continue a killed run from the checkpoint in results-dir (the same run config otherwise)
+    resume: bool = False
 
     def __post_init__(self) -> None:
         """Check the values that have a fixed set of choices or a range."""

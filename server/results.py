@@ -179,6 +179,21 @@ class ResultsWriter:
         for stale in ("distill.csv", "compact.json"):  # written only by runs that distil
             (self.dir / stale).unlink(missing_ok=True)
 
+    def resume_files(self) -> None:
+        """Rewrite ``rounds.csv`` and ``messages.csv`` from the rows held (a resumed run's checkpoint), and go on
+        timing from the last row's ``elapsed_seconds`` (a killed run's rounds after its checkpoint are dropped)."""
+        with open(self.dir / "rounds.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(ROUND_COLUMNS)
+            writer.writerows([row[c] for c in ROUND_COLUMNS] for row in self.rounds)
+        with open(self.dir / "messages.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(MESSAGE_COLUMNS)
+            writer.writerows([getattr(t, c) for c in MESSAGE_COLUMNS] for t in self.messages)
+        elapsed = float(self.rounds[-1]["elapsed_seconds"]) if self.rounds else 0.0
+        self._last = time.perf_counter()
+        self._start = self._last - elapsed
+
     def start_clock(self) -> None:
         """Measure round times from now (call it right before the first round)."""
         self._start = self._last = time.perf_counter()
