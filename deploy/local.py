@@ -166,9 +166,33 @@ class Deployment:
         (self.paths()["logs"] / "flwr-run.log").write_text(done.stdout + done.stderr)
         return done
 
+    def started_pids(self) -> set[int]:
+        """Live processes this deployment started: its processes and all their descendants (the SuperLink's
+        ``flower-superexec`` starts a session of its own, so its process group is not the SuperLink's)."""
+        roots = {p.pid for p in [*self.supernodes, self.superlink] if p is not None and p.poll() is None}
+        return roots | descendants(roots)
+
+    def serverapp_pids(self) -> list[int]:
+        """Pids of the ``flwr-serverapp`` processes the SuperLink runs now (one per run in progress)."""
+        if self.superlink is None:
+            return []
+        found = []
+        for pid in descendants({self.superlink.pid}):
+            try:
+                if b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    found.append(pid)
+            except OSError:
+                continue
+        return found
+
     def stop(self, grace: float = 10.0) -> None:
-        """End every process group this deployment started, by id: SIGTERM, then SIGKILL after ``grace`` s."""
+        """End every process this deployment started, by id: SIGTERM, then SIGKILL after ``grace`` s.
+
+        Each process group it made is signalled, then any descendant still alive (one that left the
+        group) is signalled by its pid.
+        """
         procs = [p for p in [*self.supernodes, self.superlink] if p is not None]
+        strays = self.started_pids()
         for proc in procs:
             _signal_group(proc, signal.SIGTERM)
         deadline = time.monotonic() + grace
@@ -179,6 +203,32 @@ class Deployment:
                 pass
             _signal_group(proc, signal.SIGKILL)  # its children too, even if the leader has exited
             proc.wait()
+        for pid in strays - {p.pid for p in procs}:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def descendants(roots: set[int]) -> set[int]:
+    """Pids of the live descendants of ``roots`` (from ``/proc``; empty where there is no ``/proc``)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found: set[int] = set()
+    todo = list(roots)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:

@@ -81,6 +81,7 @@ def test_tls_and_node_auth_two_nodes_two_rounds(tmp_path: Path, mnist_path: Path
     try:
         pgids = {p.pid for p in [deployment.superlink, *deployment.supernodes] if p is not None}
         done = deployment.run_app(timeout=300)
+        started = deployment.started_pids()
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         summary = json.loads((results / "summary.json").read_text())
         assert summary["num_rounds"] == 2 and summary["num_nodes"] == 2
@@ -96,3 +97,4 @@ def test_tls_and_node_auth_two_nodes_two_rounds(tmp_path: Path, mnist_path: Path
     finally:
         deployment.stop()
     assert _group_members(pgids) == set(), "stop() left processes of the deployment running"
+    assert {pid for pid in started if pid_alive(pid)} == set(), "stop() left a descendant running"
