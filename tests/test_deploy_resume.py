@@ -61,11 +61,12 @@ def _final_model(results: Path, config: dict[str, Any]) -> dict[str, torch.Tenso
     return arrays_to_tensors(load_checkpoint(results, config).arrays)
 
 
-@pytest.mark.parametrize("codecs", [("zstd", "zstd")])
+@pytest.mark.parametrize("codecs", [("zstd", "zstd"), ("topk(ratio=0.01) | quantize(bits=8) | zstd",
+                                                    "quantize(bits=8) | zstd")])
 def test_a_resumed_run_ends_with_the_uninterrupted_runs_model(tmp_path: Path, mnist_path: Path,
                                                               codecs: tuple[str, str]) -> None:
     def config(results: Path, **extra: Any) -> dict[str, Any]:
-        return {"num-server-rounds": 3, "max-samples-per-client": 40, "data-dir": str(mnist_path),
+        return {"num-server-rounds": 3, "max-samples-per-client": 200, "data-dir": str(mnist_path),
                 "uplink-codec": codecs[0], "downlink-codec": codecs[1], "results-dir": str(results), **extra}
 
     whole, killed = tmp_path / "whole", tmp_path / "killed"
@@ -75,12 +76,16 @@ def test_a_resumed_run_ends_with_the_uninterrupted_runs_model(tmp_path: Path, mn
     assert len((killed / "rounds.csv").read_text().splitlines()) == 3  # header + 2 rounds
     _run(config(killed, resume=True))
     want, got = _final_model(whole, config(whole)), _final_model(killed, config(killed))
-    assert all(torch.equal(want[k], got[k]) for k in want)
     rounds = [line.split(",")[0] for line in (killed / "rounds.csv").read_text().splitlines()[1:]]
     assert rounds == ["1", "2", "3"]
-    summary = json.loads((killed / "summary.json").read_text())
-    assert summary["num_rounds"] == 3 and summary["final_accuracy"] == json.loads(
-        (whole / "summary.json").read_text())["final_accuracy"]
+    accuracy = [json.loads((d / "summary.json").read_text())["final_accuracy"] for d in (whole, killed)]
+    if codecs == ("zstd", "zstd"):  # lossless: the resumed run is the uninterrupted one
+        assert all(torch.equal(want[k], got[k]) for k in want) and accuracy[0] == accuracy[1]
+        return
+    # lossy: the nodes' residuals at the kill are lost (see fedsqueeze.server.checkpoint); say by how much
+    relative = (sum(((want[k] - got[k]) ** 2).sum() for k in want) / sum((want[k] ** 2).sum() for k in want)) ** 0.5
+    print(f"resumed vs uninterrupted, {codecs}: relative L2 {float(relative):.4f}, accuracy {accuracy}")
+    assert 0 < float(relative) < 0.5 and all(torch.isfinite(t).all() for t in got.values())
 
 
 def test_resume_refuses_another_run_config_and_a_missing_checkpoint(tmp_path: Path, mnist_path: Path) -> None:
