@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -65,3 +68,38 @@ def test_a_killed_supernode_costs_at_most_the_round_timeout(tmp_path: Path, mnis
     # No reply is charged to the SuperLink's own id: three nodes, as deployed
     assert summary["num_nodes"] == 3 and "1" not in summary["per_node"], summary["per_node"]
     print(json.dumps({"rounds": rows, "killed_to_finished_s": round(finished_at - killed_at, 1)}))
+
+
+@pytest.mark.slow  # two runs on a SuperLink and 2 SuperNodes: about 4 minutes
+def test_a_killed_serverapp_resumes_from_its_checkpoint(tmp_path: Path, mnist_path: Path) -> None:
+    port, node_port_base = free_ports(2)
+    results = tmp_path / "results"
+    run_config = f'num-server-rounds=3 max-samples-per-client=100 data-dir="{mnist_path}" results-dir="{results}"'
+    settings = local.DeploySettings(workdir=tmp_path, app_dir=Path(local.__file__).resolve().parents[1], nodes=2,
+                                    port=port, node_port_base=node_port_base, tls=False, auth=False,
+                                    run_config=run_config)
+    deployment = local.start(settings)
+    outcome: dict[str, object] = {}
+    try:
+        runner = threading.Thread(target=lambda: outcome.update(first=deployment.run_app(timeout=400)))
+        runner.start()
+        deadline = time.monotonic() + 300
+        while len(_rounds(results)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        serverapps = deployment.serverapp_pids()
+        assert len(_rounds(results)) == 2 and len(serverapps) == 1, (_rounds(results), serverapps)
+        os.kill(serverapps[0], signal.SIGKILL)
+        runner.join(timeout=300)
+        assert not runner.is_alive(), "flwr run did not return after its ServerApp was killed"
+        resumed = local.Deployment(dataclasses.replace(settings, run_config=run_config + " resume=true"),
+                                   deployment.env)
+        done = resumed.run_app(timeout=300)
+    finally:
+        deployment.stop()
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert [int(r["round"]) for r in _rounds(results)] == [1, 2, 3]
+    messages = list(csv.DictReader((results / "messages.csv").open()))
+    catch_up = [m for m in messages if m["round"] == "3" and m["direction"] == "down" and m["message_type"] == "train"]
+    assert len(catch_up) == 2 and {m["kind"] for m in catch_up} == {"delta"}, catch_up
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["num_rounds"] == 3 and summary["rejected"] == []
