@@ -42,11 +42,11 @@ def write_partition_file(path: str | os.PathLike[str], meta: Mapping[str, Any], 
     """Write one client's data and the settings it was cut with (see the module docstring); return the path."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {name: t.detach().cpu().numpy() for name, t in zip(_ARRAYS, (x_train, y_train, x_test, y_test),
-                                                                  strict=True)}
-    meta_bytes = np.frombuffer(json.dumps(dict(meta), sort_keys=True).encode(), dtype=np.uint8)
+    payload: dict[str, Any] = {name: t.detach().cpu().numpy()
+                               for name, t in zip(_ARRAYS, (x_train, y_train, x_test, y_test), strict=True)}
+    payload["meta"] = np.frombuffer(json.dumps(dict(meta), sort_keys=True).encode(), dtype=np.uint8)
     with open(target, "wb") as f:
-        np.savez(f, meta=meta_bytes, **arrays)
+        np.savez(f, **payload)
     return target
 
 
