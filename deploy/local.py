@@ -148,6 +148,31 @@ class Deployment:
             _signal_group(proc, signal.SIGKILL)
             proc.wait()
 
+    def restart_supernode(self, index: int, timeout: float = 180.0, settle: float = 10.0) -> int:
+        """Start SuperNode ``index`` again until it stays up; return how many starts it took.
+
+        A SuperNode restarted with a registered key while the SuperLink still lists it online is
+        refused ("Failed to activate SuperNode") and exits without retrying (its ``flower-superexec``
+        lives on): each failed start is cleaned up and retried until the SuperLink has marked the
+        old one offline (its heartbeat timeout).
+
+        Raises
+        ------
+        RuntimeError
+            If it has not stayed up for ``settle`` seconds within ``timeout`` seconds.
+        """
+        deadline, attempts = time.monotonic() + timeout, 0
+        while time.monotonic() < deadline:
+            attempts += 1
+            proc = self.start_supernode(index)
+            try:
+                proc.wait(timeout=settle)
+            except subprocess.TimeoutExpired:
+                return attempts  # still up: activated
+            self.kill_supernode(index)  # the refused start's superexec, by its group id
+            time.sleep(3.0)
+        raise RuntimeError(f"SuperNode {index} was refused for {timeout:.0f} s ({attempts} starts); see its log")
+
     def flwr(self, args: Sequence[str], timeout: float = 120.0, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run the ``flwr`` CLI against this deployment's ``$FLWR_HOME``."""
         done = subprocess.run(["flwr", *args], env=self.env, cwd=self.settings.app_dir, text=True,

@@ -98,3 +98,20 @@ def test_tls_and_node_auth_two_nodes_two_rounds(tmp_path: Path, mnist_path: Path
         deployment.stop()
     assert _group_members(pgids) == set(), "stop() left processes of the deployment running"
     assert {pid for pid in started if pid_alive(pid)} == set(), "stop() left a descendant running"
+
+
+@pytest.mark.slow  # waits out the SuperLink's heartbeat timeout: about 2 minutes
+def test_a_restarted_registered_supernode_is_retried_until_it_is_back(tmp_path: Path) -> None:
+    port, node_port_base = free_ports(2)
+    settings = local.DeploySettings(workdir=tmp_path, app_dir=Path(local.__file__).resolve().parents[1], nodes=1,
+                                    port=port, node_port_base=node_port_base)
+    deployment = local.start(settings)
+    try:
+        deployment.kill_supernode(0)  # a crash: the SuperLink still lists it online
+        attempts = deployment.restart_supernode(0, timeout=180)
+        local.wait_for_nodes(deployment, 1, timeout=30)
+    finally:
+        deployment.stop()
+    log = (tmp_path / "logs" / "supernode-0.log").read_text()
+    # Refused while listed online (Flower 1.42), then back once the SuperLink marked it offline
+    assert attempts > 1 and log.count("Failed to activate SuperNode") == attempts - 1, (attempts, log[-2000:])
