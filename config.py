@@ -74,6 +74,11 @@ class RunConfig(Mapping[str, ConfigValue]):
     student_conv_rank: int = 0
     student_prune_ratio: float = 0.5
     student_bits: int = 8
+    # Deployment: seconds the server waits for a round's replies (Flower's default 3600); a node that has not
+    # replied by then is left out of the round, so a dead SuperNode costs this, not the SuperLink's heartbeat
+    round_timeout: float = 3600.0
+    # Continue a killed run from the checkpoint in results-dir (the same run config otherwise)
+    resume: bool = False
 
     def __post_init__(self) -> None:
         """Check the values that have a fixed set of choices or a range."""
@@ -82,6 +87,8 @@ class RunConfig(Mapping[str, ConfigValue]):
         for key in ("num-server-rounds", "local-epochs", "batch-size"):
             if self[key] < 1:  # type: ignore[operator]
                 raise ValueError(f"run config {key!r} must be >= 1, got {self[key]!r}")
+        if not self.round_timeout > 0:
+            raise ValueError(f"run config 'round-timeout' must be > 0 seconds, got {self.round_timeout!r}")
         if self.max_feedback_staleness < 0:
             raise ValueError(
                 f"run config 'max-feedback-staleness' must be >= 0 (0: never), got {self.max_feedback_staleness}"

@@ -11,13 +11,19 @@ from __future__ import annotations
 from flwr.app import Message
 from flwr.app.message.message import remove_content_from_message
 from flwr.common.serde import message_to_proto
+from flwr.proto.fleet_pb2 import PullMessagesResponse, PushMessagesRequest  # pylint: disable=E0611
+from flwr.proto.message_pb2 import PullObjectResponse, PushObjectRequest  # pylint: disable=E0611
+from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
 from flwr.supercore.inflatable.inflatable_object import (
     get_all_nested_objects,
     get_object_tree,
     no_object_id_recompute,
 )
 
-__all__ = ["message_bytes"]
+__all__ = ["message_bytes", "wire_bytes"]
+
+#: The SuperLink names an upload session by a UUID4 string, which every PushObject request repeats.
+_SESSION_ID = "00000000-0000-4000-8000-000000000000"
 
 
 def message_bytes(message: Message) -> int:
@@ -56,3 +62,44 @@ def _message_bytes(message: Message) -> int:
     objects = get_all_nested_objects(message)
     body = sum(len(obj.deflate()) for obj in objects.values())
     return envelope.ByteSize() + get_object_tree(message).ByteSize() + body
+
+
+def wire_bytes(message: Message) -> int:
+    """Bytes of the HTTP bodies that carry ``message`` between SuperNode and SuperLink in Flower 1.42.
+
+    What :func:`message_bytes` counts, plus the request and response fields around it, built
+    with Flower's own protos: a node's reply (it has ``reply_to_message_id``) travels up as one
+    ``PushMessages`` request (node id, the message proto, its object tree, the ClientApp's
+    runtime) and one ``PushObject`` request per object (node, run and session ids, the 64-digit
+    object id, the content); a server message travels down as one ``PullMessages`` response and
+    one ``PullObject`` response per object (two flags and the content). Left out, as transport
+    rather than message: HTTP headers, TLS, the requests of a pull and the responses of a push
+    (object ids, flags), and polling that finds nothing.
+
+    Parameters
+    ----------
+    message : Message
+        Any message, with content or with an error.
+
+    Returns
+    -------
+    int
+        The size in bytes.
+    """
+    with no_object_id_recompute():
+        envelope = message_to_proto(remove_content_from_message(message))
+        envelope.metadata.message_id = message.object_id
+        tree = get_object_tree(message)
+        objects = get_all_nested_objects(message)
+        if message.metadata.reply_to_message_id:
+            node = Node(node_id=message.metadata.src_node_id)
+            total = PushMessagesRequest(node=node, messages_list=[envelope], message_object_trees=[tree],
+                                        clientapp_runtime_list=[0.0]).ByteSize()
+            return total + sum(
+                PushObjectRequest(node=node, run_id=message.metadata.run_id, object_id=object_id,
+                                  object_content=obj.deflate(), session_id=_SESSION_ID).ByteSize()
+                for object_id, obj in objects.items())
+        total = PullMessagesResponse(messages_list=[envelope], message_object_trees=[tree]).ByteSize()
+        return total + sum(
+            PullObjectResponse(object_found=True, object_available=True, object_content=obj.deflate()).ByteSize()
+            for obj in objects.values())

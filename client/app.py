@@ -11,6 +11,7 @@ from flwr.clientapp import ClientApp
 from fedsqueeze.client.mod import CompressionMod
 from fedsqueeze.config import RunConfig
 from fedsqueeze.data import client_data, load_dataset
+from fedsqueeze.data.partition_file import partition_meta, read_partition_file
 from fedsqueeze.models import build_model, first_model
 from fedsqueeze.protocol import (
     ARRAYS_KEY,
@@ -24,7 +25,11 @@ from fedsqueeze.training import evaluate as evaluate_model
 from fedsqueeze.training import get_weights, set_weights
 from fedsqueeze.training import train as train_model
 
-__all__ = ["app", "first_model_of", "query"]
+__all__ = ["app", "first_model_of", "query", "DATA_FILE_KEY"]
+
+#: Node-config key of a file holding this node's share of the data (see :mod:`fedsqueeze.data.partition_file`).
+DATA_FILE_KEY = "data-file"
+
 
 
 def first_model_of(context: Context) -> dict[str, torch.Tensor]:
@@ -45,6 +50,14 @@ def _partition(context: Context) -> tuple[int, int]:
             f'for a SuperNode pass --node-config "partition-id=0 num-partitions=10"), got {dict(node_config)}'
         )
     return int(node_config["partition-id"]), int(node_config["num-partitions"])
+
+
+def _own_data_file(
+    context: Context, run: RunConfig, partition_id: int, num_partitions: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This node's share from the file its node config names (``data-file``), checked against the run."""
+    expected = partition_meta(run, partition_id, num_partitions, run.proxy_holdout())
+    return read_partition_file(str(context.node_config[DATA_FILE_KEY]), expected)
 
 
 def _setting(config: ConfigRecord, run: RunConfig, key: str) -> bool | int | float | str:
@@ -68,18 +81,21 @@ def train(msg: Message, context: Context) -> Message:
     run = RunConfig.from_mapping(context.run_config)
     config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
     partition_id, num_partitions = _partition(context)
-    x, y = client_data(
-        run.dataset,
-        partition_id,
-        num_partitions,
-        partitioner=run.partitioner,
-        alpha=run.dirichlet_alpha,
-        classes_per_partition=run.classes_per_partition,
-        seed=run.seed,
-        max_samples=run.max_samples_per_client or None,
-        holdout=run.proxy_holdout(),  # the server's distillation proxy images: never on a node
-        data_dir=run.data_dir or None,
-    )
+    if DATA_FILE_KEY in context.node_config:  # an edge node with its own share (no partitioning here)
+        x, y = _own_data_file(context, run, partition_id, num_partitions)[:2]
+    else:
+        x, y = client_data(
+            run.dataset,
+            partition_id,
+            num_partitions,
+            partitioner=run.partitioner,
+            alpha=run.dirichlet_alpha,
+            classes_per_partition=run.classes_per_partition,
+            seed=run.seed,
+            max_samples=run.max_samples_per_client or None,
+            holdout=run.proxy_holdout(),  # the server's distillation proxy images: never on a node
+            data_dir=run.data_dir or None,
+        )
     model = _model_from(msg, run)
     server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
     start = time.perf_counter()
@@ -111,8 +127,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)
     run = RunConfig.from_mapping(context.run_config)
     partition_id, num_partitions = _partition(context)
-    data = load_dataset(run.dataset, run.data_dir or None)
-    x, y = data.x_test[partition_id::num_partitions], data.y_test[partition_id::num_partitions]
+    if DATA_FILE_KEY in context.node_config:
+        x, y = _own_data_file(context, run, partition_id, num_partitions)[2:]
+    else:
+        data = load_dataset(run.dataset, run.data_dir or None)
+        x, y = data.x_test[partition_id::num_partitions], data.y_test[partition_id::num_partitions]
     model = _model_from(msg, run)
     loss, accuracy = evaluate_model(model, x, y)
     metrics = MetricRecord({"num-examples": len(x), "eval-loss": loss, "eval-acc": accuracy})

@@ -28,6 +28,7 @@ from fedsqueeze.config import RunConfig
 from fedsqueeze.data import load_dataset
 from fedsqueeze.models import build_model, first_model
 from fedsqueeze.protocol import arrays_to_tensors, tensors_to_arrays
+from fedsqueeze.server.checkpoint import Checkpoint, RoundOffset, load_checkpoint, save_checkpoint
 from fedsqueeze.server.server_distiller import ServerDistiller
 from fedsqueeze.server.results import ResultsWriter
 from fedsqueeze.server.strategy import UP, CompressedStrategy
@@ -96,6 +97,24 @@ def make_compressed_strategy(run: RunConfig, keep_client_models: bool = False) -
     )
 
 
+def _resumed(run: RunConfig, distiller: ServerDistiller | None) -> Checkpoint | None:
+    """With ``resume = true``: the killed run's checkpoint in ``results-dir``, its files rewritten to match it.
+
+    Raises
+    ------
+    ValueError
+        If distillation is on (its state is not checkpointed), or see :func:`load_checkpoint`.
+    """
+    if not run.resume:
+        return None
+    if distiller is not None:
+        raise ValueError("resume = true does not support server-side distillation (distill-every > 0)")
+    checkpoint = load_checkpoint(run.results_dir, run.as_dict())
+    checkpoint.results.resume_files()
+    log(INFO, "fedsqueeze: resuming after round %d from %s", checkpoint.round, run.results_dir)
+    return checkpoint
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run federated training with compressed updates and write the results.
@@ -115,17 +134,23 @@ def main(grid: Grid, context: Context) -> None:
     distiller = (
         ServerDistiller(run, data, lambda: build_model(run.model, run.dataset)) if run.proxy_holdout() > 0 else None
     )
-    strategy = make_compressed_strategy(run, keep_client_models=distiller is not None and distiller.ensemble)
-    results = ResultsWriter(run.results_dir, run.as_dict())
+    checkpoint = _resumed(run, distiller)
+    if checkpoint is None:
+        strategy = make_compressed_strategy(run, keep_client_models=distiller is not None and distiller.ensemble)
+        results = ResultsWriter(run.results_dir, run.as_dict())
+    else:
+        strategy, results, initial_arrays = checkpoint.strategy, checkpoint.results, checkpoint.arrays
+    done = checkpoint.round if checkpoint is not None else 0  # rounds a killed run completed
     log(INFO, "fedsqueeze: %s", strategy)
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        server_round += done if server_round > 0 else 0  # Flower counts a resumed run's rounds from 1
         set_weights(model, arrays_to_tensors(arrays))
         loss, accuracy = evaluate(model, data.x_test, data.y_test)
-        if server_round == 0:
+        if server_round == 0 and done == 0:
             results.log_initial(accuracy, loss)
             results.start_clock()
-        else:
+        elif server_round > 0:  # (a resumed run's round 0 is the checkpoint's model: logged already)
             traffic = [t for t in strategy.traffic if t.round == server_round]
             replies = sum(1 for t in traffic if t.direction == UP and t.message_type == "train")
             rejected = sum(1 for r in strategy.rejections if r.round == server_round)
@@ -134,13 +159,15 @@ def main(grid: Grid, context: Context) -> None:
             if distiller is not None and distiller.due(server_round):
                 row = distiller.distill_round(server_round, model, strategy.client_models, accuracy)
                 results.log_distillation(row)
+            save_checkpoint(server_round, arrays, strategy, results)
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
     train_config = ConfigRecord({key: run[key] for key in ("local-epochs", "batch-size", "lr", "momentum")})
-    strategy.start(
+    RoundOffset(strategy, done).start(
         grid=grid,
-        initial_arrays=tensors_to_arrays(initial),
-        num_rounds=run.num_server_rounds,
+        initial_arrays=tensors_to_arrays(initial) if checkpoint is None else initial_arrays,
+        num_rounds=max(run.num_server_rounds - done, 0),
+        timeout=run.round_timeout,
         train_config=train_config,
         evaluate_fn=evaluate_global,
     )

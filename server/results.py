@@ -10,7 +10,7 @@ Files in ``results-dir`` (overwritten by each run):
       (centralized evaluation on the server).
     - ``uplink_bytes``, ``downlink_bytes``: bytes of every message of the round from the
       nodes to the server and back (train messages, and evaluate messages when federated
-      evaluation is on), as counted by :func:`fedsqueeze.protocol.message_bytes`.
+      evaluation is on), as counted by :func:`fedsqueeze.framing.wire_bytes`.
     - ``uplink_fp32_bytes``, ``downlink_fp32_bytes``: the same messages as plain Flower
       would have sent them, with the model as an FP32 ArrayRecord.
     - ``uplink_payload_bytes``, ``downlink_payload_bytes``: the codec blobs inside those
@@ -39,7 +39,11 @@ Files in ``results-dir`` (overwritten by each run):
     bytes: ``uplink``, ``downlink``, ``total``), ``per_node`` (node id ->
     ``uplink_bytes``, ``downlink_bytes``), ``rejected`` (``round``, ``node_id``,
     ``reason`` of each dropped reply) and ``wall_seconds``; with server-side distillation
-    also ``compact``, the content of ``compact.json``.
+    also ``compact``, the content of ``compact.json``. When the wire was measured (e.g. by a
+    counting proxy in front of the SuperLink, see :func:`add_wire_measurement`), ``wire``: the
+    measured bytes, each as ``{"up": .., "down": ..}``, of ``message_bodies`` (what
+    ``totals`` models), ``http_headers``, ``idle`` (heartbeats and polls that found nothing),
+    ``fab_download`` and ``control`` (every other body), plus ``measured_over_reported``.
 
 Files written only with server-side distillation on (``distill-every`` > 0; a run without
 it deletes ``distill.csv`` and ``compact.json`` left by an earlier run in the same folder):
@@ -96,7 +100,9 @@ from flwr.supercore import log
 
 from fedsqueeze.server.strategy import DOWN, UP, Rejection, TrafficRecord
 
-__all__ = ["ROUND_COLUMNS", "MESSAGE_COLUMNS", "DISTILL_COLUMNS", "ResultsWriter", "human_bytes"]
+__all__ = [
+    "ROUND_COLUMNS", "MESSAGE_COLUMNS", "DISTILL_COLUMNS", "ResultsWriter", "human_bytes", "add_wire_measurement",
+]
 
 ROUND_COLUMNS = [
     "round",
@@ -172,6 +178,21 @@ class ResultsWriter:
         self.distillations: list[dict[str, Any]] = []
         for stale in ("distill.csv", "compact.json"):  # written only by runs that distil
             (self.dir / stale).unlink(missing_ok=True)
+
+    def resume_files(self) -> None:
+        """Rewrite ``rounds.csv`` and ``messages.csv`` from the rows held (a resumed run's checkpoint), and go on
+        timing from the last row's ``elapsed_seconds`` (a killed run's rounds after its checkpoint are dropped)."""
+        with open(self.dir / "rounds.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(ROUND_COLUMNS)
+            writer.writerows([row[c] for c in ROUND_COLUMNS] for row in self.rounds)
+        with open(self.dir / "messages.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(MESSAGE_COLUMNS)
+            writer.writerows([getattr(t, c) for c in MESSAGE_COLUMNS] for t in self.messages)
+        elapsed = float(self.rounds[-1]["elapsed_seconds"]) if self.rounds else 0.0
+        self._last = time.perf_counter()
+        self._start = self._last - elapsed
 
     def start_clock(self) -> None:
         """Measure round times from now (call it right before the first round)."""
@@ -329,3 +350,42 @@ class ResultsWriter:
             self.dir.resolve(),
         )
         return summary
+
+
+#: The parts of a wire measurement that ``summary.json`` reports under ``wire``.
+WIRE_SECTIONS = ("message_bodies", "http_headers", "idle", "fab_download", "control")
+
+
+def add_wire_measurement(results_dir: str | Path, wire: Mapping[str, Mapping[str, int]]) -> dict[str, Any]:
+    """Add bytes measured on the wire to an existing ``summary.json``, and return its ``wire`` entry.
+
+    Parameters
+    ----------
+    results_dir : str or Path
+        The run's results folder, which holds ``summary.json``.
+    wire : mapping
+        Each of :data:`WIRE_SECTIONS` -> ``{"up": bytes, "down": bytes}``; ``up`` is node to SuperLink.
+
+    Raises
+    ------
+    ValueError
+        If a section or direction is missing, or a count is not a non-negative int.
+    """
+    entry: dict[str, Any] = {}
+    for section in WIRE_SECTIONS:
+        counts = wire.get(section)
+        if not isinstance(counts, Mapping) or set(counts) != {"up", "down"}:
+            raise ValueError(f"wire measurement {section!r} must map 'up' and 'down' to bytes, got {counts!r}")
+        if not all(isinstance(v, int) and v >= 0 for v in counts.values()):
+            raise ValueError(f"wire measurement {section!r} must hold non-negative ints, got {dict(counts)!r}")
+        entry[section] = {"up": counts["up"], "down": counts["down"]}
+    path = Path(results_dir) / "summary.json"
+    summary = json.loads(path.read_text())
+    totals = summary["totals"]
+    entry["measured_over_reported"] = {
+        "up": entry["message_bodies"]["up"] / max(totals["uplink_bytes"], 1),
+        "down": entry["message_bodies"]["down"] / max(totals["downlink_bytes"], 1),
+    }
+    summary["wire"] = entry
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    return entry

@@ -16,7 +16,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedsqueeze.framing import message_bytes
+from fedsqueeze.framing import wire_bytes
 from fedsqueeze.protocol import HELLO, PAYLOAD_KEY, stable_key_of
 from fedsqueeze.server.traffic import DOWN, UP, TrafficMeter
 
@@ -48,12 +48,12 @@ class StableNodeOrder:
             for i in node_ids
         ]
         for msg in messages:
-            size = message_bytes(msg)
+            size = wire_bytes(msg)
             meter.record(server_round, msg.metadata.dst_node_id, DOWN, msg, "hello", size=size, fp32_bytes=0)
         for reply in _replies(grid, messages):
             node_id = reply.metadata.src_node_id
             key = stable_key_of(reply)
-            meter.record(server_round, node_id, UP, reply, "hello", size=message_bytes(reply), fp32_bytes=0)
+            meter.record(server_round, node_id, UP, reply, "hello", size=wire_bytes(reply), fp32_bytes=0)
             if key is not None:
                 self.keys[node_id] = (0, key)
         for i in node_ids:

@@ -15,7 +15,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from fedsqueeze.codecs import Codec, parse
-from fedsqueeze.framing import message_bytes
+from fedsqueeze.framing import wire_bytes
 from fedsqueeze.protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -151,6 +151,7 @@ class CompressedStrategy(Strategy):
         self._expected: dict[int, int] = {}
         self._checker: ReplyChecker | None = None
         self._dtypes: dict[str, torch.dtype] = {}
+        self._sent: list[Message] = []  # the latest configure_*'s messages: replies are matched to them
 
     @property
     def traffic(self) -> list[TrafficRecord]:
@@ -188,6 +189,7 @@ class CompressedStrategy(Strategy):
         self.downlink_state.advance(global_model)
         for msg in messages:
             self._compress_message(server_round, msg)
+        self._sent = messages
         return messages
 
     def aggregate_train(
@@ -241,7 +243,7 @@ class CompressedStrategy(Strategy):
 
     def _compress_message(self, server_round: int, msg: Message) -> None:
         node_id = msg.metadata.dst_node_id
-        fp32 = message_bytes(msg)
+        fp32 = wire_bytes(msg)
         records = msg.content.array_records
         key = self.arrays_key if self.arrays_key in records else next(iter(records), None)
         if key is None:  # nothing to compress
@@ -271,7 +273,7 @@ class CompressedStrategy(Strategy):
             DOWN,
             msg,
             plan.kind,
-            size=message_bytes(msg),
+            size=wire_bytes(msg),
             fp32_bytes=fp32,
             payload_bytes=plan.size,
         )
@@ -279,9 +281,9 @@ class CompressedStrategy(Strategy):
     def _accept(self, server_round: int, reply: Message) -> Accepted | None:
         """Check one reply; on success turn it into the plain reply the inner strategy expects."""
         assert self._checker is not None, "configure_train runs before aggregate_train"
-        node_id = reply.metadata.src_node_id
+        node_id = self._recipient(reply)
         expected = self._expected.pop(node_id, None)
-        size = message_bytes(reply)
+        size = wire_bytes(reply)
         try:
             result = self._checker.check(reply, expected)
         except Rejected as err:
@@ -334,6 +336,19 @@ class CompressedStrategy(Strategy):
             self.rejections.append(Rejection(server_round, node_id, reason))
         return kept
 
+    def _recipient(self, reply: Message) -> int:
+        """The node a reply stands for: the destination of the message it answers.
+
+        For a node that died, the SuperLink replies in its place with an error whose source is the
+        SuperLink's own id, not the node's; the message id it answers names the node. A reply that
+        answers none of the latest messages (or whose grid set no message ids) stands for its source.
+        """
+        answered = reply.metadata.reply_to_message_id
+        for msg in self._sent if answered else ():
+            if msg.metadata.message_id == answered:
+                return msg.metadata.dst_node_id
+        return reply.metadata.src_node_id
+
     # ------------------------------------------------------------------ evaluation
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -344,13 +359,14 @@ class CompressedStrategy(Strategy):
             messages = list(self.inner.configure_evaluate(server_round, arrays, config, ordered))
         for msg in messages:
             self.meter.record_plain(server_round, msg.metadata.dst_node_id, DOWN, msg)
+        self._sent = messages
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Measure the evaluation replies and let the inner strategy aggregate them."""
         replies = list(replies)
         for reply in replies:
-            self.meter.record_plain(server_round, reply.metadata.src_node_id, UP, reply)
+            self.meter.record_plain(server_round, self._recipient(reply), UP, reply)
         return self.inner.aggregate_evaluate(server_round, replies)
 
 

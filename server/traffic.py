@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-from fedsqueeze.framing import message_bytes
+from fedsqueeze.framing import wire_bytes
 from fedsqueeze.protocol import ENCODE_TIME_METRIC, PAYLOAD_KEY, tensors_to_arrays
 
 __all__ = ["TrafficRecord", "TrafficMeter", "Direction", "UP", "DOWN"]
@@ -38,7 +38,7 @@ class TrafficRecord:
         ``"full"`` or ``"delta"`` (fedsqueeze payloads), ``"plain"`` (no fedsqueeze payload),
         ``"error"`` (an error reply) or ``"rejected"`` (a reply the server dropped).
     bytes : int
-        Wire size, see :func:`fedsqueeze.framing.message_bytes`.
+        Wire size, see :func:`fedsqueeze.framing.wire_bytes`.
     fp32_bytes : int
         Wire size of the same message with a plain FP32 ArrayRecord instead of the payload
         (what Flower without fedsqueeze would have sent).
@@ -74,7 +74,7 @@ class TrafficMeter:
         fp32_bytes: int,
         payload_bytes: int = 0,
     ) -> None:
-        """Add one message (``size`` from :func:`message_bytes`, measured when it crossed)."""
+        """Add one message (``size`` from :func:`wire_bytes`, measured when it crossed)."""
         self.records.append(
             TrafficRecord(
                 server_round, node_id, direction, msg.metadata.message_type, kind, size, fp32_bytes, payload_bytes
@@ -83,7 +83,7 @@ class TrafficMeter:
 
     def record_plain(self, server_round: int, node_id: int, direction: Direction, msg: Message) -> None:
         """Add a message that fedsqueeze did not touch: its FP32 size is its size."""
-        size = message_bytes(msg)
+        size = wire_bytes(msg)
         kind = "error" if msg.has_error() else "plain"
         self.record(server_round, node_id, direction, msg, kind, size=size, fp32_bytes=size)
 
@@ -99,14 +99,14 @@ def fp32_reply_bytes(reply: Message, weights: Mapping[str, torch.Tensor], key: s
     plus ``weights`` (floats as FP32) under ``key``.
     """
     if reply.has_error():
-        return message_bytes(reply)
+        return wire_bytes(reply)
     content = RecordDict()
     for name, record in reply.content.items():
         if name == PAYLOAD_KEY or isinstance(record, ArrayRecord):
             continue
         content[name] = _without_payload_metrics(record) if isinstance(record, MetricRecord) else record
     content[key] = tensors_to_arrays({k: v.float() if v.is_floating_point() else v for k, v in weights.items()})
-    return message_bytes(Message(metadata=reply.metadata, content=content))  # type: ignore[call-overload]
+    return wire_bytes(Message(metadata=reply.metadata, content=content))  # type: ignore[call-overload]
 
 
 def _without_payload_metrics(record: MetricRecord) -> MetricRecord:

@@ -14,7 +14,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedsqueeze.client import compression_mod
 from fedsqueeze.client.mod import STATE_REFERENCE
 from fedsqueeze.codecs import parse
-from fedsqueeze.framing import message_bytes
+from fedsqueeze.framing import wire_bytes
 from fedsqueeze.protocol import (
     DELTA,
     FULL,
@@ -288,9 +288,9 @@ def test_traffic_records_match_message_sizes() -> None:
     app, ctx = make_client(), contexts(NODES)
     strategy = CompressedStrategy(FedAvg(), uplink="fp16", downlink="identity")
     messages = list(strategy.configure_train(1, tensors_to_arrays(global_model()), ConfigRecord(), FakeGrid(NODES)))
-    down_sizes = {m.metadata.dst_node_id: message_bytes(m) for m in messages}
+    down_sizes = {m.metadata.dst_node_id: wire_bytes(m) for m in messages}
     replies = [app(m, ctx[m.metadata.dst_node_id]) for m in messages]
-    up_sizes = {r.metadata.src_node_id: message_bytes(r) for r in replies}
+    up_sizes = {r.metadata.src_node_id: wire_bytes(r) for r in replies}
     strategy.aggregate_train(1, replies)
     for t in [t for t in strategy.traffic if t.message_type == "train"]:
         assert t.bytes == (down_sizes if t.direction == DOWN else up_sizes)[t.node_id]
