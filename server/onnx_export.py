@@ -81,11 +81,20 @@ class _Graph:
         return output
 
 
-def _weight(graph: _Graph, layer: int, weight: torch.Tensor, bits: int) -> str:
-    """The weight as a float32 initializer, or as int8 + scale behind a DequantizeLinear."""
-    if bits == 32:
+def _weight(graph: _Graph, layer: int, op: dict[str, Any], bits: int) -> str:
+    """The weight as a float32 initializer, or as int8 + scale behind a DequantizeLinear.
+
+    An LSQ layer's weight is stored on its learned grid (values of 2..8 bits in int8), whatever ``bits`` is.
+    """
+    weight, quant = op["weight"], op.get("quant")
+    if quant is None and bits == 32:
         return graph.const(f"layer{layer}.weight", weight.numpy().astype(np.float32))
-    q, scale = quantize_per_channel(weight, 8)
+    if quant is None:
+        q, scale = quantize_per_channel(weight, 8)
+    else:
+        scale = quant["step"].float()
+        half = 2 ** (quant["bits"] - 1)
+        q = torch.round(weight / scale.view(-1, *([1] * (weight.dim() - 1)))).clamp(-half, half - 1).to(torch.int8)
     inputs = [
         graph.const(f"layer{layer}.weight_int8", q.numpy()),
         graph.const(f"layer{layer}.scale", scale.numpy().astype(np.float32)),
@@ -94,14 +103,34 @@ def _weight(graph: _Graph, layer: int, weight: torch.Tensor, bits: int) -> str:
     return graph.node("DequantizeLinear", inputs, axis=0)
 
 
+def _on_grid(graph: _Graph, x: str, grid: list[float] | None, name: str) -> str:
+    """QuantizeLinear + DequantizeLinear of an activation onto an LSQ layer's 8-bit grid (QDQ form)."""
+    if grid is None:
+        return x
+    step, lo, hi = grid
+    if (lo, hi) not in ((-128, 127), (0, 255)):
+        raise ValueError(f"{name}: ONNX QDQ activations must be 8-bit (grid -128..127 or 0..255), got {lo}..{hi}")
+    zero = np.array(0, dtype=np.int8 if lo < 0 else np.uint8)
+    scale = graph.const(f"{name}.step", np.array(step, dtype=np.float32))
+    zero_point = graph.const(f"{name}.zero_point", zero)
+    quantised = graph.node("QuantizeLinear", [x, scale, zero_point])
+    return graph.node("DequantizeLinear", [quantised, scale, zero_point])
+
+
 def _weight_node(graph: _Graph, x: str, op: dict[str, Any], layer: int, bits: int) -> str:
-    inputs = [x, _weight(graph, layer, op["weight"], bits)]
+    quant = op.get("quant")
+    if quant is not None:
+        x = _on_grid(graph, x, quant["input"], f"layer{layer}.input")
+    inputs = [x, _weight(graph, layer, op, bits)]
     if op["bias"] is not None:
         inputs.append(graph.const(f"layer{layer}.bias", op["bias"].numpy().astype(np.float32)))
     if op["op"] == "linear":
-        return graph.node("Gemm", inputs, transB=1)
-    pads = list(op["padding"]) * 2  # ONNX: begins of both axes, then ends
-    return graph.node("Conv", inputs, strides=op["stride"], pads=pads, dilations=op["dilation"], group=op["groups"])
+        out = graph.node("Gemm", inputs, transB=1)
+    else:
+        pads = list(op["padding"]) * 2  # ONNX: begins of both axes, then ends
+        kwargs = {"strides": op["stride"], "pads": pads, "dilations": op["dilation"], "group": op["groups"]}
+        out = graph.node("Conv", inputs, **kwargs)
+    return out if quant is None else _on_grid(graph, out, quant["output"], f"layer{layer}.output")
 
 
 def _pool_node(graph: _Graph, x: str, op: dict[str, Any]) -> str:

@@ -5,7 +5,8 @@ Modules, in the order a student is built:
 - :mod:`~fedsqueeze.server.compact.layers`: the factored layers and ``count_parameters``;
 - :mod:`~fedsqueeze.server.compact.chain`: reading a teacher as a chain of layers (``to_chain``);
 - :mod:`~fedsqueeze.server.compact.prune`: structured pruning of that chain (``prune_chain``);
-- :mod:`~fedsqueeze.server.compact.build`: ``CompactConfig`` and ``build_student``.
+- :mod:`~fedsqueeze.server.compact.build`: ``CompactConfig`` and ``build_student``;
+- :mod:`~fedsqueeze.server.compact.lsq`: learned-step-size quantisation (``quantize_student``).
 """
 
 from fedsqueeze.server.compact.build import CompactConfig, Rank, build_student, describe, resolve_rank
@@ -17,6 +18,7 @@ from fedsqueeze.server.compact.layers import (
     Tucker2Conv2d,
     count_parameters,
 )
+from fedsqueeze.server.compact.lsq import QUANT_LAYERS, LsqQuantizer, QuantConv2d, QuantLinear, quantize_student
 from fedsqueeze.server.compact.prune import prune_chain
 
 __all__ = [
@@ -24,12 +26,17 @@ __all__ = [
     "CompactConfig",
     "LowRankConv2d",
     "LowRankLinear",
+    "LsqQuantizer",
+    "QUANT_LAYERS",
+    "QuantConv2d",
+    "QuantLinear",
     "Rank",
     "Tucker2Conv2d",
     "build_student",
     "count_parameters",
     "describe",
     "prune_chain",
+    "quantize_student",
     "resolve_rank",
     "to_chain",
 ]
