@@ -22,6 +22,7 @@ from torch import nn
 
 from fedsqueeze.server.compact import count_parameters
 from fedsqueeze.server.export import FORMAT, channel_normalisation, flatten_ops, quantize_per_channel
+from fedsqueeze.server.onnx_fuse import fold_input_normalisation, merge_factored
 
 __all__ = ["INPUT_NAME", "OPSET", "OUTPUT_NAME", "OnnxExportInfo", "OnnxRuntimeModel", "export_onnx"]
 
@@ -180,6 +181,7 @@ def export_onnx(
     mean: float | Sequence[float],
     std: float | Sequence[float],
     name: str = "compact",
+    fuse: bool = False,
 ) -> OnnxExportInfo:
     """Write ``model`` as ``{name}.onnx``: raw pixels in, logits out, int8 (QDQ) or float32 weights.
 
@@ -205,6 +207,10 @@ def export_onnx(
         Per-channel normalisation of the [0, 1]-scaled pixels used in training.
     name : str
         File stem (default: "compact").
+    fuse : bool
+        Fewer nodes for batch-1 speed (:mod:`~fedsqueeze.server.onnx_fuse`): factored pairs
+        merged where that adds few weights, the input normalisation folded into the first
+        conv; the same function up to float rounding (default: False).
 
     Returns
     -------
@@ -225,9 +231,19 @@ def export_onnx(
 
     mean_c, std_c = channel_normalisation(mean, std, int(input_shape[0]))
     graph = _Graph()
-    x = _normalise_input(graph, mean_c, std_c)
+    ops = flatten_ops(model)
+    how = "none"
+    if fuse:
+        ops, how, shift = fold_input_normalisation(merge_factored(ops), mean_c, std_c)
+    if how == "none":
+        x = _normalise_input(graph, mean_c, std_c)
+    elif how == "shift":
+        shift_const = np.array(shift, dtype=np.float32).reshape(1, -1, 1, 1)
+        x = graph.node("Sub", [INPUT_NAME, graph.const("input.shift", shift_const)])
+    else:
+        x = INPUT_NAME
     layer = 0
-    for op in flatten_ops(model):
+    for op in ops:
         x = _op_node(graph, x, op, layer, bits)
         layer += op["op"] in ("conv2d", "linear")
     graph.nodes.append(graph.helper.make_node("Identity", [x], [OUTPUT_NAME], name=OUTPUT_NAME))
@@ -264,6 +280,10 @@ class OnnxRuntimeModel:
         A file written by :func:`export_onnx`.
     threads : int
         onnxruntime intra-op threads (default: 1, as the batch-1 latencies are stated).
+    integer_kernels : bool
+        Let onnxruntime fuse Q/DQ pairs into integer kernels (QLinearConv, QGemm); if False the
+        int8 weights are dequantised once when the session loads and the graph runs in float32
+        (default: False).
 
     Raises
     ------
@@ -271,12 +291,15 @@ class OnnxRuntimeModel:
         If onnxruntime is not installed.
     """
 
-    def __init__(self, path: str | os.PathLike[str], threads: int = 1) -> None:
+    def __init__(self, path: str | os.PathLike[str], threads: int = 1, integer_kernels: bool = False) -> None:
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        if not integer_kernels:
+            # Without QDQ fusion, DequantizeLinear of constant weights is folded once at load time
+            options.add_session_config_entry("session.disable_quant_qdq", "1")
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def __call__(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
