@@ -127,7 +127,11 @@ def layer_sensitivity(
 
 
 def sensitivity_ratios(
-    model: nn.Module, sensitivity: Mapping[str, Mapping[float, float]], target_params: int, norm: Norm = "l1"
+    model: nn.Module,
+    sensitivity: Mapping[str, Mapping[float, float]],
+    target_params: int,
+    norm: Norm = "l1",
+    size: Callable[[nn.Module], int] = count_parameters,
 ) -> dict[str, float]:
     """Per-layer ratios bringing ``model`` to at most ``target_params``, cheapest measured loss first.
 
@@ -146,6 +150,9 @@ def sensitivity_ratios(
         Parameter budget.
     norm : {"l1", "l2"}
         Norm ranking filters within a layer (default: "l1").
+    size : callable
+        The size a pruned model is budgeted by, e.g. the parameters of the student factored from
+        it (default: :func:`~fedsqueeze.server.compact.count_parameters`).
 
     Returns
     -------
@@ -158,7 +165,7 @@ def sensitivity_ratios(
         If even the largest ratios of the grid leave more than ``target_params`` parameters.
     """
     ratios = {name: 0.0 for name in sensitivity}
-    params = count_parameters(model)
+    params = size(model)
     while params > target_params:
         best: tuple[float, str, float, int] | None = None
         for name, row in sensitivity.items():
@@ -166,15 +173,15 @@ def sensitivity_ratios(
             if not steps:
                 continue
             trial = {**ratios, name: steps[0]}
-            removed = params - count_parameters(pruned_copy(model, trial, norm))
+            removed = params - size(pruned_copy(model, trial, norm))
             cost = max(row[steps[0]] - row[ratios[name]], 0.0) / max(removed, 1)
             if removed > 0 and (best is None or cost < best[0]):
                 best = (cost, name, steps[0], params - removed)
         if best is None:
-            raise ValueError(f"the grid cannot bring {count_parameters(model)} parameters down to {target_params}")
+            raise ValueError(f"the grid cannot bring {size(model)} parameters down to {target_params}")
         _, name, ratio, params = best
         ratios[name] = ratio
-    return _fill_budget(model, sensitivity, ratios, target_params, norm)
+    return _fill_budget(model, sensitivity, ratios, target_params, norm, size)
 
 
 def _fill_budget(
@@ -183,6 +190,7 @@ def _fill_budget(
     ratios: dict[str, float],
     target_params: int,
     norm: Norm,
+    size: Callable[[nn.Module], int],
 ) -> dict[str, float]:
     """Lower ratios one grid step at a time, largest loss saving first, while the model stays within budget.
 
@@ -196,7 +204,7 @@ def _fill_budget(
             if not lower:
                 continue
             trial = {**ratios, name: lower[-1]}
-            if count_parameters(pruned_copy(model, trial, norm)) > target_params:
+            if size(pruned_copy(model, trial, norm)) > target_params:
                 continue
             saving = row[ratios[name]] - row[lower[-1]]
             if best is None or saving > best[0]:
@@ -225,6 +233,7 @@ def iterative_prune(
     method: Literal["sensitivity", "l1", "l2"] = "sensitivity",
     sensitivity_samples: int = 1000,
     grid: Sequence[float] = DEFAULT_GRID,
+    size: Callable[[nn.Module], int] = count_parameters,
 ) -> tuple[nn.Sequential, list[PruneStep]]:
     """Prune ``model`` to at most ``target_params`` in ``steps`` rounds of prune -> distillation fine-tuning.
 
@@ -253,6 +262,9 @@ def iterative_prune(
         Proxy images used to measure sensitivity (default: 1000).
     grid : sequence of float
         Ratios tried per layer and step (default: :data:`DEFAULT_GRID`).
+    size : callable
+        The size ``target_params`` budgets, for the sensitivity method (see
+        :func:`sensitivity_ratios`; default: the parameter count).
 
     Returns
     -------
@@ -266,7 +278,7 @@ def iterative_prune(
     if method not in ("sensitivity", "l1", "l2"):
         raise ValueError(f"method must be 'sensitivity', 'l1' or 'l2', got {method!r}")
     current = pruned_copy(model, {})
-    start = count_parameters(current)
+    start = size(current) if method == "sensitivity" else count_parameters(current)
     if target_params >= start:
         raise ValueError(f"target_params {target_params} is not below the model's {start} parameters")
     history: list[PruneStep] = []
@@ -274,12 +286,14 @@ def iterative_prune(
         goal = math.ceil(start - (start - target_params) * step / steps)
         if method == "sensitivity":
             table = layer_sensitivity(current, teacher, proxy_x[:sensitivity_samples], grid, "l1")
-            ratios = sensitivity_ratios(current, table, goal, "l1")
+            ratios = sensitivity_ratios(current, table, goal, "l1", size)
         else:
             ratios = uniform_ratios(current, goal, method)
         current = pruned_copy(current, ratios, "l1" if method == "sensitivity" else method)
         losses = fine_tune(current)
-        history.append(PruneStep(ratios, count_parameters(current), losses))
+        history.append(
+            PruneStep(ratios, size(current) if method == "sensitivity" else count_parameters(current), losses)
+        )
     return current, history
 
 
