@@ -20,8 +20,8 @@ from torch import nn
 
 from fedsqueeze.predict import main as predict_main
 from fedsqueeze.predict import predict
-from fedsqueeze.server.compact import CompactConfig, build_student, count_parameters
 from fedsqueeze.server import export as export_module
+from fedsqueeze.server.compact import CompactConfig, build_student, count_parameters
 from fedsqueeze.server.export import (
     LATENCY_KEY,
     LATENCY_NO_ONEDNN_KEY,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Collection, Literal, Mapping, cast
+from collections.abc import Collection, Mapping
+from typing import Literal, cast
 
 import torch
 from torch import nn
@@ -105,7 +106,7 @@ def prune_chain(
     if unknown:
         raise ValueError(f"layer_ratios names unknown layers {unknown}; layers are {[n for n, _ in chain]}")
     weighted = [i for i, (_, m) in enumerate(chain) if isinstance(m, (nn.Conv2d, nn.Linear, *FACTORED_LAYERS))]
-    for pos, nxt in zip(weighted, weighted[1:]):
+    for pos, nxt in zip(weighted, weighted[1:], strict=False):
         name, layer = chain[pos]
         ratio = conv_ratio if isinstance(layer, (nn.Conv2d, LowRankConv2d, Tucker2Conv2d)) else linear_ratio
         ratio = layer_ratios.get(name, ratio)
