@@ -297,7 +297,7 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
 class _FlatNet(nn.Module):
     """A chain of primitive ops whose weights live in three packed buffers.
 
-    ``q`` (int8) holds the 8-bit weights, ``p`` (uint8, only if needed) the 2- and 4-bit weights
+    ``q`` (int8, if used) holds the 8-bit weights, ``p`` (uint8, if used) the 2- and 4-bit weights
     packed two or four to a byte, ``f`` (float32) scales, activation steps, biases, fp32 weights and the input
     normalisation; ``forward`` slices them with constant offsets, so a traced copy is one module
     with one short ``code`` file and three tensors. Layers from LSQ training quantise their
@@ -315,8 +315,10 @@ class _FlatNet(nn.Module):
         self.ops = ops
         self.norm_ref = norm_ref  # [offset, channels]: mean at offset, 1/std after it
         q, p, f = buffers
-        self.register_buffer("q", q)
-        if p.numel():  # only models with 2- or 4-bit layers carry the packed buffer
+        # Only the integer buffers a model uses: an empty one would still cost a record in the archive
+        if q.numel():
+            self.register_buffer("q", q)
+        if p.numel():
             self.register_buffer("p", p)
         self.register_buffer("f", f)
 
@@ -473,11 +475,18 @@ def _pack(
     return _FlatNet(packed_ops, buffers.tensors(), norm_ref), tensors
 
 
+#: Records of a TorchScript archive that loading does not need: debug source ranges, and an id for
+#: the serialiser's own bookkeeping.
+_DROPPED_RECORDS = (".debug_pkl", ".data/serialization_id")
+
+
 def _repack_zip(data: bytes) -> bytes:
-    """Rewrite a TorchScript archive without ``*.debug_pkl`` records and with deflate compression.
+    """Rewrite a TorchScript archive smaller: no debug records, one-letter root folder, deflate, no empty tensor.
 
     ``torch.jit.load`` reads such archives (checked by the tests); debug records only hold
-    source ranges for error messages.
+    source ranges for error messages, and the root folder name (the file stem by default) is
+    repeated in every record's local and central zip header, so a short one saves bytes on
+    small models.
     """
     out = io.BytesIO()
     with (
@@ -485,8 +494,10 @@ def _repack_zip(data: bytes) -> bytes:
         zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zout,
     ):
         for info in zin.infolist():
-            if not info.filename.endswith(".debug_pkl"):
-                zout.writestr(info.filename, zin.read(info.filename))
+            if info.filename.endswith(_DROPPED_RECORDS):
+                continue
+            _, _, rest = info.filename.partition("/")
+            zout.writestr(f"m/{rest}", zin.read(info.filename))
     return out.getvalue()
 
 
@@ -550,7 +561,7 @@ def _write_safetensors(
     metadata = {
         "format": FORMAT,
         "bits": str(bits),
-        "ops": json.dumps(_structure(ops)),
+        "ops": json.dumps(_structure(ops), separators=(",", ":")),  # compact: the header counts on small models
         "mean": json.dumps(mean),
         "std": json.dumps(std),
     }
