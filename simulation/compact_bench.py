@@ -9,9 +9,10 @@ of them interleaved at batch 1 on one thread. Students:
 - ``l1_kd_hints``: the same plus activation matching (ablation: soft labels alone vs plus hints);
 - ``sens_kd``: the same size pruned by measured sensitivity (ablation: L1 vs sensitivity);
 - ``sens_iter_kd``: sensitivity pruning in an iterative prune -> fine-tune schedule to that size;
-- ``l1_kd_ptq4`` / ``l1_kd_lsq4``: ``l1_kd`` with 4-bit weights, post-training vs LSQ fine-tuned
-  (ablation: PTQ int8, i.e. ``l1_kd``'s int8 file, vs LSQ 4-bit);
-- ``strided_kd`` / ``strided_kd_lsq4``: the four-node strided student, int8 and LSQ 4-bit.
+- ``l1_kd_ptq{4,2}`` / ``l1_kd_lsq{4,2}``: ``l1_kd`` with 4- and 2-bit weights, post-training
+  (calibrated steps) vs LSQ fine-tuned (ablation: PTQ int8, i.e. ``l1_kd``'s int8 file, vs LSQ 4-bit);
+- ``strided_kd`` / ``strided_kd_lsq4`` / ``strided_kd_lsq842``: the four-node strided student,
+  int8, LSQ 4-bit, and LSQ with 8/4/2 bits in conv1/conv2/fc.
 """
 
 from __future__ import annotations
@@ -113,13 +114,16 @@ def _models(args: argparse.Namespace, teacher: nn.Module, proxy: torch.Tensor) -
     facts = _pruned_students(args, teacher, proxy)
     models = {"teacher": teacher}
     models.update({k: facts.pop(k) for k in ("l1_kd", "l1_kd_hints", "sens_kd", "sens_iter_kd")})
-    models["l1_kd_ptq4"] = quantize_student(models["l1_kd"], proxy[:512], weight_bits=4)
-    models["l1_kd_lsq4"] = _quantised(models["l1_kd"], teacher, proxy, 4, args)
+    for bits in (4, 2):
+        models[f"l1_kd_ptq{bits}"] = quantize_student(models["l1_kd"], proxy[:512], weight_bits=bits)
+        models[f"l1_kd_lsq{bits}"] = _quantised(models["l1_kd"], teacher, proxy, bits, args)
     widths = tuple(int(w) for w in args.strided_widths.split(","))
     strided = _kd(strided_student(1, 28, 10, widths, seed=args.seed), teacher, proxy, args.strided_epochs, args.seed,
                   lr=0.01)  # fmt: skip
     models["strided_kd"] = strided
     models["strided_kd_lsq4"] = _quantised(strided, teacher, proxy, 4, args)
+    # fc holds 43 % of the weights: 2 bits there, 4 in conv2, 8 in the small first conv
+    models["strided_kd_lsq842"] = _quantised(strided, teacher, proxy, {"conv1": 8, "conv2": 4, "fc": 2}, args)
     return models, facts
 
 
