@@ -56,6 +56,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--teacher", default="lenet5", help="teacher model name (default: lenet5)")
     p.add_argument("--teacher-epochs", type=int, default=3, help="central teacher training epochs (default: 3)")
     p.add_argument("--teacher-state", type=Path, default=None, help="load the teacher here if present, else save")
+    p.add_argument("--train-limit", type=int, default=None, help="train the teacher on at most N images (default: all)")
     p.add_argument("--proxy-size", type=int, default=10_000, help="unlabeled proxy images (default: 10000)")
     p.add_argument("--epochs", type=int, default=10, help="distillation epochs of pruned students (default: 10)")
     p.add_argument("--strided-epochs", type=int, default=20, help="distillation epochs, strided (default: 20)")
@@ -171,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.teacher_state is not None and args.teacher_state.is_file():
         teacher.load_state_dict(torch.load(args.teacher_state, map_location="cpu", weights_only=True))
     else:
+        client_idx = client_idx[: args.train_limit]
         train(teacher, data.x_train[client_idx], data.y_train[client_idx], epochs=args.teacher_epochs, lr=0.01,
               seed=args.seed)  # fmt: skip
         if args.teacher_state is not None:
