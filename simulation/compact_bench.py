@@ -118,7 +118,8 @@ def _models(args: argparse.Namespace, teacher: nn.Module, proxy: torch.Tensor) -
     for bits in (4, 2):
         models[f"l1_kd_ptq{bits}"] = quantize_student(models["l1_kd"], proxy[:512], weight_bits=bits)
         models[f"l1_kd_lsq{bits}"] = _quantised(models["l1_kd"], teacher, proxy, bits, args)
-    widths = tuple(int(w) for w in args.strided_widths.split(","))
+    first, second = (int(w) for w in args.strided_widths.split(","))
+    widths = (first, second)
     strided = _kd(strided_student(1, 28, 10, widths, seed=args.seed), teacher, proxy, args.strided_epochs, args.seed,
                   lr=0.01)  # fmt: skip
     models["strided_kd"] = strided
@@ -139,7 +140,7 @@ def _export_all(models: dict[str, nn.Module], out: Path, raw: torch.Tensor, y: t
         plain = export_onnx(model, out, bits=bits, input_shape=(1, 28, 28), mean=mean, std=std, name=name)
         fused = export_onnx(model, out, bits=bits, input_shape=(1, 28, 28), mean=mean, std=std, name=name + "_fused",
                             fuse=True)  # fmt: skip
-        runtimes = {"torchscript": script, "ort": OnnxRuntimeModel(plain.onnx_path),
+        runtimes: dict[str, Any] = {"torchscript": script, "ort": OnnxRuntimeModel(plain.onnx_path),
                     "ort_fused": OnnxRuntimeModel(fused.onnx_path)}  # fmt: skip
         quantised = bool(weight_bits_of(model))
         if quantised:

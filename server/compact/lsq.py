@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +56,8 @@ class LsqQuantizer(nn.Module):
         if bits not in _SUPPORTED_WEIGHT_BITS:
             raise ValueError(f"bits must be one of {_SUPPORTED_WEIGHT_BITS}, got {bits!r}")
         self.bits, self.signed = int(bits), bool(signed)
-        self.lo, self.hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+        self.lo: int = -(2 ** (bits - 1)) if signed else 0
+        self.hi: int = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
         self.channels = channels
         self.step = nn.Parameter(torch.ones(channels if channels is not None else ()))
 
@@ -99,18 +100,19 @@ class LsqQuantizer(nn.Module):
 class _QuantMixin:
     """Fake-quantised input, weight and (for the last layer) output of a conv or linear layer."""
 
-    weight: nn.Parameter
     weight_quant: LsqQuantizer
     input_quant: LsqQuantizer
     output_quant: LsqQuantizer | None
 
-    def _attach(self, weight_bits: int, input_signed: bool, act_bits: int) -> None:
-        self.weight_quant = LsqQuantizer(weight_bits, signed=True, channels=self.weight.shape[0])
+    def _attach(self, out_channels: int, weight_bits: int, input_signed: bool, act_bits: int) -> None:
+        self.weight_quant = LsqQuantizer(weight_bits, signed=True, channels=out_channels)
         self.input_quant = LsqQuantizer(act_bits, signed=input_signed)
         self.output_quant = None
 
-    def _quantised(self, x: torch.Tensor, run: object) -> torch.Tensor:
-        out = run(self.input_quant(x), self.weight_quant(self.weight))  # type: ignore[operator]
+    def _quantised(
+        self, x: torch.Tensor, weight: torch.Tensor, run: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        out = run(self.input_quant(x), self.weight_quant(weight))
         return out if self.output_quant is None else self.output_quant(out)
 
 
@@ -121,14 +123,14 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
     def from_float(cls, layer: nn.Conv2d, weight_bits: int, input_signed: bool, act_bits: int = 8) -> QuantConv2d:
         new = cls(
             layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,  # type: ignore[arg-type]
-            layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode,
+            layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode,  # type: ignore[arg-type]
         )  # fmt: skip
         new.load_state_dict(layer.state_dict())
-        new._attach(weight_bits, input_signed, act_bits)
+        new._attach(layer.out_channels, weight_bits, input_signed, act_bits)
         return new.to(layer.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._quantised(x, lambda xq, wq: self._conv_forward(xq, wq, self.bias))
+        return self._quantised(x, self.weight, lambda xq, wq: self._conv_forward(xq, wq, self.bias))
 
 
 class QuantLinear(_QuantMixin, nn.Linear):
@@ -138,11 +140,11 @@ class QuantLinear(_QuantMixin, nn.Linear):
     def from_float(cls, layer: nn.Linear, weight_bits: int, input_signed: bool, act_bits: int = 8) -> QuantLinear:
         new = cls(layer.in_features, layer.out_features, layer.bias is not None)
         new.load_state_dict(layer.state_dict())
-        new._attach(weight_bits, input_signed, act_bits)
+        new._attach(layer.out_features, weight_bits, input_signed, act_bits)
         return new.to(layer.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._quantised(x, lambda xq, wq: F.linear(xq, wq, self.bias))
+        return self._quantised(x, self.weight, lambda xq, wq: F.linear(xq, wq, self.bias))
 
 
 #: The quantised layer types (subclasses of ``nn.Conv2d`` and ``nn.Linear``).
