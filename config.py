@@ -74,6 +74,9 @@ class RunConfig(Mapping[str, ConfigValue]):
     student_conv_rank: int = 0
     student_prune_ratio: float = 0.5
     student_bits: int = 8
+    student_weight_bits: int = 0
+    student_qat_epochs: int = 2
+    student_prune_method: str = "norm"
     # Deployment: seconds the server waits for a round's replies (Flower's default 3600); a node that has not
     # replied by then is left out of the round, so a dead SuperNode costs this, not the SuperLink's heartbeat
     round_timeout: float = 3600.0

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -190,7 +191,7 @@ def teacher_logits(
         raise ValueError("at least one teacher is needed")
     norm = _normalised_weights(weights, len(teachers))
     total: torch.Tensor | None = None
-    for teacher, w in zip(teachers, norm):
+    for teacher, w in zip(teachers, norm, strict=True):
         was_training = teacher.training
         teacher.eval()
         device = next((p.device for p in teacher.parameters()), torch.device("cpu"))

@@ -9,9 +9,10 @@ import statistics
 import time
 import warnings
 import zipfile
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fedsqueeze.server.compact import FACTORED_LAYERS, count_parameters, to_chain
+from fedsqueeze.server.compact.lsq import QUANT_LAYERS, LsqQuantizer
 
 __all__ = [
     "ExportInfo",
@@ -36,8 +38,10 @@ __all__ = [
     "latencies_us",
     "load_exported",
     "load_safetensors",
+    "pack_bits",
     "quantize_per_channel",
     "raw_pixels",
+    "unpack_bits",
 ]
 
 #: Value of the ``format`` metadata key of exported safetensors files.
@@ -93,11 +97,30 @@ class ExportInfo:
 # ----------------------------------------------------------------------------------------------
 
 
+def _grid(quantizer: LsqQuantizer) -> list[float]:
+    """``[step, lo, hi]`` of a per-tensor (activation) quantiser."""
+    return [float(quantizer.step.detach()), float(quantizer.lo), float(quantizer.hi)]
+
+
+def _quant_info(layer: nn.Module) -> dict[str, Any] | None:
+    """Weight bits and learned steps of an LSQ layer (None for a float layer)."""
+    if not isinstance(layer, QUANT_LAYERS):
+        return None
+    output = layer.output_quant
+    return {
+        "bits": layer.weight_quant.bits,
+        "step": layer.weight_quant.step.detach().float().clone(),
+        "input": _grid(layer.input_quant),
+        "output": None if output is None else _grid(output),
+    }
+
+
 def _weight_op(layer: nn.Conv2d | nn.Linear) -> dict[str, Any]:
     weight = layer.weight.detach().float()
     bias = None if layer.bias is None else layer.bias.detach().float()
+    quant = _quant_info(layer)
     if isinstance(layer, nn.Linear):
-        return {"op": "linear", "weight": weight, "bias": bias}
+        return {"op": "linear", "weight": weight, "bias": bias, "quant": quant}
     if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
         raise ValueError(
             f"only numeric zero padding can be exported, got padding={layer.padding!r}, mode={layer.padding_mode!r}"
@@ -110,11 +133,14 @@ def _weight_op(layer: nn.Conv2d | nn.Linear) -> dict[str, Any]:
         "padding": list(layer.padding),
         "dilation": list(layer.dilation),
         "groups": layer.groups,
+        "quant": quant,
     }
 
 
 def _fold_batchnorm(op: dict[str, Any], bn: nn.modules.batchnorm._BatchNorm) -> None:
     """Fold an eval-mode batch norm into the preceding conv/linear op in place."""
+    if op.get("quant") is not None:
+        raise ValueError("a batch norm after a quantised layer cannot be folded: fold it before quantising")
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError("a batch norm without running statistics cannot be folded for export")
     scale = (bn.running_var.detach().float() + bn.eps).rsqrt()
@@ -235,22 +261,65 @@ def quantize_per_channel(weight: torch.Tensor, bits: int = 8) -> tuple[torch.Ten
     return q.reshape(weight.shape), scale
 
 
-class _FlatNet(nn.Module):
-    """A chain of primitive ops whose weights live in two packed buffers.
+def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned integers of ``bits`` bits (2 or 4) into bytes, lowest bits first.
 
-    ``q`` (int8) holds every quantised weight, ``f`` (float32) holds scales, biases, fp32
-    weights and the input normalisation; ``forward`` slices them with constant offsets, so a
-    traced copy is one module with one short ``code`` file and two tensors.
+    Parameters
+    ----------
+    values : torch.Tensor
+        Integers in ``[0, 2**bits - 1]``, any shape (read flat).
+    bits : int
+        2 or 4: four or two values per byte.
+
+    Returns
+    -------
+    torch.Tensor
+        uint8 ``(ceil(values.numel() * bits / 8),)``; padding values are 0.
+    """
+    if bits not in (2, 4):
+        raise ValueError(f"only 2- and 4-bit values are packed, got bits={bits}")
+    flat = values.reshape(-1).to(torch.int64)
+    if len(flat) and (int(flat.min()) < 0 or int(flat.max()) >= 2**bits):
+        found = f"{int(flat.min())}..{int(flat.max())}"
+        raise ValueError(f"values must lie in [0, {2**bits - 1}] for {bits} bits, got {found}")
+    per_byte = 8 // bits
+    padded = F.pad(flat, (0, (-len(flat)) % per_byte)).view(-1, per_byte)
+    shifts = torch.arange(per_byte, dtype=torch.int64) * bits
+    return (padded << shifts).sum(1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: the first ``count`` values, as uint8."""
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
+    return ((packed[:, None] >> shifts) & (2**bits - 1)).reshape(-1)[:count]
+
+
+class _FlatNet(nn.Module):
+    """A chain of primitive ops whose weights live in three packed buffers.
+
+    ``q`` (int8, if used) holds the 8-bit weights, ``p`` (uint8, if used) the 2- and 4-bit weights
+    packed two or four to a byte, ``f`` (float32) scales, activation steps, biases, fp32 weights and the input
+    normalisation; ``forward`` slices them with constant offsets, so a traced copy is one module
+    with one short ``code`` file and three tensors. Layers from LSQ training quantise their
+    input (and the last its output) to the learned grid, as in training.
     """
 
     q: torch.Tensor
+    p: torch.Tensor
     f: torch.Tensor
 
-    def __init__(self, ops: list[dict[str, Any]], q: torch.Tensor, f: torch.Tensor, norm_ref: list[int]) -> None:
+    def __init__(
+        self, ops: list[dict[str, Any]], buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor], norm_ref: list[int]
+    ) -> None:
         super().__init__()
         self.ops = ops
         self.norm_ref = norm_ref  # [offset, channels]: mean at offset, 1/std after it
-        self.register_buffer("q", q)
+        q, p, f = buffers
+        # Only the integer buffers a model uses: an empty one would still cost a record in the archive
+        if q.numel():
+            self.register_buffer("q", q)
+        if p.numel():
+            self.register_buffer("p", p)
         self.register_buffer("f", f)
 
     def _floats(self, offset: int, count: int) -> torch.Tensor:
@@ -260,9 +329,30 @@ class _FlatNet(nn.Module):
         shape, count = ref["shape"], ref["count"]
         if "scale" not in ref:
             return self._floats(ref["offset"], count).view(shape)
-        values = self.q[ref["offset"] : ref["offset"] + count].to(torch.float32).view(shape)
+        if "packed_bits" in ref:
+            bits = ref["packed_bits"]
+            raw = self.p[ref["offset"] : ref["offset"] + ref["nbytes"]]
+            values = (unpack_bits(raw, bits, count).to(torch.float32) - 2 ** (bits - 1)).view(shape)
+        else:
+            values = self.q[ref["offset"] : ref["offset"] + count].to(torch.float32).view(shape)
         scale = self._floats(ref["scale"], shape[0]).view([shape[0]] + [1] * (len(shape) - 1))
         return values * scale
+
+    def _on_grid(self, x: torch.Tensor, grid: list[Any] | None) -> torch.Tensor:
+        if grid is None:
+            return x
+        step = self._floats(grid[0], 1)
+        return torch.clamp(torch.round(x / step), grid[1], grid[2]) * step
+
+    def _weight_layer(self, x: torch.Tensor, op: dict[str, Any]) -> torch.Tensor:
+        weight = self._weight(op["weight"])
+        bias = None if op["bias"] is None else self._floats(op["bias"][0], op["bias"][1])
+        x = self._on_grid(x, op.get("input"))
+        if op["op"] == "linear":
+            x = F.linear(x, weight, bias)
+        else:
+            x = F.conv2d(x, weight, bias, op["stride"], op["padding"], op["dilation"], op["groups"])
+        return self._on_grid(x, op.get("output"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         offset, channels = self.norm_ref
@@ -272,12 +362,7 @@ class _FlatNet(nn.Module):
         for op in self.ops:
             kind = op["op"]
             if kind in ("conv2d", "linear"):
-                weight = self._weight(op["weight"])
-                bias = None if op["bias"] is None else self._floats(op["bias"][0], op["bias"][1])
-                if kind == "linear":
-                    x = F.linear(x, weight, bias)
-                else:
-                    x = F.conv2d(x, weight, bias, op["stride"], op["padding"], op["dilation"], op["groups"])
+                x = self._weight_layer(x, op)
             elif kind == "relu":
                 x = F.relu(x)
             elif kind == "tanh":
@@ -308,55 +393,100 @@ def _as_channels(value: float | Sequence[float], label: str) -> list[float]:
     return values
 
 
+class _Buffers:
+    """The growing int8, packed uint8 and float32 buffers of :func:`_pack`."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, list[torch.Tensor]] = {"q": [], "p": [], "f": []}
+        self.sizes = {"q": 0, "p": 0, "f": 0}
+
+    def put(self, kind: str, tensor: torch.Tensor) -> int:
+        flat = tensor.reshape(-1)
+        self.parts[kind].append(flat)
+        offset = self.sizes[kind]
+        self.sizes[kind] += flat.numel()
+        return offset
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q = torch.cat(self.parts["q"]) if self.parts["q"] else torch.zeros(0, dtype=torch.int8)
+        p = torch.cat(self.parts["p"]) if self.parts["p"] else torch.zeros(0, dtype=torch.uint8)
+        return q, p, torch.cat([t.float() for t in self.parts["f"]])
+
+
+def _learned_weight(
+    buffers: _Buffers, weight: torch.Tensor, quant: dict[str, Any], layer: int, tensors: dict[str, torch.Tensor]
+) -> dict[str, Any]:
+    """Store an LSQ layer's weight on its learned grid: packed at 2 and 4 bits, int8 otherwise."""
+    bits, step = quant["bits"], quant["step"]
+    half = 2 ** (bits - 1)
+    q = torch.round(weight / step.view(-1, *([1] * (weight.dim() - 1)))).clamp_(-half, half - 1).to(torch.int64)
+    ref: dict[str, Any] = {"count": q.numel(), "shape": list(weight.shape), "scale": buffers.put("f", step)}
+    if bits in (2, 4):
+        packed = pack_bits(q + half, bits)
+        ref.update({"offset": buffers.put("p", packed), "packed_bits": bits, "nbytes": packed.numel()})
+        tensors[f"{layer}.weight"] = packed
+    else:
+        ref["offset"] = buffers.put("q", q.to(torch.int8))
+        tensors[f"{layer}.weight"] = q.to(torch.int8).contiguous()
+    tensors[f"{layer}.scale"] = step.contiguous()
+    return ref
+
+
 def _pack(
     ops: list[dict[str, Any]], bits: int, mean: list[float], std: list[float]
 ) -> tuple[_FlatNet, dict[str, torch.Tensor]]:
-    """Quantise and pack the op weights; return the flat module and per-layer tensors for safetensors."""
-    q_parts: list[torch.Tensor] = []
-    f_parts: list[torch.Tensor] = []
-    sizes = {"q": 0, "f": 0}
+    """Quantise and pack the op weights; return the flat module and per-layer tensors for safetensors.
+
+    Ops of LSQ layers (with a ``"quant"`` entry) keep their learned grids whatever ``bits`` is.
+    """
+    buffers = _Buffers()
     tensors: dict[str, torch.Tensor] = {}
-
-    def put(kind: str, tensor: torch.Tensor) -> int:
-        flat = tensor.reshape(-1)
-        (q_parts if kind == "q" else f_parts).append(flat)
-        offset = sizes[kind]
-        sizes[kind] += flat.numel()
-        return offset
-
-    norm_ref = [put("f", torch.tensor(mean)), len(mean)]
-    put("f", 1.0 / torch.tensor(std))
+    norm_ref = [buffers.put("f", torch.tensor(mean)), len(mean)]
+    buffers.put("f", 1.0 / torch.tensor(std))
     packed_ops: list[dict[str, Any]] = []
     layer = 0
     for op in ops:
         op = dict(op)
         if op["op"] in ("conv2d", "linear"):
-            weight, bias = op["weight"], op["bias"]
+            weight, bias, quant = op["weight"], op["bias"], op.pop("quant", None)
             shape = list(weight.shape)
-            if bits == 8:
+            if quant is not None:
+                op["weight"] = _learned_weight(buffers, weight, quant, layer, tensors)
+                for key in ("input", "output"):
+                    if quant[key] is not None:
+                        step, lo, hi = quant[key]
+                        op[key] = [buffers.put("f", torch.tensor([step])), lo, hi]
+                        tensors[f"{layer}.{key}_step"] = torch.tensor([step], dtype=torch.float32)
+            elif bits == 8:
                 q, scale = quantize_per_channel(weight, 8)
-                op["weight"] = {"offset": put("q", q), "count": q.numel(), "shape": shape, "scale": put("f", scale)}
+                op["weight"] = {"offset": buffers.put("q", q), "count": q.numel(), "shape": shape}
+                op["weight"]["scale"] = buffers.put("f", scale)
                 tensors[f"{layer}.weight"] = q.contiguous()
                 tensors[f"{layer}.scale"] = scale.contiguous()
             else:
-                op["weight"] = {"offset": put("f", weight), "count": weight.numel(), "shape": shape}
+                op["weight"] = {"offset": buffers.put("f", weight), "count": weight.numel(), "shape": shape}
                 tensors[f"{layer}.weight"] = weight.contiguous()
             if bias is not None:
-                op["bias"] = [put("f", bias), bias.numel()]
+                op["bias"] = [buffers.put("f", bias), bias.numel()]
                 tensors[f"{layer}.bias"] = bias.contiguous()
             op["layer"] = layer
             layer += 1
         packed_ops.append(op)
-    q_all = torch.cat(q_parts) if q_parts else torch.zeros(0, dtype=torch.int8)
-    f_all = torch.cat([p.float() for p in f_parts])
-    return _FlatNet(packed_ops, q_all, f_all, norm_ref), tensors
+    return _FlatNet(packed_ops, buffers.tensors(), norm_ref), tensors
+
+
+#: Records of a TorchScript archive that loading does not need: debug source ranges, and an id for
+#: the serialiser's own bookkeeping.
+_DROPPED_RECORDS = (".debug_pkl", ".data/serialization_id")
 
 
 def _repack_zip(data: bytes) -> bytes:
-    """Rewrite a TorchScript archive without ``*.debug_pkl`` records and with deflate compression.
+    """Rewrite a TorchScript archive smaller: no debug records, one-letter root folder, deflate, no empty tensor.
 
     ``torch.jit.load`` reads such archives (checked by the tests); debug records only hold
-    source ranges for error messages.
+    source ranges for error messages, and the root folder name (the file stem by default) is
+    repeated in every record's local and central zip header, so a short one saves bytes on
+    small models.
     """
     out = io.BytesIO()
     with (
@@ -364,8 +494,10 @@ def _repack_zip(data: bytes) -> bytes:
         zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zout,
     ):
         for info in zin.infolist():
-            if not info.filename.endswith(".debug_pkl"):
-                zout.writestr(info.filename, zin.read(info.filename))
+            if info.filename.endswith(_DROPPED_RECORDS):
+                continue
+            _, _, rest = info.filename.partition("/")
+            zout.writestr(f"m/{rest}", zin.read(info.filename))
     return out.getvalue()
 
 
@@ -374,10 +506,16 @@ def _structure(ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     layer = 0
     for op in ops:
-        row = {k: v for k, v in op.items() if k not in ("weight", "bias")}
+        row = {k: v for k, v in op.items() if k not in ("weight", "bias", "quant")}
         if op["op"] in ("conv2d", "linear"):
             row["layer"] = layer
             row["has_bias"] = op["bias"] is not None
+            quant = op.get("quant")
+            if quant is not None:  # the learned grid; its steps are the tensor "{layer}.scale"
+                row["quant"] = {
+                    "bits": quant["bits"], "shape": list(op["weight"].shape),
+                    "input": quant["input"], "output": quant["output"],
+                }  # fmt: skip
             layer += 1
         rows.append(row)
     return rows
@@ -423,7 +561,7 @@ def _write_safetensors(
     metadata = {
         "format": FORMAT,
         "bits": str(bits),
-        "ops": json.dumps(_structure(ops)),
+        "ops": json.dumps(_structure(ops), separators=(",", ":")),  # compact: the header counts on small models
         "mean": json.dumps(mean),
         "std": json.dumps(std),
     }
@@ -534,13 +672,30 @@ def load_safetensors(path: str | os.PathLike[str]) -> nn.Module:
         if row["op"] in ("conv2d", "linear"):
             i = row["layer"]
             weight = tensors[f"{i}.weight"]
-            if bits == 8:
+            if "quant" in row:
+                op["quant"] = _learned_grid(row["quant"], tensors[f"{i}.scale"])
+                values = _learned_values(row["quant"], weight)
+                weight = values * op["quant"]["step"].view(-1, *([1] * (values.dim() - 1)))
+            elif bits == 8:
                 weight = weight.float() * tensors[f"{i}.scale"].view(-1, *([1] * (weight.dim() - 1)))
             op["weight"] = weight
             op["bias"] = tensors[f"{i}.bias"] if row["has_bias"] else None
         ops.append(op)
     flat, _ = _pack(ops, 32, json.loads(metadata["mean"]), json.loads(metadata["std"]))
     return flat.eval()
+
+
+def _learned_grid(row: dict[str, Any], steps: torch.Tensor) -> dict[str, Any]:
+    return {"bits": int(row["bits"]), "step": steps.float(), "input": row["input"], "output": row["output"]}
+
+
+def _learned_values(row: dict[str, Any], stored: torch.Tensor) -> torch.Tensor:
+    """The signed integer weights of an LSQ layer as float32, unpacked if 2- or 4-bit."""
+    bits, shape = int(row["bits"]), [int(d) for d in row["shape"]]
+    if bits in (2, 4):
+        count = int(torch.tensor(shape).prod())
+        return (unpack_bits(stored, bits, count).to(torch.float32) - 2 ** (bits - 1)).view(shape)
+    return stored.to(torch.float32).view(shape)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ student and then dropped: the student's architecture does not change.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from torch import nn
 
 from fedsqueeze.server.compact import count_parameters
 from fedsqueeze.server.export import FORMAT, channel_normalisation, flatten_ops, quantize_per_channel
+from fedsqueeze.server.onnx_fuse import fold_input_normalisation, merge_factored
 
 __all__ = ["INPUT_NAME", "OPSET", "OUTPUT_NAME", "OnnxExportInfo", "OnnxRuntimeModel", "export_onnx"]
 
@@ -81,11 +83,20 @@ class _Graph:
         return output
 
 
-def _weight(graph: _Graph, layer: int, weight: torch.Tensor, bits: int) -> str:
-    """The weight as a float32 initializer, or as int8 + scale behind a DequantizeLinear."""
-    if bits == 32:
+def _weight(graph: _Graph, layer: int, op: dict[str, Any], bits: int) -> str:
+    """The weight as a float32 initializer, or as int8 + scale behind a DequantizeLinear.
+
+    An LSQ layer's weight is stored on its learned grid (values of 2..8 bits in int8), whatever ``bits`` is.
+    """
+    weight, quant = op["weight"], op.get("quant")
+    if quant is None and bits == 32:
         return graph.const(f"layer{layer}.weight", weight.numpy().astype(np.float32))
-    q, scale = quantize_per_channel(weight, 8)
+    if quant is None:
+        q, scale = quantize_per_channel(weight, 8)
+    else:
+        scale = quant["step"].float()
+        half = 2 ** (quant["bits"] - 1)
+        q = torch.round(weight / scale.view(-1, *([1] * (weight.dim() - 1)))).clamp(-half, half - 1).to(torch.int8)
     inputs = [
         graph.const(f"layer{layer}.weight_int8", q.numpy()),
         graph.const(f"layer{layer}.scale", scale.numpy().astype(np.float32)),
@@ -94,14 +105,34 @@ def _weight(graph: _Graph, layer: int, weight: torch.Tensor, bits: int) -> str:
     return graph.node("DequantizeLinear", inputs, axis=0)
 
 
+def _on_grid(graph: _Graph, x: str, grid: list[float] | None, name: str) -> str:
+    """QuantizeLinear + DequantizeLinear of an activation onto an LSQ layer's 8-bit grid (QDQ form)."""
+    if grid is None:
+        return x
+    step, lo, hi = grid
+    if (lo, hi) not in ((-128, 127), (0, 255)):
+        raise ValueError(f"{name}: ONNX QDQ activations must be 8-bit (grid -128..127 or 0..255), got {lo}..{hi}")
+    zero = np.array(0, dtype=np.int8 if lo < 0 else np.uint8)
+    scale = graph.const(f"{name}.step", np.array(step, dtype=np.float32))
+    zero_point = graph.const(f"{name}.zero_point", zero)
+    quantised = graph.node("QuantizeLinear", [x, scale, zero_point])
+    return graph.node("DequantizeLinear", [quantised, scale, zero_point])
+
+
 def _weight_node(graph: _Graph, x: str, op: dict[str, Any], layer: int, bits: int) -> str:
-    inputs = [x, _weight(graph, layer, op["weight"], bits)]
+    quant = op.get("quant")
+    if quant is not None:
+        x = _on_grid(graph, x, quant["input"], f"layer{layer}.input")
+    inputs = [x, _weight(graph, layer, op, bits)]
     if op["bias"] is not None:
         inputs.append(graph.const(f"layer{layer}.bias", op["bias"].numpy().astype(np.float32)))
     if op["op"] == "linear":
-        return graph.node("Gemm", inputs, transB=1)
-    pads = list(op["padding"]) * 2  # ONNX: begins of both axes, then ends
-    return graph.node("Conv", inputs, strides=op["stride"], pads=pads, dilations=op["dilation"], group=op["groups"])
+        out = graph.node("Gemm", inputs, transB=1)
+    else:
+        pads = list(op["padding"]) * 2  # ONNX: begins of both axes, then ends
+        kwargs = {"strides": op["stride"], "pads": pads, "dilations": op["dilation"], "group": op["groups"]}
+        out = graph.node("Conv", inputs, **kwargs)
+    return out if quant is None else _on_grid(graph, out, quant["output"], f"layer{layer}.output")
 
 
 def _pool_node(graph: _Graph, x: str, op: dict[str, Any]) -> str:
@@ -151,6 +182,7 @@ def export_onnx(
     mean: float | Sequence[float],
     std: float | Sequence[float],
     name: str = "compact",
+    fuse: bool = False,
 ) -> OnnxExportInfo:
     """Write ``model`` as ``{name}.onnx``: raw pixels in, logits out, int8 (QDQ) or float32 weights.
 
@@ -176,6 +208,10 @@ def export_onnx(
         Per-channel normalisation of the [0, 1]-scaled pixels used in training.
     name : str
         File stem (default: "compact").
+    fuse : bool
+        Fewer nodes for batch-1 speed (:mod:`~fedsqueeze.server.onnx_fuse`): factored pairs
+        merged where that adds few weights, the input normalisation folded into the first
+        conv; the same function up to float rounding (default: False).
 
     Returns
     -------
@@ -196,9 +232,19 @@ def export_onnx(
 
     mean_c, std_c = channel_normalisation(mean, std, int(input_shape[0]))
     graph = _Graph()
-    x = _normalise_input(graph, mean_c, std_c)
+    ops = flatten_ops(model)
+    how = "none"
+    if fuse:
+        ops, how, shift = fold_input_normalisation(merge_factored(ops), mean_c, std_c)
+    if how == "none":
+        x = _normalise_input(graph, mean_c, std_c)
+    elif how == "shift":
+        shift_const = np.array(shift, dtype=np.float32).reshape(1, -1, 1, 1)
+        x = graph.node("Sub", [INPUT_NAME, graph.const("input.shift", shift_const)])
+    else:
+        x = INPUT_NAME
     layer = 0
-    for op in flatten_ops(model):
+    for op in ops:
         x = _op_node(graph, x, op, layer, bits)
         layer += op["op"] in ("conv2d", "linear")
     graph.nodes.append(graph.helper.make_node("Identity", [x], [OUTPUT_NAME], name=OUTPUT_NAME))
@@ -235,6 +281,10 @@ class OnnxRuntimeModel:
         A file written by :func:`export_onnx`.
     threads : int
         onnxruntime intra-op threads (default: 1, as the batch-1 latencies are stated).
+    integer_kernels : bool
+        Let onnxruntime fuse Q/DQ pairs into integer kernels (QLinearConv, QGemm); if False the
+        int8 weights are dequantised once when the session loads and the graph runs in float32
+        (default: False).
 
     Raises
     ------
@@ -242,12 +292,15 @@ class OnnxRuntimeModel:
         If onnxruntime is not installed.
     """
 
-    def __init__(self, path: str | os.PathLike[str], threads: int = 1) -> None:
+    def __init__(self, path: str | os.PathLike[str], threads: int = 1, integer_kernels: bool = False) -> None:
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        if not integer_kernels:
+            # Without QDQ fusion, DequantizeLinear of constant weights is folded once at load time
+            options.add_session_config_entry("session.disable_quant_qdq", "1")
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def __call__(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from logging import INFO
 from pathlib import Path
 from typing import Any
@@ -14,9 +14,19 @@ import torch
 from flwr.supercore import log
 from torch import nn
 
-from fedsqueeze.data import Dataset, normalisation
 from fedsqueeze.config import proxy_holdout
-from fedsqueeze.server.compact import CompactConfig, build_student, count_parameters, describe
+from fedsqueeze.data import Dataset, normalisation
+from fedsqueeze.server.compact import (
+    CompactConfig,
+    build_student,
+    count_parameters,
+    describe,
+    layer_sensitivity,
+    pruned_copy,
+    quantize_student,
+    sensitivity_ratios,
+)
+from fedsqueeze.server.compact.lsq import weight_bits_of
 from fedsqueeze.server.distill import DistillConfig, distill, proxy_split
 from fedsqueeze.server.export import (
     LATENCY_KEY,
@@ -29,12 +39,17 @@ from fedsqueeze.training import evaluate, set_weights
 
 __all__ = [
     "LATENCY_RUNS",
+    "QuantisationSettings",
     "ServerDistiller",
     "compact_config",
     "distill_config",
     "export_onnx_too",
     "measure_latency",
+    "prune_method",
+    "quantisation_settings",
 ]
+
+#: Optional run-config keys read here with defaults (LSQ fine-tuning and sensitivity pruning of the student).
 
 #: Timed batch-1 forward passes per exported model (interleaved blocks of 50), with ``distill-latency``.
 LATENCY_RUNS = 500
@@ -153,6 +168,50 @@ def distill_config(run: Mapping[str, Any]) -> DistillConfig:
     )
 
 
+@dataclass(frozen=True)
+class QuantisationSettings:
+    """LSQ fine-tuning of the student after its distillation.
+
+    Parameters
+    ----------
+    weight_bits : int
+        Weight bits of every layer, 2..8; 0 turns LSQ off (the export then quantises to int8 after training).
+    epochs : int
+        Distillation epochs of the quantised student, >= 1.
+    """
+
+    weight_bits: int = 0
+    epochs: int = 2
+
+
+def quantisation_settings(run: Mapping[str, Any]) -> QuantisationSettings:
+    """The optional ``student-weight-bits`` (default 0: off) and ``student-qat-epochs`` (default 2) keys.
+
+    Raises
+    ------
+    ValueError
+        If ``student-weight-bits`` is not 0 or 2..8, or ``student-qat-epochs`` < 1.
+    """
+    bits, epochs = run.get("student-weight-bits", 0), run.get("student-qat-epochs", 2)
+    if isinstance(bits, bool) or not isinstance(bits, int) or not (bits == 0 or 2 <= bits <= 8):
+        raise ValueError(f"run config 'student-weight-bits' must be 0 (off) or 2..8, got {bits!r}")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"run config 'student-qat-epochs' must be an integer >= 1, got {epochs!r}")
+    return QuantisationSettings(bits, epochs)
+
+
+def prune_method(run: Mapping[str, Any]) -> str:
+    """The optional ``student-prune-method``: ``"norm"`` (default, by ``CompactConfig.norm``) or ``"sensitivity"``.
+
+    With ``"sensitivity"`` the per-layer ratios are chosen by measured sensitivity on the proxy
+    images, at the size uniform pruning by ``student-prune-ratio`` would give.
+    """
+    method = run.get("student-prune-method", "norm")
+    if method not in ("norm", "sensitivity"):
+        raise ValueError(f"run config 'student-prune-method' must be 'norm' or 'sensitivity', got {method!r}")
+    return str(method)
+
+
 def _optional_number(run: Mapping[str, Any], key: str, default: float) -> float:
     value = run.get(key, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -201,6 +260,9 @@ class ServerDistiller:
         self.num_rounds = int(run["num-server-rounds"])
         self.measure_latency = measure_latency(run)
         self.onnx = export_onnx_too(run)
+        self.quantisation = quantisation_settings(run)
+        self.prune_method = prune_method(run)
+        self.prune_ratios: dict[str, float] | None = None
         self.data = data
         self.make_model = make_model
         proxy_idx, _ = proxy_split(len(data.x_train), self.config.proxy_size, seed=self.seed)
@@ -253,9 +315,13 @@ class ServerDistiller:
                 model = self.make_model()
                 set_weights(model, weights)
                 teachers.append(model.eval())
-        student = build_student(teacher, self.student_config)
+        student = self._build(teacher)
         _, before = evaluate(student, self.data.x_test, self.data.y_test)
         result = distill(student, teachers, self.proxy_x, seed=self.seed + server_round, **self.config.kwargs())
+        if self.quantisation.weight_bits:
+            student = quantize_student(student, self.proxy_x[:512], weight_bits=self.quantisation.weight_bits)
+            kwargs = {**self.config.kwargs(), "epochs": self.quantisation.epochs, "lr": self.config.lr / 3}
+            result = distill(student, teachers, self.proxy_x, seed=self.seed + server_round, **kwargs)
         loss, accuracy = evaluate(student, self.data.x_test, self.data.y_test)
         self.student, self.teacher, self.last_round = student, teacher, server_round
         row: dict[str, Any] = {
@@ -289,6 +355,22 @@ class ServerDistiller:
         )
         return row
 
+    def _build(self, teacher: nn.Module) -> nn.Module:
+        """The student of ``teacher``: uniform norm pruning, or per-layer ratios by sensitivity at the same size."""
+        config = self.student_config
+        if self.prune_method != "sensitivity" or config.prune_ratio == 0:
+            return build_student(teacher, config)
+        factor_only = replace(config, prune_ratio=0.0, linear_prune_ratio=0.0)
+        budget = count_parameters(build_student(teacher, config))
+
+        def size(model: nn.Module) -> int:
+            return count_parameters(build_student(model, factor_only))
+
+        # Sensitivity on at most 1,000 proxy images: enough to rank layers, a second or two per layer
+        table = layer_sensitivity(teacher, teacher, self.proxy_x[:1000])
+        self.prune_ratios = sensitivity_ratios(teacher, table, budget, size=size)
+        return build_student(pruned_copy(teacher, self.prune_ratios), factor_only)
+
     def export(self, results_dir: str | Path) -> dict[str, Any]:
         """Export the latest student and its FP32 teacher to ``results_dir/compact/`` and measure both.
 
@@ -319,7 +401,10 @@ class ServerDistiller:
         results_dir = Path(results_dir)
         out = results_dir / "compact"
         bits = self.student_config.bits
-        names = {"teacher": "teacher_fp32", "student": f"student_{'int8' if bits == 8 else 'fp32'}"}
+        student_name = f"student_{'int8' if bits == 8 else 'fp32'}"
+        if self.quantisation.weight_bits:
+            student_name = f"student_lsq{self.quantisation.weight_bits}"
+        names = {"teacher": "teacher_fp32", "student": student_name}
         models = {"teacher": (self.teacher, 32), "student": (self.student, bits)}
         rows = export_and_measure(
             {names[key]: model_bits for key, model_bits in models.items()},
@@ -371,6 +456,10 @@ class ServerDistiller:
             "teachers": self.last_row["teachers"],
             "distill_seconds": self.last_row["distill_seconds"],
             "config": asdict(self.student_config),
+            "weight_bits": weight_bits_of(student) or None,
+            "qat_epochs": self.quantisation.epochs if self.quantisation.weight_bits else None,
+            "prune_method": self.prune_method,
+            "prune_ratios": self.prune_ratios,
             "layers": [{**r, "weights": [list(s) for s in r["weights"]]} for r in describe(student)],
         }
 

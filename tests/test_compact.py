@@ -284,9 +284,9 @@ def test_every_subpackage_is_listed_for_installation() -> None:
 
 def test_compact_package_reexports_its_modules_names() -> None:
     from fedsqueeze.server import compact
-    from fedsqueeze.server.compact import build, chain, layers, prune
+    from fedsqueeze.server.compact import build, chain, layers, lsq, prune, sensitivity
 
     for name in compact.__all__:
         assert getattr(compact, name) is next(
-            getattr(m, name) for m in (build, chain, layers, prune) if hasattr(m, name)
+            getattr(m, name) for m in (build, chain, layers, lsq, prune, sensitivity) if hasattr(m, name)
         )

@@ -20,8 +20,8 @@ from torch import nn
 
 from fedsqueeze.predict import main as predict_main
 from fedsqueeze.predict import predict
-from fedsqueeze.server.compact import CompactConfig, build_student, count_parameters
 from fedsqueeze.server import export as export_module
+from fedsqueeze.server.compact import CompactConfig, build_student, count_parameters
 from fedsqueeze.server.export import (
     LATENCY_KEY,
     LATENCY_NO_ONEDNN_KEY,
@@ -164,8 +164,12 @@ def test_repacked_archive_is_smaller_and_has_no_debug_records(student: nn.Module
     assert packed.torchscript_bytes < plain.torchscript_bytes == plain.raw_torchscript_bytes
     with zipfile.ZipFile(packed.torchscript_path) as archive:
         names = archive.namelist()
-    assert not [n for n in names if n.endswith(".debug_pkl")]
+    assert not [n for n in names if n.endswith((".debug_pkl", "serialization_id"))]
+    assert {n.split("/")[0] for n in names} == {"m"}  # one-letter root folder in every record
     assert len([n for n in names if "/data/" in n]) == 2  # one int8 and one float32 tensor
+    fp32 = _export(student, tmp_path, 32, "packed32")
+    with zipfile.ZipFile(fp32.torchscript_path) as archive:
+        assert len([n for n in archive.namelist() if "/data/" in n]) == 1  # no empty int8 tensor record
     raw = _raw_images(16)
     with torch.no_grad():
         torch.testing.assert_close(

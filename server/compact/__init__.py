@@ -5,7 +5,10 @@ Modules, in the order a student is built:
 - :mod:`~fedsqueeze.server.compact.layers`: the factored layers and ``count_parameters``;
 - :mod:`~fedsqueeze.server.compact.chain`: reading a teacher as a chain of layers (``to_chain``);
 - :mod:`~fedsqueeze.server.compact.prune`: structured pruning of that chain (``prune_chain``);
-- :mod:`~fedsqueeze.server.compact.build`: ``CompactConfig`` and ``build_student``.
+- :mod:`~fedsqueeze.server.compact.build`: ``CompactConfig`` and ``build_student``;
+- :mod:`~fedsqueeze.server.compact.lsq`: learned-step-size quantisation (``quantize_student``);
+- :mod:`~fedsqueeze.server.compact.sensitivity`: per-layer pruning ratios by measured sensitivity
+  and iterative prune -> fine-tune (``sensitivity_ratios``, ``iterative_prune``).
 """
 
 from fedsqueeze.server.compact.build import CompactConfig, Rank, build_student, describe, resolve_rank
@@ -17,19 +20,39 @@ from fedsqueeze.server.compact.layers import (
     Tucker2Conv2d,
     count_parameters,
 )
+from fedsqueeze.server.compact.lsq import QUANT_LAYERS, LsqQuantizer, QuantConv2d, QuantLinear, quantize_student
 from fedsqueeze.server.compact.prune import prune_chain
+from fedsqueeze.server.compact.sensitivity import (
+    PruneStep,
+    iterative_prune,
+    layer_sensitivity,
+    pruned_copy,
+    sensitivity_ratios,
+    uniform_ratios,
+)
 
 __all__ = [
     "FACTORED_LAYERS",
     "CompactConfig",
     "LowRankConv2d",
     "LowRankLinear",
+    "LsqQuantizer",
+    "PruneStep",
+    "QUANT_LAYERS",
+    "QuantConv2d",
+    "QuantLinear",
     "Rank",
     "Tucker2Conv2d",
     "build_student",
     "count_parameters",
     "describe",
+    "iterative_prune",
+    "layer_sensitivity",
     "prune_chain",
+    "pruned_copy",
+    "quantize_student",
     "resolve_rank",
+    "sensitivity_ratios",
     "to_chain",
+    "uniform_ratios",
 ]

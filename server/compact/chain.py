@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable, Sequence, cast
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,7 @@ def _pool_from_call(cls: type[nn.Module], args: tuple, kwargs: dict) -> nn.Modul
         names += ["dilation", "ceil_mode", "return_indices"]
     else:
         names += ["ceil_mode", "count_include_pad", "divisor_override"]
-    params = dict(zip(names, args))
+    params = dict(zip(names, args, strict=False))
     params.update(kwargs)
     return cls(**params)
 

@@ -64,7 +64,7 @@ class LowRankConv2d(nn.Module):
         return self.expand(self.reduce(x))
 
     @classmethod
-    def from_dense(cls, layer: nn.Conv2d, rank: int) -> "LowRankConv2d":
+    def from_dense(cls, layer: nn.Conv2d, rank: int) -> LowRankConv2d:
         """Initialise from ``layer`` by truncated SVD of its weight reshaped to (out, in*k*k).
 
         Parameters
@@ -138,7 +138,7 @@ class Tucker2Conv2d(nn.Module):
         return self.expand(self.core(self.project(x)))
 
     @classmethod
-    def from_dense(cls, layer: nn.Conv2d, in_rank: int, out_rank: int) -> "Tucker2Conv2d":
+    def from_dense(cls, layer: nn.Conv2d, in_rank: int, out_rank: int) -> Tucker2Conv2d:
         """Initialise from ``layer`` by a truncated higher-order SVD over its two channel modes.
 
         Parameters
@@ -208,7 +208,7 @@ class LowRankLinear(nn.Module):
         return self.expand(self.reduce(x))
 
     @classmethod
-    def from_dense(cls, layer: nn.Linear, rank: int) -> "LowRankLinear":
+    def from_dense(cls, layer: nn.Linear, rank: int) -> LowRankLinear:
         """Initialise from ``layer`` by truncated SVD of its weight (exact at ``rank = min(out, in)``).
 
         Parameters

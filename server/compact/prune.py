@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Collection, Literal, cast
+from collections.abc import Collection, Mapping
+from typing import Literal, cast
 
 import torch
 from torch import nn
@@ -69,6 +70,7 @@ def prune_chain(
     linear_ratio: float,
     norm: Literal["l1", "l2"] = "l1",
     skip: Collection[str] = (),
+    layer_ratios: Mapping[str, float] | None = None,
 ) -> None:
     """Remove the lowest-norm conv filters and linear hidden units of ``chain`` in place.
 
@@ -87,16 +89,27 @@ def prune_chain(
         Norm of a filter's weights used as its importance (default: "l1").
     skip : collection of str
         Names of layers whose outputs are never pruned (default: ()).
+    layer_ratios : Mapping of str to float or None
+        Per-layer fractions in [0, 1) overriding ``conv_ratio``/``linear_ratio`` for the layers
+        they name (e.g. chosen by :func:`~fedsqueeze.server.compact.sensitivity.sensitivity_ratios`)
+        (default: None).
     """
     if norm not in ("l1", "l2"):
         raise ValueError(f"norm must be 'l1' or 'l2', got {norm!r}")
-    for ratio, what in ((conv_ratio, "conv prune ratio"), (linear_ratio, "linear prune ratio")):
+    layer_ratios = dict(layer_ratios or {})
+    checks = [(conv_ratio, "conv prune ratio"), (linear_ratio, "linear prune ratio")]
+    checks += [(r, f"prune ratio of layer {n!r}") for n, r in layer_ratios.items()]
+    for ratio, what in checks:
         if not 0.0 <= ratio < 1.0:
             raise ValueError(f"{what} must be in [0, 1), got {ratio}")
+    unknown = sorted(set(layer_ratios) - {n for n, _ in chain})
+    if unknown:
+        raise ValueError(f"layer_ratios names unknown layers {unknown}; layers are {[n for n, _ in chain]}")
     weighted = [i for i, (_, m) in enumerate(chain) if isinstance(m, (nn.Conv2d, nn.Linear, *FACTORED_LAYERS))]
-    for pos, nxt in zip(weighted, weighted[1:]):
+    for pos, nxt in zip(weighted, weighted[1:], strict=False):
         name, layer = chain[pos]
         ratio = conv_ratio if isinstance(layer, (nn.Conv2d, LowRankConv2d, Tucker2Conv2d)) else linear_ratio
+        ratio = layer_ratios.get(name, ratio)
         if ratio == 0.0 or name in skip:
             continue
         factored = [n for n, m in (chain[pos], chain[nxt]) if isinstance(m, FACTORED_LAYERS)]
