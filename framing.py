@@ -93,13 +93,21 @@ def wire_bytes(message: Message) -> int:
         objects = get_all_nested_objects(message)
         if message.metadata.reply_to_message_id:
             node = Node(node_id=message.metadata.src_node_id)
-            total = PushMessagesRequest(node=node, messages_list=[envelope], message_object_trees=[tree],
-                                        clientapp_runtime_list=[0.0]).ByteSize()
+            total = PushMessagesRequest(
+                node=node, messages_list=[envelope], message_object_trees=[tree], clientapp_runtime_list=[0.0]
+            ).ByteSize()
             return total + sum(
-                PushObjectRequest(node=node, run_id=message.metadata.run_id, object_id=object_id,
-                                  object_content=obj.deflate(), session_id=_SESSION_ID).ByteSize()
-                for object_id, obj in objects.items())
+                PushObjectRequest(
+                    node=node,
+                    run_id=message.metadata.run_id,
+                    object_id=object_id,
+                    object_content=obj.deflate(),
+                    session_id=_SESSION_ID,
+                ).ByteSize()
+                for object_id, obj in objects.items()
+            )
         total = PullMessagesResponse(messages_list=[envelope], message_object_trees=[tree]).ByteSize()
         return total + sum(
             PullObjectResponse(object_found=True, object_available=True, object_content=obj.deflate()).ByteSize()
-            for obj in objects.values())
+            for obj in objects.values()
+        )

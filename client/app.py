@@ -31,7 +31,6 @@ __all__ = ["app", "first_model_of", "query", "DATA_FILE_KEY"]
 DATA_FILE_KEY = "data-file"
 
 
-
 def first_model_of(context: Context) -> dict[str, torch.Tensor]:
     """The run's first model, built here from the run config's seed (the server checks its digest)."""
     run = RunConfig.from_mapping(context.run_config)

@@ -24,8 +24,14 @@ import torch
 __all__ = ["PARTITION_SETTINGS", "partition_meta", "write_partition_file", "read_partition_file"]
 
 #: Run-config keys that decide a client's share of the data; a file records them and must match the run.
-PARTITION_SETTINGS = ("dataset", "partitioner", "dirichlet-alpha", "classes-per-partition", "seed",
-                      "max-samples-per-client")
+PARTITION_SETTINGS = (
+    "dataset",
+    "partitioner",
+    "dirichlet-alpha",
+    "classes-per-partition",
+    "seed",
+    "max-samples-per-client",
+)
 
 _ARRAYS = ("x_train", "y_train", "x_test", "y_test")
 
@@ -37,13 +43,20 @@ def partition_meta(run: Mapping[str, Any], partition_id: int, num_partitions: in
     return meta
 
 
-def write_partition_file(path: str | os.PathLike[str], meta: Mapping[str, Any], x_train: torch.Tensor,
-                         y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor) -> Path:
+def write_partition_file(
+    path: str | os.PathLike[str],
+    meta: Mapping[str, Any],
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+) -> Path:
     """Write one client's data and the settings it was cut with (see the module docstring); return the path."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    payload: dict[str, Any] = {name: t.detach().cpu().numpy()
-                               for name, t in zip(_ARRAYS, (x_train, y_train, x_test, y_test), strict=True)}
+    payload: dict[str, Any] = {
+        name: t.detach().cpu().numpy() for name, t in zip(_ARRAYS, (x_train, y_train, x_test, y_test), strict=True)
+    }
     payload["meta"] = np.frombuffer(json.dumps(dict(meta), sort_keys=True).encode(), dtype=np.uint8)
     with open(target, "wb") as f:
         np.savez(f, **payload)
@@ -77,13 +90,17 @@ def read_partition_file(
     wrong = {k: (v, meta.get(k)) for k, v in expected.items() if meta.get(k) != v}
     if wrong:
         detail = ", ".join(f"{k}: expected {want!r}, found {got!r}" for k, (want, got) in wrong.items())
-        raise ValueError(f"{path} was cut with other settings than this run's ({detail}); cut it again with "
-                         "deploy/make_partitions.py and the run's config")
+        raise ValueError(
+            f"{path} was cut with other settings than this run's ({detail}); cut it again with "
+            "deploy/make_partitions.py and the run's config"
+        )
     for name in _ARRAYS:
         want = np.float32 if name.startswith("x") else np.int64
         rank = 4 if name.startswith("x") else 1
         if arrays[name].dtype != want or arrays[name].ndim != rank:
-            raise ValueError(f"{path}: {name} must be {np.dtype(want).name} of rank {rank}, "
-                             f"found {arrays[name].dtype} of rank {arrays[name].ndim}")
+            raise ValueError(
+                f"{path}: {name} must be {np.dtype(want).name} of rank {rank}, "
+                f"found {arrays[name].dtype} of rank {arrays[name].ndim}"
+            )
     x_train, y_train, x_test, y_test = (torch.from_numpy(arrays[k].copy()) for k in _ARRAYS)
     return x_train, y_train, x_test, y_test

@@ -7,7 +7,6 @@ import math
 import os
 import threading
 import warnings
-
 from typing import Any, cast
 
 import numpy as np

@@ -16,6 +16,7 @@ import json
 import sys
 from collections.abc import Iterable, Sequence
 from importlib import metadata
+from pathlib import Path
 
 from packaging.requirements import Requirement
 
@@ -29,7 +30,7 @@ def closure(requirements: Iterable[str]) -> dict[str, metadata.Distribution]:
         If a needed distribution is not installed here.
     """
     found: dict[str, metadata.Distribution] = {}
-    todo = [(Requirement(r), frozenset()) for r in requirements]
+    todo: list[tuple[Requirement, frozenset[str]]] = [(Requirement(r), frozenset()) for r in requirements]
     seen: set[tuple[str, frozenset[str]]] = set()
     while todo:
         req, parent_extras = todo.pop()
@@ -49,7 +50,7 @@ def installed_bytes(dist: metadata.Distribution) -> int:
     """Bytes of the files a distribution's RECORD lists (an editable install counts its sources too)."""
     total = 0
     for file in dist.files or []:
-        path = file.locate()
+        path = Path(file.locate())
         if path.is_file():
             total += path.stat().st_size
         elif path.is_dir():  # an editable install's source folder
@@ -60,8 +61,12 @@ def installed_bytes(dist: metadata.Distribution) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("requirements", nargs="+", help='e.g. fedsqueeze or "fedsqueeze[full]"')
-    parser.add_argument("--without", nargs="*", default=[],
-                        help="leave out these and all they need (e.g. torch, whose size depends on its build)")
+    parser.add_argument(
+        "--without",
+        nargs="*",
+        default=[],
+        help="leave out these and all they need (e.g. torch, whose size depends on its build)",
+    )
     parser.add_argument("--top", type=int, default=8, help="list the largest this many distributions")
     args = parser.parse_args(argv)
     needed = closure(args.requirements)
@@ -70,11 +75,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         needed = {n: d for n, d in needed.items() if n not in left_out}
     sizes = {name: installed_bytes(dist) for name, dist in needed.items()}
     largest = sorted(sizes.items(), key=lambda kv: -kv[1])[: args.top]
-    print(json.dumps({"requirements": args.requirements, "distributions": len(sizes),
-                      "installed_mb": round(sum(sizes.values()) / 1e6, 1),
-                      "largest_mb": {k: round(v / 1e6, 1) for k, v in largest},
-                      "has": {p: p in sizes for p in ("ray", "matplotlib", "flwr-datasets", "torchvision")}},
-                     indent=1))
+    print(
+        json.dumps(
+            {
+                "requirements": args.requirements,
+                "distributions": len(sizes),
+                "installed_mb": round(sum(sizes.values()) / 1e6, 1),
+                "largest_mb": {k: round(v / 1e6, 1) for k, v in largest},
+                "has": {p: p in sizes for p in ("ray", "matplotlib", "flwr-datasets", "torchvision")},
+            },
+            indent=1,
+        )
+    )
     return 0
 
 

@@ -75,8 +75,14 @@ class Deployment:
     # ---------------------------------------------------------------- files
     def paths(self) -> dict[str, Path]:
         w = self.settings.workdir
-        return {"ca": w / "certs" / "ca.crt", "cert": w / "certs" / "server.pem", "key": w / "certs" / "server.key",
-                "home": w / "flwr-home", "db": w / "superlink.db", "logs": w / "logs"}
+        return {
+            "ca": w / "certs" / "ca.crt",
+            "cert": w / "certs" / "server.pem",
+            "key": w / "certs" / "server.key",
+            "home": w / "flwr-home",
+            "db": w / "superlink.db",
+            "logs": w / "logs",
+        }
 
     def node_key(self, index: int) -> Path:
         return self.settings.workdir / "keys" / f"supernode-{index}"
@@ -91,24 +97,48 @@ class Deployment:
         if self.settings.auth:
             for i in range(self.settings.nodes):
                 make_node_key(self.node_key(i))
-        write_connection(p["home"] / "config.toml", self.settings.connection, self.settings.address,
-                         p["ca"] if self.settings.tls else None)
+        write_connection(
+            p["home"] / "config.toml",
+            self.settings.connection,
+            self.settings.address,
+            p["ca"] if self.settings.tls else None,
+        )
 
     # ---------------------------------------------------------------- processes
     def _spawn(self, args: Sequence[str], log_name: str) -> subprocess.Popen[bytes]:
         log = open(self.paths()["logs"] / log_name, "ab")  # noqa: SIM115 (closed with the process's end)
         # A session of its own: its process group then holds the ClientApp/ServerApp processes it starts,
         # and stop() can end that group by its id without touching anything else on the host.
-        return subprocess.Popen(list(args), stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                cwd=self.settings.workdir, start_new_session=True)
+        return subprocess.Popen(
+            list(args),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=self.settings.workdir,
+            start_new_session=True,
+        )
 
     def superlink_args(self) -> list[str]:
         p, s = self.paths(), self.settings
-        args = ["flower-superlink", "--host", "127.0.0.1", "--port", str(s.port), "--database", str(p["db"]),
-                "--disable-runtime-dependency-installation"]
+        args = [
+            "flower-superlink",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(s.port),
+            "--database",
+            str(p["db"]),
+            "--disable-runtime-dependency-installation",
+        ]
         if s.tls:
-            args += ["--ssl-ca-certfile", str(p["ca"]), "--ssl-certfile", str(p["cert"]),
-                     "--ssl-keyfile", str(p["key"])]
+            args += [
+                "--ssl-ca-certfile",
+                str(p["ca"]),
+                "--ssl-certfile",
+                str(p["cert"]),
+                "--ssl-keyfile",
+                str(p["key"]),
+            ]
         else:
             args.append("--insecure")
         if s.auth:
@@ -117,9 +147,18 @@ class Deployment:
 
     def supernode_args(self, index: int) -> list[str]:
         s = self.settings
-        args = ["flower-supernode", "--superlink", s.node_superlink or s.address, "--host", "127.0.0.1",
-                "--port", str(s.node_port_base + index),
-                "--node-config", f"partition-id={index} num-partitions={s.nodes}", *s.extra_node_args]
+        args = [
+            "flower-supernode",
+            "--superlink",
+            s.node_superlink or s.address,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(s.node_port_base + index),
+            "--node-config",
+            f"partition-id={index} num-partitions={s.nodes}",
+            *s.extra_node_args,
+        ]
         args += ["--root-certificates", str(self.paths()["ca"])] if s.tls else ["--insecure"]
         if s.auth:
             args += ["--auth-supernode-private-key", str(self.node_key(index))]
@@ -175,11 +214,14 @@ class Deployment:
 
     def flwr(self, args: Sequence[str], timeout: float = 120.0, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run the ``flwr`` CLI against this deployment's ``$FLWR_HOME``."""
-        done = subprocess.run(["flwr", *args], env=self.env, cwd=self.settings.app_dir, text=True,
-                              capture_output=True, timeout=timeout)
+        done = subprocess.run(
+            ["flwr", *args], env=self.env, cwd=self.settings.app_dir, text=True, capture_output=True, timeout=timeout
+        )
         if check and done.returncode != 0:
-            raise RuntimeError(f"`flwr {shlex.join(args)}` failed with exit code {done.returncode}:\n"
-                               f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+            raise RuntimeError(
+                f"`flwr {shlex.join(args)}` failed with exit code {done.returncode}:\n"
+                f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+            )
         return done
 
     def run_app(self, timeout: float = 1800.0) -> subprocess.CompletedProcess[str]:
@@ -274,7 +316,7 @@ def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen[b
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with code {proc.returncode} before listening on {host}:{port}")
+            raise RuntimeError(f"{proc.args!r} exited with code {proc.returncode} before listening on {host}:{port}")
         with socket.socket() as sock:
             sock.settimeout(0.5)
             if sock.connect_ex((host, port)) == 0:
@@ -293,26 +335,43 @@ def make_certificates(ca_path: Path, cert_path: Path, key_path: Path, days: int 
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedsqueeze local CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-          .not_valid_after(now + datetime.timedelta(days=days))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
-          .sign(ca_key, hashes.SHA256()))
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
     key = ec.generate_private_key(ec.SECP384R1())
-    san = x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                                       x509.IPAddress(ipaddress.ip_address("::1"))])
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
-            .add_extension(san, critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .sign(ca_key, hashes.SHA256()))
+    san = x509.SubjectAlternativeName(
+        [
+            x509.DNSName("localhost"),
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+            x509.IPAddress(ipaddress.ip_address("::1")),
+        ]
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(san, critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
     ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     key_path.chmod(0o600)
 
 
@@ -323,8 +382,9 @@ def make_node_key(path: Path) -> None:
     from cryptography.hazmat.primitives.asymmetric import ec
 
     key = ec.generate_private_key(ec.SECP384R1())
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                       serialization.NoEncryption()))
+    path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    )
     path.chmod(0o600)
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     path.with_name(path.name + ".pub").write_bytes(public + b"\n")
@@ -372,8 +432,9 @@ def wait_for_nodes(deployment: Deployment, count: int, timeout: float) -> None:
     while time.monotonic() < deadline:
         for i, proc in enumerate(deployment.supernodes):
             if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"SuperNode {i} exited with code {proc.returncode}; see its log in "
-                                   f"{deployment.paths()['logs']}")
+                raise RuntimeError(
+                    f"SuperNode {i} exited with code {proc.returncode}; see its log in {deployment.paths()['logs']}"
+                )
         done = deployment.flwr(["supernode", "list", deployment.settings.connection, "--format", "json"], check=False)
         online = _count_online(done.stdout)
         if online >= count:
@@ -418,18 +479,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.data:
         overrides.append(f"data-dir={json.dumps(str(Path(args.data).resolve()))}")
     overrides.append(f"results-dir={json.dumps(str(workdir / 'results'))}")
-    settings = DeploySettings(workdir=workdir, app_dir=Path(__file__).resolve().parent.parent, nodes=args.nodes,
-                              port=args.port, node_port_base=args.node_port_base, tls=not args.insecure,
-                              auth=not (args.insecure or args.no_auth), run_config=" ".join(overrides))
+    settings = DeploySettings(
+        workdir=workdir,
+        app_dir=Path(__file__).resolve().parent.parent,
+        nodes=args.nodes,
+        port=args.port,
+        node_port_base=args.node_port_base,
+        tls=not args.insecure,
+        auth=not (args.insecure or args.no_auth),
+        run_config=" ".join(overrides),
+    )
     deployment = start(settings)
-    print(f"SuperLink pid {deployment.superlink.pid if deployment.superlink else '-'}, SuperNode pids "
-          f"{[p.pid for p in deployment.supernodes if p]}; logs in {deployment.paths()['logs']}", flush=True)
+    print(
+        f"SuperLink pid {deployment.superlink.pid if deployment.superlink else '-'}, SuperNode pids "
+        f"{[p.pid for p in deployment.supernodes if p]}; logs in {deployment.paths()['logs']}",
+        flush=True,
+    )
     try:
         done = deployment.run_app()
         print(done.stdout[-4000:], done.stderr[-2000:], sep="\n")
         if args.keep:
-            print(f"--keep: still running; FLWR_HOME={deployment.env['FLWR_HOME']}. Stop them with kill -- -PID "
-                  "for each pid above.")
+            print(
+                f"--keep: still running; FLWR_HOME={deployment.env['FLWR_HOME']}. Stop them with kill -- -PID "
+                "for each pid above."
+            )
             return done.returncode
     finally:
         if not args.keep:

@@ -42,13 +42,29 @@ def make_partitions(run: RunConfig, num_partitions: int, out: Path) -> list[Path
     data = load_dataset(run.dataset, run.data_dir or None)
     paths = []
     for pid in range(num_partitions):
-        x, y = client_data(run.dataset, pid, num_partitions, partitioner=run.partitioner, alpha=run.dirichlet_alpha,
-                           classes_per_partition=run.classes_per_partition, seed=run.seed,
-                           max_samples=run.max_samples_per_client or None, holdout=run.proxy_holdout(),
-                           data_dir=run.data_dir or None)
+        x, y = client_data(
+            run.dataset,
+            pid,
+            num_partitions,
+            partitioner=run.partitioner,
+            alpha=run.dirichlet_alpha,
+            classes_per_partition=run.classes_per_partition,
+            seed=run.seed,
+            max_samples=run.max_samples_per_client or None,
+            holdout=run.proxy_holdout(),
+            data_dir=run.data_dir or None,
+        )
         meta = partition_meta(run, pid, num_partitions, run.proxy_holdout())
-        paths.append(write_partition_file(out / f"partition-{pid}-of-{num_partitions}.npz", meta, x, y,
-                                          data.x_test[pid::num_partitions], data.y_test[pid::num_partitions]))
+        paths.append(
+            write_partition_file(
+                out / f"partition-{pid}-of-{num_partitions}.npz",
+                meta,
+                x,
+                y,
+                data.x_test[pid::num_partitions],
+                data.y_test[pid::num_partitions],
+            )
+        )
     return paths
 
 

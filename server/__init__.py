@@ -1,6 +1,5 @@
 """fedsqueeze on the server: the compressing strategy wrapper, distillation into a compact model, export."""
 
-from fedsqueeze.server.server_distiller import ServerDistiller
 from fedsqueeze.server.compact import (
     CompactConfig,
     LowRankConv2d,
@@ -12,6 +11,7 @@ from fedsqueeze.server.compact import (
 from fedsqueeze.server.distill import DistillConfig, DistillResult, distill, proxy_split, teacher_logits
 from fedsqueeze.server.export import ExportInfo, export_and_measure, export_compact, load_safetensors
 from fedsqueeze.server.onnx_export import OnnxExportInfo, export_onnx
+from fedsqueeze.server.server_distiller import ServerDistiller
 from fedsqueeze.server.strategy import CompressedStrategy, Rejection, TrafficRecord
 
 __all__ = [

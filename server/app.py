@@ -1,8 +1,7 @@
-"""fedsqueeze's ServerApp: any Flower strategy wrapped in CompressedStrategy, evaluated centrally, optionally distilled."""
+"""fedsqueeze's ServerApp: any Flower strategy in CompressedStrategy, evaluated centrally, distilled on demand."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import asdict
 from logging import INFO
 from typing import Any
@@ -29,8 +28,8 @@ from fedsqueeze.data import load_dataset
 from fedsqueeze.models import build_model, first_model
 from fedsqueeze.protocol import arrays_to_tensors, tensors_to_arrays
 from fedsqueeze.server.checkpoint import Checkpoint, RoundOffset, load_checkpoint, save_checkpoint
-from fedsqueeze.server.server_distiller import ServerDistiller
 from fedsqueeze.server.results import ResultsWriter
+from fedsqueeze.server.server_distiller import ServerDistiller
 from fedsqueeze.server.strategy import UP, CompressedStrategy
 from fedsqueeze.training import evaluate, set_weights
 
@@ -154,8 +153,15 @@ def main(grid: Grid, context: Context) -> None:
             traffic = [t for t in strategy.traffic if t.round == server_round]
             replies = sum(1 for t in traffic if t.direction == UP and t.message_type == "train")
             rejected = sum(1 for r in strategy.rejections if r.round == server_round)
-            results.log_round(server_round, accuracy, loss, traffic, replies, rejected,
-                              strategy.client_seconds.get(server_round, (0.0, 0.0)))
+            results.log_round(
+                server_round,
+                accuracy,
+                loss,
+                traffic,
+                replies,
+                rejected,
+                strategy.client_seconds.get(server_round, (0.0, 0.0)),
+            )
             if distiller is not None and distiller.due(server_round):
                 row = distiller.distill_round(server_round, model, strategy.client_models, accuracy)
                 results.log_distillation(row)

@@ -56,13 +56,19 @@ class Checkpoint:
     random_states: dict[str, Any]
 
 
-def save_checkpoint(server_round: int, arrays: ArrayRecord, strategy: CompressedStrategy,
-                    results: ResultsWriter) -> Path:
+def save_checkpoint(
+    server_round: int, arrays: ArrayRecord, strategy: CompressedStrategy, results: ResultsWriter
+) -> Path:
     """Write the state after ``server_round`` to ``<results dir>/checkpoint.pt`` (atomically); return the path."""
     sent, strategy._sent = strategy._sent, []  # the round's messages are done with; Messages do not pickle
     try:
-        state = Checkpoint(server_round, arrays, strategy, results, {
-            "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()})
+        state = Checkpoint(
+            server_round,
+            arrays,
+            strategy,
+            results,
+            {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+        )
         path = results.dir / CHECKPOINT_FILE
         partial = path.with_name(path.name + ".partial")
         torch.save(state, partial)
@@ -89,8 +95,11 @@ def load_checkpoint(results_dir: str | Path, config: dict[str, Any]) -> Checkpoi
     if not path.is_file():
         raise FileNotFoundError(f"resume = true, but there is no checkpoint at {path}: start the run without resume")
     state: Checkpoint = torch.load(path, weights_only=False)  # the server's own file, see the module docstring
-    differ = {k: (state.results.config.get(k), v) for k, v in config.items()
-              if k not in RESUMABLE_CHANGES and state.results.config.get(k) != v}
+    differ = {
+        k: (state.results.config.get(k), v)
+        for k, v in config.items()
+        if k not in RESUMABLE_CHANGES and state.results.config.get(k) != v
+    }
     if differ:
         detail = ", ".join(f"{k}: checkpoint {old!r}, now {new!r}" for k, (old, new) in differ.items())
         raise ValueError(f"cannot resume {path}: the run config differs ({detail})")
@@ -112,18 +121,21 @@ class RoundOffset(Strategy):
         """The inner strategy's summary."""
         self.inner.summary()
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """The inner strategy's, ``offset`` rounds later."""
         return self.inner.configure_train(server_round + self.offset, arrays, config, grid)
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The inner strategy's, ``offset`` rounds later."""
         return self.inner.aggregate_train(server_round + self.offset, replies)
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """The inner strategy's, ``offset`` rounds later."""
         return self.inner.configure_evaluate(server_round + self.offset, arrays, config, grid)
 

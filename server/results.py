@@ -101,7 +101,12 @@ from flwr.supercore import log
 from fedsqueeze.server.strategy import DOWN, UP, Rejection, TrafficRecord
 
 __all__ = [
-    "ROUND_COLUMNS", "MESSAGE_COLUMNS", "DISTILL_COLUMNS", "ResultsWriter", "human_bytes", "add_wire_measurement",
+    "ROUND_COLUMNS",
+    "MESSAGE_COLUMNS",
+    "DISTILL_COLUMNS",
+    "ResultsWriter",
+    "human_bytes",
+    "add_wire_measurement",
 ]
 
 ROUND_COLUMNS = [

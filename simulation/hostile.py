@@ -24,13 +24,19 @@ __all__ = ["HOSTILE_KINDS", "hostile_mod"]
 Corrupt = Callable[[Message, Message, Context], Message]
 
 
+def _payload(reply: Message) -> ConfigRecord:
+    record = reply.content[PAYLOAD_KEY]
+    assert isinstance(record, ConfigRecord)  # the compression mod ran inside this mod
+    return record
+
+
 def _raw_blob(spec: bytes, body: bytes) -> bytes:
     return b"FSQZ\x01" + bytes([len(spec)]) + spec + bytes([len(body)]) + body
 
 
 def _set_blob(blob: bytes) -> Corrupt:
     def corrupt(reply: Message, request: Message, context: Context) -> Message:
-        reply.content[PAYLOAD_KEY]["blob"] = blob  # type: ignore[index]
+        _payload(reply)["blob"] = blob
         return reply
 
     return corrupt
@@ -38,7 +44,7 @@ def _set_blob(blob: bytes) -> Corrupt:
 
 def _set_field(name: str, value: object) -> Corrupt:
     def corrupt(reply: Message, request: Message, context: Context) -> Message:
-        reply.content[PAYLOAD_KEY][name] = value  # type: ignore[index]
+        _payload(reply)[name] = value  # type: ignore[assignment]  # any value: that is the attack
         return reply
 
     return corrupt

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fedsqueeze import data
-from fedsqueeze.data import Dataset, client_data, clear_caches, load_dataset, partition
+from fedsqueeze.data import Dataset, clear_caches, client_data, load_dataset, partition
 
 
 @pytest.fixture
@@ -208,8 +208,8 @@ def test_partition_is_reproducible_from_the_seed(mnist: Dataset, partitioner: st
     clear_caches(datasets=False)  # recompute instead of returning the cached arrays
     again = partition(labels, 10, partitioner, seed=5)
     other = partition(labels, 10, partitioner, seed=6)
-    assert all(np.array_equal(a, b) for a, b in zip(first, again))
-    assert not all(np.array_equal(a, b) for a, b in zip(first, other))
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other, strict=True))
 
 
 def test_partition_results_are_read_only(mnist: Dataset) -> None:
@@ -356,4 +356,4 @@ def test_clear_caches_forgets_datasets_and_partitions(tmp_path: Path, monkeypatc
     assert partition(labels["y_train"], 4, "iid", seed=1)[0] is part[0]  # still cached
     clear_caches(datasets=False)
     again = partition(labels["y_train"], 4, "iid", seed=1)
-    assert again[0] is not part[0] and all(np.array_equal(a, b) for a, b in zip(again, part))
+    assert again[0] is not part[0] and all(np.array_equal(a, b) for a, b in zip(again, part, strict=True))

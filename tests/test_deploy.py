@@ -73,7 +73,10 @@ def test_tls_and_node_auth_two_nodes_two_rounds(tmp_path: Path, mnist_path: Path
     port, node_port_base = free_ports(2)  # SuperNode i opens port node_port_base + i
     results = tmp_path / "results"
     settings = local.DeploySettings(
-        workdir=tmp_path, app_dir=Path(local.__file__).resolve().parents[1], nodes=2, port=port,
+        workdir=tmp_path,
+        app_dir=Path(local.__file__).resolve().parents[1],
+        nodes=2,
+        port=port,
         node_port_base=node_port_base,
         run_config=f'num-server-rounds=2 max-samples-per-client=200 data-dir="{mnist_path}" results-dir="{results}"',
     )
@@ -103,8 +106,13 @@ def test_tls_and_node_auth_two_nodes_two_rounds(tmp_path: Path, mnist_path: Path
 @pytest.mark.slow  # waits out the SuperLink's heartbeat timeout: about 2 minutes
 def test_a_restarted_registered_supernode_is_retried_until_it_is_back(tmp_path: Path) -> None:
     port, node_port_base = free_ports(2)
-    settings = local.DeploySettings(workdir=tmp_path, app_dir=Path(local.__file__).resolve().parents[1], nodes=1,
-                                    port=port, node_port_base=node_port_base)
+    settings = local.DeploySettings(
+        workdir=tmp_path,
+        app_dir=Path(local.__file__).resolve().parents[1],
+        nodes=1,
+        port=port,
+        node_port_base=node_port_base,
+    )
     deployment = local.start(settings)
     try:
         deployment.kill_supernode(0)  # a crash: the SuperLink still lists it online

@@ -15,8 +15,17 @@ from fedsqueeze.config import RunConfig
 from fedsqueeze.data.partition_file import partition_meta, read_partition_file, write_partition_file
 
 #: What an edge node need not install or import.
-FORBIDDEN = ("fedsqueeze.server", "fedsqueeze.simulation", "ray", "matplotlib", "flwr_datasets", "datasets",
-             "torchvision", "pandas", "pyarrow")
+FORBIDDEN = (
+    "fedsqueeze.server",
+    "fedsqueeze.simulation",
+    "ray",
+    "matplotlib",
+    "flwr_datasets",
+    "datasets",
+    "torchvision",
+    "pandas",
+    "pyarrow",
+)
 
 # Runs in a fresh interpreter: train one round on a partition file, then list what got imported. (A finder
 # that refuses imports cannot be used: torch probes optional packages with find_spec and breaks on it.)
@@ -73,8 +82,9 @@ def test_the_supernode_side_trains_from_its_file_without_server_simulation_or_he
 def test_make_partitions_gives_each_node_exactly_its_client_data(tmp_path: Path, mnist_path: Path) -> None:
     from fedsqueeze.data import client_data
 
-    spec = __import__("importlib.util").util.spec_from_file_location("make_partitions",
-                                                                     REPO_ROOT / "deploy" / "make_partitions.py")
+    spec = __import__("importlib.util").util.spec_from_file_location(
+        "make_partitions", REPO_ROOT / "deploy" / "make_partitions.py"
+    )
     module = __import__("importlib.util").util.module_from_spec(spec)
     spec.loader.exec_module(module)
     run = module.run_config(f'max-samples-per-client=50 data-dir="{mnist_path}"')

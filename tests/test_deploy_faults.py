@@ -41,8 +41,10 @@ def test_the_superlinks_error_reply_is_charged_to_the_node_the_message_was_for()
     strategy = CompressedStrategy(FedAvg(), uplink="quantize(bits=8) | zstd", downlink="quantize(bits=8) | zstd")
     arrays = tensors_to_arrays(global_model())
     messages = _pushed(list(strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid(NODES))))
-    replies = [app(m, ctx[m.metadata.dst_node_id]) if m.metadata.dst_node_id != DEAD else _superlink_error_for(m)
-               for m in messages]
+    replies = [
+        app(m, ctx[m.metadata.dst_node_id]) if m.metadata.dst_node_id != DEAD else _superlink_error_for(m)
+        for m in messages
+    ]
     new, _ = strategy.aggregate_train(1, replies)
     assert new is not None
     assert [(r.round, r.node_id) for r in strategy.rejections] == [(1, DEAD)]
@@ -57,8 +59,9 @@ def test_the_superlinks_error_reply_is_charged_to_the_node_the_message_was_for()
 
 def test_a_reply_to_no_known_message_stands_for_its_source() -> None:
     strategy = CompressedStrategy(FedAvg())
-    messages = _pushed(list(strategy.configure_train(1, tensors_to_arrays(global_model()), ConfigRecord(),
-                                                     FakeGrid(NODES))))
+    messages = _pushed(
+        list(strategy.configure_train(1, tensors_to_arrays(global_model()), ConfigRecord(), FakeGrid(NODES)))
+    )
     stray = _superlink_error_for(messages[0])
     stray.metadata.__dict__["_reply_to_message_id"] = "not-sent-this-round"
     assert strategy._recipient(stray) == SUPERLINK_ID

@@ -31,10 +31,17 @@ def test_a_killed_supernode_costs_at_most_the_round_timeout(tmp_path: Path, mnis
     port, node_port_base = free_ports(2)
     results = tmp_path / "results"
     settings = local.DeploySettings(
-        workdir=tmp_path, app_dir=Path(local.__file__).resolve().parents[1], nodes=3, port=port,
-        node_port_base=node_port_base, tls=False, auth=False,
-        run_config=(f"num-server-rounds=3 max-samples-per-client=150 round-timeout={ROUND_TIMEOUT} "
-                    f'data-dir="{mnist_path}" results-dir="{results}"'),
+        workdir=tmp_path,
+        app_dir=Path(local.__file__).resolve().parents[1],
+        nodes=3,
+        port=port,
+        node_port_base=node_port_base,
+        tls=False,
+        auth=False,
+        run_config=(
+            f"num-server-rounds=3 max-samples-per-client=150 round-timeout={ROUND_TIMEOUT} "
+            f'data-dir="{mnist_path}" results-dir="{results}"'
+        ),
     )
     deployment = local.start(settings)
     outcome: dict[str, object] = {}
@@ -75,9 +82,16 @@ def test_a_killed_serverapp_resumes_from_its_checkpoint(tmp_path: Path, mnist_pa
     port, node_port_base = free_ports(2)
     results = tmp_path / "results"
     run_config = f'num-server-rounds=3 max-samples-per-client=100 data-dir="{mnist_path}" results-dir="{results}"'
-    settings = local.DeploySettings(workdir=tmp_path, app_dir=Path(local.__file__).resolve().parents[1], nodes=2,
-                                    port=port, node_port_base=node_port_base, tls=False, auth=False,
-                                    run_config=run_config)
+    settings = local.DeploySettings(
+        workdir=tmp_path,
+        app_dir=Path(local.__file__).resolve().parents[1],
+        nodes=2,
+        port=port,
+        node_port_base=node_port_base,
+        tls=False,
+        auth=False,
+        run_config=run_config,
+    )
     deployment = local.start(settings)
     outcome: dict[str, object] = {}
     try:
@@ -91,8 +105,9 @@ def test_a_killed_serverapp_resumes_from_its_checkpoint(tmp_path: Path, mnist_pa
         os.kill(serverapps[0], signal.SIGKILL)
         runner.join(timeout=300)
         assert not runner.is_alive(), "flwr run did not return after its ServerApp was killed"
-        resumed = local.Deployment(dataclasses.replace(settings, run_config=run_config + " resume=true"),
-                                   deployment.env)
+        resumed = local.Deployment(
+            dataclasses.replace(settings, run_config=run_config + " resume=true"), deployment.env
+        )
         done = resumed.run_app(timeout=300)
     finally:
         deployment.stop()

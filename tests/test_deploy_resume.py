@@ -28,8 +28,16 @@ class LoopbackGrid:
     """A grid whose nodes run fedsqueeze's ClientApp in this process; it can die before a given train round."""
 
     def __init__(self, run_config: dict[str, Any], die_before_train_round: int = 0) -> None:
-        self.contexts = {n: Context(run_id=7, node_id=n, node_config={"partition-id": i, "num-partitions": len(NODES)},
-                                    state=RecordDict(), run_config=run_config) for i, n in enumerate(NODES)}
+        self.contexts = {
+            n: Context(
+                run_id=7,
+                node_id=n,
+                node_config={"partition-id": i, "num-partitions": len(NODES)},
+                state=RecordDict(),
+                run_config=run_config,
+            )
+            for i, n in enumerate(NODES)
+        }
         self.die_before, self.train_rounds = die_before_train_round, 0
 
     def get_node_ids(self) -> list[int]:
@@ -42,9 +50,12 @@ class LoopbackGrid:
             if self.train_rounds == self.die_before:
                 raise ServerKilled
         # the one-time query is answered by the mod alone (as test_strategy's FakeGrid does)
-        return [client_app(m, self.contexts[m.metadata.dst_node_id]) if m.metadata.message_type != "query"
-                else compression_mod(m, self.contexts[m.metadata.dst_node_id], lambda *_: None)  # type: ignore[arg-type]
-                for m in messages]
+        return [
+            client_app(m, self.contexts[m.metadata.dst_node_id])
+            if m.metadata.message_type != "query"
+            else compression_mod(m, self.contexts[m.metadata.dst_node_id], lambda *_: None)  # type: ignore[arg-type]
+            for m in messages
+        ]
 
 
 @pytest.fixture(autouse=True)
@@ -53,21 +64,32 @@ def _task_identity() -> None:
 
 
 def _run(config: dict[str, Any], die_before: int = 0) -> None:
-    server_main(LoopbackGrid(config, die_before),  # type: ignore[arg-type]
-                Context(run_id=7, node_id=1, node_config={}, state=RecordDict(), run_config=config))
+    server_main(
+        LoopbackGrid(config, die_before),  # type: ignore[arg-type]
+        Context(run_id=7, node_id=1, node_config={}, state=RecordDict(), run_config=config),
+    )
 
 
 def _final_model(results: Path, config: dict[str, Any]) -> dict[str, torch.Tensor]:
     return arrays_to_tensors(load_checkpoint(results, config).arrays)
 
 
-@pytest.mark.parametrize("codecs", [("zstd", "zstd"), ("topk(ratio=0.01) | quantize(bits=8) | zstd",
-                                                    "quantize(bits=8) | zstd")])
-def test_a_resumed_run_ends_with_the_uninterrupted_runs_model(tmp_path: Path, mnist_path: Path,
-                                                              codecs: tuple[str, str]) -> None:
+@pytest.mark.parametrize(
+    "codecs", [("zstd", "zstd"), ("topk(ratio=0.01) | quantize(bits=8) | zstd", "quantize(bits=8) | zstd")]
+)
+def test_a_resumed_run_ends_with_the_uninterrupted_runs_model(
+    tmp_path: Path, mnist_path: Path, codecs: tuple[str, str]
+) -> None:
     def config(results: Path, **extra: Any) -> dict[str, Any]:
-        return {"num-server-rounds": 3, "max-samples-per-client": 200, "data-dir": str(mnist_path),
-                "uplink-codec": codecs[0], "downlink-codec": codecs[1], "results-dir": str(results), **extra}
+        return {
+            "num-server-rounds": 3,
+            "max-samples-per-client": 200,
+            "data-dir": str(mnist_path),
+            "uplink-codec": codecs[0],
+            "downlink-codec": codecs[1],
+            "results-dir": str(results),
+            **extra,
+        }
 
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     _run(config(whole))
@@ -89,8 +111,12 @@ def test_a_resumed_run_ends_with_the_uninterrupted_runs_model(tmp_path: Path, mn
 
 
 def test_resume_refuses_another_run_config_and_a_missing_checkpoint(tmp_path: Path, mnist_path: Path) -> None:
-    base = {"num-server-rounds": 1, "max-samples-per-client": 20, "data-dir": str(mnist_path),
-            "results-dir": str(tmp_path)}
+    base = {
+        "num-server-rounds": 1,
+        "max-samples-per-client": 20,
+        "data-dir": str(mnist_path),
+        "results-dir": str(tmp_path),
+    }
     with pytest.raises(FileNotFoundError, match=f"no checkpoint at {tmp_path / CHECKPOINT_FILE}"):
         _run({**base, "resume": True})
     _run(base)
@@ -102,8 +128,12 @@ def test_with_the_default_lossy_codecs_resumed_nodes_get_a_delta_catch_up(tmp_pa
     # A resumed run is a new Flower run: nodes start with an empty context.state, so the server forgets
     # what they held and sends each a catch-up from the first model (which they rebuild from the seed),
     # not the full model, and no reply is rejected for holding the wrong version.
-    config = {"num-server-rounds": 3, "max-samples-per-client": 40, "data-dir": str(mnist_path),
-              "results-dir": str(tmp_path)}
+    config = {
+        "num-server-rounds": 3,
+        "max-samples-per-client": 40,
+        "data-dir": str(mnist_path),
+        "results-dir": str(tmp_path),
+    }
     with pytest.raises(ServerKilled):
         _run(config, die_before=3)
     _run({**config, "resume": True})

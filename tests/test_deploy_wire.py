@@ -42,8 +42,14 @@ def test_reported_message_bytes_agree_with_the_wire(tmp_path: Path, mnist_path: 
     proxy = CountingProxy(("127.0.0.1", port))
     results = tmp_path / "results"
     settings = local.DeploySettings(
-        workdir=tmp_path, app_dir=Path(local.__file__).resolve().parents[1], nodes=2, port=port,
-        node_port_base=node_port_base, tls=False, auth=False, node_superlink=f"127.0.0.1:{proxy.port}",
+        workdir=tmp_path,
+        app_dir=Path(local.__file__).resolve().parents[1],
+        nodes=2,
+        port=port,
+        node_port_base=node_port_base,
+        tls=False,
+        auth=False,
+        node_superlink=f"127.0.0.1:{proxy.port}",
         run_config=f'num-server-rounds=2 max-samples-per-client=200 data-dir="{mnist_path}" results-dir="{results}"',
     )
     deployment = local.start(settings)

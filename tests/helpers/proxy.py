@@ -54,7 +54,7 @@ class _HttpSplitter:
             end = self.buffer.find(b"\r\n\r\n")
             if end < 0:
                 return False
-            head, self.buffer = self.buffer[: end + 4], self.buffer[end + 4:]
+            head, self.buffer = self.buffer[: end + 4], self.buffer[end + 4 :]
             lines = head.decode("latin-1").split("\r\n")
             headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
             self._head, self._body = (len(head), lines[0]), 0
@@ -82,7 +82,7 @@ class _HttpSplitter:
             if len(self.buffer) < end + 4:
                 return False
             self._body += end + 4
-            self.buffer = self.buffer[end + 4:]
+            self.buffer = self.buffer[end + 4 :]
             self._finish()
             return True
         if len(self.buffer) < need:
@@ -149,8 +149,11 @@ class CountingProxy:
     def _record(self, splitter: _HttpSplitter, direction: str, pending: list[Exchange]) -> None:
         for head, body, first_line in splitter.done:
             if direction == "up":  # a request: "POST /v1/fleet/pull-messages HTTP/1.1"
-                exchange = Exchange(path=first_line.split(" ")[1] if " " in first_line else first_line,
-                                    request_head=head, request_body=body)
+                exchange = Exchange(
+                    path=first_line.split(" ")[1] if " " in first_line else first_line,
+                    request_head=head,
+                    request_body=body,
+                )
                 pending.append(exchange)
                 self.exchanges.append(exchange)
             elif pending:  # the response to the oldest open request on this connection
