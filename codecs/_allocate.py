@@ -116,7 +116,7 @@ def _topk_menu(x: torch.Tensor, mags_sorted: np.ndarray, later: Sequence[Stage])
         for field, value_bits, value_err in codings:
             extra = group_bytes(quant, field, k, (k,)) + (NODE_BYTES if field else 0.0)
             size = index_bytes + k * value_bits / 8 + extra
-            menu.append(Choice("topk", k, field, size, total - kept + value_err))
+            menu.append(Choice("topk", k, field, size, total - kept + value_err, value_bits))
     return menu
 
 
@@ -256,13 +256,13 @@ def _fill(items: list[Tensor], picked: list[Choice], leftover: float) -> list[Ch
         per_value = _value_bytes(c, n)
         k = int(min(n - 1, c.size + max(1, c.size // 16), c.size + leftover // per_value))
         leftover -= (k - c.size) * per_value
-        picked[best] = Choice("topk", k, c.bits, c.est_bytes + (k - c.size) * per_value, c.est_error)
+        picked[best] = Choice("topk", k, c.bits, c.est_bytes + (k - c.size) * per_value, c.est_error, c.value_bits)
     return picked
 
 
 def _value_bytes(c: Choice, n: int) -> float:
     """Estimated bytes of one more top-k entry: its value and its position."""
-    return ((c.bits or 32) + _index_bits(n, c.size)) / 8
+    return (c.value_bits + _index_bits(n, c.size)) / 8
 
 
 def encode_with_budget(budget: Budget, codec: Codec, records: list[tuple[str, torch.Tensor]]) -> bytes:
@@ -298,7 +298,8 @@ def encode_with_budget(budget: Budget, codec: Codec, records: list[tuple[str, to
         plans.append((payload, picked, blob))
         if abs(payload - target) <= TOLERANCE * target:
             return blob
-        ask = max(ask * target / max(payload, 1), fixed.size + 1.0)
+        # proportional correction, at most 2x either way: one bad estimate must not swing the plan
+        ask = max(ask * min(2.0, max(0.5, target / max(payload, 1))), fixed.size + 1.0)
     payload, base, blob = min(plans, key=lambda p: abs(p[0] - target))
     best = (abs(payload - target), blob)
     tried = [(1.0, payload)]
@@ -334,7 +335,7 @@ def _scaled(items: list[Tensor], picked: list[Choice], factor: float) -> list[Ch
     for item, c in zip(items, picked, strict=True):
         if c.kind == "topk":
             k = int(min(item.x.numel() - 1, max(1, round(c.size * factor))))
-            c = Choice("topk", k, c.bits, c.est_bytes, c.est_error)
+            c = Choice("topk", k, c.bits, c.est_bytes, c.est_error, c.value_bits)
         out.append(c)
     return out
 

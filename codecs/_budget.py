@@ -71,9 +71,11 @@ class Budget(Stage):
     ----------
     bpp : float
         Bits per parameter for the whole payload, after every later stage (zstd included), in
-        (0, 64] (default: 1.0). The blob is ``bpp * n / 8`` bytes plus the header, within
-        3 %, unless that is less than the smallest blob the pipeline can make (every tensor
-        dropped: names and shapes only) or more than the largest (dense).
+        (0, 64] (default: 1.0). With a ``topk`` stage after it, the blob is ``bpp * n / 8``
+        bytes plus the header, within 3 %, unless that is less than the smallest blob the
+        pipeline can make (every tensor dropped: names and shapes only) or more than the
+        largest (dense). Without ``topk`` the menus are coarse (ranks, widths, whole tensors)
+        and the blob is the closest plan found at or near the target.
     passes : int
         Most encodes spent on correcting the estimate, 1..16 (default: 6).
     """
@@ -123,7 +125,8 @@ class Choice:
 
     ``kind`` is ``zero`` (dropped), ``raw`` (dense, own dtype), ``topk`` (``size`` = k),
     ``dense`` (quantized, no sparsification), ``lowrank`` (``size`` = rank) or ``spec`` (the
-    later stages as the spec gives them). ``bits`` is the quantizer width, 0 for none.
+    later stages as the spec gives them). ``bits`` is the quantizer width, 0 for none;
+    ``value_bits`` the estimated bits of one kept value after entropy coding.
     """
 
     kind: str
@@ -131,6 +134,7 @@ class Choice:
     bits: int = 0
     est_bytes: float = 0.0
     est_error: float = 0.0
+    value_bits: float = 32.0
 
 
 def budget_settings(choice: Choice, later: Sequence[Stage], n: int) -> list[Stage | None]:

@@ -457,6 +457,17 @@ def small_width_table(updates: Mapping[str, Update]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _issue12_sections(args: argparse.Namespace, updates: Mapping[str, Update]) -> str:
+    """The optional report sections: 2/4-bit grids (--small-bits), budget against uniform (--budget-bpp)."""
+    text = ""
+    if args.small_bits:
+        text += "\n## Quantization at 2 and 4 bits: relative L2 error by grid\n\n" + small_width_table(updates)
+    if args.budget_bpp:
+        text += "\n## Budget against uniform top-k at equal bytes (relative L2 error)\n\n"
+        text += budget_comparison(updates, args.budget_bpp, seed=args.seed)
+    return text
+
+
 def profile_codec(update: Update, spec: str, *, seed: int, top: int = 15) -> str:
     """cProfile of one encode and one decode (after a warm-up), top functions by own time."""
     codec = parse(spec, seed=seed)
@@ -696,11 +707,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
 
         command = "python -m fedsqueeze.simulation.codec_bench" + (" " + shlex.join(argv) if argv else "")
         text = report(command, rows, memcpy, memcpy_bytes, notes, (load_start, os.getloadavg()[0]))
-        if args.small_bits:
-            text += "\n## Quantization at 2 and 4 bits: relative L2 error by grid\n\n" + small_width_table(updates)
-        if args.budget_bpp:
-            text += "\n## Budget against uniform top-k at equal bytes (relative L2 error)\n\n"
-            text += budget_comparison(updates, args.budget_bpp, seed=args.seed)
+        text += _issue12_sections(args, updates)
         if args.profile:
             targets = {parse(spec).spec for spec in TARGETS}
             profiled = [s for s in specs if parse(s).spec in targets]

@@ -176,3 +176,19 @@ def test_hostile_settings_are_refused() -> None:
     body[meta - 1] = 1  # one setting where the pipeline has two later stages
     with pytest.raises(CodecError):
         decode(blob[:header_end] + bytes(body))
+
+
+def test_fill_prices_kept_values_at_their_coding() -> None:
+    # regression: the greedy fill priced every kept value at 32 bits, so after `topk | ternary`
+    # (1 bit a value) it under-spent the leftover bytes and the correction passes ran out
+    from fedsqueeze.codecs import _allocate
+
+    update = synthetic_update(50_000, seed=3)
+    codec = parse("budget(bpp=0.5) | topk | ternary | zstd")
+    name, t = next(iter(update.items()))
+    x = t.float().contiguous()
+    item = _allocate.Tensor(name, t, x, [], torch.sort(x.reshape(-1).abs(), descending=True).values.numpy())
+    item.menu = _allocate.build_menu(codec, codec.stages[0], item)
+    assert {c.value_bits for c in item.menu if c.kind == "topk"} == {1.0}
+    blob = codec.encode(update)
+    assert payload_bytes(blob) == pytest.approx(0.5 * num_params(update) / 8, rel=0.03)
