@@ -18,6 +18,7 @@ import importlib
 import pkgutil
 
 from ._basic import BF16, FP16, Identity, Zstd
+from ._budget import Budget
 from ._errors import CodecError
 from ._feedback import ErrorFeedback
 from ._lowrank import CP, SVD, PowerSGD, Tucker
@@ -50,6 +51,7 @@ __all__ = [
     "CP",
     "FP16",
     "SVD",
+    "Budget",
     "Codec",
     "CodecError",
     "CompressionStats",

@@ -46,7 +46,8 @@ def varint_encode(values: np.ndarray) -> np.ndarray:
     """LEB128 varints of non-negative integers, vectorized; returns uint8."""
     v = np.ascontiguousarray(values, dtype=np.uint64)
     nbytes = np.ones(v.size, np.int64)
-    for j in range(1, 10):
+    longest = (int(v.max()).bit_length() + 6) // 7 if v.size else 1  # only the passes some value needs
+    for j in range(1, longest):
         nbytes += v >= np.uint64(1 << (7 * j))
     ends = np.cumsum(nbytes)
     starts = ends - nbytes

@@ -91,6 +91,9 @@ def _check_pipeline(stages: tuple[Stage, ...]) -> None:
             raise ValueError(
                 f"stage {name!r} appears {names.count(name)} times in the codec; each stage may appear once"
             )
+    for s in stages[1:]:
+        if s.allocates:
+            raise ValueError(f"stage {s.name!r} plans the whole update and must come first in the codec")
     seen_bytes = False
     for s in stages:
         if s.kind == "bytes":
@@ -145,6 +148,11 @@ class Codec:
     def spec(self) -> str:
         """Canonical spec text; ``parse(codec.spec) == codec``."""
         return " | ".join(s.spec for s in self.stages) if self.stages else "identity"
+
+    @property
+    def tensor_stages(self) -> tuple[Stage, ...]:
+        """The tensor stages, in spec order (their index is the one the wire format's tags name)."""
+        return tuple(self._tensor_stages)
 
     @property
     def lossless(self) -> bool:
@@ -234,20 +242,43 @@ class Codec:
             float32, an empty tensor whose shape :func:`decode` would refuse, bad names or
             unsupported dtypes.
         """
+        records = self._records(update)
+        first = self._tensor_stages[0] if self._tensor_stages else None
+        if first is not None and first.allocates:
+            blob = first.encode_update(self, records)  # e.g. `budget`: plans every tensor, then encodes
+        else:
+            body = Writer()
+            body.varint(len(records))
+            for name, t in records:
+                body.extend(self.record(name, t, self._encode_tensor(name, t)))
+            blob = self.finish(body)
+        self._calls += 1
+        return blob
+
+    def _records(self, update: Mapping[str, TensorLike]) -> list[tuple[str, torch.Tensor]]:
+        """The update as checked (name, CPU tensor) pairs, in order."""
         if not isinstance(update, Mapping):
             raise TypeError(f"update must be a mapping of names to tensors, found {type(update).__name__}")
-        body = Writer()
-        body.varint(len(update))
+        records = []
         for name, value in update.items():
             if not isinstance(name, str) or not name or len(name.encode()) > MAX_NAME_LENGTH:
                 raise ValueError(
                     f"tensor names must be non-empty strings of at most {MAX_NAME_LENGTH} bytes, got {name!r}"
                 )
-            t = _to_tensor(name, value)
-            body.blob(name.encode())
-            body.u8(dtype_code(t.dtype))
-            body.extend(self._encode_tensor(name, t))
-        self._calls += 1
+            records.append((name, _to_tensor(name, value)))
+        return records
+
+    @staticmethod
+    def record(name: str, t: torch.Tensor, node: Writer) -> Writer:
+        """One body record: the name, the tensor's dtype code and its node."""
+        out = Writer()
+        out.blob(name.encode())
+        out.u8(dtype_code(t.dtype))
+        out.extend(node)
+        return out
+
+    def finish(self, body: Writer) -> bytes:
+        """The blob: header, then the body after the bytes stages."""
         body_len = body.size
         payload = b""
         if self._bytes_stages:
@@ -265,8 +296,32 @@ class Codec:
             out.extend(body)  # no copy of the body before the final join
         return out.getvalue()
 
+    def header_size(self, body_len: int) -> int:
+        """Bytes of the blob header (magic, version, spec, body length) for a body of ``body_len`` bytes."""
+        head = Writer()
+        head.raw(MAGIC)
+        head.u8(VERSION)
+        head.blob(self.spec.encode())
+        head.varint(body_len)
+        return head.size
+
     def _encode_tensor(self, name: str, t: torch.Tensor) -> Writer:
         """The node of one tensor: staged if a stage takes it and that pays, else raw."""
+        x = self.staged_input(name, t)
+        if x is None:
+            return self.raw_node(t)
+        node = self._encode_node(x, name, 0, fallback=t)
+        raw_size = 2 + 5 * t.dim() + t.numel() * t.element_size()
+        if node.size > raw_size:  # compression would not pay: send as it is
+            node = self.raw_node(t)
+        return node
+
+    def staged_input(self, name: str, t: torch.Tensor) -> torch.Tensor | None:
+        """``t`` as contiguous float32 for the tensor stages, or ``None`` when it is sent raw.
+
+        Raises ``ValueError`` for NaN or infinity, values beyond float32 that a stage would
+        compute on, and empty shapes that :func:`decode` would refuse.
+        """
         if t.numel() == 0:
             if extent(tuple(t.shape)) > DecodeLimits().max_elements:
                 raise ValueError(
@@ -274,29 +329,25 @@ class Codec:
                     f"positions, more than decode accepts by default (DecodeLimits.max_elements = "
                     f"{DecodeLimits().max_elements}); drop the tensor or give it a smaller shape"
                 )
-            return self._raw_node(t)
+            return None
         if t.dtype not in FLOAT_DTYPES:
-            return self._raw_node(t)
+            return None
         if not _all_finite(t):
             raise ValueError(f"update[{name!r}] contains NaN or infinite values; expected finite numbers")
         x = t.to(torch.float32).contiguous()
         if not _all_finite(x):
             if all(s.passthrough for s in self._tensor_stages):
-                return self._raw_node(t)  # no stage computes in float32: send the float64 values as they are
+                return None  # no stage computes in float32: send the float64 values as they are
             biggest = float(t.abs().max())
             raise ValueError(
                 f"update[{name!r}] holds values up to {biggest:.3g} in magnitude, beyond float32's range "
                 f"(about 3.4e38); the codec's stages compute in float32. Scale the update down, or send it "
                 "with the lossless 'identity' codec"
             )
-        node = self._encode_node(x, name, 0, fallback=t)
-        raw_size = 2 + 5 * t.dim() + t.numel() * t.element_size()
-        if node.size > raw_size:  # compression would not pay: send as it is
-            node = self._raw_node(t)
-        return node
+        return x
 
     @staticmethod
-    def _raw_node(t: torch.Tensor, made_by: str = "") -> Writer:
+    def raw_node(t: torch.Tensor, made_by: str = "") -> Writer:
         """A raw node; ``made_by`` names the stage whose part ``t`` is, for the finiteness check."""
         if made_by and t.dtype in FLOAT_DTYPES and not _all_finite(t):
             raise ValueError(
@@ -311,17 +362,28 @@ class Codec:
         return node
 
     def _encode_node(
-        self, x: torch.Tensor, name: str, start: int, made_by: str = "", fallback: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        name: str,
+        start: int,
+        made_by: str = "",
+        fallback: torch.Tensor | None = None,
+        stages: Sequence[Stage | None] | None = None,
     ) -> Writer:
         """Encode float32 ``x`` with the first tensor stage at or after ``start`` that takes it.
 
         If no stage takes it, ``fallback`` (the tensor in its own dtype) or ``x`` is sent as it is.
+        ``stages`` replaces the codec's tensor stages for this tensor (same length; ``None``
+        skips a stage), as an allocating stage such as ``budget`` sets them per tensor.
         """
         raw = x if fallback is None else fallback
         if x.numel() == 0:
-            return self._raw_node(raw, made_by)
-        for index in range(start, len(self._tensor_stages)):
-            stage = self._tensor_stages[index]
+            return self.raw_node(raw, made_by)
+        stages = self._tensor_stages if stages is None else stages
+        for index in range(start, len(stages)):
+            stage = stages[index]
+            if stage is None:
+                continue
             state = self._state.setdefault(index, {}).setdefault(name, {})
             encoded = stage.encode(
                 x, EncodeContext(name=name, state=state, seed=self._seed(index, name), call=self._calls)
@@ -330,10 +392,18 @@ class Codec:
                 self._state[index].pop(name)
             if encoded is None:
                 continue
-            return self._stage_node(index, encoded, tuple(x.shape), name)
-        return self._raw_node(raw, made_by)
+            return self.stage_node(index, encoded, tuple(x.shape), name, stages)
+        return self.raw_node(raw, made_by)
 
-    def _stage_node(self, index: int, encoded: Encoded, shape: tuple[int, ...], name: str) -> Writer:
+    def stage_node(
+        self,
+        index: int,
+        encoded: Encoded,
+        shape: tuple[int, ...],
+        name: str,
+        stages: Sequence[Stage | None] | None = None,
+    ) -> Writer:
+        """The node of tensor stage ``index``: its header, then each part (open parts go to later stages)."""
         made_by = f"encoding update[{name!r}] with stage {self._tensor_stages[index].name!r}"
         node = Writer()
         node.u8(index + 1)
@@ -342,9 +412,10 @@ class Codec:
         node.u8(len(encoded.parts))
         for part in encoded.parts:
             if isinstance(part, EncodeFurther):
-                child = self._encode_node(part.tensor.to(torch.float32).contiguous(), name, index + 1, made_by)
+                x = part.tensor.to(torch.float32).contiguous()
+                child = self._encode_node(x, name, index + 1, made_by, stages=stages)
             else:
-                child = self._raw_node(part, made_by)
+                child = self.raw_node(part, made_by)
             node.extend(child)
         return node
 
@@ -408,17 +479,23 @@ class _Decoder:
             self.budget.start_tensor(shape, what)
         return shape
 
-    def node(self, r: Reader, first_stage: int, what: str, depth: int = 0) -> torch.Tensor:
+    def node(
+        self, r: Reader, first_stage: int, what: str, depth: int = 0, stages: Sequence[Stage | None] | None = None
+    ) -> torch.Tensor:
+        """Decode one node; ``stages`` are the tensor stages in force (set per tensor by ``budget``)."""
+        stages = self.stages if stages is None else stages
         tag = r.u8(f"tag of {what}")
         if tag == TAG_RAW:
             return self._raw(r, what, depth)
         index = tag - 1
-        if not first_stage <= index < len(self.stages):
+        if not first_stage <= index < len(stages):
             raise CodecError(
                 f"{what}: tag {tag} names tensor stage {index}, expected raw (0) or a stage in "
-                f"{first_stage}..{len(self.stages) - 1}"
+                f"{first_stage}..{len(stages) - 1}"
             )
-        stage = self.stages[index]
+        stage = stages[index]
+        if stage is None:
+            raise CodecError(f"{what}: tag {tag} names tensor stage {index}, which this tensor's plan skips")
         shape = self._shape(r, what, depth)
         n = numel(shape)
         if n == 0:
@@ -430,8 +507,9 @@ class _Decoder:
         nparts = r.u8(f"part count of {what}")
         if nparts > MAX_PARTS:
             raise CodecError(f"{what}: {nparts} parts, at most {MAX_PARTS} are allowed")
+        stages = stage.stages_for_parts(meta, stages, index)
         # children belong to later stages only, so the recursion is at most one level per stage
-        parts = [self.node(r, index + 1, f"{what}/{stage.name}[{i}]", depth + 1) for i in range(nparts)]
+        parts = [self.node(r, index + 1, f"{what}/{stage.name}[{i}]", depth + 1, stages) for i in range(nparts)]
         cost = stage.decode_cost(parts, meta, shape)
         self.budget.charge(cost.scratch_bytes, cost.work, f"{what}: stage {stage.name!r}")
         out = stage.decode(parts, meta, shape)

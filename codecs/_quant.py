@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -24,8 +25,17 @@ from ._stage import (
     is_number,
     register_stage,
 )
+from ._wire import Reader, Writer
 
 CHUNK = 65_536
+OUTLIER_BLOCKS = 1
+"""Quantize header kind: one range per block, block size as a varint (see ``outlier_block``)."""
+
+
+def _varint(value: int) -> bytes:
+    out = Writer()
+    out.varint(value)
+    return out.getvalue()
 
 
 def _groups(x: torch.Tensor, granularity: str | int) -> torch.Tensor:
@@ -102,12 +112,19 @@ class Quantize(Stage):
     granularity : str | int
         ``"tensor"``, ``"channel"`` (one range per slice of dim 0) or a block size >= 8
         (default: "tensor").
+    outlier_block : int
+        With ``bits <= 4`` and ``granularity="tensor"``, tensors of more than this many values
+        get one range per block of this many values instead of one for the whole tensor, so
+        that an outlier widens the step of its block only (the node's header says so). 0 keeps
+        one range per tensor, the behaviour before this parameter existed (default: 256;
+        chosen by measurement, see BENCHMARKS.md).
     """
 
     name: ClassVar[str] = "quantize"
     bits: int = 8
     stochastic: bool = False
     granularity: str | int = "tensor"
+    outlier_block: int = 256
 
     def __post_init__(self) -> None:
         check_param(self.bits in (1, 2, 4, 8) and is_int(self.bits), self.name, "bits", "one of 1, 2, 4, 8", self.bits)
@@ -120,9 +137,39 @@ class Quantize(Stage):
             '"tensor", "channel" or a block size in 8..2**24',
             g,
         )
+        b = self.outlier_block
+        ok = is_int(b) and (b == 0 or 8 <= b <= 2**24)
+        check_param(ok, self.name, "outlier_block", "0 or a block size in 8..2**24", b)
+
+    def _granularity(self, numel: int) -> str | int:
+        """The granularity used on a tensor of ``numel`` values (blocks for small widths, see outlier_block)."""
+        if self.outlier_block and self.bits <= 4 and self.granularity == "tensor" and numel > self.outlier_block:
+            return self.outlier_block
+        return self.granularity
+
+    def _meta_granularity(self, meta: bytes, numel: int) -> str | int:
+        """The granularity a node's header declares: empty for the spec's, else 0x01 and a block size."""
+        if not meta:
+            return self.granularity
+        r = Reader(meta, "quantize header")
+        expect(r.u8("header kind") == OUTLIER_BLOCKS, self.name, f"unknown header {meta[:1]!r}; expected 0x01")
+        block = r.varint("block size", 2**24)
+        r.expect_end()
+        # the encoder writes blocks only for tensors larger than one block: the padding stays < numel
+        expect(8 <= block < numel, self.name, f"block size must be in 8..{numel - 1} for {numel} values, found {block}")
+        return block
+
+    def budget_code(self) -> int:
+        return self.bits  # the width is what a budget sets per tensor; decoding needs it
+
+    def with_budget_code(self, code: int) -> Stage:
+        expect(code in (1, 2, 4, 8), self.name, f"budget code (bit width) must be 1, 2, 4 or 8, found {code}")
+        return dataclasses.replace(self, bits=code)
 
     def encode(self, x: torch.Tensor, ctx: EncodeContext) -> Encoded | None:
-        groups = _groups(x, self.granularity)
+        granularity = self._granularity(x.numel())
+        meta = b"" if granularity == self.granularity else bytes((OUTLIER_BLOCKS,)) + _varint(int(granularity))
+        groups = _groups(x, granularity)
         if groups.shape[0] == 1:
             lo, hi = (v.reshape(1) for v in groups.aminmax())  # ~6x faster than aminmax(dim=1)
         else:
@@ -132,7 +179,7 @@ class Quantize(Stage):
         inv = torch.where(step > 0, 1.0 / step, torch.zeros_like(step))
         codes = _codes(groups, lo, inv, levels, ctx.generator() if self.stochastic else None)
         packed = torch.from_numpy(pack_bits(as_numpy(codes.reshape(-1)[: x.numel()]), self.bits))
-        return Encoded([packed, lo.contiguous(), step.contiguous()])
+        return Encoded([packed, lo.contiguous(), step.contiguous()], meta)
 
     def decode_cost(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> DecodeCost:
         n = math.prod(shape)
@@ -142,7 +189,8 @@ class Quantize(Stage):
     def decode(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> torch.Tensor:
         expect_parts(self.name, parts, 3)
         packed, lo, step = parts
-        g = _num_groups(shape, self.granularity)
+        granularity = self._meta_granularity(meta, math.prod(shape))
+        g = _num_groups(shape, granularity)
         expect(g >= 1, self.name, f"a tensor of shape {shape} has no elements to quantize")
         expect_part(self.name, packed, "the packed codes", dtype=torch.uint8)
         expect_part(self.name, lo, "the group minima", dtype=torch.float32, shape=(g,))
@@ -153,7 +201,7 @@ class Quantize(Stage):
         if g == 1:
             return values.mul_(step).add_(lo).reshape(shape)
         # blocks hold `granularity` values (the last one fewer); channels split n evenly
-        size = self.granularity if isinstance(self.granularity, int) else n // g
+        size = granularity if isinstance(granularity, int) else n // g
         if g * size != n:  # last block is short
             values = torch.cat([values, values.new_zeros(g * size - n)])
         out = values.reshape(g, size).mul_(step[:, None]).add_(lo[:, None])

@@ -200,6 +200,37 @@ class Stage:
         """
         raise ValueError(f"stage {self.name!r} keeps no state, found an entry {entry!r}")
 
+    # --- rate allocation (see the ``budget`` stage) ------------------------------------------
+    allocates: ClassVar[bool] = False
+    """True for a leading stage that plans the whole update (``budget``): ``Codec.encode`` calls
+    :meth:`encode_update` instead of encoding tensor by tensor."""
+
+    def encode_update(self, codec: Codec, records: list[tuple[str, torch.Tensor]]) -> bytes:
+        """Encode a whole update as the first stage of ``codec`` (allocating stages only)."""
+        raise NotImplementedError
+
+    def stages_for_parts(self, meta: bytes, stages: Sequence[Stage | None], index: int) -> Sequence[Stage | None]:
+        """The tensor stages that decode the parts of this stage's node (``index`` is its position).
+
+        The default keeps them. An allocating stage returns them with the per-tensor settings its
+        ``meta`` records; raise :class:`CodecError` for a ``meta`` it cannot have written.
+        """
+        return stages
+
+    def budget_code(self) -> int:
+        """One byte (1..255) that, with the spec, lets :meth:`with_budget_code` rebuild this stage's
+        decoding parameters, when a ``budget`` stage has set them for one tensor (default: 1, none)."""
+        return 1
+
+    def with_budget_code(self, code: int) -> Stage:
+        """This stage with the decoding parameters that :meth:`budget_code` wrote as ``code``.
+
+        Raises :class:`CodecError` for a code this stage cannot have written.
+        """
+        if code != 1:
+            raise CodecError(f"stage {self.name!r}: budget code must be 1, found {code}")
+        return self
+
     # --- bytes stages ----------------------------------------------------------------------
     def encode_bytes(self, data: bytes) -> bytes:
         """Encode the whole serialized body (bytes stages only, e.g. entropy coding).

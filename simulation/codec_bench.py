@@ -179,6 +179,36 @@ def lenet5_update(data_dir: str | None, seed: int = 0) -> Update:
     return {name: trained[name] - initial[name] for name in initial if initial[name].is_floating_point()}
 
 
+def mcmahan_update(data_dir: str | None, seed: int = 0, steps: int = 300) -> Update:
+    """Weight delta (trained - initial) of the McMahan CNN after ``steps`` SGD steps (batch 32) on MNIST.
+
+    Parameters
+    ----------
+    data_dir : str or None
+        Where MNIST lives (see :func:`fedsqueeze.data.load_dataset`).
+    seed : int
+        Seed of the initialization and of the shuffling (default: 0).
+    steps : int
+        Mini-batches of 32 trained on, the first ``32 * steps`` training samples (default: 300).
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        Parameter name -> float32 delta, about 1.66 million parameters.
+    """
+    from fedsqueeze.data import load_dataset
+    from fedsqueeze.models import build_model
+    from fedsqueeze.training import get_weights, train
+
+    data = load_dataset("mnist", data_dir)
+    torch.manual_seed(seed)
+    model = build_model("mcmahan-cnn", "mnist")
+    initial = get_weights(model)
+    train(model, data.x_train[: 32 * steps], data.y_train[: 32 * steps], epochs=1, seed=seed)
+    trained = get_weights(model)
+    return {name: trained[name] - initial[name] for name in initial if initial[name].is_floating_point()}
+
+
 def default_data_dir() -> str | None:
     """``$FEDSQUEEZE_DATA``, else ``<repo root>/../shared/datasets`` if it exists, else None."""
     env = os.environ.get("FEDSQUEEZE_DATA")
@@ -355,6 +385,89 @@ def measure(
     return row
 
 
+def uniform_at_bytes(update: Update, nbytes: int, tail: str, *, seed: int) -> tuple[str, int, float]:
+    """The uniform ``topk(ratio=r) | tail`` with the fewest bytes >= ``nbytes``: (spec, bytes, error).
+
+    ``r`` is bisected (30 steps, geometric, over 1e-5..1).
+    """
+    lo, hi = 1e-5, 1.0
+    for _ in range(30):
+        mid = (lo * hi) ** 0.5
+        if len(parse(f"topk(ratio={mid:.6g}) | {tail}", seed=seed).encode(update)) >= nbytes:
+            hi = mid
+        else:
+            lo = mid
+    spec = f"topk(ratio={hi:.6g}) | {tail}"
+    blob = parse(spec, seed=seed).encode(update)
+    return spec, len(blob), relative_l2_error(update, decode(blob))
+
+
+def budget_comparison(updates: Mapping[str, Update], bpps: Sequence[float], *, seed: int) -> str:
+    """Markdown table: ``budget(bpp) | topk | quantize(bits=b) | zstd`` against uniform top-k at equal bytes."""
+    lines = [
+        (
+            "| update | bpp | quantizer | budget bytes | target bytes | budget error | uniform at >= bytes | "
+            "uniform bytes | uniform error |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, update in updates.items():
+        n = sum(t.numel() for t in update.values())
+        for bpp in bpps:
+            for bits in (4, 8):
+                tail = f"quantize(bits={bits}) | zstd"
+                codec = parse(f"budget(bpp={bpp}) | topk | {tail}", seed=seed)
+                blob = codec.encode(update)
+                error = relative_l2_error(update, decode(blob))
+                spec, ubytes, uerror = uniform_at_bytes(update, len(blob), tail, seed=seed)
+                lines.append(
+                    f"| {name} | {bpp:g} | {bits} bits | {len(blob):,} | {bpp * n / 8:,.0f} "
+                    f"(+header) | {error:.4f} | `{spec}` | {ubytes:,} | {uerror:.4f} |"
+                )
+                print(lines[-1], file=sys.stderr, flush=True)
+    return "\n".join(lines) + "\n"
+
+
+def _zero_aligned(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Symmetric grid through zero: 2**(bits-1) - 1 steps of max|x| / (2**(bits-1) - 1) each side."""
+    levels = (1 << (bits - 1)) - 1
+    scale = float(x.abs().max()) / levels or 1.0
+    return torch.clamp(torch.round(x / scale), -levels, levels) * scale
+
+
+def small_width_table(updates: Mapping[str, Update]) -> str:
+    """Markdown table: relative L2 error (and bits per parameter after zstd) of 2- and 4-bit grids on each update.
+
+    The measurement behind ``quantize``'s ``outlier_block`` default: one range per tensor, a
+    zero-aligned symmetric grid (error only; not a codec), and per-block ranges.
+    """
+    blocks = (0, 64, 256, 1024)
+    names = ["one range (outlier_block=0)", "zero-aligned grid"] + [f"blocks of {b}" for b in blocks[1:]]
+    lines = ["| update | bits | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for name, update in updates.items():
+        n = sum(t.numel() for t in update.values())
+        for bits in (2, 4):
+            cells = []
+            for block in blocks:
+                blob = parse(f"quantize(bits={bits}, outlier_block={block}) | zstd").encode(update)
+                cells.append(f"{relative_l2_error(update, decode(blob)):.3f} ({8 * len(blob) / n:.2f} b)")
+            zero = relative_l2_error(update, {k: _zero_aligned(v, bits) for k, v in update.items()})
+            cells.insert(1, f"{zero:.3f}")
+            lines.append(f"| {name} | {bits} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _issue12_sections(args: argparse.Namespace, updates: Mapping[str, Update]) -> str:
+    """The optional report sections: 2/4-bit grids (--small-bits), budget against uniform (--budget-bpp)."""
+    text = ""
+    if args.small_bits:
+        text += "\n## Quantization at 2 and 4 bits: relative L2 error by grid\n\n" + small_width_table(updates)
+    if args.budget_bpp:
+        text += "\n## Budget against uniform top-k at equal bytes (relative L2 error)\n\n"
+        text += budget_comparison(updates, args.budget_bpp, seed=args.seed)
+    return text
+
+
 def profile_codec(update: Update, spec: str, *, seed: int, top: int = 15) -> str:
     """cProfile of one encode and one decode (after a warm-up), top functions by own time."""
     codec = parse(spec, seed=seed)
@@ -514,8 +627,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-encode-seconds", type=float, default=30.0,
                    help="skip a codec whose first encode takes longer; 0 waits forever (default: 30)")
     p.add_argument("--no-real", action="store_true", help="skip the real LeNet-5 update (no MNIST needed)")
+    p.add_argument("--mcmahan", action="store_true",
+                   help="also measure a real McMahan CNN update (300 SGD steps on MNIST; 1.66M parameters)")
     p.add_argument("--profile", action="store_true",
                    help="also cProfile one encode and one decode of the target codecs on the synthetic update")
+    p.add_argument("--budget-bpp", nargs="+", type=float, default=None, metavar="BPP",
+                   help="also compare budget(bpp) | topk | quantize | zstd with uniform top-k at equal bytes "
+                   "on every update, for each BPP")
+    p.add_argument("--small-bits", action="store_true",
+                   help="also measure 2- and 4-bit grids (one range, zero-aligned, blocks) on every update")
     p.add_argument("--seed", type=int, default=0, help="seed of the updates and of the codecs (default: 0)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run in seconds: tiny synthetic update, no real update, one timing sample")
@@ -562,6 +682,10 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
             except FileNotFoundError as exc:
                 notes.append(f"real LeNet-5 update: skipped, MNIST not found ({str(exc).splitlines()[0]})")
                 print(f"MNIST not found, skipping the real update: {exc}", file=sys.stderr, flush=True)
+            if args.mcmahan and "lenet5-mnist" in updates:
+                updates["mcmahan-mnist"] = mcmahan_update(data_dir, args.seed)
+                notes.append(f"real update: McMahan CNN weight delta after 300 SGD steps of 32 MNIST images "
+                             f"(seed {args.seed})")
         synthetic_name = f"synthetic-{num_params / 1e6:g}M" if num_params >= 1_000_000 else f"synthetic-{num_params}"
         updates[synthetic_name] = synthetic_update(num_params, args.seed)
         notes.append(f"synthetic update: {len(updates[synthetic_name])} model-shaped tensors, Student-t (4 degrees of "
@@ -583,6 +707,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
 
         command = "python -m fedsqueeze.simulation.codec_bench" + (" " + shlex.join(argv) if argv else "")
         text = report(command, rows, memcpy, memcpy_bytes, notes, (load_start, os.getloadavg()[0]))
+        text += _issue12_sections(args, updates)
         if args.profile:
             targets = {parse(spec).spec for spec in TARGETS}
             profiled = [s for s in specs if parse(s).spec in targets]

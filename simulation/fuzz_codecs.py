@@ -58,6 +58,8 @@ SEED_SPECS = [
     "threshold(value=0.5) | quantize(bits=1, stochastic=true)",
     "svd(rank=0.9) | randomk(ratio=0.5) | ternary(delta=0.5) | zstd(level=5)",
     "quantize(bits=4, granularity=channel) | zstd",
+    "budget(bpp=4) | topk | quantize(bits=4) | zstd",
+    "budget(bpp=8) | svd | quantize(granularity=8)",
 ]
 INTERESTING = [
     0,

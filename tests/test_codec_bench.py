@@ -96,3 +96,17 @@ def test_relative_l2_error() -> None:
     y = {"a": torch.tensor([3.0, 1.0]), "b": torch.tensor([4.0])}
     assert codec_bench.relative_l2_error(x, y) == pytest.approx(1 / 5)
     assert codec_bench.relative_l2_error(x, x) == 0.0
+
+
+def test_budget_comparison_and_small_width_table_report_every_update() -> None:
+    updates = {"a": codec_bench.synthetic_update(5000, seed=1), "b": codec_bench.synthetic_update(3000, seed=2)}
+    table = codec_bench.budget_comparison(updates, [0.5], seed=0)
+    rows = [line.split(" | ") for line in table.splitlines()[2:]]
+    assert [(r[0], r[2]) for r in rows] == [("| a", "4 bits"), ("| a", "8 bits"), ("| b", "4 bits"), ("| b", "8 bits")]
+    for r in rows:
+        budget_bytes, uniform_bytes = int(r[3].replace(",", "")), int(r[-2].replace(",", ""))
+        assert uniform_bytes >= budget_bytes  # the uniform codec gets at least the budget's bytes
+    grid = codec_bench.small_width_table(updates).splitlines()
+    assert len(grid) == 2 + 2 * len(updates)
+    one_range, zero_aligned = (float(cell.split()[0]) for cell in grid[2].split(" | ")[2:4])
+    assert zero_aligned < one_range  # 2-bit, heavy tails: one range is the worst grid

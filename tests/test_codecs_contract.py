@@ -25,6 +25,8 @@ PIPELINES = [
     "threshold(value=0.5) | sign",
     "quantize(bits=2, stochastic=true, granularity=64) | zstd(level=1)",
     "identity | zstd",
+    "budget(bpp=0.5) | topk | quantize(bits=4) | zstd",
+    "budget(bpp=2) | svd(rank=2) | quantize | zstd",
 ]
 
 

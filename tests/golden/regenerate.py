@@ -27,8 +27,10 @@ PIPELINES = [
     "tucker(ranks=(2, 3)) | quantize(bits=2, granularity=16)",
     "cp(rank=2, iters=3) | sign",
     "threshold(value=1.0) | quantize(bits=1, stochastic=true) | zstd",
+    "budget(bpp=3.0) | topk | quantize(bits=4) | zstd",
 ]
-STAGE_SPECS = {"threshold": "threshold(value=1.0)"}  # the default cut-off keeps everything here
+# the default cut-off keeps everything here; a budget alone drops or keeps whole tensors
+STAGE_SPECS = {"threshold": "threshold(value=1.0)", "budget": "budget(bpp=16.0)"}
 
 
 def golden_update() -> dict[str, torch.Tensor]:

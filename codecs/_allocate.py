@@ -1,0 +1,368 @@
+"""The planner behind the ``budget`` stage: per-tensor menus, Lagrangian choice, measured correction."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from ._budget import (
+    BITS_CHOICES,
+    NODE_BYTES,
+    RANK_GRID,
+    TOLERANCE,
+    Budget,
+    Choice,
+    budget_settings,
+    encode_choice,
+    group_bytes,
+    k_grid,
+    quant_relative_error,
+)
+from ._lowrank import PowerSGD
+from ._stage import EncodeContext, Stage
+from ._wire import Writer
+
+if TYPE_CHECKING:
+    from ._pipeline import Codec
+
+FILL_STEPS = 400
+"""Most greedy steps spent on the bytes left by the discrete menus."""
+FACTOR_RANGE = 30.0
+"""Range**2 / mean square of a low-rank factor's entries, for the estimate of their quantization error."""
+
+
+@dataclass
+class Tensor:
+    """One float tensor of the update as the planner sees it."""
+
+    name: str
+    t: torch.Tensor  # as given
+    x: torch.Tensor  # float32, contiguous
+    menu: list[Choice]
+    mags: np.ndarray  # magnitudes in descending order
+
+
+def _stage_of(later: Sequence[Stage], names: tuple[str, ...]) -> Stage | None:
+    return next((s for s in later if s.name in names), None)
+
+
+def _fixed_value_bits(later: Sequence[Stage]) -> tuple[int, str]:
+    """Bits per kept value, and the coder, when no quantizer width is chosen."""
+    coder = _stage_of(later, ("fp16", "bf16", "ternary", "sign"))
+    if coder is None:
+        return 32, "float"
+    return (16, "half") if coder.name in ("fp16", "bf16") else (1, "sign")
+
+
+def _code_bits(mags: np.ndarray, spread: float, bits: int, ks: np.ndarray) -> np.ndarray:
+    """Entropy in bits of the quantizer codes of the k largest entries (sign included), for each k in ``ks``.
+
+    The quantizer's range is the tensor's (min, max) for every k that keeps both extremes, so an
+    entry's code does not depend on k; magnitudes sorted in descending order have non-increasing
+    codes, and the codes of a prefix are counted from the run lengths.
+    """
+    levels = (1 << bits) - 1
+    step = spread / levels if spread > 0 else 1.0
+    codes = np.minimum(mags / step, levels).astype(np.int64)[::-1]  # non-decreasing
+    starts = np.searchsorted(codes, np.unique(codes))  # in ascending order; runs of the reversed prefix
+    n = mags.size
+    out = np.empty(ks.size)
+    for j, k in enumerate(ks.tolist()):
+        # the k largest are the last k of the reversed array: positions n - k .. n - 1
+        bounds = np.clip(np.append(starts, n), n - k, n)
+        counts = np.diff(bounds)
+        p = counts[counts > 0] / k
+        out[j] = min(float(bits), float(-(p * np.log2(p)).sum()) + 1.0)
+    return out
+
+
+def _index_bits(n: int, k: int) -> float:
+    """Bits per kept entry of its position after zstd: the entropy of a random k-subset, per entry."""
+    p = k / n
+    if p >= 1:
+        return 0.0
+    return max(0.1, -(p * math.log2(p) + (1 - p) * math.log2(1 - p)) / p)
+
+
+def _topk_menu(x: torch.Tensor, mags_sorted: np.ndarray, later: Sequence[Stage]) -> list[Choice]:
+    """Top-k sizes x value codings, with the dropped energy (exact) plus the value coding's error."""
+    n = x.numel()
+    mags = np.ascontiguousarray(mags_sorted)
+    mags_t = torch.from_numpy(mags)
+    energy = torch.cumsum(mags_t.double().pow(2), 0).numpy()
+    sums = torch.cumsum(mags_t.double(), 0).numpy()
+    total = float(energy[-1])
+    spread = float(x.max() - x.min())
+    quant = _stage_of(later, ("quantize",))
+    fixed_bits, coder = _fixed_value_bits(later)
+    ks = k_grid(n)
+    entropy = {b: _code_bits(mags, spread, b, ks) for b in BITS_CHOICES} if quant is not None else {}
+    calibration = {b: _quant_calibration(x, quant, b, spread) for b in entropy}
+    menu = []
+    for j, k in enumerate(ks.tolist()):
+        kept = float(energy[k - 1])
+        index_bytes = k * _index_bits(n, k) / 8 + NODE_BYTES
+        sign_err = kept - float(sums[k - 1]) ** 2 / k
+        codings = [(0, float(fixed_bits), 0.0 if coder != "sign" else sign_err)]
+        for bits, code_bits in entropy.items():
+            value_err = calibration[bits] * k * spread**2 * quant_relative_error(bits)
+            codings.append((bits, float(code_bits[j]), value_err))
+        for field, value_bits, value_err in codings:
+            extra = group_bytes(quant, field, k, (k,)) + (NODE_BYTES if field else 0.0)
+            size = index_bytes + k * value_bits / 8 + extra
+            menu.append(Choice("topk", k, field, size, total - kept + value_err, value_bits))
+    return menu
+
+
+def _quant_calibration(x: torch.Tensor, quant: Stage | None, bits: int, spread: float) -> float:
+    """Measured / estimated quantization error of the top 5 % of ``x`` at ``bits`` (blocks make it < 1)."""
+    from ._quant import Quantize
+
+    if not isinstance(quant, Quantize) or spread <= 0:
+        return 1.0
+    flat = x.reshape(-1)
+    k = max(1, min(flat.numel(), round(0.05 * flat.numel())))
+    values = flat[torch.topk(flat.abs(), k, sorted=False).indices.sort().values]
+    stage = dataclasses.replace(quant, bits=bits, stochastic=False)
+    encoded = stage.encode(values, EncodeContext("calibration", {}, 0))
+    if encoded is None:  # quantize takes every tensor; keep the estimate as it is if that ever changes
+        return 1.0
+    parts = [p for p in encoded.parts if isinstance(p, torch.Tensor)]
+    err = float((stage.decode(parts, encoded.meta, (k,)) - values).double().pow(2).sum())
+    return max(err, 1e-30) / (k * spread**2 * quant_relative_error(bits))
+
+
+def _lowrank_menu(x: torch.Tensor, later: Sequence[Stage]) -> list[Choice]:
+    """Ranks x value codings: the energy past rank r (Eckart-Young) plus the factors' quantization."""
+    if x.dim() < 2:
+        return []
+    stage = _stage_of(later, ("svd", "powersgd"))
+    if stage is None:
+        return []
+    m = x.reshape(x.shape[0], -1)
+    rows, cols = m.shape
+    limit = (rows * cols - 1) // (rows + cols)
+    cap = stage.rank if isinstance(stage, PowerSGD) else limit  # its warm start is checked against the rank
+    top = min(limit, cap, rows, cols)
+    if top < 1:
+        return []
+    s2 = torch.linalg.svdvals(m).double().pow(2)
+    energy = torch.cumsum(s2, 0).numpy()
+    total = float(energy[-1])
+    quant = _stage_of(later, ("quantize",))
+    fixed_bits, coder = _fixed_value_bits(later)
+    if coder == "sign":
+        return []
+    menu = []
+    for r in np.unique(np.round(np.geomspace(1, top, RANK_GRID)).astype(np.int64)).tolist():
+        kept = float(energy[r - 1])
+        values = r * (rows + cols)
+        codings = [(0, fixed_bits, 0.0)]
+        if quant is not None:
+            codings += [(b, b, 2 * kept * FACTOR_RANGE * quant_relative_error(b)) for b in BITS_CHOICES]
+        for field, bits, value_err in codings:
+            extra = 2 * (group_bytes(quant, field, values // 2, (r,)) + (3 * NODE_BYTES if field else 0))
+            menu.append(Choice("lowrank", r, field, values * bits / 8 + extra + NODE_BYTES, total - kept + value_err))
+    return menu
+
+
+def _measured(codec: Codec, budget: Budget, item: Tensor, choice: Choice) -> Choice:
+    """``choice`` with its bytes and squared error measured by encoding and decoding the tensor."""
+    from ._pipeline import DecodeLimits, _Decoder
+    from ._wire import Reader
+
+    node = encode_choice(codec, budget, item.name, item.t, item.x, choice).getvalue()
+    out = _Decoder(list(codec.tensor_stages), DecodeLimits()).node(Reader(node), 0, item.name)
+    err = float((out.double() - item.x.double()).pow(2).sum())
+    size = len(node)
+    for stage in codec.stages:
+        if stage.kind == "bytes":  # the node's size after entropy coding, alone
+            size = min(size, len(stage.encode_bytes(node)))
+    return Choice(choice.kind, choice.size, choice.bits, float(size), err)
+
+
+def build_menu(codec: Codec, budget: Budget, item: Tensor) -> list[Choice]:
+    """Every operating point of one tensor: dropped, dense, and the tunable stages' settings."""
+    later = codec.tensor_stages[1:]
+    x = item.x
+    n = x.numel()
+    total = float(x.double().pow(2).sum())
+    menu = [Choice("zero", 0, 0, float(NODE_BYTES), total), Choice("raw", 0, 0, float(n * item.t.element_size()), 0.0)]
+    names = {s.name for s in later}
+    if "topk" in names:
+        menu += _topk_menu(x, item.mags, later)
+    if names & {"svd", "powersgd"}:
+        menu += _lowrank_menu(x, later)
+    if "quantize" in names:
+        menu += [_measured(codec, budget, item, Choice("dense", 0, b)) for b in BITS_CHOICES]
+    if not names & {"topk", "svd", "powersgd", "quantize"} and later:
+        menu.append(_measured(codec, budget, item, Choice("spec")))
+    return menu
+
+
+def choose(items: list[Tensor], target: float) -> list[Choice]:
+    """Per tensor, the menu point minimizing error + lam * bytes, for the least lam within ``target`` bytes."""
+    width = max(len(item.menu) for item in items)
+    sizes = np.full((len(items), width), np.inf)
+    errors = np.full((len(items), width), np.inf)
+    for i, item in enumerate(items):
+        sizes[i, : len(item.menu)] = [c.est_bytes for c in item.menu]
+        errors[i, : len(item.menu)] = [c.est_error for c in item.menu]
+    rows = np.arange(len(items))
+
+    def pick(lam: float) -> np.ndarray:
+        with np.errstate(invalid="ignore"):
+            cost = np.where(np.isfinite(sizes), errors + lam * sizes, np.inf)
+        picks: np.ndarray = np.argmin(cost, axis=1)
+        return picks
+
+    lo, hi = -60.0, 60.0  # log10 of lam, relative to the error per byte of the whole update
+    scale = max(float(errors[:, 0].sum()), 1e-30) / max(target, 1.0)
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        if sizes[rows, pick(scale * 10**mid)].sum() <= target:
+            hi = mid
+        else:
+            lo = mid
+    picked = [items[i].menu[j] for i, j in enumerate(pick(scale * 10**hi))]
+    return _fill(items, picked, target - sum(c.est_bytes for c in picked))
+
+
+def _fill(items: list[Tensor], picked: list[Choice], leftover: float) -> list[Choice]:
+    """Spend the bytes the discrete menus leave on the top-k sizes, most squared error per byte first.
+
+    Greedy in small steps (a sixteenth of a tensor's k at a time): each step widens the top-k of
+    the tensor whose next entries remove the most squared error per byte, until the bytes run
+    out or every top-k tensor is full.
+    """
+    picked = list(picked)
+    for _ in range(FILL_STEPS):
+        best, gain = -1, 0.0
+        for i, c in enumerate(picked):
+            n = items[i].x.numel()
+            if c.kind == "topk" and c.size < n - 1 and _value_bytes(c, n) <= leftover:
+                g = float(items[i].mags[c.size]) ** 2 / _value_bytes(c, n)
+                if g > gain:
+                    best, gain = i, g
+        if best < 0:
+            break
+        c, n = picked[best], items[best].x.numel()
+        per_value = _value_bytes(c, n)
+        k = int(min(n - 1, c.size + max(1, c.size // 16), c.size + leftover // per_value))
+        leftover -= (k - c.size) * per_value
+        picked[best] = Choice("topk", k, c.bits, c.est_bytes + (k - c.size) * per_value, c.est_error, c.value_bits)
+    return picked
+
+
+def _value_bytes(c: Choice, n: int) -> float:
+    """Estimated bytes of one more top-k entry: its value and its position."""
+    return (c.value_bits + _index_bits(n, c.size)) / 8
+
+
+def encode_with_budget(budget: Budget, codec: Codec, records: list[tuple[str, torch.Tensor]]) -> bytes:
+    """Plan, encode, measure, correct: the blob whose payload is closest to ``bpp * n / 8`` bytes."""
+    n = sum(t.numel() for _, t in records)
+    target = budget.bpp * n / 8
+    fixed = Writer()
+    fixed.varint(len(records))
+    items: list[Tensor] = []
+    nodes: dict[str, Writer] = {}
+    for name, t in records:
+        x = codec.staged_input(name, t)
+        fixed.extend(codec.record(name, t, Writer()))
+        if x is None:
+            nodes[name] = codec.raw_node(t)
+            fixed.extend(nodes[name])
+        else:
+            items.append(Tensor(name, t, x, [], torch.sort(x.reshape(-1).abs(), descending=True).values.numpy()))
+    for item in items:
+        item.menu = build_menu(codec, budget, item)
+    cache: dict[tuple[str, Choice], Writer] = {}
+
+    def attempt(picked: list[Choice]) -> tuple[bytes, int]:
+        return _encode_plan(codec, budget, records, items, picked, nodes, cache)
+
+    # two Lagrangian plans (the second corrected by the first's measured ratio), then the better one
+    # with every top-k size scaled by a common factor, found by secant steps: its payload is smooth
+    plans: list[tuple[int, list[Choice], bytes]] = []
+    ask = target
+    for _ in range(min(2, budget.passes)):
+        picked = choose(items, ask - fixed.size) if items else []
+        blob, payload = attempt(picked)
+        plans.append((payload, picked, blob))
+        if abs(payload - target) <= TOLERANCE * target:
+            return blob
+        # proportional correction, at most 2x either way: one bad estimate must not swing the plan
+        ask = max(ask * min(2.0, max(0.5, target / max(payload, 1))), fixed.size + 1.0)
+    payload, base, blob = min(plans, key=lambda p: abs(p[0] - target))
+    best = (abs(payload - target), blob)
+    tried = [(1.0, payload)]
+    for _ in range(budget.passes - len(plans)):
+        factor = _next_factor(tried, target)
+        blob, payload = attempt(_scaled(items, base, factor))
+        if payload == tried[-1][1]:
+            break  # no top-k size left to change
+        tried.append((factor, payload))
+        if abs(payload - target) < best[0]:
+            best = (abs(payload - target), blob)
+        if abs(payload - target) <= TOLERANCE * target:
+            break
+    return best[1]
+
+
+def _next_factor(tried: list[tuple[float, int]], target: float) -> float:
+    """The next top-k scale factor: proportional at first, then secant steps (kept positive)."""
+    factor, payload = tried[-1]
+    guess = factor * target / max(payload, 1)
+    if len(tried) >= 2:
+        factor0, payload0 = tried[-2]
+        if payload != payload0:
+            secant = factor + (target - payload) * (factor - factor0) / (payload - payload0)
+            if secant > 0:
+                guess = secant
+    return guess
+
+
+def _scaled(items: list[Tensor], picked: list[Choice], factor: float) -> list[Choice]:
+    """``picked`` with every top-k size multiplied by ``factor`` (within 1..n-1)."""
+    out = []
+    for item, c in zip(items, picked, strict=True):
+        if c.kind == "topk":
+            k = int(min(item.x.numel() - 1, max(1, round(c.size * factor))))
+            c = Choice("topk", k, c.bits, c.est_bytes, c.est_error, c.value_bits)
+        out.append(c)
+    return out
+
+
+def _encode_plan(
+    codec: Codec,
+    budget: Budget,
+    records: list[tuple[str, torch.Tensor]],
+    items: list[Tensor],
+    picked: list[Choice],
+    nodes: dict[str, Writer],
+    cache: dict[tuple[str, Choice], Writer],
+) -> tuple[bytes, int]:
+    """The blob for one plan, and its payload bytes (the blob less its header)."""
+    for item, choice in zip(items, picked, strict=True):
+        key = (item.name, Choice(choice.kind, choice.size, choice.bits))
+        if key not in cache:
+            cache[key] = encode_choice(codec, budget, item.name, item.t, item.x, choice)
+        nodes[item.name] = cache[key]
+    body = Writer()
+    body.varint(len(records))
+    for name, t in records:
+        body.extend(codec.record(name, t, nodes[name]))
+    blob = codec.finish(body)
+    return blob, len(blob) - codec.header_size(body.size)
+
+
+def plan_settings(codec: Codec, choice: Choice, n: int) -> list[Stage | None]:
+    """The later stages a choice sets for a tensor of ``n`` elements (for tests and benchmarks)."""
+    return budget_settings(choice, codec.tensor_stages[1:], n)

@@ -1,0 +1,194 @@
+"""The ``budget`` stage: byte targets met, lower error than uniform settings at equal bytes, self-describing blobs."""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+from fedsqueeze.codecs import Budget, CodecError, ErrorFeedback, blob_spec, decode, parse
+from fedsqueeze.codecs._pipeline import read_header
+from fedsqueeze.simulation.codec_bench import relative_l2_error, synthetic_update
+
+MNIST = pathlib.Path("/work/shared/datasets")
+Update = dict[str, torch.Tensor]
+
+
+@functools.cache
+def trained_delta(model_name: str, steps: int = 200) -> Update:
+    """Weight delta of a model after ``steps`` SGD steps (batch 32) on MNIST, from a seeded start.
+
+    Kept in the temporary folder between runs (as npz, no pickle): training is deterministic.
+    """
+    cache = pathlib.Path(tempfile.gettempdir()) / f"fedsqueeze-delta-{model_name}-{steps}.npz"
+    if cache.exists():
+        with np.load(cache, allow_pickle=False) as stored:
+            return {k: torch.from_numpy(stored[k]) for k in stored.files}
+    delta = _train_delta(model_name, steps)
+    np.savez(cache, **{k: v.numpy() for k, v in delta.items()})
+    return delta
+
+
+def _train_delta(model_name: str, steps: int) -> Update:
+    from fedsqueeze.data import load_dataset
+    from fedsqueeze.models import build_model
+    from fedsqueeze.training import get_weights, train
+
+    data = load_dataset("mnist", str(MNIST) if MNIST.is_dir() else None)
+    torch.manual_seed(0)
+    model = build_model(model_name, "mnist")
+    before = get_weights(model)
+    train(model, data.x_train[: 32 * steps], data.y_train[: 32 * steps], epochs=1, seed=0)
+    after = get_weights(model)
+    return {k: after[k] - before[k] for k in before if before[k].is_floating_point()}
+
+
+def update_of(model: str) -> Update:
+    if model == "synthetic":
+        return synthetic_update(300_000, seed=1)  # heavy-tailed (Student-t), model-shaped
+    return trained_delta(model)
+
+
+def payload_bytes(blob: bytes) -> int:
+    """Blob bytes after the header (magic, version, spec, body length)."""
+    return len(blob) - read_header(blob)[2].pos
+
+
+def num_params(update: Update) -> int:
+    return sum(t.numel() for t in update.values())
+
+
+PIPELINES = ["topk | quantize | zstd", "topk | quantize(bits=4) | zstd", "topk | zstd"]
+
+
+@pytest.mark.parametrize("model", ["synthetic", "lenet5", "mcmahan-cnn"])
+@pytest.mark.parametrize("bpp", [0.01, 0.05, 0.2, 1.0, 2.0])
+def test_budget_is_hit_within_3_percent(model: str, bpp: float) -> None:
+    update = update_of(model)
+    target = bpp * num_params(update) / 8
+    for tail in PIPELINES:
+        codec = parse(f"budget(bpp={bpp}) | {tail}")
+        blob = codec.encode(update)
+        decoded = decode(blob)
+        dropped_all = all(not bool(decoded[k].any()) for k in update)
+        if dropped_all and payload_bytes(blob) > target:
+            # the target is below the smallest blob (names and shapes only): LeNet-5 at 0.01 bpp
+            assert model == "lenet5" and bpp == 0.01, f"{tail}: floor {payload_bytes(blob)} > target {target:.0f}"
+            continue
+        assert payload_bytes(blob) == pytest.approx(target, rel=0.03), f"{model} {bpp} {tail}"
+
+
+def equal_bytes_uniform(update: Update, nbytes: int, tail: str) -> tuple[int, float]:
+    """Bytes and error of the uniform `topk(ratio=r) | tail` with the fewest bytes >= ``nbytes``."""
+    lo, hi = 1e-5, 1.0
+    for _ in range(30):
+        mid = (lo * hi) ** 0.5
+        if len(parse(f"topk(ratio={mid}) | {tail}").encode(update)) >= nbytes:
+            hi = mid
+        else:
+            lo = mid
+    blob = parse(f"topk(ratio={hi}) | {tail}").encode(update)
+    return len(blob), relative_l2_error(update, decode(blob))
+
+
+@pytest.mark.parametrize("model", ["synthetic", "lenet5", "mcmahan-cnn"])
+@pytest.mark.parametrize("bpp", [0.1, 0.5])
+def test_budget_beats_uniform_at_equal_bytes(model: str, bpp: float) -> None:
+    update = update_of(model)
+    for bits in (4, 8):
+        tail = f"quantize(bits={bits}) | zstd"
+        blob = parse(f"budget(bpp={bpp}) | topk | {tail}").encode(update)
+        error = relative_l2_error(update, decode(blob))
+        uniform_bytes, uniform_error = equal_bytes_uniform(update, len(blob), tail)
+        assert uniform_bytes >= len(blob)
+        assert error < uniform_error, f"{model} {bpp} bits={bits}: budget {error:.4f} vs uniform {uniform_error:.4f}"
+
+
+def test_spec_round_trips_and_blob_declares_it() -> None:
+    codec = parse("budget(bpp=0.25, passes=4) | topk | quantize(bits=4) | zstd(level=5)")
+    assert parse(codec.spec) == codec
+    assert codec.stages[0] == Budget(bpp=0.25, passes=4)
+    assert parse("budget | zstd").spec == "budget | zstd"
+    blob = codec.encode(update_of("synthetic"))
+    assert blob_spec(blob) == codec.spec
+
+
+def test_decode_needs_only_the_blob_and_settings_vary_per_tensor() -> None:
+    update = trained_delta("lenet5")
+    blob = parse("budget(bpp=0.5) | topk | quantize | zstd").encode(update)
+    decoded = decode(blob)
+    assert list(decoded) == list(update)
+    assert all(decoded[k].shape == update[k].shape for k in update)
+    kept = {k: int(decoded[k].count_nonzero()) / update[k].numel() for k in update}
+    assert max(kept.values()) > 4 * min(v for v in kept.values() if v > 0)  # not one ratio for every tensor
+
+
+def test_error_feedback_conserves_the_sum() -> None:
+    ef = ErrorFeedback(parse("budget(bpp=0.2) | topk | quantize(bits=4) | zstd"))
+    total_in: Update = {}
+    total_out: Update = {}
+    for seed in range(3):
+        update = synthetic_update(50_000, seed=seed)
+        out = decode(ef.encode(update))
+        for k, v in update.items():
+            total_in[k] = total_in.get(k, torch.zeros_like(v)) + v
+            total_out[k] = total_out.get(k, torch.zeros_like(v)) + out[k]
+    for k in total_in:
+        torch.testing.assert_close(total_out[k] + ef.residual[k], total_in[k], rtol=0, atol=1e-6)
+
+
+def test_budget_must_lead_and_checks_its_parameters() -> None:
+    with pytest.raises(ValueError, match="must come first"):
+        parse("topk | budget | zstd")
+    with pytest.raises(ValueError, match="bpp"):
+        parse("budget(bpp=0) | topk")
+    with pytest.raises(ValueError, match="passes"):
+        parse("budget(bpp=1, passes=0) | topk")
+
+
+def _budget_node_meta_offset(body: bytes, name: bytes) -> int:
+    """Offset in ``body`` of the settings bytes of the budget node of tensor ``name``."""
+    at = body.index(name) + len(name) + 1  # dtype code
+    assert body[at] == 1  # tag of stage 0, the budget
+    ndim = body[at + 1]
+    at += 2
+    for _ in range(ndim):
+        while body[at] & 0x80:
+            at += 1
+        at += 1
+    return at + 1  # past the header length (one byte here)
+
+
+def test_hostile_settings_are_refused() -> None:
+    update = {"w": torch.randn(64, 64, generator=torch.Generator().manual_seed(0))}
+    blob = parse("budget(bpp=4) | topk | quantize").encode(update)
+    header_end = read_header(blob)[2].pos
+    body = bytearray(blob[header_end:])
+    meta = _budget_node_meta_offset(bytes(body), b"w")
+    assert body[meta - 1] == 2 and body[meta + 1] in (2, 4, 8)  # two settings: top-k used, a width
+    for bad in (3, 16, 255):
+        body[meta + 1] = bad
+        with pytest.raises(CodecError, match="bit width"):
+            decode(blob[:header_end] + bytes(body))
+    body[meta - 1] = 1  # one setting where the pipeline has two later stages
+    with pytest.raises(CodecError):
+        decode(blob[:header_end] + bytes(body))
+
+
+def test_fill_prices_kept_values_at_their_coding() -> None:
+    # regression: the greedy fill priced every kept value at 32 bits, so after `topk | ternary`
+    # (1 bit a value) it under-spent the leftover bytes and the correction passes ran out
+    from fedsqueeze.codecs import _allocate
+
+    update = synthetic_update(50_000, seed=3)
+    codec = parse("budget(bpp=0.5) | topk | ternary | zstd")
+    name, t = next(iter(update.items()))
+    x = t.float().contiguous()
+    item = _allocate.Tensor(name, t, x, [], torch.sort(x.reshape(-1).abs(), descending=True).values.numpy())
+    item.menu = _allocate.build_menu(codec, codec.stages[0], item)
+    assert {c.value_bits for c in item.menu if c.kind == "topk"} == {1.0}
+    blob = codec.encode(update)
+    assert payload_bytes(blob) == pytest.approx(0.5 * num_params(update) / 8, rel=0.03)
