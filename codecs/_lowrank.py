@@ -353,7 +353,7 @@ class CP(Stage):
         expect(parts[0].dim() == 2, self.name, "factors must be matrices")
         r = parts[0].shape[1]
         expect(1 <= r and r * sum(shape) < math.prod(shape), self.name, f"rank {r} does not shrink {shape}")
-        for f, size, what in zip(parts, shape, "ABCD"):
+        for f, size, what in zip(parts, shape, "ABCD", strict=True):
             expect_part(self.name, f, f"factor {what}", dtype=torch.float32, shape=(size, r))
         return r
 

@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -280,7 +280,9 @@ def first_encode(codec: Codec, update: Update, limit_seconds: float) -> tuple[by
         seconds, blob = receiver.recv()
         return blob, seconds
     except EOFError:  # the child died without answering
-        raise RuntimeError(f"encoding with {codec.spec!r} crashed its worker process (exit code {child.exitcode})") from None
+        raise RuntimeError(
+            f"encoding with {codec.spec!r} crashed its worker process (exit code {child.exitcode})"
+        ) from None
     finally:
         receiver.close()
         child.join()
@@ -352,9 +354,7 @@ def relative_l2_error(original: Mapping[str, torch.Tensor], restored: Mapping[st
     return math.sqrt(num / den)
 
 
-def measure(
-    update_name: str, update: Update, spec: str, *, repeats: int, seed: int, max_encode_seconds: float
-) -> Row:
+def measure(update_name: str, update: Update, spec: str, *, repeats: int, seed: int, max_encode_seconds: float) -> Row:
     """Size, error and one-thread encode/decode speed of codec ``spec`` on ``update``."""
     codec = parse(spec, seed=seed)
     n = sum(t.numel() for t in update.values())
@@ -482,7 +482,7 @@ def profile_codec(update: Update, spec: str, *, seed: int, top: int = 15) -> str
         stream = io.StringIO()
         pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(top)
         body = stream.getvalue()
-        body = body[body.find("   ncalls"):] if "   ncalls" in body else body
+        body = body[body.find("   ncalls") :] if "   ncalls" in body else body
         text.append(f"### {what} {spec!r}: {1e3 * wall:.1f} ms under the profiler\n\n```\n{body.rstrip()}\n```\n")
     return "\n".join(text)
 
@@ -498,15 +498,18 @@ def _fmt_error(value: float | None) -> str:
 
 def markdown_table(rows: Sequence[Row]) -> str:
     """Markdown table of the rows of one update."""
-    head = ("| codec | bytes | ratio vs FP32 | bits/param | rel. L2 error | encode MB/s | decode MB/s "
-            "| encode MB/s by CPU time | decode MB/s by CPU time | note |")
+    head = (
+        "| codec | bytes | ratio vs FP32 | bits/param | rel. L2 error | encode MB/s | decode MB/s "
+        "| encode MB/s by CPU time | decode MB/s by CPU time | note |"
+    )
     lines = [head, "|" + "---|" * 10]
     for r in rows:
         note = "" if r.status == "ok" else r.status
         if r.status == "ok" and r.timing_samples < 3:
             note = f"{r.timing_samples} timing sample(s)"
         lines.append(
-            f"| `{r.codec.replace('|', chr(92) + '|')}` | {'' if r.bytes is None else f'{r.bytes:,}'} | {_fmt(r.ratio, 1)} | "
+            f"| `{r.codec.replace('|', chr(92) + '|')}` | {'' if r.bytes is None else f'{r.bytes:,}'} | "
+            f"{_fmt(r.ratio, 1)} | "
             f"{_fmt(r.bits_per_param, 3)} | {_fmt_error(r.rel_l2_error)} | {_fmt(r.encode_mb_s, 0)} | "
             f"{_fmt(r.decode_mb_s, 0)} | {_fmt(r.encode_cpu_mb_s, 0)} | {_fmt(r.decode_cpu_mb_s, 0)} | {note} |"
         )
@@ -524,8 +527,12 @@ def target_lines(rows: Sequence[Row]) -> list[str]:
         if r.status != "ok":
             out.append(f"- {r.update}, `{r.codec}`: {r.status}")
             continue
-        for label, enc, dec in (("wall clock", r.encode_mb_s, r.decode_mb_s),
-                                ("CPU time", r.encode_cpu_mb_s, r.decode_cpu_mb_s)):
+        for label, enc, dec in (
+            ("wall clock", r.encode_mb_s, r.decode_mb_s),
+            ("CPU time", r.encode_cpu_mb_s, r.decode_cpu_mb_s),
+        ):
+            if enc is None or dec is None:  # no timing for this row: nothing to compare
+                continue
             verdict = "meets" if enc >= enc_goal and dec >= dec_goal else "MISSES"
             out.append(
                 f"- {r.update}, `{r.codec}`, by {label}: encode {enc:,.0f} MB/s (target {enc_goal:g}), "
@@ -545,7 +552,11 @@ def _cpu_model() -> str:
 
 
 def report(
-    command: str, rows: Sequence[Row], memcpy: Mapping[str, Timing], memcpy_bytes: int, notes: Sequence[str],
+    command: str,
+    rows: Sequence[Row],
+    memcpy: Mapping[str, Timing],
+    memcpy_bytes: int,
+    notes: Sequence[str],
     load: tuple[float, float],
 ) -> str:
     """The whole markdown report: header (command, machine, memcpy reference), tables, targets."""
@@ -553,7 +564,7 @@ def report(
         "# Codec benchmark",
         "",
         f"- command: `{command}`",
-        f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- machine: {os.cpu_count()} CPUs ({_cpu_model()}), {platform.system()} {platform.machine()}, "
         f"Python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, "
         f"zstandard {zstandard.__version__}",
@@ -614,31 +625,68 @@ def build_parser() -> argparse.ArgumentParser:
         "table; --out DIR also writes DIR/codec_bench.md and DIR/codec_bench.csv (one row per update "
         "and codec). The full run takes a few minutes; --quick is a seconds-long smoke run.",
     )
-    p.add_argument("--data-dir", help="MNIST file or folder (default: $FEDSQUEEZE_DATA, else ../shared/datasets "
-                   "next to the repository)")
+    p.add_argument(
+        "--data-dir",
+        help="MNIST file or folder (default: $FEDSQUEEZE_DATA, else ../shared/datasets next to the repository)",
+    )
     p.add_argument("--out", type=Path, help="folder to write codec_bench.csv and codec_bench.md into")
-    p.add_argument("--codecs", nargs="+", type=_codec_spec, metavar="SPEC",
-                   help="codec specs to measure, each one quoted (default: the built-in list of 18)")
-    p.add_argument("--synthetic-params", type=_positive_int, default=None,
-                   help=f"parameters of the synthetic update (default: {DEFAULT_SYNTHETIC_PARAMS:_}; "
-                   f"{QUICK_SYNTHETIC_PARAMS:_} with --quick)")
-    p.add_argument("--repeats", type=_positive_int, default=None,
-                   help="timing samples per codec, after a warm-up (default: 5; 1 with --quick)")
-    p.add_argument("--max-encode-seconds", type=float, default=30.0,
-                   help="skip a codec whose first encode takes longer; 0 waits forever (default: 30)")
+    p.add_argument(
+        "--codecs",
+        nargs="+",
+        type=_codec_spec,
+        metavar="SPEC",
+        help="codec specs to measure, each one quoted (default: the built-in list of 18)",
+    )
+    p.add_argument(
+        "--synthetic-params",
+        type=_positive_int,
+        default=None,
+        help=f"parameters of the synthetic update (default: {DEFAULT_SYNTHETIC_PARAMS:_}; "
+        f"{QUICK_SYNTHETIC_PARAMS:_} with --quick)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=_positive_int,
+        default=None,
+        help="timing samples per codec, after a warm-up (default: 5; 1 with --quick)",
+    )
+    p.add_argument(
+        "--max-encode-seconds",
+        type=float,
+        default=30.0,
+        help="skip a codec whose first encode takes longer; 0 waits forever (default: 30)",
+    )
     p.add_argument("--no-real", action="store_true", help="skip the real LeNet-5 update (no MNIST needed)")
-    p.add_argument("--mcmahan", action="store_true",
-                   help="also measure a real McMahan CNN update (300 SGD steps on MNIST; 1.66M parameters)")
-    p.add_argument("--profile", action="store_true",
-                   help="also cProfile one encode and one decode of the target codecs on the synthetic update")
-    p.add_argument("--budget-bpp", nargs="+", type=float, default=None, metavar="BPP",
-                   help="also compare budget(bpp) | topk | quantize | zstd with uniform top-k at equal bytes "
-                   "on every update, for each BPP")
-    p.add_argument("--small-bits", action="store_true",
-                   help="also measure 2- and 4-bit grids (one range, zero-aligned, blocks) on every update")
+    p.add_argument(
+        "--mcmahan",
+        action="store_true",
+        help="also measure a real McMahan CNN update (300 SGD steps on MNIST; 1.66M parameters)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also cProfile one encode and one decode of the target codecs on the synthetic update",
+    )
+    p.add_argument(
+        "--budget-bpp",
+        nargs="+",
+        type=float,
+        default=None,
+        metavar="BPP",
+        help="also compare budget(bpp) | topk | quantize | zstd with uniform top-k at equal bytes "
+        "on every update, for each BPP",
+    )
+    p.add_argument(
+        "--small-bits",
+        action="store_true",
+        help="also measure 2- and 4-bit grids (one range, zero-aligned, blocks) on every update",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the updates and of the codecs (default: 0)")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run in seconds: tiny synthetic update, no real update, one timing sample")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run in seconds: tiny synthetic update, no real update, one timing sample",
+    )
     return p
 
 
@@ -665,45 +713,71 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         notes: list[str] = []
         memcpy_bytes = MEMCPY_BYTES // 100 if args.quick else MEMCPY_BYTES
         memcpy = memcpy_reference(memcpy_bytes, 3 if args.quick else 9)
-        print(f"memcpy one thread: np.copyto {_gb_s(memcpy_bytes, memcpy['numpy_copyto'])}, torch copy_ "
-              f"{_gb_s(memcpy_bytes, memcpy['torch_copy_'])}", file=sys.stderr, flush=True)
+        print(
+            f"memcpy one thread: np.copyto {_gb_s(memcpy_bytes, memcpy['numpy_copyto'])}, torch copy_ "
+            f"{_gb_s(memcpy_bytes, memcpy['torch_copy_'])}",
+            file=sys.stderr,
+            flush=True,
+        )
         updates: dict[str, Update] = {}
         if args.quick or args.no_real:
             notes.append("real LeNet-5 update: not measured (--quick or --no-real)")
         else:
             data_dir = args.data_dir or default_data_dir()
-            print(f"training LeNet-5 for one epoch on MNIST ({data_dir or 'default location'}) ...",
-                  file=sys.stderr, flush=True)
+            print(
+                f"training LeNet-5 for one epoch on MNIST ({data_dir or 'default location'}) ...",
+                file=sys.stderr,
+                flush=True,
+            )
             start = time.perf_counter()
             try:
                 updates["lenet5-mnist"] = lenet5_update(data_dir, args.seed)
-                notes.append(f"real update: LeNet-5 weight delta after one epoch of MNIST (seed {args.seed}, "
-                             f"trained in {time.perf_counter() - start:.1f} s, data from {data_dir})")
+                notes.append(
+                    f"real update: LeNet-5 weight delta after one epoch of MNIST (seed {args.seed}, "
+                    f"trained in {time.perf_counter() - start:.1f} s, data from {data_dir})"
+                )
             except FileNotFoundError as exc:
                 notes.append(f"real LeNet-5 update: skipped, MNIST not found ({str(exc).splitlines()[0]})")
                 print(f"MNIST not found, skipping the real update: {exc}", file=sys.stderr, flush=True)
             if args.mcmahan and "lenet5-mnist" in updates:
                 updates["mcmahan-mnist"] = mcmahan_update(data_dir, args.seed)
-                notes.append(f"real update: McMahan CNN weight delta after 300 SGD steps of 32 MNIST images "
-                             f"(seed {args.seed})")
+                notes.append(
+                    f"real update: McMahan CNN weight delta after 300 SGD steps of 32 MNIST images (seed {args.seed})"
+                )
         synthetic_name = f"synthetic-{num_params / 1e6:g}M" if num_params >= 1_000_000 else f"synthetic-{num_params}"
         updates[synthetic_name] = synthetic_update(num_params, args.seed)
-        notes.append(f"synthetic update: {len(updates[synthetic_name])} model-shaped tensors, Student-t (4 degrees of "
-                     f"freedom) values of standard deviation 1e-3 times per-row log-normal scales, seed {args.seed}")
+        notes.append(
+            f"synthetic update: {len(updates[synthetic_name])} model-shaped tensors, Student-t (4 degrees of "
+            f"freedom) values of standard deviation 1e-3 times per-row log-normal scales, seed {args.seed}"
+        )
 
         rows: list[Row] = []
         total = len(updates) * len(specs)
         for update_name, update in updates.items():
             for spec in specs:
                 start = time.perf_counter()
-                row = measure(update_name, update, spec, repeats=repeats, seed=args.seed,
-                              max_encode_seconds=args.max_encode_seconds)
+                row = measure(
+                    update_name,
+                    update,
+                    spec,
+                    repeats=repeats,
+                    seed=args.seed,
+                    max_encode_seconds=args.max_encode_seconds,
+                )
                 rows.append(row)
-                done = (f"{row.ratio:8.1f}x  err {row.rel_l2_error:.2e}  enc {row.encode_mb_s:6,.0f} "
-                        f"({row.encode_cpu_mb_s:6,.0f} CPU) MB/s  dec {row.decode_mb_s:6,.0f} "
-                        f"({row.decode_cpu_mb_s:6,.0f} CPU) MB/s" if row.status == "ok" else row.status)
-                print(f"[{len(rows):2d}/{total}] {update_name:14s} {spec:46s} {done}  "
-                      f"({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
+                done = (
+                    f"{row.ratio:8.1f}x  err {row.rel_l2_error:.2e}  enc {row.encode_mb_s:6,.0f} "
+                    f"({row.encode_cpu_mb_s:6,.0f} CPU) MB/s  dec {row.decode_mb_s:6,.0f} "
+                    f"({row.decode_cpu_mb_s:6,.0f} CPU) MB/s"
+                    if row.status == "ok"
+                    else row.status
+                )
+                print(
+                    f"[{len(rows):2d}/{total}] {update_name:14s} {spec:46s} {done}  "
+                    f"({time.perf_counter() - start:.1f} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
         command = "python -m fedsqueeze.simulation.codec_bench" + (" " + shlex.join(argv) if argv else "")
         text = report(command, rows, memcpy, memcpy_bytes, notes, (load_start, os.getloadavg()[0]))

@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 import zstandard
+
 from fedsqueeze.codecs import CodecError, DecodeLimits, decode, parse
 
 SEED_SPECS = [

@@ -9,6 +9,7 @@ import tempfile
 import numpy as np
 import pytest
 import torch
+
 from fedsqueeze.codecs import Budget, CodecError, ErrorFeedback, blob_spec, decode, parse
 from fedsqueeze.codecs._pipeline import read_header
 from fedsqueeze.simulation.codec_bench import relative_l2_error, synthetic_update

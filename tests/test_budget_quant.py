@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from fedsqueeze.codecs import CodecError, Quantize, decode, parse
 from fedsqueeze.codecs._pipeline import read_header
 

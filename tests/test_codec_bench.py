@@ -17,7 +17,9 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def test_quick_run_writes_one_row_per_codec_with_consistent_ratios(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_quick_run_writes_one_row_per_codec_with_consistent_ratios(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     threads = torch.get_num_threads()
     codec_bench.main(["--quick", "--synthetic-params", "5000", "--max-encode-seconds", "0", "--out", str(tmp_path)])
     assert torch.get_num_threads() == threads  # the benchmark gives the thread setting back
@@ -47,10 +49,18 @@ def test_quick_run_writes_one_row_per_codec_with_consistent_ratios(tmp_path: Pat
 
 
 def test_codecs_override_and_slow_codec_skip(tmp_path: Path) -> None:
-    rows = codec_bench.main([
-        "--quick", "--codecs", "quantize(bits=8)  |  zstd", "svd(rank=2)",
-        "--max-encode-seconds", "1e-9", "--out", str(tmp_path),
-    ])
+    rows = codec_bench.main(
+        [
+            "--quick",
+            "--codecs",
+            "quantize(bits=8)  |  zstd",
+            "svd(rank=2)",
+            "--max-encode-seconds",
+            "1e-9",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert [r.codec for r in rows] == ["quantize(bits=8) | zstd", "svd(rank=2)"]
     assert all(r.status.startswith("skipped") and r.bytes is None for r in rows)
     written = _read_csv(tmp_path / "codec_bench.csv")

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+
 from fedsqueeze.codecs import Codec, ErrorFeedback, compression_stats, decode, parse, registered_stages
 
 # Pipelines beyond the single stages; every registered stage is tested alone as well.
@@ -138,7 +139,9 @@ from typing import ClassVar
 
 import torch
 
-from .stage_api import EncodeContext, Encoded, EncodeFurther, Stage, check_param, expect_part, expect_parts, register_stage
+from .stage_api import (
+    EncodeContext, Encoded, EncodeFurther, Stage, check_param, expect_part, expect_parts, register_stage,
+)
 
 
 @register_stage

@@ -13,6 +13,7 @@ import pathlib
 import numpy as np
 import pytest
 import torch
+
 from fedsqueeze.codecs import blob_spec, decode, parse, registered_stages
 from fedsqueeze.codecs._pipeline import read_header
 

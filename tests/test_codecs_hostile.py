@@ -7,9 +7,10 @@ from collections.abc import Iterator
 import pytest
 import torch
 import zstandard
-from fedsqueeze.codecs import CodecError, DecodeLimits, blob_spec, decode, parse
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from fedsqueeze.codecs import CodecError, DecodeLimits, blob_spec, decode, parse
 
 
 @pytest.fixture(autouse=True, scope="module")

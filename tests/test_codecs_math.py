@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+
 from fedsqueeze.codecs import ErrorFeedback, compression_stats, decode, parse
 
 

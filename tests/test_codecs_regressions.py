@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 import torch
+
 from fedsqueeze.codecs import CodecError, DecodeLimits, ErrorFeedback, decode, parse
 
 F32, U8, BOOL = 1, 5, 10

@@ -15,6 +15,7 @@ import re
 
 import numpy as np
 import torch
+
 from fedsqueeze.codecs import decode, parse, registered_stages
 
 HERE = pathlib.Path(__file__).parent
