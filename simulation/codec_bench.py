@@ -278,7 +278,8 @@ def first_encode(codec: Codec, update: Update, limit_seconds: float) -> tuple[by
             child.terminate()
             return None, limit_seconds
         seconds, blob = receiver.recv()
-        return blob, seconds
+        # The child may finish before the parent polls (a loaded machine): its own timing decides
+        return (None, limit_seconds) if seconds > limit_seconds else (blob, seconds)
     except EOFError:  # the child died without answering
         raise RuntimeError(
             f"encoding with {codec.spec!r} crashed its worker process (exit code {child.exitcode})"
