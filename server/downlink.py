@@ -68,14 +68,17 @@ class DownlinkState:
         Version 0: a model every node holds without being sent anything (the all-zero model,
         or one nodes build from the run's seed); None when nodes hold nothing at first.
     max_snapshots : int
-        How many past references to keep for catch-up deltas (0: chains or full only). Use 0
-        with a sparsifying codec: a sparse catch-up would leave the node far from ``R``.
+        How many past references to keep for catch-up deltas (0: chains or full only).
+    delta_codec : Codec or None
+        Codec of the catch-up deltas; None: ``codec``. Give a dense one when ``codec``
+        sparsifies: a sparse catch-up would leave the node far from ``R``.
     """
 
     codec: Codec
     catchup: Codec
     initial: Tensors | None = None
     max_snapshots: int = 32
+    delta_codec: Codec | None = None
     version: int = 0
     reference: Tensors | None = None
     node_versions: dict[int, int] = field(default_factory=dict)
@@ -145,7 +148,7 @@ class DownlinkState:
             return None  # a chain of one step is already the catch-up delta
         if held not in self._catchup_cache:
             delta = subtract_tensors(self.reference, base)
-            self._catchup_cache[held] = self.codec.encode(delta)
+            self._catchup_cache[held] = (self.delta_codec or self.codec).encode(delta)
         return DownlinkPlan(DELTA, self.version, held, [self._catchup_cache[held]])
 
     def _snapshot(self, version: int, reference: Tensors) -> None:

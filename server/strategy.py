@@ -43,6 +43,8 @@ INITIAL_MODES = ("sent", "zeros", "shared")
 
 #: Stages that keep every entry of a tensor: a first model or a catch-up sent through them is still whole.
 _DENSE_STAGES = frozenset({"identity", "fp16", "bf16", "quantize", "zstd"})
+#: Catch-up deltas when the downlink codec sparsifies.
+_DENSE_CATCHUP_DELTA = "quantize(bits=8) | zstd"
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,11 @@ class CompressedStrategy(Strategy):
     seed : int or None
         Seed of the downlink codec's draws and of node sampling; None: fresh entropy.
     max_snapshots : int
-        Past references kept for catch-up deltas (dense downlink codecs only; default: 32).
+        Past references kept for catch-up deltas (default: 32).
+    catchup_delta : str or Codec or None
+        Lossy codec of the catch-up deltas sent to nodes that missed rounds; None: the downlink
+        codec if it is dense, else ``"quantize(bits=8) | zstd"`` (a sparse catch-up would leave a
+        node far from the reference).
     keep_client_models : bool
         Keep the decoded models of the latest round's accepted replies in :attr:`client_models`
         (e.g. teachers for server-side distillation; default: False).
@@ -110,6 +116,7 @@ class CompressedStrategy(Strategy):
         max_feedback_staleness: int = 0,
         seed: int | None = None,
         max_snapshots: int = 32,
+        catchup_delta: str | Codec | None = None,
         keep_client_models: bool = False,
     ) -> None:
         if not isinstance(inner, Strategy):
@@ -136,7 +143,12 @@ class CompressedStrategy(Strategy):
         self.seed = seed
         self.keep_client_models = bool(keep_client_models)
         self.arrays_key: str = getattr(inner, "arrayrecord_key", ARRAYS_KEY)
-        self.downlink_state = DownlinkState(self.downlink, self.catchup, max_snapshots=max_snapshots if dense else 0)
+        if catchup_delta is None:
+            catchup_delta = self.downlink if dense else _DENSE_CATCHUP_DELTA
+        self.catchup_delta = _as_codec(catchup_delta, "catch-up delta", seed)
+        self.downlink_state = DownlinkState(
+            self.downlink, self.catchup, max_snapshots=max_snapshots, delta_codec=self.catchup_delta
+        )
         self.meter = TrafficMeter()
         self.node_order = StableNodeOrder()
         #: Every train reply dropped so far.

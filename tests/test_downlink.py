@@ -71,10 +71,39 @@ def test_memory_is_bounded_whatever_the_rounds() -> None:
     assert s.plan(2).kind == DELTA  # a node never seen holds the first model, which is always kept
 
 
-def test_a_sparse_codec_never_sends_a_lossy_catch_up() -> None:
+def test_without_snapshots_a_stale_node_gets_the_exact_chain() -> None:
     s = DownlinkState(parse("topk(ratio=0.1) | zstd"), parse("zstd"), initial=None, max_snapshots=0)
     for version in range(1, 5):
         s.advance(model(version))
     s.acknowledge(3, 1)
     plan = s.plan(3)
     assert plan.kind == DELTA and len(plan.blobs) == 3  # the exact chain of steps
+
+
+def test_a_sparse_downlink_catches_stale_nodes_up_through_a_dense_delta() -> None:
+    s = DownlinkState(
+        parse("topk(ratio=0.1) | quantize(bits=8) | zstd"),
+        parse("zstd"),
+        initial=model(0),
+        delta_codec=parse("quantize(bits=8) | zstd"),
+    )
+    for version in range(1, 16):
+        s.advance(model(version))
+    s.acknowledge(4, 14)
+    assert len(s.plan(4).blobs) == 1 and s.plan(4).base == 14  # one step behind: the sparse step itself
+    s.acknowledge(5, 2)
+    plan = s.plan(5)
+    assert plan.kind == DELTA and plan.base == 2 and len(plan.blobs) == 1  # one dense catch-up, not 13 steps
+    assert decode(plan.blobs[0])  # an int8 delta of every entry
+    assert plan.size < sum(4 * t.numel() for t in model(0).values()) / 3
+
+
+def test_the_strategy_picks_a_dense_catch_up_for_a_sparse_downlink() -> None:
+    from flwr.serverapp.strategy import FedAvg
+
+    from fedsqueeze.server.strategy import CompressedStrategy
+
+    sparse = CompressedStrategy(FedAvg(), downlink="topk(ratio=0.1) | quantize(bits=8) | zstd")
+    assert sparse.catchup_delta.spec == parse("quantize(bits=8) | zstd").spec
+    dense = CompressedStrategy(FedAvg(), downlink="quantize(bits=4) | zstd")
+    assert dense.catchup_delta.spec == dense.downlink.spec
