@@ -50,6 +50,7 @@ class RunConfig(Mapping[str, ConfigValue]):
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
     server_lr: float = 0.0
+    server_momentum: float = 0.0
     seed: int = 0
     results_dir: str = "results"
     # Compression
@@ -96,6 +97,8 @@ class RunConfig(Mapping[str, ConfigValue]):
             raise ValueError(
                 f"run config 'max-feedback-staleness' must be >= 0 (0: never), got {self.max_feedback_staleness}"
             )
+        if not 0.0 <= self.server_momentum < 1.0:
+            raise ValueError(f"run config 'server-momentum' must be in [0, 1), got {self.server_momentum!r}")
 
     @classmethod
     def from_mapping(cls, run_config: Mapping[str, Any]) -> RunConfig:

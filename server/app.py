@@ -56,7 +56,7 @@ def make_strategy(run: RunConfig) -> Strategy:
 
     It reads ``strategy``, ``fraction-train``, ``fraction-evaluate``, ``min-train-nodes``,
     ``proximal-mu`` (fedprox) and ``server-lr`` (fedadam, fedyogi, fedadagrad: ``eta``;
-    fedavgm: ``server_learning_rate``; 0 keeps Flower's default).
+    fedavgm: ``server_learning_rate``; 0 keeps Flower's default) and ``server-momentum`` (fedavgm).
 
     Raises
     ------
@@ -77,8 +77,10 @@ def make_strategy(run: RunConfig) -> Strategy:
         kwargs["proximal_mu"] = run.proximal_mu
     elif name in ("fedadam", "fedyogi", "fedadagrad") and run.server_lr > 0:
         kwargs["eta"] = run.server_lr
-    elif name == "fedavgm" and run.server_lr > 0:
-        kwargs["server_learning_rate"] = run.server_lr
+    elif name == "fedavgm":
+        kwargs["server_momentum"] = run.server_momentum
+        if run.server_lr > 0:
+            kwargs["server_learning_rate"] = run.server_lr
     return STRATEGIES[name](**kwargs)
 
 

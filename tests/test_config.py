@@ -51,6 +51,8 @@ def test_choices_and_ranges_are_checked() -> None:
         RunConfig.from_mapping({"batch-size": 0})
     with pytest.raises(ValueError, match="max-feedback-staleness"):
         RunConfig.from_mapping({"max-feedback-staleness": -1})
+    with pytest.raises(ValueError, match="'server-momentum' must be in \\[0, 1\\)"):
+        RunConfig.from_mapping({"server-momentum": 1.0})
 
 
 def test_the_config_is_frozen() -> None:
@@ -66,3 +68,12 @@ def test_proxy_holdout_follows_distillation() -> None:
         RunConfig.from_mapping({"distill-every": 2, "proxy-size": 0}).proxy_holdout()
     with pytest.raises(ValueError, match="distill-every"):
         RunConfig.from_mapping({"distill-every": -1}).proxy_holdout()
+
+
+def test_fedavgm_gets_the_server_learning_rate_and_momentum() -> None:
+    from fedsqueeze.server.app import make_strategy
+
+    strategy = make_strategy(RunConfig.from_mapping({"strategy": "fedavgm", "server-lr": 0.5, "server-momentum": 0.9}))
+    assert (strategy.server_learning_rate, strategy.server_momentum) == (0.5, 0.9)
+    plain = make_strategy(RunConfig.from_mapping({"strategy": "fedavgm"}))
+    assert (plain.server_learning_rate, plain.server_momentum) == (1.0, 0.0)
