@@ -25,14 +25,24 @@ DELEGATED: dict[str, tuple[str, str]] = {
 def _sweep(args: argparse.Namespace) -> int:
     from fedsqueeze.simulation.grid import load_grid
     from fedsqueeze.simulation.report import write_report
+    from fedsqueeze.simulation.run_cell import RayClusterUnreachable, check_reachable, ray_settings, resolve_ray_address
     from fedsqueeze.simulation.sweep import SimulationRunner, run_sweep
 
     if args.data_dir:  # through the environment, so that cell identities do not depend on local paths
         os.environ["FEDSQUEEZE_DATA"] = str(Path(args.data_dir).resolve())
     grid = load_grid(args.grid)
-    print(f"grid {grid.name!r}: {len(grid.cells)} cells -> {args.out}", file=sys.stderr)
-    runner = SimulationRunner(timeout=args.cell_timeout)
-    path = run_sweep(grid, Path(args.out), runner=runner, progress=not args.quiet)
+    address, source = resolve_ray_address(args.ray_address, grid.ray_address)
+    try:
+        cluster = ray_settings(args, address)
+        if cluster.is_cluster:  # once up front: a clear error now rather than one failed cell after another
+            check_reachable(address, cluster.connect_timeout)
+    except (ValueError, RayClusterUnreachable) as exc:
+        print(f"fedsqueeze sweep: error: {exc} (address from {source})", file=sys.stderr)
+        return 2
+    print(f"grid {grid.name!r}: {len(grid.cells)} cells -> {args.out}; Ray: {address} ({source})", file=sys.stderr)
+    runner = SimulationRunner(timeout=args.cell_timeout, cluster=cluster)
+    ray = {"address": address, "source": source}
+    path = run_sweep(grid, Path(args.out), runner=runner, progress=not args.quiet, ray=ray)
     print(f"results: {path}")
     if not args.no_report:
         write_report(Path(args.out), args.target)
@@ -60,6 +70,8 @@ def _grids(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of the ``fedsqueeze`` command (delegated subcommands appear in its help only)."""
+    from fedsqueeze.simulation.run_cell import LOCAL, add_ray_options
+
     parser = argparse.ArgumentParser(
         prog="fedsqueeze", description="Federated-learning compression: sweeps, reports, on-device prediction."
     )
@@ -84,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_ray_options(p, address_default=f"the grid's ray-address, else $RAY_ADDRESS, else {LOCAL}")
     p.set_defaults(func=_sweep)
 
     p = sub.add_parser("report", help="plots and tables from a sweep directory")

@@ -17,6 +17,8 @@ __all__ = ["Cell", "Grid", "load_grid", "parse_grid", "BUILTIN_GRIDS", "builtin_
 GRIDS_DIR = Path(__file__).parent / "grids"
 #: Built-in grids shipped with the package: ``fedsqueeze sweep baseline --out DIR``.
 BUILTIN_GRIDS = {p.stem: p for p in sorted(GRIDS_DIR.glob("*.toml"))}
+#: Top-level key naming the Ray cluster the grid runs on.
+RAY_ADDRESS_KEY = "ray-address"
 #: Keys of a codec entry that are not run-config keys.
 _CODEC_KEYS = {"name", "uplink", "downlink"}
 
@@ -54,9 +56,12 @@ class Cell:
 
 @dataclass(frozen=True)
 class Grid:
+    """A named list of cells; ``ray_address`` is the grid's top-level ``ray-address`` (None if absent)."""
+
     name: str
     cells: list[Cell]
     description: str = ""
+    ray_address: str | None = None
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -69,6 +74,7 @@ def parse_grid(data: Mapping[str, Any], name: str = "grid") -> Grid:
     Layout::
 
         description = "..."
+        ray-address = "10.0.0.5:6379"  # optional: run on this Ray cluster (not part of any cell's identity)
         [base]                 # run-config keys shared by every cell, plus num-supernodes
         num-server-rounds = 30
         num-supernodes = 10
@@ -80,11 +86,13 @@ def parse_grid(data: Mapping[str, Any], name: str = "grid") -> Grid:
         downlink = "identity"
         # any other key overrides base/axes for this entry, e.g. seed = [0] or model = "mcmahan-cnn"
     """
-    unknown = set(data) - {"description", "base", "axes", "codecs"}
+    unknown = set(data) - {"description", RAY_ADDRESS_KEY, "base", "axes", "codecs"}
     if unknown:
         raise ValueError(
-            f"grid {name!r}: unknown top-level keys {sorted(unknown)}; expected description, base, axes, codecs"
+            f"grid {name!r}: unknown top-level keys {sorted(unknown)}; "
+            f"expected description, {RAY_ADDRESS_KEY}, base, axes, codecs"
         )
+    ray_address = _ray_address(data, name)
     base = dict(data.get("base", {}))
     axes = {k: _as_list(v) for k, v in dict(data.get("axes", {})).items()}
     codecs = data.get("codecs", [])
@@ -110,7 +118,34 @@ def parse_grid(data: Mapping[str, Any], name: str = "grid") -> Grid:
             ordered.append((combo_index, entry_index, Cell(codec=label, config=config, num_supernodes=n)))
     # seed-major order: a sweep cut short still has every codec for the first seeds
     cells = [cell for _, _, cell in sorted(ordered, key=lambda t: (t[0], t[1]))]
-    return Grid(name=name, cells=cells, description=str(data.get("description", "")))
+    return Grid(name=name, cells=cells, description=str(data.get("description", "")), ray_address=ray_address)
+
+
+def _ray_address(data: Mapping[str, Any], name: str) -> str | None:
+    from fedsqueeze.simulation.run_cell import LOCAL, parse_ray_address
+
+    misplaced = [
+        section
+        for section, table in [("base", data.get("base", {})), ("axes", data.get("axes", {}))]
+        + [(f"codec {e.get('name')!r}", e) for e in data.get("codecs", []) if isinstance(e, Mapping)]
+        if RAY_ADDRESS_KEY in table
+    ]
+    if misplaced:
+        raise ValueError(
+            f"grid {name!r}: {RAY_ADDRESS_KEY} found in {', '.join(misplaced)}; expected it at the top level "
+            "(where cells run is not a run-config key and not part of a cell)"
+        )
+    if RAY_ADDRESS_KEY not in data:
+        return None
+    value = data[RAY_ADDRESS_KEY]
+    if not isinstance(value, str):
+        raise ValueError(f"grid {name!r}: {RAY_ADDRESS_KEY} expected a string HOST:PORT, found {value!r}")
+    if value != LOCAL:
+        try:
+            parse_ray_address(value)
+        except ValueError as exc:
+            raise ValueError(f"grid {name!r}: {RAY_ADDRESS_KEY}: {exc}") from exc
+    return value
 
 
 def builtin_grid_path(name_or_path: str | Path) -> Path:

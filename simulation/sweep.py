@@ -10,13 +10,16 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from tqdm import tqdm
 
 from fedsqueeze.simulation.grid import Cell, Grid
+
+if TYPE_CHECKING:  # imported where used: the package importing run_cell would upset `python -m ...run_cell`
+    from fedsqueeze.simulation.run_cell import RaySettings
 
 __all__ = [
     "Runner",
@@ -92,24 +95,43 @@ class SimulationRunner:
     ----------
     timeout : float
         Seconds after which a cell is stopped and counted as failed (default: 3600).
+    cluster : RaySettings
+        Where the cells' simulated clients run: by default a private Ray instance per cell; with
+        a cluster address every cell joins that Ray cluster.
     """
 
-    def __init__(self, timeout: float = 3600.0) -> None:
-        self.timeout = timeout
+    def __init__(self, timeout: float = 3600.0, cluster: RaySettings | None = None) -> None:
+        from fedsqueeze.simulation.run_cell import RaySettings
 
-    def __call__(self, cell: Cell, cell_dir: Path, on_round: Callable[[int], None]) -> None:
-        cell_dir = cell_dir.resolve()
-        config = {**cell.config, "results-dir": str(cell_dir)}
-        run_config = cell_dir / "run_config.toml"
-        run_config.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in config.items()))
-        command = [
+        self.timeout = timeout
+        self.cluster = cluster or RaySettings()
+
+    def command(self, cell: Cell, run_config: Path) -> list[str]:
+        """The child process's command line for ``cell`` with its run config in ``run_config``."""
+        return [
             sys.executable,
             "-m",
             "fedsqueeze.simulation.run_cell",
             str(run_config),
             "--num-supernodes",
             str(cell.num_supernodes),
+            # always explicit, so that the child does not fall back on its own $RAY_ADDRESS
+            "--ray-address",
+            self.cluster.address,
+            "--ray-connect-timeout",
+            repr(self.cluster.connect_timeout),
+            "--client-cpus",
+            repr(self.cluster.client_cpus),
+            "--client-gpus",
+            repr(self.cluster.client_gpus),
         ]
+
+    def __call__(self, cell: Cell, cell_dir: Path, on_round: Callable[[int], None]) -> None:
+        cell_dir = cell_dir.resolve()
+        config = {**cell.config, "results-dir": str(cell_dir)}
+        run_config = cell_dir / "run_config.toml"
+        run_config.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in config.items()))
+        command = self.command(cell, run_config)
         log_path = cell_dir / "simulation.log"
         with open(log_path, "w") as log:
             # a neutral working directory: Ray puts it first on the actors' sys.path
@@ -157,21 +179,35 @@ def cell_finished(cell_dir: Path) -> bool:
     return (cell_dir / CELL_FILE).is_file() and (cell_dir / "summary.json").is_file()
 
 
-def run_sweep(grid: Grid, out: Path, *, runner: Runner | None = None, progress: bool = True) -> Path:
+def run_sweep(
+    grid: Grid,
+    out: Path,
+    *,
+    runner: Runner | None = None,
+    progress: bool = True,
+    ray: Mapping[str, str] | None = None,
+) -> Path:
     """Run every cell of ``grid`` not already finished in ``out``; return the results table path.
 
     Finished cells are never rerun; a cell that was interrupted is cleared and run again.
     After each cell the sweep-wide ``results.csv`` (one row per cell and round) is rebuilt
     from the finished cells, so it is complete whenever the sweep stops.
+
+    ``ray`` (e.g. ``{"address": ..., "source": ...}``) says which Ray this run of the sweep was
+    given; ``grid.json`` records it (default: the runner's address, if it has one). Each cell's
+    ``summary.json`` records the cluster that cell ran on.
     """
     runner = runner or SimulationRunner()
     out = Path(out)
+    if ray is None and isinstance(runner, SimulationRunner):
+        ray = {"address": runner.cluster.address}
     (out / "cells").mkdir(parents=True, exist_ok=True)
     (out / "grid.json").write_text(
         json.dumps(
             {
                 "name": grid.name,
                 "description": grid.description,
+                **({"ray": dict(ray)} if ray is not None else {}),
                 "cells": [
                     {"id": c.id, "codec": c.codec, "num_supernodes": c.num_supernodes, "config": dict(c.config)}
                     for c in grid.cells

@@ -16,6 +16,7 @@ from fedsqueeze.simulation import cli
 from fedsqueeze.simulation import report as report_module
 from fedsqueeze.simulation import sweep as sweep_module
 from fedsqueeze.simulation.grid import BUILTIN_GRIDS
+from fedsqueeze.simulation.run_cell import LOCAL, RaySettings
 
 
 def _exit_status(argv: list[str]) -> int:
@@ -87,9 +88,15 @@ def test_sweep_passes_every_option_on(
 ) -> None:
     seen: dict[str, Any] = {}
 
-    def fake_run_sweep(grid: Any, out: Path, *, runner: Any, progress: bool) -> Path:
+    def fake_run_sweep(grid: Any, out: Path, *, runner: Any, progress: bool, ray: dict[str, str]) -> Path:
         seen.update(
-            grid=grid.name, out=out, timeout=runner.timeout, progress=progress, data=os.environ.get("FEDSQUEEZE_DATA")
+            grid=grid.name,
+            out=out,
+            timeout=runner.timeout,
+            progress=progress,
+            data=os.environ.get("FEDSQUEEZE_DATA"),
+            cluster=runner.cluster,
+            ray=ray,
         )
         return out / "results.csv"
 
@@ -99,6 +106,7 @@ def test_sweep_passes_every_option_on(
     monkeypatch.setattr(sweep_module, "run_sweep", fake_run_sweep)
     monkeypatch.setattr(report_module, "write_report", fake_write_report)
     monkeypatch.delenv("FEDSQUEEZE_DATA", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     out = tmp_path / "sweep"
     status = cli.main(
         [
@@ -113,6 +121,14 @@ def test_sweep_passes_every_option_on(
             "--cell-timeout",
             "12.5",
             "--quiet",
+            "--ray-address",
+            LOCAL,
+            "--ray-connect-timeout",
+            "9",
+            "--client-cpus",
+            "0.5",
+            "--client-gpus",
+            "0.25",
         ]
     )
     assert status == 0
@@ -122,6 +138,8 @@ def test_sweep_passes_every_option_on(
         "timeout": 12.5,
         "progress": False,
         "data": str(tmp_path.resolve()),
+        "cluster": RaySettings(LOCAL, connect_timeout=9.0, client_cpus=0.5, client_gpus=0.25),
+        "ray": {"address": LOCAL, "source": "--ray-address"},
         "report": (out, 0.9),
     }
     assert str(out / "results.csv") in capsys.readouterr().out
@@ -129,6 +147,7 @@ def test_sweep_passes_every_option_on(
     seen.clear()
     assert cli.main(["sweep", str(BUILTIN_GRIDS["smoke"]), "--out", str(out), "--no-report"]) == 0
     assert seen["progress"] is True and seen["timeout"] == 3600.0 and "report" not in seen
+    assert seen["cluster"] == RaySettings() and seen["ray"] == {"address": LOCAL, "source": "default"}
 
 
 def test_report_passes_dir_and_target_on(
