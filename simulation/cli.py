@@ -24,8 +24,13 @@ DELEGATED: dict[str, tuple[str, str]] = {
 
 def _sweep(args: argparse.Namespace) -> int:
     from fedsqueeze.simulation.grid import load_grid
+    from fedsqueeze.simulation.ray_cluster import (
+        RayClusterUnreachable,
+        check_reachable,
+        ray_settings,
+        resolve_ray_address,
+    )
     from fedsqueeze.simulation.report import write_report
-    from fedsqueeze.simulation.run_cell import RayClusterUnreachable, check_reachable, ray_settings, resolve_ray_address
     from fedsqueeze.simulation.sweep import SimulationRunner, run_sweep
 
     if args.data_dir:  # through the environment, so that cell identities do not depend on local paths
@@ -70,7 +75,7 @@ def _grids(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of the ``fedsqueeze`` command (delegated subcommands appear in its help only)."""
-    from fedsqueeze.simulation.run_cell import LOCAL, add_ray_options
+    from fedsqueeze.simulation.ray_cluster import LOCAL, add_ray_options
 
     parser = argparse.ArgumentParser(
         prog="fedsqueeze", description="Federated-learning compression: sweeps, reports, on-device prediction."

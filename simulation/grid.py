@@ -122,7 +122,7 @@ def parse_grid(data: Mapping[str, Any], name: str = "grid") -> Grid:
 
 
 def _ray_address(data: Mapping[str, Any], name: str) -> str | None:
-    from fedsqueeze.simulation.run_cell import LOCAL, parse_ray_address
+    from fedsqueeze.simulation.ray_cluster import LOCAL, parse_ray_address
 
     misplaced = [
         section

@@ -12,14 +12,12 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from tqdm import tqdm
 
 from fedsqueeze.simulation.grid import Cell, Grid
-
-if TYPE_CHECKING:  # imported where used: the package importing run_cell would upset `python -m ...run_cell`
-    from fedsqueeze.simulation.run_cell import RaySettings
+from fedsqueeze.simulation.ray_cluster import RaySettings
 
 __all__ = [
     "Runner",
@@ -101,7 +99,6 @@ class SimulationRunner:
     """
 
     def __init__(self, timeout: float = 3600.0, cluster: RaySettings | None = None) -> None:
-        from fedsqueeze.simulation.run_cell import RaySettings
 
         self.timeout = timeout
         self.cluster = cluster or RaySettings()

@@ -16,7 +16,7 @@ from fedsqueeze.simulation import cli
 from fedsqueeze.simulation import report as report_module
 from fedsqueeze.simulation import sweep as sweep_module
 from fedsqueeze.simulation.grid import BUILTIN_GRIDS
-from fedsqueeze.simulation.run_cell import LOCAL, RaySettings
+from fedsqueeze.simulation.ray_cluster import LOCAL, RaySettings
 
 
 def _exit_status(argv: list[str]) -> int:

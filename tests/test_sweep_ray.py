@@ -24,16 +24,16 @@ import pytest
 
 from fedsqueeze.simulation import cli
 from fedsqueeze.simulation.grid import Cell, parse_grid
-from fedsqueeze.simulation.run_cell import (
+from fedsqueeze.simulation.ray_cluster import (
     LOCAL,
     RayClusterUnreachable,
     RaySettings,
-    build_parser,
     check_reachable,
     parse_ray_address,
     ray_settings,
     resolve_ray_address,
 )
+from fedsqueeze.simulation.run_cell import build_parser
 from fedsqueeze.simulation.sweep import SimulationRunner, cell_finished, run_sweep
 
 CODECS = [
