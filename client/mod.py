@@ -163,9 +163,15 @@ def _error_reply(msg: Message, err: Exception) -> Message:
 
 def _hello_reply(msg: Message, context: Context) -> Message:
     """Answer the server's one-time query with this node's stable key (its partition id if it has one)."""
+    return Message(
+        RecordDict({PAYLOAD_KEY: ConfigRecord({"kind": HELLO, "stable-key": _stable_key(context)})}), reply_to=msg
+    )
+
+
+def _stable_key(context: Context) -> int:
+    """This node's key across restarts and runs: its partition id if it has one, else its node id."""
     partition = context.node_config.get("partition-id")
-    key = partition if isinstance(partition, int) and not isinstance(partition, bool) else context.node_id
-    return Message(RecordDict({PAYLOAD_KEY: ConfigRecord({"kind": HELLO, "stable-key": key})}), reply_to=msg)
+    return partition if isinstance(partition, int) and not isinstance(partition, bool) else context.node_id
 
 
 def _held_version(state: RecordDict) -> int | None:
@@ -269,6 +275,7 @@ def _restore_saved_state(down: Downlink, context: Context) -> None:
     saved = load_node_state(
         str(directory),
         context.run_id,
+        _stable_key(context),
         lambda v: v == down.base or (is_chain and down.base < v <= down.version),
     )
     if saved is None:
@@ -298,6 +305,7 @@ def _save_state(context: Context) -> None:
     made = meta.get("feedback-version")  # type: ignore[union-attr]
     state = NodeState(
         run_id=context.run_id,
+        node=_stable_key(context),
         version=held,
         reference=arrays_to_tensors(context.state[STATE_REFERENCE]),  # type: ignore[arg-type]
         uplink=str(meta["uplink"]),  # type: ignore[index]

@@ -58,9 +58,14 @@ class NodeStateError(ValueError):
 
 @dataclass(frozen=True)
 class NodeState:
-    """One node's state: the model ``reference`` at ``version`` and the uplink residual, for run ``run_id``."""
+    """One node's state: the model ``reference`` at ``version`` and the uplink residual, for run ``run_id``.
+
+    ``node`` is the node's stable key (its partition id, else its node id): a folder that another
+    node wrote is refused.
+    """
 
     run_id: int
+    node: int
     version: int
     reference: Tensors
     uplink: str
@@ -87,13 +92,14 @@ def save_node_state(directory: str | os.PathLike[str], state: NodeState) -> None
         {"version": state.version, "file": reference_file, "digest": model_digest(state.reference)},
     ]
     feedback = None
-    if state.feedback is not None:
+    if state.feedback is not None and state.feedback_version is not None:
         feedback_file = f"feedback-{state.version}.npz"
         _write_npz(folder / feedback_file, state.feedback)
         feedback = {"file": feedback_file, "version": state.feedback_version, "names": list(state.feedback)}
     manifest = {
         "format": FORMAT,
         "run_id": state.run_id,
+        "node": state.node,
         "uplink": state.uplink,
         "names": names,
         "versions": versions,
@@ -106,20 +112,22 @@ def save_node_state(directory: str | os.PathLike[str], state: NodeState) -> None
             stale.unlink(missing_ok=True)
 
 
-def load_node_state(directory: str | os.PathLike[str], run_id: int, usable: Callable[[int], bool]) -> NodeState | None:
-    """The newest saved version for which ``usable(version)`` holds, for run ``run_id``; None if none.
+def load_node_state(
+    directory: str | os.PathLike[str], run_id: int, node: int, usable: Callable[[int], bool]
+) -> NodeState | None:
+    """The newest version saved by ``node`` for which ``usable(version)`` holds, for run ``run_id``; None if none.
 
     Never raises for what is in the folder: a missing folder or manifest, a state of another run
-    or no usable version give None (logged at INFO), a corrupt or foreign state gives None with
-    an ERROR log saying what was wrong. The node then holds nothing, and the server sends the
-    model in full.
+    or no usable version give None (logged at INFO), a corrupt or foreign state (another format,
+    another node's) gives None with an ERROR log saying what was wrong. The node then holds
+    nothing, and the server sends it the model in full.
     """
     folder = Path(directory)
     if not (folder / MANIFEST).exists():
         log(logging.INFO, "fedsqueeze: no saved node state in %s", folder)
         return None
     try:
-        return _load(folder, run_id, usable)
+        return _load(folder, run_id, node, usable)
     except (NodeStateError, OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         log(
             logging.ERROR,
@@ -132,8 +140,10 @@ def load_node_state(directory: str | os.PathLike[str], run_id: int, usable: Call
         return None
 
 
-def _load(folder: Path, run_id: int, usable: Callable[[int], bool]) -> NodeState | None:
+def _load(folder: Path, run_id: int, node: int, usable: Callable[[int], bool]) -> NodeState | None:
     manifest = _read_manifest(folder / MANIFEST)
+    if manifest["node"] != node:
+        raise NodeStateError(f"it was written by node {manifest['node']}, this is node {node} (a shared state-dir?)")
     if manifest["run_id"] != run_id:
         log(
             logging.INFO,
@@ -157,7 +167,7 @@ def _load(folder: Path, run_id: int, usable: Callable[[int], bool]) -> NodeState
     if manifest["feedback"] is not None:
         feedback = _read_npz(folder / manifest["feedback"]["file"], manifest["feedback"]["names"])
         feedback_version = manifest["feedback"]["version"]
-    return NodeState(run_id, entry["version"], reference, manifest["uplink"], feedback, feedback_version)
+    return NodeState(run_id, node, entry["version"], reference, manifest["uplink"], feedback, feedback_version)
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
@@ -167,6 +177,7 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise NodeStateError(f"{path.name}: expected format {FORMAT!r}, found {found!r}")
     _expect(isinstance(manifest.get("run_id"), int), path, "run_id", "an integer", manifest.get("run_id"))
+    _expect(isinstance(manifest.get("node"), int), path, "node", "an integer", manifest.get("node"))
     _expect(isinstance(manifest.get("uplink"), str), path, "uplink", "a codec spec", manifest.get("uplink"))
     _expect(_is_names(manifest.get("names")), path, "names", "a list of strings", manifest.get("names"))
     versions = manifest.get("versions")

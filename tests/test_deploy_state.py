@@ -22,6 +22,7 @@ from fedsqueeze.server.strategy import CompressedStrategy
 NODES = [101, 102, 103]
 RESTARTED = 102
 UPLINK = "quantize(bits=8) | zstd"
+NODE_KEY = 4  # the stable key (partition id) of the node that saves
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +33,7 @@ def _task_identity() -> None:
 def _state(version: int, run_id: int = 7, seed: int = 0) -> NodeState:
     model = global_model(seed)
     residual = {f"residual/{k}": 0.01 * v for k, v in model.items()}
-    return NodeState(run_id, version, model, UPLINK, {**residual, "codec/calls": torch.tensor(3)}, version)
+    return NodeState(run_id, NODE_KEY, version, model, UPLINK, {**residual, "codec/calls": torch.tensor(3)}, version)
 
 
 def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -42,7 +43,7 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 def test_saved_state_loads_back_equal(tmp_path: Path) -> None:
     saved = _state(3)
     save_node_state(tmp_path, saved)
-    loaded = load_node_state(tmp_path, 7, lambda v: v == 3)
+    loaded = load_node_state(tmp_path, 7, NODE_KEY, lambda v: v == 3)
     assert loaded is not None and loaded.version == 3 and loaded.uplink == UPLINK and loaded.feedback_version == 3
     assert _same(loaded.reference, saved.reference) and loaded.feedback is not None
     assert _same(loaded.feedback, saved.feedback)  # type: ignore[arg-type]
@@ -55,18 +56,18 @@ def test_the_version_before_is_kept_and_older_ones_deleted(tmp_path: Path) -> No
         save_node_state(tmp_path, _state(version, seed=version))
     assert sorted(p.name for p in tmp_path.glob("reference-*")) == ["reference-2.npz", "reference-3.npz"]
     assert [p.name for p in tmp_path.glob("feedback-*")] == ["feedback-3.npz"]
-    older = load_node_state(tmp_path, 7, lambda v: v == 2)  # the server never got the reply made at 3
-    newest = load_node_state(tmp_path, 7, lambda v: v >= 2)
+    older = load_node_state(tmp_path, 7, NODE_KEY, lambda v: v == 2)  # the server never got the reply made at 3
+    newest = load_node_state(tmp_path, 7, NODE_KEY, lambda v: v >= 2)
     assert older is not None and older.version == 2 and _same(older.reference, global_model(2))
     assert newest is not None and newest.version == 3 and _same(newest.reference, global_model(3))
-    assert load_node_state(tmp_path, 7, lambda v: v == 1) is None
+    assert load_node_state(tmp_path, 7, NODE_KEY, lambda v: v == 1) is None
 
 
 def test_nothing_saved_or_another_runs_state_is_not_used(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    assert load_node_state(tmp_path / "missing", 7, lambda v: True) is None
+    assert load_node_state(tmp_path / "missing", 7, NODE_KEY, lambda v: True) is None
     save_node_state(tmp_path, _state(2, run_id=6))
     with caplog.at_level(logging.INFO):
-        assert load_node_state(tmp_path, 7, lambda v: True) is None
+        assert load_node_state(tmp_path, 7, NODE_KEY, lambda v: True) is None
     assert "is of run 6, not 7" in caplog.text
     save_node_state(tmp_path, _state(1, run_id=7))  # a new run replaces the old run's files
     assert sorted(p.name for p in tmp_path.glob("*.npz")) == ["feedback-1.npz", "reference-1.npz"]
@@ -92,6 +93,12 @@ def _path_in_manifest(folder: Path) -> None:
     (folder / MANIFEST).write_text(json.dumps(manifest))
 
 
+def _another_node(folder: Path) -> None:
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["node"] = NODE_KEY + 1
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+
+
 def _foreign_format(folder: Path) -> None:
     (folder / MANIFEST).write_text(json.dumps({"format": "someone-else/9"}))
 
@@ -107,6 +114,7 @@ def _not_json(folder: Path) -> None:
         (_other_tensors, "has digest"),
         (_object_array, "allow_pickle"),
         (_path_in_manifest, "'versions' must be entries"),
+        (_another_node, f"written by node {NODE_KEY + 1}, this is node {NODE_KEY}"),
         (_foreign_format, "expected format 'fedsqueeze-node-state/1', found 'someone-else/9'"),
         (_not_json, "JSONDecodeError"),
     ],
@@ -117,11 +125,11 @@ def test_a_damaged_state_is_refused_with_a_logged_reason(
     save_node_state(tmp_path, _state(3))
     damage(tmp_path)  # type: ignore[operator]
     with caplog.at_level(logging.ERROR):
-        assert load_node_state(tmp_path, 7, lambda v: True) is None
+        assert load_node_state(tmp_path, 7, NODE_KEY, lambda v: True) is None
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1 and "unusable" in errors[0] and says in errors[0], errors
     save_node_state(tmp_path, _state(4))  # the node goes on, and its next save replaces the damaged state
-    again = load_node_state(tmp_path, 7, lambda v: v == 4)
+    again = load_node_state(tmp_path, 7, NODE_KEY, lambda v: v == 4)
     assert again is not None and _same(again.reference, global_model())
 
 
