@@ -95,9 +95,9 @@ def _kill_and_restart(tmp_path: Path, mnist_path: Path, node_state: bool) -> dic
     """TLS + auth, 2 SuperNodes, 5 rounds; SuperNode 1 is killed in round 2 and restarted with the same key
     (hence the same node id) and, with ``node_state``, the same ``state-dir``. What the server recorded."""
     results = tmp_path / "results"
-    config = run_config(
-        results, mnist_path, num_server_rounds=5, max_samples_per_client=150, round_timeout=ROUND_TIMEOUT
-    )
+    # A round timeout well above a round on a loaded machine (45 s was not, at a load of 25 on 2 cores). The
+    # dead node's round ends at the timeout: the message it had pulled before the kill is not sent again
+    config = run_config(results, mnist_path, num_server_rounds=5, max_samples_per_client=150, round_timeout=90)
     deployment = local.start(deploy_settings(tmp_path, config, nodes=2, secure=True, node_state=node_state))
     try:
         run = BackgroundRun(deployment, timeout=900)
