@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping
 
@@ -9,7 +10,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
+from flwr.common.logger import log
 
+from fedsqueeze.client.state import STATE_DIR_KEY, NodeState, load_node_state, save_node_state
 from fedsqueeze.codecs import Codec, CodecError, ErrorFeedback, decode, parse
 from fedsqueeze.protocol import (
     DELTA,
@@ -90,6 +93,7 @@ class CompressionMod:
             down = Downlink.from_record(msg.content[PAYLOAD_KEY])  # type: ignore[arg-type]
             folded = unfold_records(msg.content[PAYLOAD_KEY])  # type: ignore[arg-type]
             parse(down.uplink)  # fail before training if the uplink codec is unknown here
+            _restore_saved_state(down, context)
             received = self._receive(down, context)
         except (ProtocolError, ValueError, Rejected) as err:
             return _error_reply(msg, err)
@@ -106,6 +110,7 @@ class CompressionMod:
             _compress_reply(reply, down, received, context.state, _codec_seed(context, down.version))
         except (Rejected, ValueError) as err:
             return _error_reply(msg, err)
+        _save_state(context)
         return reply
 
     def _receive(self, down: Downlink, context: Context) -> Tensors:
@@ -158,9 +163,15 @@ def _error_reply(msg: Message, err: Exception) -> Message:
 
 def _hello_reply(msg: Message, context: Context) -> Message:
     """Answer the server's one-time query with this node's stable key (its partition id if it has one)."""
+    return Message(
+        RecordDict({PAYLOAD_KEY: ConfigRecord({"kind": HELLO, "stable-key": _stable_key(context)})}), reply_to=msg
+    )
+
+
+def _stable_key(context: Context) -> int:
+    """This node's key across restarts and runs: its partition id if it has one, else its node id."""
     partition = context.node_config.get("partition-id")
-    key = partition if isinstance(partition, int) and not isinstance(partition, bool) else context.node_id
-    return Message(RecordDict({PAYLOAD_KEY: ConfigRecord({"kind": HELLO, "stable-key": key})}), reply_to=msg)
+    return partition if isinstance(partition, int) and not isinstance(partition, bool) else context.node_id
 
 
 def _held_version(state: RecordDict) -> int | None:
@@ -249,6 +260,62 @@ def _compress_reply(reply: Message, down: Downlink, received: Tensors, state: Re
     content = RecordDict({n: r for n, r in reply.content.items() if n != key and n not in metrics})
     content[PAYLOAD_KEY] = payload
     reply.content = content
+
+
+def _restore_saved_state(down: Downlink, context: Context) -> None:
+    """On a node that holds no model (a restarted SuperNode), load the one saved under ``state-dir``.
+
+    Only a version the payload can start from is loaded (its base, or a later step of its chain);
+    the residual only if it was made with the payload's uplink codec and loads into it.
+    """
+    directory = context.node_config.get(STATE_DIR_KEY)
+    if not directory or down.kind == FULL or _held_version(context.state) is not None:
+        return
+    is_chain = len(down.blobs) == down.version - down.base
+    saved = load_node_state(
+        str(directory),
+        context.run_id,
+        _stable_key(context),
+        lambda v: v == down.base or (is_chain and down.base < v <= down.version),
+    )
+    if saved is None:
+        return
+    _store_reference(context.state, saved.reference, saved.version, saved.uplink)
+    if saved.feedback is not None and saved.feedback_version is not None and saved.uplink == down.uplink:
+        try:
+            ErrorFeedback(parse(down.uplink)).load_state_dict(saved.feedback)  # check it before relying on it
+        except (TypeError, ValueError) as err:
+            log(logging.ERROR, "fedsqueeze: the saved uplink residual is unusable (%s); starting without", err)
+            return
+        context.state[STATE_FEEDBACK] = tensors_to_arrays(saved.feedback)
+        meta = context.state[STATE_META]
+        assert isinstance(meta, ConfigRecord)  # written by _store_reference just above
+        meta["feedback-version"] = saved.feedback_version
+    log(logging.INFO, "fedsqueeze: restored model version %d from %s", saved.version, directory)
+
+
+def _save_state(context: Context) -> None:
+    """Save what the node holds after a reply under ``state-dir`` (if set); a failure is logged, not raised."""
+    directory = context.node_config.get(STATE_DIR_KEY)
+    held = _held_version(context.state)
+    if not directory or held is None:
+        return
+    meta = context.state[STATE_META]
+    feedback = context.state.get(STATE_FEEDBACK)
+    made = meta.get("feedback-version")  # type: ignore[union-attr]
+    state = NodeState(
+        run_id=context.run_id,
+        node=_stable_key(context),
+        version=held,
+        reference=arrays_to_tensors(context.state[STATE_REFERENCE]),  # type: ignore[arg-type]
+        uplink=str(meta["uplink"]),  # type: ignore[index]
+        feedback=arrays_to_tensors(feedback) if isinstance(feedback, ArrayRecord) else None,
+        feedback_version=made if isinstance(made, int) else None,
+    )
+    try:
+        save_node_state(str(directory), state)
+    except OSError as err:
+        log(logging.ERROR, "fedsqueeze: cannot save the node state to %s: %s", directory, err)
 
 
 def _codec_seed(context: Context, version: int) -> int:

@@ -57,6 +57,8 @@ class DeploySettings:
     #: Where SuperNodes connect (default: the SuperLink itself); e.g. a byte-counting proxy in front of it.
     node_superlink: str = ""
     extra_node_args: tuple[str, ...] = ()
+    #: Give each SuperNode a ``state-dir`` (``<workdir>/node-state/<i>``): restarted, it rejoins with a delta.
+    node_state: bool = True
 
     @property
     def address(self) -> str:
@@ -71,6 +73,8 @@ class Deployment:
     env: dict[str, str]
     superlink: subprocess.Popen[bytes] | None = None
     supernodes: list[subprocess.Popen[bytes] | None] = field(default_factory=list)
+    #: Extra environment variables of SuperNode i (and so of its ClientApp processes).
+    node_env: dict[int, dict[str, str]] = field(default_factory=dict)
 
     # ---------------------------------------------------------------- files
     def paths(self) -> dict[str, Path]:
@@ -86,6 +90,10 @@ class Deployment:
 
     def node_key(self, index: int) -> Path:
         return self.settings.workdir / "keys" / f"supernode-{index}"
+
+    def node_state_dir(self, index: int) -> Path:
+        """Where SuperNode ``index`` keeps its model and residual across restarts (node-config ``state-dir``)."""
+        return self.settings.workdir / "node-state" / str(index)
 
     def prepare(self) -> None:
         """Make the certificates, node keys and ``$FLWR_HOME/config.toml``."""
@@ -105,7 +113,9 @@ class Deployment:
         )
 
     # ---------------------------------------------------------------- processes
-    def _spawn(self, args: Sequence[str], log_name: str) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, args: Sequence[str], log_name: str, extra_env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         log = open(self.paths()["logs"] / log_name, "ab")  # noqa: SIM115 (closed with the process's end)
         # A session of its own: its process group then holds the ClientApp/ServerApp processes it starts,
         # and stop() can end that group by its id without touching anything else on the host.
@@ -113,7 +123,7 @@ class Deployment:
             list(args),
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=self.env,
+            env={**self.env, **(extra_env or {})},
             cwd=self.settings.workdir,
             start_new_session=True,
         )
@@ -156,7 +166,8 @@ class Deployment:
             "--port",
             str(s.node_port_base + index),
             "--node-config",
-            f"partition-id={index} num-partitions={s.nodes}",
+            f"partition-id={index} num-partitions={s.nodes}"
+            + (f" state-dir={json.dumps(str(self.node_state_dir(index)))}" if s.node_state else ""),
             *s.extra_node_args,
         ]
         args += ["--root-certificates", str(self.paths()["ca"])] if s.tls else ["--insecure"]
@@ -176,7 +187,7 @@ class Deployment:
     def start_supernode(self, index: int) -> subprocess.Popen[bytes]:
         while len(self.supernodes) <= index:
             self.supernodes.append(None)
-        proc = self._spawn(self.supernode_args(index), f"supernode-{index}.log")
+        proc = self._spawn(self.supernode_args(index), f"supernode-{index}.log", self.node_env.get(index))
         self.supernodes[index] = proc
         return proc
 
@@ -187,30 +198,38 @@ class Deployment:
             _signal_group(proc, signal.SIGKILL)
             proc.wait()
 
-    def restart_supernode(self, index: int, timeout: float = 180.0, settle: float = 10.0) -> int:
-        """Start SuperNode ``index`` again until it stays up; return how many starts it took.
+    def restart_supernode(self, index: int, timeout: float = 180.0) -> int:
+        """Start SuperNode ``index`` again until the SuperLink accepts it; return how many starts it took.
 
         A SuperNode restarted with a registered key while the SuperLink still lists it online is
         refused ("Failed to activate SuperNode") and exits without retrying (its ``flower-superexec``
-        lives on): each failed start is cleaned up and retried until the SuperLink has marked the
-        old one offline (its heartbeat timeout).
+        lives on): each refused start is cleaned up and retried, 3 s later, until the SuperLink has
+        marked the old one offline (its heartbeat timeout, about a minute). A start counts as accepted
+        when the node logs its id (``SuperNode ID:``), which it does once activated.
 
         Raises
         ------
         RuntimeError
-            If it has not stayed up for ``settle`` seconds within ``timeout`` seconds.
+            If no start is accepted within ``timeout`` seconds.
         """
+        log = self.paths()["logs"] / f"supernode-{index}.log"
         deadline, attempts = time.monotonic() + timeout, 0
         while time.monotonic() < deadline:
             attempts += 1
+            seen = log.stat().st_size if log.exists() else 0
             proc = self.start_supernode(index)
-            try:
-                proc.wait(timeout=settle)
-            except subprocess.TimeoutExpired:
-                return attempts  # still up: activated
+            while proc.poll() is None and time.monotonic() < deadline:
+                with open(log, "rb") as f:
+                    f.seek(seen)
+                    if b"SuperNode ID:" in f.read():
+                        return attempts
+                time.sleep(0.5)
             self.kill_supernode(index)  # the refused start's superexec, by its group id
             time.sleep(3.0)
-        raise RuntimeError(f"SuperNode {index} was refused for {timeout:.0f} s ({attempts} starts); see its log")
+        raise RuntimeError(
+            f"SuperNode {index} was not accepted within {timeout:.0f} s ({attempts} starts; the SuperLink refuses "
+            f"a registered key it still lists online until the old node's heartbeat times out); see {log}"
+        )
 
     def flwr(self, args: Sequence[str], timeout: float = 120.0, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run the ``flwr`` CLI against this deployment's ``$FLWR_HOME``."""
@@ -408,9 +427,14 @@ def deployment_env(home: Path) -> dict[str, str]:
     return env
 
 
-def start(settings: DeploySettings, *, node_timeout: float = 60.0) -> Deployment:
-    """Prepare files, start the SuperLink, register keys and start the SuperNodes; stops all on failure."""
-    deployment = Deployment(settings, deployment_env(settings.workdir / "flwr-home"))
+def start(
+    settings: DeploySettings, *, node_timeout: float = 60.0, node_env: dict[int, dict[str, str]] | None = None
+) -> Deployment:
+    """Prepare files, start the SuperLink, register keys and start the SuperNodes; stops all on failure.
+
+    ``node_env`` adds environment variables to SuperNode i (and so to its ClientApp processes).
+    """
+    deployment = Deployment(settings, deployment_env(settings.workdir / "flwr-home"), node_env=dict(node_env or {}))
     deployment.prepare()
     try:
         deployment.start_superlink()
@@ -463,6 +487,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--run-config", default="", help="extra run-config overrides, as for flwr run")
     parser.add_argument("--data", default="", help="data-dir for the app (default: the app's)")
     parser.add_argument("--keep", action="store_true", help="leave the deployment running after the run")
+    parser.add_argument(
+        "--no-node-state", action="store_true", help="no state-dir: a restarted SuperNode is sent the full model"
+    )
     args = parser.parse_args(argv)
     if args.nodes < 1:
         parser.error(f"--nodes must be at least 1, got {args.nodes}")
@@ -488,6 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tls=not args.insecure,
         auth=not (args.insecure or args.no_auth),
         run_config=" ".join(overrides),
+        node_state=not args.no_node_state,
     )
     deployment = start(settings)
     print(

@@ -10,6 +10,7 @@ from logging import ERROR, INFO, WARNING
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
@@ -301,8 +302,8 @@ class CompressedStrategy(Strategy):
         except Rejected as err:
             log(WARNING, "fedsqueeze: round %d: dropped the reply of node %d: %s", server_round, node_id, err)
             self.rejections.append(Rejection(server_round, node_id, str(err)))
-            if reply.has_error():  # e.g. it could not apply the payload: next time it gets the model in full
-                self.downlink_state.forget(node_id)
+            if reply.has_error() and reply.error.code not in _NOT_FROM_THE_NODE:
+                self.downlink_state.forget(node_id)  # e.g. it could not apply the payload: send it in full
             kind = "error" if reply.has_error() else "rejected"
             fp32 = fp32_reply_bytes(reply, self._checker.global_model, self.arrays_key)
             self.meter.record(server_round, node_id, UP, reply, kind, size=size, fp32_bytes=fp32)
@@ -380,6 +381,13 @@ class CompressedStrategy(Strategy):
         for reply in replies:
             self.meter.record_plain(server_round, self._recipient(reply), UP, reply)
         return self.inner.aggregate_evaluate(server_round, replies)
+
+
+#: Error codes of replies the SuperLink makes for a node that did not answer: they say nothing of what the
+#: node holds (a node restarted with its saved state still holds its version), so the node keeps its version.
+_NOT_FROM_THE_NODE = frozenset(
+    {ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE}
+)
 
 
 def _as_codec(codec: str | Codec, role: str, seed: int | None = None) -> Codec:

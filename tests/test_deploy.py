@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers.deployment import free_ports, load_deploy_script, pid_alive
+from helpers.deployment import deploy_settings, load_deploy_script, pid_alive, run_config
 
 local = load_deploy_script()
 
@@ -70,17 +70,9 @@ def test_node_key_is_openssh_ecdsa_p384(tmp_path: Path) -> None:
 
 @pytest.mark.slow  # a SuperLink, 2 SuperNodes and a ClientApp process per message: about 2 minutes
 def test_tls_and_node_auth_two_nodes_two_rounds(tmp_path: Path, mnist_path: Path) -> None:
-    port, node_port_base = free_ports(2)  # SuperNode i opens port node_port_base + i
     results = tmp_path / "results"
-    settings = local.DeploySettings(
-        workdir=tmp_path,
-        app_dir=Path(local.__file__).resolve().parents[1],
-        nodes=2,
-        port=port,
-        node_port_base=node_port_base,
-        run_config=f'num-server-rounds=2 max-samples-per-client=200 data-dir="{mnist_path}" results-dir="{results}"',
-    )
-    deployment = local.start(settings)
+    config = run_config(results, mnist_path, num_server_rounds=2, max_samples_per_client=200)
+    deployment = local.start(deploy_settings(tmp_path, config, nodes=2, secure=True))
     try:
         pgids = {p.pid for p in [deployment.superlink, *deployment.supernodes] if p is not None}
         done = deployment.run_app(timeout=300)
@@ -105,15 +97,7 @@ def test_tls_and_node_auth_two_nodes_two_rounds(tmp_path: Path, mnist_path: Path
 
 @pytest.mark.slow  # waits out the SuperLink's heartbeat timeout: about 2 minutes
 def test_a_restarted_registered_supernode_is_retried_until_it_is_back(tmp_path: Path) -> None:
-    port, node_port_base = free_ports(2)
-    settings = local.DeploySettings(
-        workdir=tmp_path,
-        app_dir=Path(local.__file__).resolve().parents[1],
-        nodes=1,
-        port=port,
-        node_port_base=node_port_base,
-    )
-    deployment = local.start(settings)
+    deployment = local.start(deploy_settings(tmp_path, "", nodes=1, secure=True))
     try:
         deployment.kill_supernode(0)  # a crash: the SuperLink still lists it online
         attempts = deployment.restart_supernode(0, timeout=180)

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import os
 import signal
-import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
-from helpers.deployment import free_ports, load_deploy_script
+from helpers.deployment import BackgroundRun, deploy_settings, load_deploy_script, read_rows, run_config
 
 local = load_deploy_script()
 
@@ -21,47 +20,25 @@ local = load_deploy_script()
 ROUND_TIMEOUT = 45.0
 
 
-def _rounds(results: Path) -> list[dict[str, str]]:
-    path = results / "rounds.csv"
-    return list(csv.DictReader(path.open())) if path.exists() else []
-
-
 @pytest.mark.slow  # a SuperLink, 3 SuperNodes, 3 rounds, one of them waiting out the timeout: about 3 minutes
 def test_a_killed_supernode_costs_at_most_the_round_timeout(tmp_path: Path, mnist_path: Path) -> None:
-    port, node_port_base = free_ports(2)
     results = tmp_path / "results"
-    settings = local.DeploySettings(
-        workdir=tmp_path,
-        app_dir=Path(local.__file__).resolve().parents[1],
-        nodes=3,
-        port=port,
-        node_port_base=node_port_base,
-        tls=False,
-        auth=False,
-        run_config=(
-            f"num-server-rounds=3 max-samples-per-client=150 round-timeout={ROUND_TIMEOUT} "
-            f'data-dir="{mnist_path}" results-dir="{results}"'
-        ),
+    config = run_config(
+        results, mnist_path, num_server_rounds=3, max_samples_per_client=150, round_timeout=ROUND_TIMEOUT
     )
-    deployment = local.start(settings)
-    outcome: dict[str, object] = {}
+    deployment = local.start(deploy_settings(tmp_path, config, nodes=3))
     try:
-        runner = threading.Thread(target=lambda: outcome.update(done=deployment.run_app(timeout=600)))
-        runner.start()
-        deadline = time.monotonic() + 240
-        while not _rounds(results) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert _rounds(results), "round 1 did not finish"
+        run = BackgroundRun(deployment, timeout=600)
+        run.wait_for_rounds(results, 1, timeout=240)
         time.sleep(4)  # round 2's messages are out; the node has pulled its own (3 s polling)
         killed_at = time.monotonic()
         deployment.kill_supernode(2)
-        runner.join(timeout=480)
+        done = run.join(timeout=480)
         finished_at = time.monotonic()
     finally:
         deployment.stop()
-    done = outcome["done"]
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]  # type: ignore[attr-defined]
-    rows = _rounds(results)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = read_rows(results, "rounds.csv")
     summary = json.loads((results / "summary.json").read_text())
     assert [int(r["round"]) for r in rows] == [1, 2, 3]
     accepted = [int(r["replies"]) - int(r["rejected"]) for r in rows]
@@ -79,42 +56,94 @@ def test_a_killed_supernode_costs_at_most_the_round_timeout(tmp_path: Path, mnis
 
 @pytest.mark.slow  # two runs on a SuperLink and 2 SuperNodes: about 4 minutes
 def test_a_killed_serverapp_resumes_from_its_checkpoint(tmp_path: Path, mnist_path: Path) -> None:
-    port, node_port_base = free_ports(2)
     results = tmp_path / "results"
-    run_config = f'num-server-rounds=3 max-samples-per-client=100 data-dir="{mnist_path}" results-dir="{results}"'
-    settings = local.DeploySettings(
-        workdir=tmp_path,
-        app_dir=Path(local.__file__).resolve().parents[1],
-        nodes=2,
-        port=port,
-        node_port_base=node_port_base,
-        tls=False,
-        auth=False,
-        run_config=run_config,
-    )
+    config = run_config(results, mnist_path, num_server_rounds=3, max_samples_per_client=100)
+    settings = deploy_settings(tmp_path, config, nodes=2)
     deployment = local.start(settings)
-    outcome: dict[str, object] = {}
     try:
-        runner = threading.Thread(target=lambda: outcome.update(first=deployment.run_app(timeout=400)))
-        runner.start()
-        deadline = time.monotonic() + 300
-        while len(_rounds(results)) < 2 and time.monotonic() < deadline:
-            time.sleep(0.5)
+        run = BackgroundRun(deployment, timeout=400)
+        run.wait_for_rounds(results, 2, timeout=300)
         serverapps = deployment.serverapp_pids()
-        assert len(_rounds(results)) == 2 and len(serverapps) == 1, (_rounds(results), serverapps)
+        assert len(read_rows(results, "rounds.csv")) == 2 and len(serverapps) == 1, serverapps
         os.kill(serverapps[0], signal.SIGKILL)
-        runner.join(timeout=300)
-        assert not runner.is_alive(), "flwr run did not return after its ServerApp was killed"
-        resumed = local.Deployment(
-            dataclasses.replace(settings, run_config=run_config + " resume=true"), deployment.env
-        )
+        run.join(timeout=300)  # flwr run returns once its ServerApp is gone
+        resumed = local.Deployment(dataclasses.replace(settings, run_config=config + " resume=true"), deployment.env)
         done = resumed.run_app(timeout=300)
     finally:
         deployment.stop()
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert [int(r["round"]) for r in _rounds(results)] == [1, 2, 3]
-    messages = list(csv.DictReader((results / "messages.csv").open()))
+    assert [int(r["round"]) for r in read_rows(results, "rounds.csv")] == [1, 2, 3]
+    messages = read_rows(results, "messages.csv")
     catch_up = [m for m in messages if m["round"] == "3" and m["direction"] == "down" and m["message_type"] == "train"]
     assert len(catch_up) == 2 and {m["kind"] for m in catch_up} == {"delta"}, catch_up
     summary = json.loads((results / "summary.json").read_text())
     assert summary["num_rounds"] == 3 and summary["rejected"] == []
+
+
+def _accepted_up(messages: list[dict[str, str]], node: str, server_round: int) -> bool:
+    return any(
+        m["node_id"] == node
+        and m["round"] == str(server_round)
+        and m["direction"] == "up"
+        and m["message_type"] == "train"
+        and m["kind"] in ("full", "delta")
+        for m in messages
+    )
+
+
+def _kill_and_restart(tmp_path: Path, mnist_path: Path, node_state: bool) -> dict[str, Any]:
+    """TLS + auth, 2 SuperNodes, 5 rounds; SuperNode 1 is killed in round 2 and restarted with the same key
+    (hence the same node id) and, with ``node_state``, the same ``state-dir``. What the server recorded."""
+    results = tmp_path / "results"
+    # A round timeout well above a round on a loaded machine (45 s was not, at a load of 25 on 2 cores). The
+    # dead node's round ends at the timeout: the message it had pulled before the kill is not sent again
+    config = run_config(results, mnist_path, num_server_rounds=5, max_samples_per_client=150, round_timeout=90)
+    deployment = local.start(deploy_settings(tmp_path, config, nodes=2, secure=True, node_state=node_state))
+    try:
+        run = BackgroundRun(deployment, timeout=900)
+        run.wait_for_rounds(results, 1, timeout=240)
+        time.sleep(4)  # round 2's messages are out; the node has pulled its own (3 s polling)
+        deployment.kill_supernode(1)
+        starts = deployment.restart_supernode(1, timeout=240)  # refused while the SuperLink lists it online
+        done = run.join(timeout=800)
+    finally:
+        deployment.stop()
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    messages = read_rows(results, "messages.csv")
+    nodes = {m["node_id"] for m in messages}
+    killed = [n for n in nodes if not _accepted_up(messages, n, 2)]
+    assert len(nodes) == 2 and len(killed) == 1, messages
+    down = {
+        int(m["round"]): m
+        for m in messages
+        if m["node_id"] == killed[0] and m["direction"] == "down" and m["message_type"] == "train"
+    }
+    back = [r for r in range(3, 6) if _accepted_up(messages, killed[0], r)]
+    summary = json.loads((results / "summary.json").read_text())
+    outcome = {"starts": starts, "accepted_rounds": back, "down": down, "rejected": summary["rejected"]}
+    print(json.dumps({**outcome, "rounds": read_rows(results, "rounds.csv")}))
+    assert back and back[-1] == 5, f"the restarted node's accepted rounds: {back}"
+    assert summary["num_nodes"] == 2, summary["per_node"]
+    return {**outcome, "state": deployment.node_state_dir(1) / "state.json"}
+
+
+@pytest.mark.slow  # TLS + auth, 2 SuperNodes, 5 rounds, one node refused for about a minute: ~3.5 minutes
+def test_a_restarted_supernode_with_its_state_dir_rejoins_with_a_delta_catch_up(
+    tmp_path: Path, mnist_path: Path
+) -> None:
+    got = _kill_and_restart(tmp_path, mnist_path, node_state=True)
+    catch_up = got["down"][got["accepted_rounds"][0]]
+    assert catch_up["kind"] == "delta" and int(catch_up["bytes"]) < int(catch_up["fp32_bytes"]) / 10, catch_up
+    assert all(m["kind"] == "delta" for r, m in got["down"].items() if r > 1), got["down"]  # never the full model
+    assert not any("holds none" in r["reason"] for r in got["rejected"]), got["rejected"]
+    assert json.loads(got["state"].read_text())["versions"][-1]["version"] == 5
+
+
+@pytest.mark.slow  # as above: ~3.5 minutes
+def test_a_restarted_supernode_without_a_state_dir_is_sent_the_full_model(tmp_path: Path, mnist_path: Path) -> None:
+    got = _kill_and_restart(tmp_path, mnist_path, node_state=False)
+    lost = [r for r in got["rejected"] if "holds none" in r["reason"]]
+    assert len(lost) == 1, got["rejected"]  # it answered the catch-up with "I hold nothing"
+    full = got["down"][lost[0]["round"] + 1]
+    assert full["kind"] == "full" and int(full["bytes"]) > int(full["fp32_bytes"]) / 2, got["down"]
+    assert not got["state"].exists()

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 from flwr.cli.build import build_fab_from_disk
-from helpers.deployment import free_ports, load_deploy_script
+from helpers.deployment import deploy_settings, load_deploy_script, run_config
 from helpers.proxy import CountingProxy, Exchange, classify
 
 from fedsqueeze.server.results import add_wire_measurement
@@ -39,20 +40,11 @@ def test_a_wire_measurement_needs_every_section(tmp_path: Path) -> None:
 
 @pytest.mark.slow  # a SuperLink, 2 SuperNodes and a ClientApp process per message: about 2 minutes
 def test_reported_message_bytes_agree_with_the_wire(tmp_path: Path, mnist_path: Path) -> None:
-    port, node_port_base = free_ports(2)
-    proxy = CountingProxy(("127.0.0.1", port))
     results = tmp_path / "results"
-    settings = local.DeploySettings(
-        workdir=tmp_path,
-        app_dir=Path(local.__file__).resolve().parents[1],
-        nodes=2,
-        port=port,
-        node_port_base=node_port_base,
-        tls=False,
-        auth=False,
-        node_superlink=f"127.0.0.1:{proxy.port}",
-        run_config=f'num-server-rounds=2 max-samples-per-client=200 data-dir="{mnist_path}" results-dir="{results}"',
-    )
+    config = run_config(results, mnist_path, num_server_rounds=2, max_samples_per_client=200)
+    settings = deploy_settings(tmp_path, config, nodes=2)
+    proxy = CountingProxy(("127.0.0.1", settings.port))
+    settings = dataclasses.replace(settings, node_superlink=f"127.0.0.1:{proxy.port}")
     deployment = local.start(settings)
     try:
         done = deployment.run_app(timeout=300)
