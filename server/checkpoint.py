@@ -21,7 +21,9 @@ uninterrupted one.
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import types
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +45,26 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 #: Run-config keys a resumed run may change; any other difference from the checkpointed run is refused.
 RESUMABLE_CHANGES = frozenset({"resume", "num-server-rounds", "round-timeout"})
+
+
+class _Pickler(pickle.Pickler):
+    """Pickles memoryviews as bytes.
+
+    Flower keeps memoryview pieces in an ArrayRecord once it has hashed it (sent it, or measured it
+    for the FP32 byte count), and such a record held by this strategy or the inner one (FedAdam's
+    ``current_arrays``) would not pickle otherwise; the pieces read back as bytes work the same.
+    """
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, memoryview):
+            return bytes, (obj.tobytes(),)
+        return NotImplemented
+
+
+#: What torch.save needs of a pickle module, with :class:`_Pickler`.
+_PICKLE_MODULE = types.ModuleType("fedsqueeze_checkpoint_pickle")
+_PICKLE_MODULE.Pickler = _Pickler  # type: ignore[attr-defined]
+_PICKLE_MODULE.dump = pickle.dump  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -71,7 +93,7 @@ def save_checkpoint(
         )
         path = results.dir / CHECKPOINT_FILE
         partial = path.with_name(path.name + ".partial")
-        torch.save(state, partial)
+        torch.save(state, partial, pickle_module=_PICKLE_MODULE)
         os.replace(partial, path)
     finally:
         strategy._sent = sent
