@@ -78,8 +78,10 @@ class RunConfig(Mapping[str, ConfigValue]):
     student_weight_bits: int = 0
     student_qat_epochs: int = 2
     student_prune_method: str = "norm"
-    # After the first distillation, broadcast and train the FP32 student instead of the full model
+    # After the first distillation, broadcast and train the FP32 student instead of the full model, at this
+    # local learning rate (its factored layers diverge at the full model's 0.05: BENCHMARKS.md section 7)
     broadcast_compact: bool = False
+    broadcast_compact_lr: float = 0.02
     # Deployment: seconds the server waits for a round's replies (Flower's default 3600); a node that has not
     # replied by then is left out of the round, so a dead SuperNode costs this, not the SuperLink's heartbeat
     round_timeout: float = 3600.0

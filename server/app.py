@@ -130,7 +130,8 @@ def _distil_or_adopt(
 
     With ``broadcast-compact`` the first distillation before the last round switches the federated
     model to the FP32 student: the returned model is then an empty student built from its
-    architecture string (the one nodes build), which evaluates the global model from then on.
+    architecture string (the one nodes build), which evaluates the global model from then on, and
+    the nodes train it with ``broadcast-compact-lr``.
     """
     if strategy.arch:
         results.log_distillation(distiller.adopt_round(server_round, model, accuracy))
@@ -139,7 +140,7 @@ def _distil_or_adopt(
     if not run.broadcast_compact or server_round >= run.num_server_rounds:
         return model
     weights, arch = distiller.switch_weights(server_round)
-    strategy.switch_model(weights, arch)
+    strategy.switch_model(weights, arch, {"lr": run.broadcast_compact_lr})
     return parse_arch(arch).build().eval()
 
 
@@ -168,6 +169,8 @@ def main(grid: Grid, context: Context) -> None:
         raise ValueError(
             "run config 'broadcast-compact' = true needs server-side distillation: set 'distill-every' > 0"
         )
+    if run.broadcast_compact and not run.broadcast_compact_lr > 0:
+        raise ValueError(f"run config 'broadcast-compact-lr' must be > 0, got {run.broadcast_compact_lr}")
     checkpoint = _resumed(run, distiller)
     if checkpoint is None:
         strategy = make_compressed_strategy(run, keep_client_models=distiller is not None and distiller.ensemble)

@@ -15,6 +15,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from fedsqueeze.codecs import Codec, parse
+from fedsqueeze.config import ConfigValue
 from fedsqueeze.framing import wire_bytes
 from fedsqueeze.protocol import (
     ARCH_CONFIG_KEY,
@@ -176,6 +177,7 @@ class CompressedStrategy(Strategy):
         #: The round whose train messages first carried the switched model (0: no switch yet).
         self.switched_at = 0
         self._pending_switch: tuple[dict[str, torch.Tensor], str] | None = None
+        self._train_overrides: dict[str, ConfigValue] = {}
 
     @property
     def traffic(self) -> list[TrafficRecord]:
@@ -199,7 +201,9 @@ class CompressedStrategy(Strategy):
         self.inner.summary()
 
     # ------------------------------------------------------------------ model switch
-    def switch_model(self, weights: Mapping[str, torch.Tensor], arch: str) -> None:
+    def switch_model(
+        self, weights: Mapping[str, torch.Tensor], arch: str, train_config: Mapping[str, ConfigValue] | None = None
+    ) -> None:
         """From the next train round on, broadcast and train ``weights``, a model of architecture ``arch``.
 
         Parameters
@@ -209,10 +213,14 @@ class CompressedStrategy(Strategy):
         arch : str
             Its architecture string, from which nodes build it
             (:func:`fedsqueeze.compact_arch.parse_arch`); not empty.
+        train_config : Mapping or None
+            Train config entries that replace those of every later round's train config (e.g. a
+            smaller ``lr`` for the new model); None: none (default).
         """
         if not arch:
             raise ValueError("a model switch needs the new model's architecture string, got ''")
         self._pending_switch = ({k: v.detach().clone() for k, v in weights.items()}, arch)
+        self._train_overrides = dict(train_config or {})
 
     def _apply_switch(self, server_round: int) -> ArrayRecord:
         """Make the pending switch's model the global model and forget what depended on the old one."""
@@ -241,6 +249,8 @@ class CompressedStrategy(Strategy):
         """Let the inner strategy sample and configure the round, then swap each model for its payload."""
         if self._pending_switch is not None:
             arrays = self._apply_switch(server_round)
+        if self.arch and self._train_overrides:
+            config = ConfigRecord({**dict(config), **self._train_overrides})
         ordered = self.node_order.grid(grid, server_round, self.meter)
         with _seeded_random(self.seed, server_round):
             messages = list(self.inner.configure_train(server_round, arrays, config, ordered))

@@ -30,6 +30,7 @@ from fedsqueeze.protocol import (
     arrays_to_tensors,
     model_digest,
     tensors_to_arrays,
+    unfold_records,
 )
 from fedsqueeze.server.compact import LowRankLinear
 from fedsqueeze.server.server_distiller import compact_config, student_arch
@@ -264,12 +265,13 @@ def test_the_strategy_switches_every_node_and_a_late_node_too(initial: str) -> N
         assert strategy.rejections == []
     assert {Downlink.from_record(m.content[PAYLOAD_KEY]).kind for m in sent} == {DELTA}  # type: ignore[arg-type]
     student = student_weights()
-    strategy.switch_model(student, ARCH)
+    strategy.switch_model(student, ARCH, {"lr": 0.02})
     arrays, sent = run_round(strategy, 3, arrays, nodes, ctx)  # Flower hands it the old model's arrays
     assert strategy.switched_at == 3 and strategy.rejections == []
     for msg in sent:
         down = Downlink.from_record(msg.content[PAYLOAD_KEY])  # type: ignore[arg-type]
         assert down.kind == FULL and down.arch == ARCH and down.digest == model_digest(student)
+        assert unfold_records(msg.content[PAYLOAD_KEY])["config"]["lr"] == 0.02  # type: ignore[arg-type]
     assert inner.momentum_vector is not None and len(inner.momentum_vector) == len(student)  # started over
     new = arrays_to_tensors(arrays)  # type: ignore[arg-type]
     assert {k: v.shape for k, v in new.items()} == {k: v.shape for k, v in student.items()}
@@ -348,10 +350,10 @@ def test_broadcast_compact_runs_end_to_end(tmp_path: Path, mnist_path: Path) -> 
     down3 = [m for m in messages if m["round"] == "3" and m["direction"] == "down" and m["message_type"] == "train"]
     assert len(down3) == 4 and {m["kind"] for m in down3} == {"full"}
     up = {r: [m for m in messages if m["round"] == str(r) and m["direction"] == "up"] for r in (2, 4)}
-    # (their FP32 size shrank by the parameters the student lacks, up to the longer tensor names)
+    # (their FP32 size shrank by the parameters the student lacks, up to its two more tensors and longer names)
     shrink = 4 * (report["teacher"]["params"] - student_params)
     fp32 = {r: sorted(int(m["fp32_bytes"]) for m in up[r]) for r in (2, 4)}
-    assert all(abs(before - after - shrink) < 1000 for before, after in zip(fp32[2], fp32[4], strict=True)), fp32
+    assert all(abs(before - after - shrink) < 4000 for before, after in zip(fp32[2], fp32[4], strict=True)), fp32
     # Bytes per round shrink with the model, both ways
     for direction in ("uplink_bytes", "downlink_bytes"):
         assert int(rounds[4][direction]) < int(rounds[2][direction]), direction
