@@ -103,6 +103,10 @@ class RunConfig(Mapping[str, ConfigValue]):
             )
         if not 0.0 <= self.server_momentum < 1.0:
             raise ValueError(f"run config 'server-momentum' must be in [0, 1), got {self.server_momentum!r}")
+        if self.broadcast_compact and self.distill_every <= 0:
+            raise ValueError("run config 'broadcast-compact' = true needs a student: set 'distill-every' > 0")
+        if not self.broadcast_compact_lr > 0:
+            raise ValueError(f"run config 'broadcast-compact-lr' must be > 0, got {self.broadcast_compact_lr!r}")
 
     @classmethod
     def from_mapping(cls, run_config: Mapping[str, Any]) -> RunConfig:

@@ -165,12 +165,6 @@ def main(grid: Grid, context: Context) -> None:
     distiller = (
         ServerDistiller(run, data, lambda: build_model(run.model, run.dataset)) if run.proxy_holdout() > 0 else None
     )
-    if run.broadcast_compact and distiller is None:
-        raise ValueError(
-            "run config 'broadcast-compact' = true needs server-side distillation: set 'distill-every' > 0"
-        )
-    if run.broadcast_compact and not run.broadcast_compact_lr > 0:
-        raise ValueError(f"run config 'broadcast-compact-lr' must be > 0, got {run.broadcast_compact_lr}")
     checkpoint = _resumed(run, distiller)
     if checkpoint is None:
         strategy = make_compressed_strategy(run, keep_client_models=distiller is not None and distiller.ensemble)

@@ -123,6 +123,18 @@ def test_a_node_builds_exactly_the_server_student(overrides: dict[str, object]) 
     assert torch.allclose(node.eval()(x), server.eval()(x), atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        ({"broadcast-compact": True}, "needs a student: set 'distill-every' > 0"),
+        ({"broadcast-compact-lr": 0.0}, "'broadcast-compact-lr' must be > 0, got 0.0"),
+    ],
+)
+def test_the_run_config_refuses_a_switch_it_cannot_make(overrides: dict[str, object], reason: str) -> None:
+    with pytest.raises(ValueError, match=reason.replace("(", r"\(")):
+        RunConfig.from_mapping(overrides)
+
+
 def test_student_arch_refuses_sensitivity_pruning() -> None:
     run = RunConfig.from_mapping({"distill-every": 2, "student-prune-method": "sensitivity"})
     with pytest.raises(ValueError, match="needs 'student-prune-method' = 'norm'"):
