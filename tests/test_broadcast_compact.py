@@ -20,6 +20,7 @@ from fedsqueeze.client.mod import STATE_FEEDBACK, STATE_META, STATE_REFERENCE
 from fedsqueeze.codecs import parse
 from fedsqueeze.compact_arch import ARCH_MAX_CHARS, StudentArch, build_student, count_parameters, parse_arch
 from fedsqueeze.config import RunConfig
+from fedsqueeze.data import Dataset
 from fedsqueeze.models import build_model
 from fedsqueeze.protocol import (
     ARCH_CONFIG_KEY,
@@ -33,7 +34,7 @@ from fedsqueeze.protocol import (
     unfold_records,
 )
 from fedsqueeze.server.compact import LowRankLinear
-from fedsqueeze.server.server_distiller import compact_config, student_arch
+from fedsqueeze.server.server_distiller import ServerDistiller, compact_config, student_arch
 from fedsqueeze.server.strategy import DOWN, CompressedStrategy
 from fedsqueeze.simulation.run_cell import run_cell
 from fedsqueeze.training import get_weights, set_weights
@@ -370,3 +371,48 @@ def test_broadcast_compact_runs_end_to_end(tmp_path: Path, mnist_path: Path) -> 
     for direction in ("uplink_bytes", "downlink_bytes"):
         assert int(rounds[4][direction]) < int(rounds[2][direction]), direction
     assert float(rounds[4]["accuracy"]) > 0.5  # the switched model learns on: far above chance
+
+
+# ----------------------------------------------------------------------------- the distiller's side
+
+
+def test_the_distiller_hands_over_its_fp32_student_and_then_adopts_the_federated_one(mnist: Dataset) -> None:
+    """With LSQ on, the switch still takes the FP32 student; later rounds fine-tune the federated student."""
+    small = Dataset("mnist", mnist.x_train[:2000], mnist.y_train[:2000], mnist.x_test[:500], mnist.y_test[:500])
+    run = RunConfig.from_mapping(
+        {
+            "distill-every": 2,
+            "broadcast-compact": True,
+            "proxy-size": 256,
+            "distill-epochs": 1,
+            "student-weight-bits": 4,
+            "student-qat-epochs": 1,
+        }
+    )
+    distiller = ServerDistiller(run, small, lambda: build_model("lenet5"))
+    torch.manual_seed(0)
+    teacher = build_model("lenet5")
+    distiller.distill_round(2, teacher)
+    weights, arch = distiller.switch_weights(2)
+    assert arch == str(student_arch(run)) and distiller.switched_round == 2
+    fp32 = parse_arch(arch).build()
+    set_weights(fp32, weights)  # plain FP32 tensors of exactly the built layout (no LSQ steps)
+    assert all(v.dtype == torch.float32 for v in weights.values())
+
+    before = {k: v.clone() for k, v in fp32.state_dict().items()}
+    row = distiller.adopt_round(4, fp32, global_accuracy=0.5)
+    assert row["round"] == 4 and row["teachers"] == 1 and row["proxy_samples"] == 256
+    assert row["student_params"] >= count_parameters(fp32)  # LSQ adds its step sizes
+    assert row["teacher_params"] == count_parameters(teacher)
+    assert distiller.student is not fp32 and distiller.last_round == 4
+    assert all(torch.equal(v, before[k]) for k, v in fp32.state_dict().items())  # the global model is untouched
+
+
+def test_switch_weights_needs_broadcast_compact_and_a_distillation(mnist: Dataset) -> None:
+    small = Dataset("mnist", mnist.x_train[:1000], mnist.y_train[:1000], mnist.x_test[:100], mnist.y_test[:100])
+    off = ServerDistiller(
+        RunConfig.from_mapping({"distill-every": 2, "proxy-size": 128}), small, lambda: build_model("lenet5")
+    )
+    assert off.arch is None
+    with pytest.raises(RuntimeError, match="broadcast-compact is off or no distillation ran"):
+        off.switch_weights(2)
