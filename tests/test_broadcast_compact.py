@@ -416,3 +416,25 @@ def test_switch_weights_needs_broadcast_compact_and_a_distillation(mnist: Datase
     assert off.arch is None
     with pytest.raises(RuntimeError, match="broadcast-compact is off or no distillation ran"):
         off.switch_weights(2)
+
+
+def test_a_reply_of_the_old_model_after_the_switch_is_rejected() -> None:
+    """A node that ignores the switch and replies with the old layout is dropped, with the reason."""
+    nodes = [101, 102]
+    ctx = {i: node_context(i) for i in nodes}
+    strategy = CompressedStrategy(FedAvg(min_available_nodes=1, min_train_nodes=1), downlink="zstd")
+    arrays, _ = run_round(strategy, 1, tensors_to_arrays(teacher_weights()), nodes, ctx)
+    strategy.switch_model(student_weights(), ARCH)
+    messages = list(strategy.configure_train(2, arrays, ConfigRecord(), Grid(nodes, ctx)))  # type: ignore[arg-type]
+    stale = [
+        Message(
+            RecordDict({"arrays": tensors_to_arrays(teacher_weights()), "metrics": MetricRecord({"num-examples": 5})}),
+            reply_to=m,
+        )
+        for m in messages
+    ]
+    new, _ = strategy.aggregate_train(2, stale)
+    assert len(strategy.rejections) == 2
+    assert all("array names differ" in r.reason for r in strategy.rejections)
+    assert new is not None  # the round keeps the student, not the old model Flower still holds
+    assert {k: v.shape for k, v in arrays_to_tensors(new).items()} == {k: v.shape for k, v in student_weights().items()}
