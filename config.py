@@ -78,6 +78,10 @@ class RunConfig(Mapping[str, ConfigValue]):
     student_weight_bits: int = 0
     student_qat_epochs: int = 2
     student_prune_method: str = "norm"
+    # After the first distillation, broadcast and train the FP32 student instead of the full model, at this
+    # local learning rate (its factored layers diverge at the full model's 0.05: BENCHMARKS.md section 7)
+    broadcast_compact: bool = False
+    broadcast_compact_lr: float = 0.02
     # Deployment: seconds the server waits for a round's replies (Flower's default 3600); a node that has not
     # replied by then is left out of the round, so a dead SuperNode costs this, not the SuperLink's heartbeat
     round_timeout: float = 3600.0
@@ -99,6 +103,10 @@ class RunConfig(Mapping[str, ConfigValue]):
             )
         if not 0.0 <= self.server_momentum < 1.0:
             raise ValueError(f"run config 'server-momentum' must be in [0, 1), got {self.server_momentum!r}")
+        if self.broadcast_compact and self.distill_every <= 0:
+            raise ValueError("run config 'broadcast-compact' = true needs a student: set 'distill-every' > 0")
+        if not self.broadcast_compact_lr > 0:
+            raise ValueError(f"run config 'broadcast-compact-lr' must be > 0, got {self.broadcast_compact_lr!r}")
 
     @classmethod
     def from_mapping(cls, run_config: Mapping[str, Any]) -> RunConfig:

@@ -22,6 +22,7 @@ __all__ = [
     "DELTA",
     "ZERO_VERSION",
     "HELLO",
+    "ARCH_CONFIG_KEY",
     "stable_key_of",
     "ProtocolError",
     "Downlink",
@@ -57,6 +58,9 @@ DELTA = "delta"
 ZERO_VERSION = 0
 #: Payload kind of the one-time query by which the server learns a node's stable key.
 HELLO = "hello"
+#: Config entry naming the architecture of the model in a train or evaluate message, when the server
+#: switched to a compact student (see ``broadcast-compact``); absent: the run config's ``model``.
+ARCH_CONFIG_KEY = "model-arch"
 
 
 class ProtocolError(ValueError):
@@ -100,6 +104,13 @@ class Downlink:
     base_digest : str
         With ``base`` 0: the digest of the first model that the node builds itself (see
         :func:`fedsqueeze.server.downlink.model_digest`); empty: the all-zero model.
+    arch : str
+        Architecture of the model sent: empty for the run config's ``model``, else a compact
+        student's string (:func:`fedsqueeze.compact_arch.parse_arch`). A node holding a model of
+        another architecture gets it in full, and drops what it kept of the old one.
+    digest : str
+        With a full payload: :func:`model_digest` of the model it decodes to, which the node
+        checks; empty: no check. On the wire only when not empty, as ``arch``.
     """
 
     kind: str
@@ -111,10 +122,12 @@ class Downlink:
     error_feedback: bool = True
     max_feedback_staleness: int = 0
     base_digest: str = ""
+    arch: str = ""
+    digest: str = ""
 
     def to_record(self) -> ConfigRecord:
         """Pack into the ConfigRecord that travels under :data:`PAYLOAD_KEY`."""
-        return ConfigRecord(
+        record = ConfigRecord(
             {
                 "kind": self.kind,
                 "version": self.version,
@@ -127,6 +140,10 @@ class Downlink:
                 "base-digest": self.base_digest,
             }
         )
+        for name, value in (("arch", self.arch), ("digest", self.digest)):
+            if value:  # absent from the records of runs that never switch models
+                record[name] = value
+        return record
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> Downlink:
@@ -149,6 +166,8 @@ class Downlink:
             error_feedback=_field(record, "error-feedback", bool),
             max_feedback_staleness=_field(record, "max-feedback-staleness", int),
             base_digest=_field(record, "base-digest", str),
+            arch=_field(record, "arch", str) if "arch" in record else "",
+            digest=_field(record, "digest", str) if "digest" in record else "",
         )
 
 

@@ -8,7 +8,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedsqueeze.client.mod import CompressionMod
+from fedsqueeze.client.mod import ARCH_CONFIG_KEY, CompressionMod
+from fedsqueeze.compact_arch import parse_arch
 from fedsqueeze.config import RunConfig
 from fedsqueeze.data import client_data, load_dataset
 from fedsqueeze.data.partition_file import partition_meta, read_partition_file
@@ -64,8 +65,22 @@ def _setting(config: ConfigRecord, run: RunConfig, key: str) -> bool | int | flo
     return config[key] if key in config else run[key]  # type: ignore[return-value]
 
 
+def _empty_model(msg: Message, run: RunConfig) -> torch.nn.Module:
+    """The run's model, or the compact student that the message's config names (``model-arch``)."""
+    config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
+    arch_text = config.get(ARCH_CONFIG_KEY, "")
+    if not arch_text:
+        return build_model(run.model, run.dataset)
+    arch = parse_arch(arch_text)  # type: ignore[arg-type]  # parse_arch refuses anything but a string
+    if (arch.model, arch.dataset) != (run.model, run.dataset):
+        raise ValueError(
+            f"the server sent a student of {arch.model}/{arch.dataset}, but this run trains {run.model}/{run.dataset}"
+        )
+    return arch.build()
+
+
 def _model_from(msg: Message, run: RunConfig) -> torch.nn.Module:
-    model = build_model(run.model, run.dataset)
+    model = _empty_model(msg, run)
     arrays = msg.content[ARRAYS_KEY]
     if not isinstance(arrays, ArrayRecord):
         raise ValueError(f"the message's {ARRAYS_KEY!r} record must be an ArrayRecord, found {type(arrays).__name__}")

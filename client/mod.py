@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
@@ -14,7 +15,10 @@ from flwr.common.logger import log
 
 from fedsqueeze.client.state import STATE_DIR_KEY, NodeState, load_node_state, save_node_state
 from fedsqueeze.codecs import Codec, CodecError, ErrorFeedback, decode, parse
+from fedsqueeze.compact_arch import parse_arch
 from fedsqueeze.protocol import (
+    ARCH_CONFIG_KEY,
+    CONFIG_KEY,
     DELTA,
     ENCODE_TIME_METRIC,
     FULL,
@@ -36,7 +40,7 @@ from fedsqueeze.protocol import (
     unfold_records,
 )
 
-__all__ = ["CompressionMod", "compression_mod", "STATE_REFERENCE", "STATE_META", "STATE_FEEDBACK"]
+__all__ = ["CompressionMod", "compression_mod", "STATE_REFERENCE", "STATE_META", "STATE_FEEDBACK", "ARCH_CONFIG_KEY"]
 
 #: Keys in ``context.state``: the reference model the node holds, its version, the uplink residual.
 STATE_REFERENCE = "fedsqueeze.reference"
@@ -62,7 +66,10 @@ class CompressionMod:
     app's reply it takes the one ArrayRecord (the local model), encodes it with the uplink
     codec the server names (the model itself if that codec is lossless, else
     ``local - received`` through error feedback kept in ``context.state``) and replies with
-    one payload record holding the blob and the reply's metrics. It answers the server's
+    one payload record holding the blob and the reply's metrics. When the payload names a
+    compact student's architecture (the server switched models), the mod checks the string and
+    the digest of a full model, drops the reference and uplink residual of the old model, and
+    passes the string to the app as the train config's :data:`ARCH_CONFIG_KEY`. It answers the server's
     one-time ``query`` for the node's stable key itself. Other messages pass through.
 
     A payload that cannot be used (malformed, undecodable, a delta against a version this
@@ -93,14 +100,20 @@ class CompressionMod:
             down = Downlink.from_record(msg.content[PAYLOAD_KEY])  # type: ignore[arg-type]
             folded = unfold_records(msg.content[PAYLOAD_KEY])  # type: ignore[arg-type]
             parse(down.uplink)  # fail before training if the uplink codec is unknown here
+            if down.arch:
+                parse_arch(down.arch)
             _restore_saved_state(down, context)
             received = self._receive(down, context)
         except (ProtocolError, ValueError, Rejected) as err:
             return _error_reply(msg, err)
-        _store_reference(context.state, received, down.version, down.uplink)
+        _store_reference(context.state, received, down)
         plain = RecordDict({n: r for n, r in msg.content.items() if n != PAYLOAD_KEY})
         for name, record in folded.items():
             plain[name] = record
+        if down.arch:
+            config = plain.config_records.get(CONFIG_KEY, ConfigRecord())
+            config[ARCH_CONFIG_KEY] = down.arch
+            plain[CONFIG_KEY] = config
         plain[down.arrays_key] = tensors_to_arrays(received)
         msg.content = plain
         reply = call_next(msg, context)
@@ -117,7 +130,7 @@ class CompressionMod:
         """Rebuild the model the server sent, from a full blob or from deltas on the held reference."""
         try:
             if down.kind == FULL:
-                return decode(down.blobs[0])
+                return _checked(decode(down.blobs[0]), down.digest)
             weights, blobs = self._base_for(down, context)
             for blob in blobs:
                 weights = add_tensors(weights, decode(blob))
@@ -129,7 +142,7 @@ class CompressionMod:
 
     def _base_for(self, down: Downlink, context: Context) -> tuple[Tensors, list[bytes]]:
         """The model the deltas apply to, and the deltas still to apply."""
-        held = _held_version(context.state)
+        held = _held_version(context.state, down.arch)
         is_chain = len(down.blobs) == down.version - down.base
         if held is not None and (held == down.base or (is_chain and down.base < held <= down.version)):
             # A node whose last reply did not reach the server holds a later step of the chain: skip it.
@@ -174,21 +187,34 @@ def _stable_key(context: Context) -> int:
     return partition if isinstance(partition, int) and not isinstance(partition, bool) else context.node_id
 
 
-def _held_version(state: RecordDict) -> int | None:
+def _checked(weights: Tensors, digest: str) -> Tensors:
+    """``weights``, if their digest is ``digest`` (or no digest was sent)."""
+    if digest and model_digest(weights) != digest:
+        raise Rejected("the full model received differs from the server's (digest mismatch)")
+    return weights
+
+
+def _held_version(state: RecordDict, arch: str) -> int | None:
+    """The version of the reference this node holds, None if it holds none of architecture ``arch``."""
     meta = state.get(STATE_META)
-    if isinstance(meta, ConfigRecord) and isinstance(meta.get("version"), int) and STATE_REFERENCE in state:
-        return int(meta["version"])  # type: ignore[arg-type]
-    return None
+    if not isinstance(meta, ConfigRecord) or STATE_REFERENCE not in state or meta.get("arch", "") != arch:
+        return None
+    version = meta.get("version")
+    return version if isinstance(version, int) and not isinstance(version, bool) else None
 
 
-def _store_reference(state: RecordDict, weights: Mapping[str, torch.Tensor], version: int, uplink: str) -> None:
+def _store_reference(state: RecordDict, weights: Mapping[str, torch.Tensor], down: Downlink) -> None:
     state[STATE_REFERENCE] = tensors_to_arrays(weights)
     meta = state.get(STATE_META)
     previous = dict(meta) if isinstance(meta, ConfigRecord) else {}
-    if previous.get("uplink") != uplink and STATE_FEEDBACK in state:
-        del state[STATE_FEEDBACK]  # a residual of another codec is meaningless
-    feedback_version = previous.get("feedback-version", version)
-    state[STATE_META] = ConfigRecord({"version": version, "uplink": uplink, "feedback-version": feedback_version})
+    changed = previous.get("uplink") != down.uplink or previous.get("arch", "") != down.arch
+    if changed and STATE_FEEDBACK in state:
+        del state[STATE_FEEDBACK]  # a residual of another codec, or of another model's layout, is meaningless
+    feedback_version = previous.get("feedback-version", down.version)
+    meta = ConfigRecord({"version": down.version, "uplink": down.uplink, "feedback-version": feedback_version})
+    if down.arch:  # absent while the run's own model is trained
+        meta["arch"] = down.arch
+    state[STATE_META] = meta
 
 
 def _encode_reply(
@@ -269,7 +295,7 @@ def _restore_saved_state(down: Downlink, context: Context) -> None:
     the residual only if it was made with the payload's uplink codec and loads into it.
     """
     directory = context.node_config.get(STATE_DIR_KEY)
-    if not directory or down.kind == FULL or _held_version(context.state) is not None:
+    if not directory or down.kind == FULL or _held_version(context.state, down.arch) is not None:
         return
     is_chain = len(down.blobs) == down.version - down.base
     saved = load_node_state(
@@ -278,9 +304,9 @@ def _restore_saved_state(down: Downlink, context: Context) -> None:
         _stable_key(context),
         lambda v: v == down.base or (is_chain and down.base < v <= down.version),
     )
-    if saved is None:
+    if saved is None or saved.arch != down.arch:
         return
-    _store_reference(context.state, saved.reference, saved.version, saved.uplink)
+    _store_reference(context.state, saved.reference, replace(down, version=saved.version, uplink=saved.uplink))
     if saved.feedback is not None and saved.feedback_version is not None and saved.uplink == down.uplink:
         try:
             ErrorFeedback(parse(down.uplink)).load_state_dict(saved.feedback)  # check it before relying on it
@@ -297,10 +323,11 @@ def _restore_saved_state(down: Downlink, context: Context) -> None:
 def _save_state(context: Context) -> None:
     """Save what the node holds after a reply under ``state-dir`` (if set); a failure is logged, not raised."""
     directory = context.node_config.get(STATE_DIR_KEY)
-    held = _held_version(context.state)
+    meta = context.state.get(STATE_META)
+    arch = str(meta.get("arch", "")) if isinstance(meta, ConfigRecord) else ""
+    held = _held_version(context.state, arch)
     if not directory or held is None:
         return
-    meta = context.state[STATE_META]
     feedback = context.state.get(STATE_FEEDBACK)
     made = meta.get("feedback-version")  # type: ignore[union-attr]
     state = NodeState(
@@ -311,6 +338,7 @@ def _save_state(context: Context) -> None:
         uplink=str(meta["uplink"]),  # type: ignore[index]
         feedback=arrays_to_tensors(feedback) if isinstance(feedback, ArrayRecord) else None,
         feedback_version=made if isinstance(made, int) else None,
+        arch=arch,
     )
     try:
         save_node_state(str(directory), state)

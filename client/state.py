@@ -10,7 +10,8 @@ Format of the folder (no pickle anywhere; every file is written to a temporary n
 moved into place with :func:`os.replace`, so a crash leaves the previous state whole):
 
 - ``state.json``: the manifest, written last. ``format``, the Flower ``run_id``, the ``uplink``
-  codec spec, ``versions`` (newest last; each ``version``, ``file``, ``digest`` of the model),
+  codec spec, ``arch`` (the compact student's architecture string after a ``broadcast-compact``
+  switch, else empty), ``versions`` (newest last; each ``version``, ``file``, ``digest`` of the model),
   ``names`` (the tensor names, in order) and ``feedback`` (``file``, ``version`` the residual was
   made against, ``names``) or null.
 - ``reference-<version>.npz``: a model version the node holds, its tensors as ``arr_0 ..``
@@ -71,6 +72,7 @@ class NodeState:
     uplink: str
     feedback: Tensors | None = None
     feedback_version: int | None = None
+    arch: str = ""  # the compact student's architecture string once the run switched to it (broadcast-compact)
 
 
 def save_node_state(directory: str | os.PathLike[str], state: NodeState) -> None:
@@ -101,6 +103,7 @@ def save_node_state(directory: str | os.PathLike[str], state: NodeState) -> None
         "run_id": state.run_id,
         "node": state.node,
         "uplink": state.uplink,
+        "arch": state.arch,
         "names": names,
         "versions": versions,
         "feedback": feedback,
@@ -167,7 +170,8 @@ def _load(folder: Path, run_id: int, node: int, usable: Callable[[int], bool]) -
     if manifest["feedback"] is not None:
         feedback = _read_npz(folder / manifest["feedback"]["file"], manifest["feedback"]["names"])
         feedback_version = manifest["feedback"]["version"]
-    return NodeState(run_id, node, entry["version"], reference, manifest["uplink"], feedback, feedback_version)
+    arch = manifest.get("arch", "")
+    return NodeState(run_id, node, entry["version"], reference, manifest["uplink"], feedback, feedback_version, arch)
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
@@ -180,6 +184,8 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     _expect(isinstance(manifest.get("node"), int), path, "node", "an integer", manifest.get("node"))
     _expect(isinstance(manifest.get("uplink"), str), path, "uplink", "a codec spec", manifest.get("uplink"))
     _expect(_is_names(manifest.get("names")), path, "names", "a list of strings", manifest.get("names"))
+    arch = manifest.get("arch", "")
+    _expect(isinstance(arch, str), path, "arch", "a student architecture string, or empty", arch)
     versions = manifest.get("versions")
     _expect(isinstance(versions, list) and bool(versions), path, "versions", "a non-empty list", versions)
     for entry in versions or ():
@@ -247,6 +253,7 @@ def _previous_versions(folder: Path, state: NodeState) -> list[dict[str, Any]]:
         manifest = _read_manifest(folder / MANIFEST)
     except (OSError, ValueError):
         return []  # nothing saved yet, or unusable: it is replaced
-    if manifest["run_id"] != state.run_id or manifest["names"] != list(state.reference):
+    same_model = manifest["names"] == list(state.reference) and manifest.get("arch", "") == state.arch
+    if manifest["run_id"] != state.run_id or not same_model:
         return []
     return [v for v in manifest["versions"] if (folder / v["file"]).exists()]

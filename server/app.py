@@ -23,6 +23,7 @@ from flwr.serverapp.strategy import (
 )
 from flwr.supercore import log
 
+from fedsqueeze.compact_arch import parse_arch
 from fedsqueeze.config import RunConfig
 from fedsqueeze.data import load_dataset
 from fedsqueeze.models import build_model, first_model
@@ -116,6 +117,33 @@ def _resumed(run: RunConfig, distiller: ServerDistiller | None) -> Checkpoint | 
     return checkpoint
 
 
+def _distil_or_adopt(
+    run: RunConfig,
+    distiller: ServerDistiller,
+    strategy: CompressedStrategy,
+    server_round: int,
+    model: torch.nn.Module,
+    accuracy: float,
+    results: ResultsWriter,
+) -> torch.nn.Module:
+    """Distil the global ``model`` (or, after a model switch, adopt it as the student); return the global model.
+
+    With ``broadcast-compact`` the first distillation before the last round switches the federated
+    model to the FP32 student: the returned model is then an empty student built from its
+    architecture string (the one nodes build), which evaluates the global model from then on, and
+    the nodes train it with ``broadcast-compact-lr``.
+    """
+    if strategy.arch:
+        results.log_distillation(distiller.adopt_round(server_round, model, accuracy))
+        return model
+    results.log_distillation(distiller.distill_round(server_round, model, strategy.client_models, accuracy))
+    if not run.broadcast_compact or server_round >= run.num_server_rounds:
+        return model
+    weights, arch = distiller.switch_weights(server_round)
+    strategy.switch_model(weights, arch, {"lr": run.broadcast_compact_lr})
+    return parse_arch(arch).build().eval()
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run federated training with compressed updates and write the results.
@@ -124,7 +152,9 @@ def main(grid: Grid, context: Context) -> None:
     compact student after every ``distill-every``-th round and after the last one (see
     :class:`~fedsqueeze.server.server_distiller.ServerDistiller`), on ``proxy-size`` training images
     that the clients leave out, and at the end exports the last student and the final global
-    model to ``<results-dir>/compact/`` and writes ``compact.json`` and ``distill.csv``.
+    model to ``<results-dir>/compact/`` and writes ``compact.json`` and ``distill.csv``. With
+    ``broadcast-compact`` the first distilled student (before the last round) becomes the model
+    that is broadcast and trained from the next round on (see :func:`_distil_or_adopt`).
     """
     run = RunConfig.from_mapping(context.run_config)
     torch.set_num_threads(1)  # in a simulation the server shares the CPUs with the nodes' actors
@@ -145,6 +175,7 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "fedsqueeze: %s", strategy)
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        nonlocal model
         server_round += done if server_round > 0 else 0  # Flower counts a resumed run's rounds from 1
         set_weights(model, arrays_to_tensors(arrays))
         loss, accuracy = evaluate(model, data.x_test, data.y_test)
@@ -165,8 +196,7 @@ def main(grid: Grid, context: Context) -> None:
                 strategy.client_seconds.get(server_round, (0.0, 0.0)),
             )
             if distiller is not None and distiller.due(server_round):
-                row = distiller.distill_round(server_round, model, strategy.client_models, accuracy)
-                results.log_distillation(row)
+                model = _distil_or_adopt(run, distiller, strategy, server_round, model, accuracy, results)
             save_checkpoint(server_round, arrays, strategy, results)
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 

@@ -87,11 +87,12 @@ class DownlinkState:
     _global: Tensors = field(default_factory=dict)
     _full_blob: bytes | None = None
     _catchup_cache: dict[int, bytes] = field(default_factory=dict)
+    _digest: str | None = None  # of the full payload's model, this version
 
     def advance(self, global_model: Mapping[str, torch.Tensor]) -> None:
         """Start a new version: move the reference toward ``global_model`` by one downlink step."""
         self._global = dict(global_model)
-        self._full_blob, self._catchup_cache = None, {}
+        self._full_blob, self._catchup_cache, self._digest = None, {}, None
         self.version += 1
         if self.codec.lossless:
             self.reference = None
@@ -123,6 +124,25 @@ class DownlinkState:
     def acknowledge(self, node_id: int, version: int) -> None:
         """``node_id`` replied having applied ``version``: later payloads start from there."""
         self.node_versions[node_id] = version
+
+    def switch(self) -> None:
+        """Forget every model of the old layout: the next :meth:`advance` starts a new model.
+
+        After a switch to another architecture nothing a node holds is usable, so every node gets
+        the next version in full; version numbers go on increasing, so no old version is taken
+        for a new one.
+        """
+        self.initial, self.reference, self._global = None, None, {}
+        self.node_versions = {}
+        self._steps, self._snapshots = {}, OrderedDict()
+        self._full_blob, self._catchup_cache, self._digest = None, {}, None
+
+    def full_digest(self) -> str:
+        """:func:`model_digest` of the model that a full payload of this version decodes to."""
+        if self._digest is None:
+            model = self._global if self.codec.lossless or self.reference is None else self.reference
+            self._digest = model_digest(model)
+        return self._digest
 
     def forget(self, node_id: int) -> None:
         """``node_id`` holds nothing usable (it said so, or its state is unknown): send it in full."""

@@ -14,6 +14,7 @@ import torch
 from flwr.supercore import log
 from torch import nn
 
+from fedsqueeze.compact_arch import StudentArch
 from fedsqueeze.config import proxy_holdout
 from fedsqueeze.data import Dataset, normalisation
 from fedsqueeze.server.compact import (
@@ -47,6 +48,7 @@ __all__ = [
     "measure_latency",
     "prune_method",
     "quantisation_settings",
+    "student_arch",
 ]
 
 #: Optional run-config keys read here with defaults (LSQ fine-tuning and sensitivity pruning of the student).
@@ -89,6 +91,35 @@ def compact_config(run: Mapping[str, Any]) -> CompactConfig:
         prune_ratio=float(run["student-prune-ratio"]),
         bits=int(run["student-bits"]),
     )
+
+
+def student_arch(run: Mapping[str, Any]) -> StudentArch:
+    """The architecture of the run's student (norm pruning), as nodes build it for ``broadcast-compact``.
+
+    It names the same student as :func:`compact_config`: the ``student-*`` ranks (0: dense) and
+    prune ratio, for the run's ``model`` and ``dataset``.
+
+    Raises
+    ------
+    ValueError
+        If ``student-prune-method`` is ``"sensitivity"`` (its per-layer ratios come from data, so the
+        string cannot name the student), or a value is out of range.
+    """
+    if prune_method(run) != "norm":
+        raise ValueError(
+            "run config 'broadcast-compact' needs 'student-prune-method' = 'norm' (nodes build the student from "
+            f"its ranks and prune ratio alone), got {run.get('student-prune-method')!r}"
+        )
+    try:
+        return StudentArch(
+            str(run["model"]),
+            str(run["dataset"]),
+            int(run["student-conv-rank"]),
+            int(run["student-linear-rank"]),
+            float(run["student-prune-ratio"]),
+        )
+    except ValueError as err:
+        raise ValueError(f"run config 'broadcast-compact': the student-* keys name no student: {err}") from err
 
 
 def measure_latency(run: Mapping[str, Any]) -> bool:
@@ -238,6 +269,11 @@ class ServerDistiller:
       :func:`~fedsqueeze.server.distill.proxy_split` (seed ``seed``); their labels are never
       read, and the clients leave them out of their partitions (``client_data(...,
       holdout=...)``).
+    - With ``broadcast-compact`` (``broadcast`` true), :meth:`switch_weights` hands the latest FP32
+      student (before any LSQ) and its architecture string to the ServerApp, which makes it the
+      federated model; later due rounds call :meth:`adopt_round` instead, which takes the federated
+      student itself as the student to export (LSQ-fine-tuned from itself when ``student-weight-bits``
+      is set) and keeps the teacher of the switch.
     - :meth:`export` writes the last student and its teacher (TorchScript and safetensors, and
       ONNX with ``distill-onnx`` true) and measures their test accuracy;
       it times them (batch 1, one thread) only with ``distill-latency`` true (default false),
@@ -272,6 +308,10 @@ class ServerDistiller:
         self.teacher: nn.Module | None = None
         self.last_round = 0
         self.last_row: dict[str, Any] = {}
+        self.broadcast = _optional_flag(run, "broadcast-compact")
+        self.arch = student_arch(run) if self.broadcast else None
+        self.fp32_student: nn.Module | None = None
+        self.switched_round = 0
 
     @property
     def ensemble(self) -> bool:
@@ -318,6 +358,7 @@ class ServerDistiller:
         student = self._build(teacher)
         _, before = evaluate(student, self.data.x_test, self.data.y_test)
         result = distill(student, teachers, self.proxy_x, seed=self.seed + server_round, **self.config.kwargs())
+        self.fp32_student = copy.deepcopy(student) if self.quantisation.weight_bits else student
         if self.quantisation.weight_bits:
             student = quantize_student(student, self.proxy_x[:512], weight_bits=self.quantisation.weight_bits)
             kwargs = {**self.config.kwargs(), "epochs": self.quantisation.epochs, "lr": self.config.lr / 3}
@@ -354,6 +395,60 @@ class ServerDistiller:
             row["seconds"],
         )
         return row
+
+    def switch_weights(self, server_round: int) -> tuple[dict[str, torch.Tensor], str]:
+        """The latest FP32 student's weights and architecture string, for the federated model switch.
+
+        Raises
+        ------
+        RuntimeError
+            If ``broadcast-compact`` is off, no distillation ran, or the student's layout differs
+            from what nodes build from the string (a bug: nodes would refuse it).
+        """
+        if self.arch is None or self.fp32_student is None:
+            raise RuntimeError("no student to switch to: broadcast-compact is off or no distillation ran")
+        weights = {k: v.detach().clone() for k, v in self.fp32_student.state_dict().items()}
+        built = {k: tuple(v.shape) for k, v in self.arch.build().state_dict().items()}
+        if built != {k: tuple(v.shape) for k, v in weights.items()}:
+            raise RuntimeError(f"the distilled student's layout differs from the one {self.arch} builds")
+        self.switched_round = server_round
+        return weights, str(self.arch)
+
+    def adopt_round(self, server_round: int, global_student: nn.Module, global_accuracy: float) -> dict[str, Any]:
+        """After a switch: take the federated student as the student to export; return the ``distill.csv`` row.
+
+        With ``student-weight-bits`` set, the LSQ student is fine-tuned by distillation from the
+        FP32 federated student (the teacher of the export stays the model of the switch).
+        """
+        start = time.perf_counter()
+        student = copy.deepcopy(global_student).eval()
+        teachers, samples, final_loss, seconds = 0, 0, None, 0.0
+        if self.quantisation.weight_bits:
+            fp32 = copy.deepcopy(student)
+            student = quantize_student(student, self.proxy_x[:512], weight_bits=self.quantisation.weight_bits)
+            kwargs = {**self.config.kwargs(), "epochs": self.quantisation.epochs, "lr": self.config.lr / 3}
+            result = distill(student, [fp32], self.proxy_x, seed=self.seed + server_round, **kwargs)
+            teachers, samples, final_loss = result.num_teachers, result.num_samples, result.losses[-1]
+            seconds = round(result.seconds, 3)
+        loss, accuracy = evaluate(student, self.data.x_test, self.data.y_test)
+        self.student, self.last_round = student, server_round
+        assert self.teacher is not None  # the switch came after a distillation
+        self.last_row = {
+            "round": server_round,
+            "student_accuracy": accuracy,
+            "student_loss": loss,
+            "student_accuracy_before": global_accuracy,
+            "global_accuracy": global_accuracy,
+            "student_params": count_parameters(student),
+            "teacher_params": count_parameters(self.teacher),
+            "teachers": teachers,
+            "proxy_samples": samples,
+            "final_distill_loss": final_loss,
+            "distill_seconds": seconds,
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+        log(INFO, "fedsqueeze: round %d: the federated student is the student (accuracy %.4f)", server_round, accuracy)
+        return self.last_row
 
     def _build(self, teacher: nn.Module) -> nn.Module:
         """The student of ``teacher``: uniform norm pruning, or per-layer ratios by sensitivity at the same size."""
@@ -461,6 +556,8 @@ class ServerDistiller:
             "prune_method": self.prune_method,
             "prune_ratios": self.prune_ratios,
             "layers": [{**r, "weights": [list(s) for s in r["weights"]]} for r in describe(student)],
+            "broadcast_after_round": self.switched_round or None,
+            "arch": str(self.arch) if self.switched_round else None,
         }
 
 

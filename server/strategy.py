@@ -16,11 +16,14 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from fedsqueeze.codecs import Codec, parse
+from fedsqueeze.config import ConfigValue
 from fedsqueeze.framing import wire_bytes
 from fedsqueeze.protocol import (
+    ARCH_CONFIG_KEY,
     ARRAYS_KEY,
     CONFIG_KEY,
     ENCODE_TIME_METRIC,
+    FULL,
     PAYLOAD_KEY,
     TRAIN_TIME_METRIC,
     ZERO_VERSION,
@@ -73,6 +76,11 @@ class CompressedStrategy(Strategy):
     nodes are sampled by a seeded draw over a stable node order, so runs are reproducible.
 
     Every train and evaluate message is measured on the way out and in (:attr:`traffic`).
+
+    Model switch: after :meth:`switch_model` the next train round broadcasts and trains another
+    model (a compact student) instead of the one the rounds produced so far: every node gets it
+    in full, with its architecture string and digest, and the reply limits, downlink references
+    and the inner strategy's state (server momentum, adaptive moments) start over from it.
 
     Parameters
     ----------
@@ -165,6 +173,12 @@ class CompressedStrategy(Strategy):
         self._checker: ReplyChecker | None = None
         self._dtypes: dict[str, torch.dtype] = {}
         self._sent: list[Message] = []  # the latest configure_*'s messages: replies are matched to them
+        #: Architecture string of the model broadcast since a model switch; empty before one.
+        self.arch = ""
+        #: The round whose train messages first carried the switched model (0: no switch yet).
+        self.switched_at = 0
+        self._pending_switch: tuple[dict[str, torch.Tensor], str] | None = None
+        self._train_overrides: dict[str, ConfigValue] = {}
 
     @property
     def traffic(self) -> list[TrafficRecord]:
@@ -187,11 +201,57 @@ class CompressedStrategy(Strategy):
         log(INFO, "\t│\t└── first model: %s", self.initial)
         self.inner.summary()
 
+    # ------------------------------------------------------------------ model switch
+    def switch_model(
+        self, weights: Mapping[str, torch.Tensor], arch: str, train_config: Mapping[str, ConfigValue] | None = None
+    ) -> None:
+        """From the next train round on, broadcast and train ``weights``, a model of architecture ``arch``.
+
+        Parameters
+        ----------
+        weights : Mapping of str to torch.Tensor
+            The new global model (e.g. a distilled student's state_dict).
+        arch : str
+            Its architecture string, from which nodes build it
+            (:func:`fedsqueeze.compact_arch.parse_arch`); not empty.
+        train_config : Mapping or None
+            Train config entries that replace those of every later round's train config (e.g. a
+            smaller ``lr`` for the new model); None: none (default).
+        """
+        if not arch:
+            raise ValueError("a model switch needs the new model's architecture string, got ''")
+        self._pending_switch = ({k: v.detach().clone() for k, v in weights.items()}, arch)
+        self._train_overrides = dict(train_config or {})
+
+    def _apply_switch(self, server_round: int) -> ArrayRecord:
+        """Make the pending switch's model the global model and forget what depended on the old one."""
+        assert self._pending_switch is not None
+        weights, self.arch = self._pending_switch
+        self._pending_switch = None
+        self.switched_at = server_round
+        self.downlink_state.switch()
+        self._dtypes, self._initial_digest, self._expected = {}, "", {}
+        for name in ("current_arrays", "momentum_vector", "m_t", "v_t"):  # Flower's FedAvgM and FedOpt state
+            if hasattr(self.inner, name):
+                setattr(self.inner, name, None)
+        log(
+            INFO,
+            "fedsqueeze: round %d: the federated model is now %s (%d tensors)",
+            server_round,
+            self.arch,
+            len(weights),
+        )
+        return tensors_to_arrays(weights)
+
     # ------------------------------------------------------------------ train
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Let the inner strategy sample and configure the round, then swap each model for its payload."""
+        if self._pending_switch is not None:
+            arrays = self._apply_switch(server_round)
+        if self.arch and self._train_overrides:
+            config = ConfigRecord({**dict(config), **self._train_overrides})
         ordered = self.node_order.grid(grid, server_round, self.meter)
         with _seeded_random(self.seed, server_round):
             messages = list(self.inner.configure_train(server_round, arrays, config, ordered))
@@ -221,6 +281,9 @@ class CompressedStrategy(Strategy):
         accepted.sort(key=lambda t: t[0])
         self.client_models = [a.weights for _, a, _ in accepted] if self.keep_client_models else []
         arrays, metrics = self.inner.aggregate_train(server_round, [reply for _, _, reply in accepted])
+        if arrays is None and self.arch and self._checker is not None:
+            # Flower keeps the previous round's arrays when none come back, which may be of the old model
+            arrays = tensors_to_arrays(self._checker.global_model)
         return self._guard_aggregate(server_round, arrays), metrics
 
     def _guard_aggregate(self, server_round: int, arrays: ArrayRecord | None) -> ArrayRecord | None:
@@ -245,7 +308,8 @@ class CompressedStrategy(Strategy):
             # The dtypes that nodes reply with: those of the first global model. Some strategies
             # (FedAdam) turn the global model into float64; the nodes' models stay as they are.
             self._dtypes = {name: t.dtype for name, t in global_model.items()}
-        if self.initial != "sent" and self.downlink_state.initial is None:
+        if self.initial != "sent" and self.downlink_state.initial is None and not self.arch:
+            # (nodes build only the run's first model themselves: a switched model is sent in full)
             first = (
                 global_model if self.initial == "shared" else {k: torch.zeros_like(v) for k, v in global_model.items()}
             )
@@ -273,6 +337,8 @@ class CompressedStrategy(Strategy):
             self.error_feedback,
             self.max_feedback_staleness,
             self._initial_digest if plan.base == ZERO_VERSION else "",
+            self.arch,
+            self.downlink_state.full_digest() if self.arch and plan.kind == FULL else "",
         ).to_record()
         foldable = {n: r for n, r in msg.content.items() if n == CONFIG_KEY and isinstance(r, ConfigRecord)}
         fold_records(payload, foldable)
@@ -371,6 +437,8 @@ class CompressedStrategy(Strategy):
         with _seeded_random(self.seed, -server_round):
             messages = list(self.inner.configure_evaluate(server_round, arrays, config, ordered))
         for msg in messages:
+            if self.arch:  # the node's app builds the switched model from its architecture string
+                _set_config(msg.content, ARCH_CONFIG_KEY, self.arch)
             self.meter.record_plain(server_round, msg.metadata.dst_node_id, DOWN, msg)
         self._sent = messages
         return messages
@@ -388,6 +456,14 @@ class CompressedStrategy(Strategy):
 _NOT_FROM_THE_NODE = frozenset(
     {ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE}
 )
+
+
+def _set_config(content: RecordDict, key: str, value: str) -> None:
+    """Set ``key`` in the content's config record (made if there is none)."""
+    config = content[CONFIG_KEY] if CONFIG_KEY in content.config_records else ConfigRecord()
+    assert isinstance(config, ConfigRecord)
+    config[key] = value
+    content[CONFIG_KEY] = config
 
 
 def _as_codec(codec: str | Codec, role: str, seed: int | None = None) -> Codec:

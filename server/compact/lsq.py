@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedsqueeze.server.compact.chain import to_chain
-from fedsqueeze.server.compact.layers import FACTORED_LAYERS
+from fedsqueeze.compact_arch.chain import to_chain
+from fedsqueeze.compact_arch.layers import FACTORED_LAYERS
 
 __all__ = ["LsqQuantizer", "QuantConv2d", "QuantLinear", "QUANT_LAYERS", "quantize_student", "weight_bits_of"]
 

@@ -2,7 +2,7 @@
 
 Uniform pruning removes the same fraction of every layer's filters; but layers differ in how much
 they can lose. Here each prunable layer is pruned alone at each ratio of a grid (its lowest-norm
-filters or units, as :func:`~fedsqueeze.server.compact.prune_chain` does) and the distillation
+filters or units, as :func:`~fedsqueeze.compact_arch.prune_chain` does) and the distillation
 loss against the teacher's logits on proxy images is measured. A greedy search then raises, one
 grid step at a time, the ratio of the layer whose step costs the least loss per parameter
 removed, until the model is at or below a target size. :func:`iterative_prune` repeats
@@ -21,9 +21,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from fedsqueeze.server.compact.chain import to_chain
-from fedsqueeze.server.compact.layers import FACTORED_LAYERS, count_parameters
-from fedsqueeze.server.compact.prune import prune_chain
+from fedsqueeze.compact_arch.chain import to_chain
+from fedsqueeze.compact_arch.layers import FACTORED_LAYERS, count_parameters
+from fedsqueeze.compact_arch.prune import prune_chain
 
 __all__ = [
     "DEFAULT_GRID",
