@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -13,6 +13,8 @@ import numpy as np
 import torch
 
 from ._errors import CodecError
+from ._fused import Deferred, encode_body, resolve
+from ._fused import all_finite as _all_finite
 from ._spec import MAX_SPEC_LENGTH, parse_stages
 from ._stage import EncodeContext, Encoded, EncodeFurther, Stage
 from ._wire import (
@@ -227,12 +229,15 @@ class Codec:
         digest = hashlib.blake2b(f"{base}/{self._calls}/{stage_index}/{name}".encode(), digest_size=8).digest()
         return int.from_bytes(digest, "little") >> 1
 
-    def encode(self, update: Mapping[str, TensorLike]) -> bytes:
+    def encode(self, update: Mapping[str, TensorLike], *, fused: bool = True) -> bytes:
         """Encode ``update`` (names -> tensors or arrays) into a self-describing blob.
 
         Float tensors go through the tensor stages as float32 and come back in their own
         dtype; other dtypes (e.g. BatchNorm counters) are sent losslessly. The blob never holds
         NaN or infinity: what a stage cannot represent is refused.
+
+        ``fused=True`` hands each stage all tensors at once (see ``_fused``); ``fused=False``
+        encodes tensor by tensor. Both give the same blob bit for bit.
 
         Raises
         ------
@@ -246,6 +251,8 @@ class Codec:
         first = self._tensor_stages[0] if self._tensor_stages else None
         if first is not None and first.allocates:
             blob = first.encode_update(self, records)  # e.g. `budget`: plans every tensor, then encodes
+        elif fused:
+            blob = self._finish_pieces(encode_body(self, records))
         else:
             body = Writer()
             body.varint(len(records))
@@ -254,6 +261,19 @@ class Codec:
             blob = self.finish(body)
         self._calls += 1
         return blob
+
+    def _finish_pieces(self, pieces: list[bytes | memoryview]) -> bytes:
+        """:meth:`finish` for a body given as pieces: one join, then the bytes stages."""
+        body = b"".join(pieces)
+        payload = body
+        for stage in self._bytes_stages:
+            payload = stage.encode_bytes(payload)
+        head = Writer()
+        head.raw(MAGIC)
+        head.u8(VERSION)
+        head.blob(self.spec.encode())
+        head.varint(len(body))
+        return head.getvalue() + payload
 
     def _records(self, update: Mapping[str, TensorLike]) -> list[tuple[str, torch.Tensor]]:
         """The update as checked (name, CPU tensor) pairs, in order."""
@@ -420,11 +440,6 @@ class Codec:
         return node
 
 
-def _all_finite(t: torch.Tensor) -> bool:
-    # NaN and inf always reach the sum; only a sum that overflowed needs the exact check
-    return math.isfinite(float(torch.sum(t))) or bool(torch.isfinite(t).all())
-
-
 # ---------------------------------------------------------------------- decode
 NODE_BYTES = 512
 """Bytes charged per node for the Python and torch objects it creates."""
@@ -440,6 +455,7 @@ class _Budget:
         self.output_elements = 0  # over the whole blob
         self.bytes_left = 0
         self.work_left = 0
+        self.charged = 0  # bytes, over the whole blob
 
     def start_tensor(self, shape: tuple[int, ...], what: str) -> None:
         n = numel(shape)
@@ -453,6 +469,7 @@ class _Budget:
         self.work_left = self.limits.work_factor * n + self.limits.work_constant
 
     def charge(self, nbytes: int, work: int, what: str) -> None:
+        self.charged += nbytes
         self.bytes_left -= nbytes
         self.work_left -= work
         if self.bytes_left < 0:
@@ -468,10 +485,13 @@ class _Budget:
 
 
 class _Decoder:
-    def __init__(self, stages: list[Stage], limits: DecodeLimits) -> None:
+    """Reads nodes and charges their costs; with ``defer``, stage nodes are decoded later, a batch per stage."""
+
+    def __init__(self, stages: list[Stage], limits: DecodeLimits, defer: bool = False) -> None:
         self.stages = stages
         self.limits = limits
         self.budget = _Budget(limits)
+        self.defer = defer
 
     def _shape(self, r: Reader, what: str, depth: int) -> tuple[int, ...]:
         shape = r.shape(what, self.limits.max_elements)
@@ -481,8 +501,12 @@ class _Decoder:
 
     def node(
         self, r: Reader, first_stage: int, what: str, depth: int = 0, stages: Sequence[Stage | None] | None = None
-    ) -> torch.Tensor:
-        """Decode one node; ``stages`` are the tensor stages in force (set per tensor by ``budget``)."""
+    ) -> torch.Tensor | Deferred:
+        """Decode one node; ``stages`` are the tensor stages in force (set per tensor by ``budget``).
+
+        Every cost is charged here, before anything is allocated; with ``defer`` a stage node is
+        returned as a :class:`Deferred` that :func:`resolve` decodes (its children first).
+        """
         stages = self.stages if stages is None else stages
         tag = r.u8(f"tag of {what}")
         if tag == TAG_RAW:
@@ -510,14 +534,23 @@ class _Decoder:
         stages = stage.stages_for_parts(meta, stages, index)
         # children belong to later stages only, so the recursion is at most one level per stage
         parts = [self.node(r, index + 1, f"{what}/{stage.name}[{i}]", depth + 1, stages) for i in range(nparts)]
-        cost = stage.decode_cost(parts, meta, shape)
+        # a deferred part is float32 of its node's shape: its stand-in has those, without the memory
+        shown = [p.stand_in() if isinstance(p, Deferred) else p for p in parts]
+        cost = stage.decode_cost(shown, meta, shape)
         self.budget.charge(cost.scratch_bytes, cost.work, f"{what}: stage {stage.name!r}")
-        out = stage.decode(parts, meta, shape)
-        if tuple(out.shape) != shape or out.dtype != torch.float32:
-            raise CodecError(
-                f"{what}: stage {stage.name!r} produced {tuple(out.shape)} {out.dtype}, expected {shape} float32"
-            )
-        return out
+        pending = Deferred(stage, index, parts, meta, shape, what)
+        if self.defer:
+            return pending
+        resolve([pending])
+        return pending.output()
+
+    def decoded(self, r: Reader, what: str) -> torch.Tensor:
+        """One top-level node, decoded now (deferred or not)."""
+        t = self.node(r, 0, what)
+        if isinstance(t, Deferred):
+            resolve([t])
+            return t.output()
+        return t
 
     def _raw(self, r: Reader, what: str, depth: int) -> torch.Tensor:
         code = r.u8(f"dtype of {what}")
@@ -553,14 +586,19 @@ def read_header(blob: bytes | bytearray | memoryview) -> tuple[str, int, Reader]
     return spec, body_len, r
 
 
-def _header_codec(spec: str) -> Codec:
+@functools.lru_cache(maxsize=256)
+def _header_stages(spec: str) -> tuple[tuple[Stage, ...], tuple[Stage, ...]]:
+    """(tensor stages, bytes stages) of a header's spec; parsed once per spec (stages are immutable)."""
     try:
-        return Codec(parse_stages(spec))
+        codec = Codec(parse_stages(spec))
     except ValueError as exc:  # parse errors; CodecError is a ValueError too
         raise CodecError(f"bad codec spec in the blob header ({spec[:100]!r}): {exc}") from None
+    return codec.tensor_stages, tuple(codec._bytes_stages)
 
 
-def _read_record(body: Reader, decoder: _Decoder, i: int, seen: Mapping[str, torch.Tensor]) -> tuple[str, torch.Tensor]:
+def _read_record(
+    body: Reader, decoder: _Decoder, i: int, seen: Mapping[str, object]
+) -> tuple[str, torch.Tensor | Deferred, torch.dtype]:
     try:
         name = bytes(body.blob(f"name of tensor {i}", MAX_NAME_LENGTH)).decode("utf-8")
     except UnicodeDecodeError:
@@ -572,16 +610,40 @@ def _read_record(body: Reader, decoder: _Decoder, i: int, seen: Mapping[str, tor
         raise CodecError(f"tensor {name!r}: unknown dtype code {code}; expected one of {sorted(DTYPES)}")
     dtype = DTYPES[code]
     t = decoder.node(body, 0, repr(name))
-    if t.dtype != dtype:
-        if t.dtype != torch.float32 or dtype not in FLOAT_DTYPES:
-            raise CodecError(f"tensor {name!r}: record says {dtype} but carries {t.dtype}")
-        decoder.budget.charge(t.numel() * itemsize(dtype), t.numel(), repr(name))
-        t = t.to(dtype)
-    return name, t
+    carried = torch.float32 if isinstance(t, Deferred) else t.dtype
+    if carried != dtype:
+        if carried != torch.float32 or dtype not in FLOAT_DTYPES:
+            raise CodecError(f"tensor {name!r}: record says {dtype} but carries {carried}")
+        n = numel(t.shape) if isinstance(t, Deferred) else t.numel()
+        decoder.budget.charge(n * itemsize(dtype), n, repr(name))
+    return name, t, dtype
 
 
-def decode(blob: bytes | bytearray | memoryview, *, limits: DecodeLimits | None = None) -> dict[str, torch.Tensor]:
+FLUSH_BYTES = 1 << 24
+"""Deferred nodes are decoded once the bytes charged since the last batch pass this (bounds the extra memory)."""
+
+
+def _finish(records: list[tuple[str, torch.Tensor | Deferred, torch.dtype]], out: dict[str, torch.Tensor]) -> None:
+    """Decode the deferred tensors of ``records`` in one batch per stage; put them in ``out`` in their dtypes."""
+    resolve([t for _, t, _ in records if isinstance(t, Deferred)])
+    for name, t, dtype in records:
+        if isinstance(t, Deferred):
+            t = t.output()
+            # batch decoders may return views of one buffer: every tensor handed out owns its memory
+            if t.dtype == dtype and t.untyped_storage().nbytes() != t.numel() * t.element_size():
+                t = t.clone()
+        out[name] = t.to(dtype)
+
+
+def decode(
+    blob: bytes | bytearray | memoryview, *, limits: DecodeLimits | None = None, fused: bool = True
+) -> dict[str, torch.Tensor]:
     """Decode a blob made by :meth:`Codec.encode`; it describes its own codec.
+
+    ``fused=True`` reads every node first and then decodes a batch per stage
+    (:meth:`Stage.decode_batch`); ``fused=False`` decodes node by node. The tensors are the same
+    bit for bit, and so are the limits: each tensor's costs are charged before anything of it is
+    allocated, and at most ``FLUSH_BYTES`` of charged memory waits for a batch.
 
     Memory and work are charged against ``limits`` before they are spent (see FORMAT.md,
     "Errors and limits"): the peak memory of a decode is bounded by a small multiple of the
@@ -595,23 +657,30 @@ def decode(blob: bytes | bytearray | memoryview, *, limits: DecodeLimits | None 
     """
     limits = limits or DecodeLimits()
     spec, body_len, r = read_header(blob)
-    codec = _header_codec(spec)
+    tensor_stages, bytes_stages = _header_stages(spec)
     if body_len > limits.max_body_bytes:
         raise CodecError(
             f"body declares {body_len} bytes, over the limit of {limits.max_body_bytes} (DecodeLimits.max_body_bytes)"
         )
     payload: bytes | memoryview = r.take(r.remaining, "payload")
-    for stage in reversed(codec._bytes_stages):
+    for stage in reversed(bytes_stages):
         payload = stage.decode_bytes(payload, limits.max_body_bytes)
     if len(payload) != body_len:
         raise CodecError(f"body is {len(payload)} bytes, the header says {body_len}")
     body = Reader(payload, "body")
     count = body.varint("tensor count", limits.max_tensors)
-    decoder = _Decoder(codec._tensor_stages, limits)
+    decoder = _Decoder(list(tensor_stages), limits, defer=fused)
+    seen: dict[str, None] = {}
     out: dict[str, torch.Tensor] = {}
+    batch: list[tuple[str, torch.Tensor | Deferred, torch.dtype]] = []
+    charged = 0
     for i in range(count):
-        name, t = _read_record(body, decoder, i, out)
-        out[name] = t
+        batch.append(_read_record(body, decoder, i, seen))
+        seen[batch[-1][0]] = None
+        if decoder.budget.charged - charged > FLUSH_BYTES:
+            _finish(batch, out)
+            batch, charged = [], decoder.budget.charged
+    _finish(batch, out)
     body.expect_end()
     return out
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -174,19 +175,62 @@ class Quantize(Stage):
             lo, hi = (v.reshape(1) for v in groups.aminmax())  # ~6x faster than aminmax(dim=1)
         else:
             lo, hi = groups.aminmax(dim=1)
-        levels = (1 << self.bits) - 1
-        step = ((hi.double() - lo.double()) / levels).to(torch.float32)  # hi - lo may overflow float32
-        inv = torch.where(step > 0, 1.0 / step, torch.zeros_like(step))
-        codes = _codes(groups, lo, inv, levels, ctx.generator() if self.stochastic else None)
+        lo, hi = lo + 0.0, hi + 0.0  # -0.0 -> +0.0: which zero a min returns depends on the kernel
+        step, inv = self._step(lo, hi)
+        codes = _codes(groups, lo, inv, levels=(1 << self.bits) - 1, gen=ctx.generator() if self.stochastic else None)
         packed = torch.from_numpy(pack_bits(as_numpy(codes.reshape(-1)[: x.numel()]), self.bits))
         return Encoded([packed, lo.contiguous(), step.contiguous()], meta)
+
+    def _step(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(step, 1 / step or 0) of each group, float32."""
+        levels = (1 << self.bits) - 1
+        step = ((hi.double() - lo.double()) / levels).to(torch.float32)  # hi - lo may overflow float32
+        return step, torch.where(step > 0, 1.0 / step, torch.zeros_like(step))
+
+    def encode_batch(self, xs: Sequence[torch.Tensor], ctxs: Sequence[EncodeContext]) -> list[Encoded | None]:
+        """Tensors of one range and at most CHUNK values in one pass over their concatenation.
+
+        One min and one max per tensor (segmented reductions), one rounding pass with each
+        tensor's own range; bit-identical to :meth:`encode`. Stochastic rounding, several ranges
+        per tensor and large tensors take :meth:`encode`.
+        """
+        out: list[Encoded | None] = [None] * len(xs)
+        fused = []
+        for i, x in enumerate(xs):
+            one_range = _num_groups(tuple(x.shape), self._granularity(x.numel())) == 1
+            if one_range and not self.stochastic and x.numel() <= CHUNK:
+                fused.append(i)
+            else:
+                out[i] = self.encode(x, ctxs[i])
+        if not fused:
+            return out
+        sizes = [xs[i].numel() for i in fused]
+        flat = torch.cat([xs[i].reshape(-1) for i in fused])
+        starts = np.cumsum([0] + sizes[:-1])
+        values = flat.numpy()
+        lo = torch.from_numpy(np.minimum.reduceat(values, starts)) + 0.0
+        hi = torch.from_numpy(np.maximum.reduceat(values, starts)) + 0.0
+        step, inv = self._step(lo, hi)
+        counts = torch.tensor(sizes)
+        scaled = (flat - lo.repeat_interleave(counts, output_size=flat.numel())).mul_(
+            inv.repeat_interleave(counts, output_size=flat.numel())
+        )
+        codes = scaled.round_().clamp_(0, (1 << self.bits) - 1).to(torch.uint8).numpy()
+        for j, (i, start, n) in enumerate(zip(fused, starts.tolist(), sizes, strict=True)):
+            granularity = self._granularity(n)
+            meta = b"" if granularity == self.granularity else bytes((OUTLIER_BLOCKS,)) + _varint(int(granularity))
+            segment = codes[start : start + n]
+            packed = torch.from_numpy(segment if self.bits == 8 else pack_bits(segment, self.bits))
+            out[i] = Encoded([packed, lo[j : j + 1].clone(), step[j : j + 1].clone()], meta)
+        return out
 
     def decode_cost(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> DecodeCost:
         n = math.prod(shape)
         # unpacked codes (n bytes), float32 values, and a padded copy when the last block is short
         return DecodeCost(scratch_bytes=10 * n, work=4 * n)
 
-    def decode(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> torch.Tensor:
+    def _checked(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> tuple[np.ndarray, int]:
+        """(codes, number of groups) of a node, every part checked against ``shape``."""
         expect_parts(self.name, parts, 3)
         packed, lo, step = parts
         granularity = self._meta_granularity(meta, math.prod(shape))
@@ -195,8 +239,39 @@ class Quantize(Stage):
         expect_part(self.name, packed, "the packed codes", dtype=torch.uint8)
         expect_part(self.name, lo, "the group minima", dtype=torch.float32, shape=(g,))
         expect_part(self.name, step, "the group steps", dtype=torch.float32, shape=(g,))
+        return unpack_bits(as_numpy(packed).ravel(), self.bits, math.prod(shape)), g
+
+    def decode_batch(self, items: Sequence[tuple[list[torch.Tensor], bytes, tuple[int, ...]]]) -> list[torch.Tensor]:
+        """Nodes with one range each are dequantized in one pass over their concatenated codes
+        (each value times its node's step, plus its node's minimum: the same two roundings as
+        :meth:`decode`); the others take :meth:`decode`."""
+        out: list[torch.Tensor | None] = [None] * len(items)
+        fused: list[int] = []
+        codes: list[np.ndarray] = []
+        for i, (parts, meta, shape) in enumerate(items):
+            if meta or _num_groups(shape, self.granularity) != 1 or math.prod(shape) > CHUNK:
+                out[i] = self.decode(parts, meta, shape)
+                continue
+            fused.append(i)
+            codes.append(self._checked(parts, meta, shape)[0])
+        if fused:
+            counts = torch.tensor([c.size for c in codes])
+            total = int(counts.sum())
+            lo = torch.cat([items[i][0][1] for i in fused]).repeat_interleave(counts, output_size=total)
+            step = torch.cat([items[i][0][2] for i in fused]).repeat_interleave(counts, output_size=total)
+            values = torch.from_numpy(np.concatenate(codes)).to(torch.float32).mul_(step).add_(lo)
+            start = 0
+            for i, c in zip(fused, codes, strict=True):
+                out[i] = values[start : start + c.size].reshape(items[i][2])
+                start += c.size
+        return [t for t in out if t is not None]
+
+    def decode(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> torch.Tensor:
+        codes_array, g = self._checked(parts, meta, shape)
+        _, lo, step = parts
+        granularity = self._meta_granularity(meta, math.prod(shape))
         n = math.prod(shape)
-        codes = torch.from_numpy(unpack_bits(as_numpy(packed).ravel(), self.bits, n))
+        codes = torch.from_numpy(codes_array)
         values = codes.to(torch.float32)
         if g == 1:
             return values.mul_(step).add_(lo).reshape(shape)

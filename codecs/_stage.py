@@ -150,6 +150,16 @@ class Stage:
         """
         raise NotImplementedError
 
+    def encode_batch(self, xs: Sequence[torch.Tensor], ctxs: Sequence[EncodeContext]) -> list[Encoded | None]:
+        """Encode several tensors at once, as the fused encoder hands a stage every tensor that reaches it.
+
+        The result must equal ``[self.encode(x, ctx) for x, ctx in zip(xs, ctxs)]`` bit for bit
+        (the tests check it for every registered stage); the default is that loop. A stage
+        overrides it where one pass over many small tensors is cheaper than a call per tensor.
+        Contexts of tensors with the same name share one ``state`` dict, as in the loop.
+        """
+        return [self.encode(x, ctx) for x, ctx in zip(xs, ctxs, strict=True)]
+
     def decode(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> torch.Tensor:
         """Rebuild the tensor from its decoded parts.
 
@@ -177,6 +187,16 @@ class Stage:
             escape: the decoder does not catch other exceptions.
         """
         raise NotImplementedError
+
+    def decode_batch(self, items: Sequence[tuple[list[torch.Tensor], bytes, tuple[int, ...]]]) -> list[torch.Tensor]:
+        """Decode several nodes at once: ``items`` are ``(parts, meta, shape)`` as :meth:`decode` takes them.
+
+        The result must equal ``[self.decode(*item) for item in items]`` bit for bit, and raise
+        :class:`CodecError` for any item :meth:`decode` would refuse; the default is that loop.
+        The tensors returned may be views of one buffer (the decoder copies those it hands out).
+        :meth:`decode_cost` of every item was charged before this is called.
+        """
+        return [self.decode(parts, meta, shape) for parts, meta, shape in items]
 
     def decode_cost(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> DecodeCost:
         """Bound the memory and work of :meth:`decode` on these inputs, before it runs.
