@@ -41,7 +41,11 @@ def dtype_code(dtype: torch.dtype) -> int:
 
 def itemsize(dtype: torch.dtype) -> int:
     """Bytes per element of ``dtype``."""
-    return torch.empty((), dtype=dtype).element_size()
+    size = _ITEMSIZES.get(dtype)
+    return torch.empty((), dtype=dtype).element_size() if size is None else size
+
+
+_ITEMSIZES: Final = {dtype: torch.empty((), dtype=dtype).element_size() for dtype in DTYPES.values()}
 
 
 class Writer:
@@ -197,7 +201,8 @@ def tensor_from_bytes(data: memoryview | bytes, dtype: torch.dtype, shape: tuple
     """Inverse of :func:`tensor_to_bytes`; copies so that the result owns writable memory."""
     wire, native = _NUMPY_DTYPES[dtype]
     arr = np.frombuffer(data, dtype=wire).copy()
-    out = torch.from_numpy(arr.astype(native, copy=False))
+    if wire != native:  # pragma: no cover - big-endian hosts only
+        arr = arr.astype(native)
     if dtype == torch.bfloat16:
-        out = out.view(torch.bfloat16)
-    return out.reshape(shape)
+        return torch.from_numpy(arr).view(torch.bfloat16).reshape(shape)
+    return torch.from_numpy(arr.reshape(shape))
