@@ -113,9 +113,10 @@ class SVD(Stage):
 
     Math: M = U S V^T; send P = U_r S_r (out x r) and Q = V_r^T (r x in*kh*kw); M_r = P Q, the
     best rank-r approximation: ||M - M_r||_F^2 = sum_{i>r} s_i^2 (Eckart-Young). Cost: an
-    exact SVD (O(out * in * min(out, in)), computed from the eigendecomposition of the smaller Gram
-    matrix, see ``_gram_svd``), or for an integer rank on matrices whose smaller
-    side exceeds 1024 a randomized SVD (4 power iterations, 10 oversamples); r (out + in) values.
+    exact SVD (O(out * in * min(out, in)), computed from the eigendecomposition of the smaller
+    Gram matrix, see ``_gram_svd``), or for an integer rank on matrices whose smaller side
+    exceeds 1024 a randomized SVD (4 power iterations, 10 oversamples, its random test matrix
+    drawn from the encode's seed); r (out + in) values.
     Pays: where updates are close to low rank (large fully connected layers); a tensor that
     factoring would not make smaller, and 1-D tensors, go to the next stage unchanged.
 
@@ -140,7 +141,9 @@ class SVD(Stage):
         if isinstance(self.rank, int) and min(m.shape) > EXACT_SVD_MAX and 2 * self.rank < min(m.shape):
             # randomized SVD (Halko et al. 2011) with oversampling and power iterations:
             # seconds instead of minutes on a 4k x 4k matrix, error within a hair of exact
-            u, s, v = torch.svd_lowrank(m, q=min(self.rank + 10, min(m.shape)), niter=4)
+            with torch.random.fork_rng(devices=[]):  # its random test matrix: from this encode's seed
+                torch.manual_seed(ctx.seed)
+                u, s, v = torch.svd_lowrank(m, q=min(self.rank + 10, min(m.shape)), niter=4)
             vh, r = v.T, self.rank
         else:
             return _gram_svd(m, self.rank, scale)

@@ -143,6 +143,9 @@ class Reader:
         return self.take(n, what)
 
     def shape(self, what: str, max_elements: int) -> tuple[int, ...]:
+        dims = self._plain_shape(max_elements)
+        if dims is not None:
+            return dims
         ndim = self.u8(f"ndim of {what}")
         if ndim > MAX_NDIM:
             raise CodecError(f"{what} has {ndim} dimensions; at most {MAX_NDIM} are allowed")
@@ -155,6 +158,34 @@ class Reader:
                 f"dimensions), over the limit of {max_elements} elements"
             )
         return dims
+
+    def _plain_shape(self, max_elements: int) -> tuple[int, ...] | None:
+        """A well-formed shape read without formatting any message, or None (nothing consumed)
+        for anything :meth:`shape` would refuse or read differently: it then reads it again, slowly."""
+        data, pos, size = self._data, self.pos, self._size
+        if pos >= size or data[pos] > MAX_NDIM:
+            return None
+        dims = []
+        pos += 1
+        for _ in range(data[pos - 1]):
+            value = shift = 0
+            while True:
+                if pos >= size or shift > 56:
+                    return None
+                byte = data[pos]
+                pos += 1
+                value |= (byte & 0x7F) << shift
+                if byte < 0x80:
+                    break
+                shift += 7
+            if value > max_elements:
+                return None
+            dims.append(value)
+        shape = tuple(dims)
+        if extent(shape) > max_elements:
+            return None
+        self.pos = pos
+        return shape
 
     def expect_end(self) -> None:
         if self.remaining:

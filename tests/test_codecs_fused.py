@@ -211,3 +211,11 @@ def test_batched_decode_flushes_and_matches_on_many_tensors(monkeypatch: pytest.
     update = {f"w{i}": torch.randn(8, 3 + i, generator=g) for i in range(40)}
     for spec in ["topk(ratio=0.1) | quantize(bits=4) | zstd", "svd(rank=2) | quantize | zstd", "quantize(bits=8)"]:
         assert_same_decodes(parse(spec).encode(update))
+
+
+def test_randomized_svd_of_a_large_matrix_is_seeded_so_both_paths_agree() -> None:
+    g = torch.Generator().manual_seed(6)
+    update = {"big": torch.randn(1100, 1030, generator=g), "bias": torch.randn(1100, generator=g)}
+    before = torch.random.get_rng_state()
+    assert_same_blobs("svd(rank=2) | quantize | zstd", [update])
+    assert torch.equal(torch.random.get_rng_state(), before)  # the global generator is left alone
