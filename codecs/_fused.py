@@ -235,6 +235,20 @@ class Deferred:
     def inputs(self) -> list[torch.Tensor]:
         return [p.output() if isinstance(p, Deferred) else p for p in self.parts]
 
+    def decode_alone(self) -> torch.Tensor:
+        """Decode this node now with :meth:`Stage.decode` (its parts are decoded already)."""
+        self.set_output(self.stage.decode(self.inputs(), self.meta, self.shape))
+        return self.output()
+
+    def set_output(self, out: torch.Tensor) -> None:
+        """Keep ``out`` as this node's tensor once it has the node's shape and float32."""
+        if tuple(out.shape) != self.shape or out.dtype != torch.float32:
+            raise CodecError(
+                f"{self.what}: stage {self.stage.name!r} produced {tuple(out.shape)} {out.dtype}, "
+                f"expected {self.shape} float32"
+            )
+        self.out = out
+
 
 def resolve(roots: list[Deferred]) -> None:
     """Decode every node under ``roots``: one :meth:`Stage.decode_batch` per stage, last stage first.
@@ -254,9 +268,4 @@ def resolve(roots: list[Deferred]) -> None:
             if len(outs) != len(nodes):
                 raise RuntimeError(f"stage {stage.name!r}: decode_batch returned {len(outs)} tensors for {len(nodes)}")
             for node, out in zip(nodes, outs, strict=True):
-                if tuple(out.shape) != node.shape or out.dtype != torch.float32:
-                    raise CodecError(
-                        f"{node.what}: stage {stage.name!r} produced {tuple(out.shape)} {out.dtype}, "
-                        f"expected {node.shape} float32"
-                    )
-                node.out = out
+                node.set_output(out)

@@ -541,8 +541,7 @@ class _Decoder:
         pending = Deferred(stage, index, parts, meta, shape, what)
         if self.defer:
             return pending
-        resolve([pending])
-        return pending.output()
+        return pending.decode_alone()  # with Stage.decode: the reference the batches are tested against
 
     def decoded(self, r: Reader, what: str) -> torch.Tensor:
         """One top-level node, decoded now (deferred or not)."""
