@@ -197,7 +197,7 @@ class TopK(_IndexedSparse):
         counts = [idx.size for idx in chosen]
         everywhere = np.concatenate([idx + s for idx, s in zip(chosen, starts.tolist(), strict=True)])
         values = torch.from_numpy(flat[everywhere])
-        index_bytes = _fused_index_bytes(chosen, sizes)
+        index_bytes = _fused_index_bytes(chosen, sizes, everywhere, starts)
         at = 0
         for i, k, coded in zip(small, counts, index_bytes, strict=True):
             meta = bytes((coded[0],)) + _varint(k)
@@ -210,13 +210,23 @@ FUSE_MAX = 65_536
 """Tensors up to this many values are batched by ``topk``'s fused encoder; larger ones gain nothing."""
 
 
-def _fused_index_bytes(chosen: list[np.ndarray], sizes: list[int]) -> list[tuple[int, np.ndarray]]:
-    """:func:`encode_indices` of every (indices, n) pair, with one varint coding of all the gaps."""
-    gaps = np.concatenate([np.diff(idx, prepend=-1) - 1 for idx in chosen])
-    nbytes = varint_sizes(gaps)
-    varints = varint_encode(gaps, nbytes)
+def _fused_index_bytes(
+    chosen: list[np.ndarray], sizes: list[int], everywhere: np.ndarray, starts: np.ndarray
+) -> list[tuple[int, np.ndarray]]:
+    """:func:`encode_indices` of every (indices, n) pair, with one varint coding of all the gaps.
+
+    ``everywhere`` holds the indices of all tensors, each shifted by its ``starts`` (each
+    tensor keeps at least one entry): the gaps are those of the concatenation, except at the
+    first index of each tensor, which counts from the tensor's start.
+    """
     counts = np.array([idx.size for idx in chosen])
     gap_ends = np.cumsum(counts)
+    gaps = np.empty_like(everywhere)
+    gaps[1:] = everywhere[1:] - everywhere[:-1] - 1
+    firsts = gap_ends - counts
+    gaps[firsts] = everywhere[firsts] - starts
+    nbytes = varint_sizes(gaps)
+    varints = varint_encode(gaps, nbytes)
     byte_ends = np.cumsum(nbytes)[gap_ends - 1].tolist() if gaps.size else [0] * len(chosen)
     out = []
     start = 0

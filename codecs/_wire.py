@@ -209,7 +209,7 @@ def extent(shape: tuple[int, ...]) -> int:
 
 def tensor_to_bytes(t: torch.Tensor) -> memoryview:
     """Little-endian bytes of a CPU tensor (bfloat16 and bool included), without a copy if contiguous."""
-    if t.requires_grad or not t.is_contiguous() or t.device.type != "cpu":
+    if t.requires_grad or not t.is_contiguous() or not t.is_cpu:
         t = t.detach().contiguous().cpu()
     if t.dtype == torch.bfloat16:
         t = t.view(torch.int16)
