@@ -178,7 +178,7 @@ def _measured(codec: Codec, budget: Budget, item: Tensor, choice: Choice) -> Cho
     from ._wire import Reader
 
     node = encode_choice(codec, budget, item.name, item.t, item.x, choice).getvalue()
-    out = _Decoder(list(codec.tensor_stages), DecodeLimits()).decoded(Reader(node), item.name)
+    out = _Decoder(list(codec.tensor_stages), DecodeLimits()).node(Reader(node), 0, item.name)
     err = float((out.double() - item.x.double()).pow(2).sum())
     size = len(node)
     for stage in codec.stages:

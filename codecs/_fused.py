@@ -18,8 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ._errors import CodecError
-from ._stage import EncodeContext, EncodeFurther, Stage
+from ._stage import EncodeContext, EncodeFurther
 from ._wire import FLOAT_DTYPES, MAX_NDIM, dtype_code, tensor_to_bytes
 
 if TYPE_CHECKING:
@@ -204,68 +203,3 @@ def encode_body(codec: Codec, records: list[tuple[str, torch.Tensor]]) -> list[b
             del out[mark:]  # compression would not pay: send as it is
             node_pieces(_Raw(t), out)
     return out
-
-
-# ---------------------------------------------------------------------- decode
-_STAND_IN = torch.zeros((), dtype=torch.float32)  # expanded, never written to
-
-
-@dataclass
-class Deferred:
-    """A stage node read and charged for, whose decoding waits for :func:`resolve`."""
-
-    stage: Stage
-    index: int
-    parts: list[torch.Tensor | Deferred]
-    meta: bytes
-    shape: tuple[int, ...]
-    what: str
-    out: torch.Tensor | None = None
-
-    def stand_in(self) -> torch.Tensor:
-        """A float32 tensor of this node's shape, without memory behind it (for ``decode_cost``)."""
-        return _STAND_IN.expand(self.shape)
-
-    def output(self) -> torch.Tensor:
-        """The decoded tensor (once :func:`resolve` ran)."""
-        if self.out is None:
-            raise RuntimeError(f"{self.what}: read from a node that was not decoded")
-        return self.out
-
-    def inputs(self) -> list[torch.Tensor]:
-        return [p.output() if isinstance(p, Deferred) else p for p in self.parts]
-
-    def decode_alone(self) -> torch.Tensor:
-        """Decode this node now with :meth:`Stage.decode` (its parts are decoded already)."""
-        self.set_output(self.stage.decode(self.inputs(), self.meta, self.shape))
-        return self.output()
-
-    def set_output(self, out: torch.Tensor) -> None:
-        """Keep ``out`` as this node's tensor once it has the node's shape and float32."""
-        if tuple(out.shape) != self.shape or out.dtype != torch.float32:
-            raise CodecError(
-                f"{self.what}: stage {self.stage.name!r} produced {tuple(out.shape)} {out.dtype}, "
-                f"expected {self.shape} float32"
-            )
-        self.out = out
-
-
-def resolve(roots: list[Deferred]) -> None:
-    """Decode every node under ``roots``: one :meth:`Stage.decode_batch` per stage, last stage first.
-
-    Children belong to later stages than their parent, so going from the last stage to the
-    first decodes every child before its parent.
-    """
-    by_stage: dict[int, dict[Stage, list[Deferred]]] = {}
-    stack = list(reversed(roots))
-    while stack:
-        node = stack.pop()
-        by_stage.setdefault(node.index, {}).setdefault(node.stage, []).append(node)
-        stack.extend(p for p in reversed(node.parts) if isinstance(p, Deferred))
-    for index in sorted(by_stage, reverse=True):
-        for stage, nodes in by_stage[index].items():  # `budget` may set several versions of one stage
-            outs = stage.decode_batch([(n.inputs(), n.meta, n.shape) for n in nodes])
-            if len(outs) != len(nodes):
-                raise RuntimeError(f"stage {stage.name!r}: decode_batch returned {len(outs)} tensors for {len(nodes)}")
-            for node, out in zip(nodes, outs, strict=True):
-                node.set_output(out)

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from ._errors import CodecError
-from ._fused import Deferred, encode_body, resolve
 from ._fused import all_finite as _all_finite
+from ._fused import encode_body
 from ._spec import MAX_SPEC_LENGTH, parse_stages
 from ._stage import EncodeContext, Encoded, EncodeFurther, Stage
 from ._wire import (
@@ -455,7 +455,6 @@ class _Budget:
         self.output_elements = 0  # over the whole blob
         self.bytes_left = 0
         self.work_left = 0
-        self.charged = 0  # bytes, over the whole blob
 
     def start_tensor(self, shape: tuple[int, ...], what: str) -> None:
         n = numel(shape)
@@ -469,7 +468,6 @@ class _Budget:
         self.work_left = self.limits.work_factor * n + self.limits.work_constant
 
     def charge(self, nbytes: int, work: int, what: str) -> None:
-        self.charged += nbytes
         self.bytes_left -= nbytes
         self.work_left -= work
         if self.bytes_left < 0:
@@ -485,13 +483,10 @@ class _Budget:
 
 
 class _Decoder:
-    """Reads nodes and charges their costs; with ``defer``, stage nodes are decoded later, a batch per stage."""
-
-    def __init__(self, stages: list[Stage], limits: DecodeLimits, defer: bool = False) -> None:
+    def __init__(self, stages: list[Stage], limits: DecodeLimits) -> None:
         self.stages = stages
         self.limits = limits
         self.budget = _Budget(limits)
-        self.defer = defer
 
     def _shape(self, r: Reader, what: str, depth: int) -> tuple[int, ...]:
         shape = r.shape(what, self.limits.max_elements)
@@ -501,12 +496,8 @@ class _Decoder:
 
     def node(
         self, r: Reader, first_stage: int, what: str, depth: int = 0, stages: Sequence[Stage | None] | None = None
-    ) -> torch.Tensor | Deferred:
-        """Decode one node; ``stages`` are the tensor stages in force (set per tensor by ``budget``).
-
-        Every cost is charged here, before anything is allocated; with ``defer`` a stage node is
-        returned as a :class:`Deferred` that :func:`resolve` decodes (its children first).
-        """
+    ) -> torch.Tensor:
+        """Decode one node; ``stages`` are the tensor stages in force (set per tensor by ``budget``)."""
         stages = self.stages if stages is None else stages
         tag = r.u8(f"tag of {what}")
         if tag == TAG_RAW:
@@ -534,22 +525,14 @@ class _Decoder:
         stages = stage.stages_for_parts(meta, stages, index)
         # children belong to later stages only, so the recursion is at most one level per stage
         parts = [self.node(r, index + 1, f"{what}/{stage.name}[{i}]", depth + 1, stages) for i in range(nparts)]
-        # a deferred part is float32 of its node's shape: its stand-in has those, without the memory
-        shown = [p.stand_in() if isinstance(p, Deferred) else p for p in parts]
-        cost = stage.decode_cost(shown, meta, shape)
+        cost = stage.decode_cost(parts, meta, shape)
         self.budget.charge(cost.scratch_bytes, cost.work, f"{what}: stage {stage.name!r}")
-        pending = Deferred(stage, index, parts, meta, shape, what)
-        if self.defer:
-            return pending
-        return pending.decode_alone()  # with Stage.decode: the reference the batches are tested against
-
-    def decoded(self, r: Reader, what: str) -> torch.Tensor:
-        """One top-level node, decoded now (deferred or not)."""
-        t = self.node(r, 0, what)
-        if isinstance(t, Deferred):
-            resolve([t])
-            return t.output()
-        return t
+        out = stage.decode(parts, meta, shape)
+        if tuple(out.shape) != shape or out.dtype != torch.float32:
+            raise CodecError(
+                f"{what}: stage {stage.name!r} produced {tuple(out.shape)} {out.dtype}, expected {shape} float32"
+            )
+        return out
 
     def _raw(self, r: Reader, what: str, depth: int) -> torch.Tensor:
         code = r.u8(f"dtype of {what}")
@@ -595,9 +578,7 @@ def _header_stages(spec: str) -> tuple[tuple[Stage, ...], tuple[Stage, ...]]:
     return codec.tensor_stages, tuple(codec._bytes_stages)
 
 
-def _read_record(
-    body: Reader, decoder: _Decoder, i: int, seen: Mapping[str, object]
-) -> tuple[str, torch.Tensor | Deferred, torch.dtype]:
+def _read_record(body: Reader, decoder: _Decoder, i: int, seen: Mapping[str, torch.Tensor]) -> tuple[str, torch.Tensor]:
     try:
         name = bytes(body.blob(f"name of tensor {i}", MAX_NAME_LENGTH)).decode("utf-8")
     except UnicodeDecodeError:
@@ -609,40 +590,16 @@ def _read_record(
         raise CodecError(f"tensor {name!r}: unknown dtype code {code}; expected one of {sorted(DTYPES)}")
     dtype = DTYPES[code]
     t = decoder.node(body, 0, repr(name))
-    carried = torch.float32 if isinstance(t, Deferred) else t.dtype
-    if carried != dtype:
-        if carried != torch.float32 or dtype not in FLOAT_DTYPES:
-            raise CodecError(f"tensor {name!r}: record says {dtype} but carries {carried}")
-        n = numel(t.shape) if isinstance(t, Deferred) else t.numel()
-        decoder.budget.charge(n * itemsize(dtype), n, repr(name))
-    return name, t, dtype
+    if t.dtype != dtype:
+        if t.dtype != torch.float32 or dtype not in FLOAT_DTYPES:
+            raise CodecError(f"tensor {name!r}: record says {dtype} but carries {t.dtype}")
+        decoder.budget.charge(t.numel() * itemsize(dtype), t.numel(), repr(name))
+        t = t.to(dtype)
+    return name, t
 
 
-FLUSH_BYTES = 1 << 24
-"""Deferred nodes are decoded once the bytes charged since the last batch pass this (bounds the extra memory)."""
-
-
-def _finish(records: list[tuple[str, torch.Tensor | Deferred, torch.dtype]], out: dict[str, torch.Tensor]) -> None:
-    """Decode the deferred tensors of ``records`` in one batch per stage; put them in ``out`` in their dtypes."""
-    resolve([t for _, t, _ in records if isinstance(t, Deferred)])
-    for name, t, dtype in records:
-        if isinstance(t, Deferred):
-            t = t.output()
-            # batch decoders may return views of one buffer: every tensor handed out owns its memory
-            if t.dtype == dtype and t.untyped_storage().nbytes() != t.numel() * t.element_size():
-                t = t.clone()
-        out[name] = t.to(dtype)
-
-
-def decode(
-    blob: bytes | bytearray | memoryview, *, limits: DecodeLimits | None = None, fused: bool = True
-) -> dict[str, torch.Tensor]:
+def decode(blob: bytes | bytearray | memoryview, *, limits: DecodeLimits | None = None) -> dict[str, torch.Tensor]:
     """Decode a blob made by :meth:`Codec.encode`; it describes its own codec.
-
-    ``fused=True`` reads every node first and then decodes a batch per stage
-    (:meth:`Stage.decode_batch`); ``fused=False`` decodes node by node. The tensors are the same
-    bit for bit, and so are the limits: each tensor's costs are charged before anything of it is
-    allocated, and at most ``FLUSH_BYTES`` of charged memory waits for a batch.
 
     Memory and work are charged against ``limits`` before they are spent (see FORMAT.md,
     "Errors and limits"): the peak memory of a decode is bounded by a small multiple of the
@@ -668,18 +625,11 @@ def decode(
         raise CodecError(f"body is {len(payload)} bytes, the header says {body_len}")
     body = Reader(payload, "body")
     count = body.varint("tensor count", limits.max_tensors)
-    decoder = _Decoder(list(tensor_stages), limits, defer=fused)
-    seen: dict[str, None] = {}
+    decoder = _Decoder(list(tensor_stages), limits)
     out: dict[str, torch.Tensor] = {}
-    batch: list[tuple[str, torch.Tensor | Deferred, torch.dtype]] = []
-    charged = 0
     for i in range(count):
-        batch.append(_read_record(body, decoder, i, seen))
-        seen[batch[-1][0]] = None
-        if decoder.budget.charged - charged > FLUSH_BYTES:
-            _finish(batch, out)
-            batch, charged = [], decoder.budget.charged
-    _finish(batch, out)
+        name, t = _read_record(body, decoder, i, out)
+        out[name] = t
     body.expect_end()
     return out
 

@@ -229,8 +229,7 @@ class Quantize(Stage):
         # unpacked codes (n bytes), float32 values, and a padded copy when the last block is short
         return DecodeCost(scratch_bytes=10 * n, work=4 * n)
 
-    def _checked(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> tuple[np.ndarray, int]:
-        """(codes, number of groups) of a node, every part checked against ``shape``."""
+    def decode(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> torch.Tensor:
         expect_parts(self.name, parts, 3)
         packed, lo, step = parts
         granularity = self._meta_granularity(meta, math.prod(shape))
@@ -239,39 +238,8 @@ class Quantize(Stage):
         expect_part(self.name, packed, "the packed codes", dtype=torch.uint8)
         expect_part(self.name, lo, "the group minima", dtype=torch.float32, shape=(g,))
         expect_part(self.name, step, "the group steps", dtype=torch.float32, shape=(g,))
-        return unpack_bits(as_numpy(packed).ravel(), self.bits, math.prod(shape)), g
-
-    def decode_batch(self, items: Sequence[tuple[list[torch.Tensor], bytes, tuple[int, ...]]]) -> list[torch.Tensor]:
-        """Nodes with one range each are dequantized in one pass over their concatenated codes
-        (each value times its node's step, plus its node's minimum: the same two roundings as
-        :meth:`decode`); the others take :meth:`decode`."""
-        out: list[torch.Tensor | None] = [None] * len(items)
-        fused: list[int] = []
-        codes: list[np.ndarray] = []
-        for i, (parts, meta, shape) in enumerate(items):
-            if meta or _num_groups(shape, self.granularity) != 1 or math.prod(shape) > CHUNK:
-                out[i] = self.decode(parts, meta, shape)
-                continue
-            fused.append(i)
-            codes.append(self._checked(parts, meta, shape)[0])
-        if fused:
-            counts = torch.tensor([c.size for c in codes])
-            total = int(counts.sum())
-            lo = torch.cat([items[i][0][1] for i in fused]).repeat_interleave(counts, output_size=total)
-            step = torch.cat([items[i][0][2] for i in fused]).repeat_interleave(counts, output_size=total)
-            values = torch.from_numpy(np.concatenate(codes)).to(torch.float32).mul_(step).add_(lo)
-            start = 0
-            for i, c in zip(fused, codes, strict=True):
-                out[i] = values[start : start + c.size].reshape(items[i][2])
-                start += c.size
-        return [t for t in out if t is not None]
-
-    def decode(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> torch.Tensor:
-        codes_array, g = self._checked(parts, meta, shape)
-        _, lo, step = parts
-        granularity = self._meta_granularity(meta, math.prod(shape))
         n = math.prod(shape)
-        codes = torch.from_numpy(codes_array)
+        codes = torch.from_numpy(unpack_bits(as_numpy(packed).ravel(), self.bits, n))
         values = codes.to(torch.float32)
         if g == 1:
             return values.mul_(step).add_(lo).reshape(shape)

@@ -98,45 +98,14 @@ class _IndexedSparse(Stage):
         per_index = 64 if mode == INDEX_DELTA_VARINT else 16
         return DecodeCost(scratch_bytes=5 * n + per_index * k, work=2 * n + 32 * k)
 
-    def _checked(
-        self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]
-    ) -> tuple[np.ndarray, torch.Tensor]:
-        """(indices, values) of a node, checked against ``shape``."""
+    def decode(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> torch.Tensor:
         mode, k = self._header(parts, meta, shape)
+        n = math.prod(shape)
         values, index_bytes = parts
         expect_part(self.name, values, "the values", dtype=torch.float32, numel=k)
         expect_part(self.name, index_bytes, "the index bytes", dtype=torch.uint8)
-        return decode_indices(self.name, mode, as_numpy(index_bytes).ravel(), k, math.prod(shape)), values.reshape(-1)
-
-    def decode(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> torch.Tensor:
-        idx, values = self._checked(parts, meta, shape)
-        return scatter(values, idx, shape)
-
-    def decode_batch(self, items: Sequence[tuple[list[torch.Tensor], bytes, tuple[int, ...]]]) -> list[torch.Tensor]:
-        """Nodes of up to FUSE_MAX values share one zeroed buffer and one scatter; others take :meth:`decode`."""
-        out: list[torch.Tensor | None] = [None] * len(items)
-        fused: list[int] = []
-        indices: list[np.ndarray] = []
-        values: list[torch.Tensor] = []
-        start = 0
-        for i, (parts, meta, shape) in enumerate(items):
-            if math.prod(shape) > FUSE_MAX:
-                out[i] = self.decode(parts, meta, shape)
-                continue
-            idx, vals = self._checked(parts, meta, shape)
-            fused.append(i)
-            indices.append(idx + start)
-            values.append(vals)
-            start += math.prod(shape)
-        if fused:
-            buffer = torch.zeros(start, dtype=torch.float32)
-            buffer[torch.from_numpy(np.concatenate(indices))] = torch.cat(values)
-            start = 0
-            for i in fused:
-                n = math.prod(items[i][2])
-                out[i] = buffer[start : start + n].reshape(items[i][2])
-                start += n
-        return [t for t in out if t is not None]
+        idx = decode_indices(self.name, mode, as_numpy(index_bytes).ravel(), k, n)
+        return scatter(values.reshape(-1), idx, shape)
 
 
 def _varint(value: int) -> bytes:

@@ -188,16 +188,6 @@ class Stage:
         """
         raise NotImplementedError
 
-    def decode_batch(self, items: Sequence[tuple[list[torch.Tensor], bytes, tuple[int, ...]]]) -> list[torch.Tensor]:
-        """Decode several nodes at once: ``items`` are ``(parts, meta, shape)`` as :meth:`decode` takes them.
-
-        The result must equal ``[self.decode(*item) for item in items]`` bit for bit, and raise
-        :class:`CodecError` for any item :meth:`decode` would refuse; the default is that loop.
-        The tensors returned may be views of one buffer (the decoder copies those it hands out).
-        :meth:`decode_cost` of every item was charged before this is called.
-        """
-        return [self.decode(parts, meta, shape) for parts, meta, shape in items]
-
     def decode_cost(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> DecodeCost:
         """Bound the memory and work of :meth:`decode` on these inputs, before it runs.
 
