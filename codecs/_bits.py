@@ -42,13 +42,24 @@ def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     return out.ravel()[:count]
 
 
-def varint_encode(values: np.ndarray) -> np.ndarray:
-    """LEB128 varints of non-negative integers, vectorized; returns uint8."""
+def varint_sizes(values: np.ndarray) -> np.ndarray:
+    """Bytes of the LEB128 varint of each non-negative integer (int64)."""
     v = np.ascontiguousarray(values, dtype=np.uint64)
     nbytes = np.ones(v.size, np.int64)
     longest = (int(v.max()).bit_length() + 6) // 7 if v.size else 1  # only the passes some value needs
     for j in range(1, longest):
         nbytes += v >= np.uint64(1 << (7 * j))
+    return nbytes
+
+
+def varint_encode(values: np.ndarray, nbytes: np.ndarray | None = None) -> np.ndarray:
+    """LEB128 varints of non-negative integers, vectorized; returns uint8.
+
+    ``nbytes``, if given, must be :func:`varint_sizes` of ``values`` (saves computing it twice).
+    """
+    v = np.ascontiguousarray(values, dtype=np.uint64)
+    if nbytes is None:
+        nbytes = varint_sizes(v)
     ends = np.cumsum(nbytes)
     starts = ends - nbytes
     out = np.empty(int(ends[-1]) if v.size else 0, np.uint8)

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 import torch
 
+from ._fused import all_finite
 from ._pipeline import Codec, TensorLike, _to_tensor, decode
 from ._wire import FLOAT_DTYPES
 
@@ -85,6 +86,6 @@ def _checked_residual(key: str, value: object) -> torch.Tensor:
         raise TypeError(f"error-feedback state {key!r} must be a torch.Tensor, found {type(value).__name__}")
     if value.dtype != torch.float32:
         raise ValueError(f"error-feedback state {key!r} must be float32, found {value.dtype}")
-    if not bool(torch.isfinite(value).all()):
+    if not all_finite(value):
         raise ValueError(f"error-feedback state {key!r} holds NaN or infinite values")
     return value.clone()

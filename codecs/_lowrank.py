@@ -81,6 +81,31 @@ def _decode_factors(stage: str, parts: list[torch.Tensor], shape: tuple[int, ...
     return product.reshape(shape)
 
 
+def _gram_svd(m: torch.Tensor, rank: int | float, scale: float) -> Encoded | None:
+    """Truncated SVD of ``m`` from the eigendecomposition of its smaller Gram matrix; factors times ``scale``.
+
+    For a wide m (rows <= cols), m m^T = U S^2 U^T gives U_r and S_r, and V_r^T = S_r^-1 U_r^T m;
+    for a tall one, m^T m = V S^2 V^T gives V_r and U_r S_r = m V_r. The Gram matrix is
+    min(rows, cols) square, so this costs a product and a small symmetric eigensolver instead
+    of a bidiagonalization of m. Squaring doubles the relative rounding error of small
+    singular values; the leading ones, which are kept, are unaffected at float32 precision.
+    """
+    rows, cols = m.shape
+    wide = rows <= cols
+    w, v = torch.linalg.eigh(m @ m.T if wide else m.T @ m)  # ascending eigenvalues
+    s = w.flip(0).clamp_min(0).sqrt()
+    r = _rank_for_energy(s, rank) if isinstance(rank, float) else min(rank, s.numel())
+    if not _low_rank_pays(rows, cols, r):
+        return None
+    top = v[:, -r:].flip(1)
+    if wide:
+        b = top.T @ m  # S_r V_r^T: its rows have the singular values as norms
+        norms = torch.linalg.vector_norm(b, dim=1)
+        q = b / torch.where(norms > 0, norms, torch.ones_like(norms))[:, None]
+        return Encoded([EncodeFurther(top * (norms * scale)), EncodeFurther(q)])
+    return Encoded([EncodeFurther((m @ top) * scale), EncodeFurther(top.T.contiguous())])
+
+
 @register_stage
 @dataclass(frozen=True)
 class SVD(Stage):
@@ -88,8 +113,10 @@ class SVD(Stage):
 
     Math: M = U S V^T; send P = U_r S_r (out x r) and Q = V_r^T (r x in*kh*kw); M_r = P Q, the
     best rank-r approximation: ||M - M_r||_F^2 = sum_{i>r} s_i^2 (Eckart-Young). Cost: an
-    exact SVD (O(out * in * min(out, in))), or for an integer rank on matrices whose smaller
-    side exceeds 1024 a randomized SVD (4 power iterations, 10 oversamples); r (out + in) values.
+    exact SVD (O(out * in * min(out, in)), computed from the eigendecomposition of the smaller
+    Gram matrix, see ``_gram_svd``), or for an integer rank on matrices whose smaller side
+    exceeds 1024 a randomized SVD (4 power iterations, 10 oversamples, its random test matrix
+    drawn from the encode's seed); r (out + in) values.
     Pays: where updates are close to low rank (large fully connected layers); a tensor that
     factoring would not make smaller, and 1-D tensors, go to the next stage unchanged.
 
@@ -114,11 +141,12 @@ class SVD(Stage):
         if isinstance(self.rank, int) and min(m.shape) > EXACT_SVD_MAX and 2 * self.rank < min(m.shape):
             # randomized SVD (Halko et al. 2011) with oversampling and power iterations:
             # seconds instead of minutes on a 4k x 4k matrix, error within a hair of exact
-            u, s, v = torch.svd_lowrank(m, q=min(self.rank + 10, min(m.shape)), niter=4)
+            with torch.random.fork_rng(devices=[]):  # its random test matrix: from this encode's seed
+                torch.manual_seed(ctx.seed)
+                u, s, v = torch.svd_lowrank(m, q=min(self.rank + 10, min(m.shape)), niter=4)
             vh, r = v.T, self.rank
         else:
-            u, s, vh = torch.linalg.svd(m, full_matrices=False)
-            r = _rank_for_energy(s, self.rank) if isinstance(self.rank, float) else min(self.rank, s.numel())
+            return _gram_svd(m, self.rank, scale)
         if not _low_rank_pays(m.shape[0], m.shape[1], r):
             return None
         return Encoded([EncodeFurther(u[:, :r] * (s[:r] * scale)), EncodeFurther(vh[:r].contiguous())])

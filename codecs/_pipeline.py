@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -13,6 +13,8 @@ import numpy as np
 import torch
 
 from ._errors import CodecError
+from ._fused import all_finite as _all_finite
+from ._fused import encode_body
 from ._spec import MAX_SPEC_LENGTH, parse_stages
 from ._stage import EncodeContext, Encoded, EncodeFurther, Stage
 from ._wire import (
@@ -227,12 +229,15 @@ class Codec:
         digest = hashlib.blake2b(f"{base}/{self._calls}/{stage_index}/{name}".encode(), digest_size=8).digest()
         return int.from_bytes(digest, "little") >> 1
 
-    def encode(self, update: Mapping[str, TensorLike]) -> bytes:
+    def encode(self, update: Mapping[str, TensorLike], *, fused: bool = True) -> bytes:
         """Encode ``update`` (names -> tensors or arrays) into a self-describing blob.
 
         Float tensors go through the tensor stages as float32 and come back in their own
         dtype; other dtypes (e.g. BatchNorm counters) are sent losslessly. The blob never holds
         NaN or infinity: what a stage cannot represent is refused.
+
+        ``fused=True`` hands each stage all tensors at once (see ``_fused``); ``fused=False``
+        encodes tensor by tensor. Both give the same blob bit for bit.
 
         Raises
         ------
@@ -246,6 +251,8 @@ class Codec:
         first = self._tensor_stages[0] if self._tensor_stages else None
         if first is not None and first.allocates:
             blob = first.encode_update(self, records)  # e.g. `budget`: plans every tensor, then encodes
+        elif fused:
+            blob = self._finish_pieces(encode_body(self, records))
         else:
             body = Writer()
             body.varint(len(records))
@@ -254,6 +261,19 @@ class Codec:
             blob = self.finish(body)
         self._calls += 1
         return blob
+
+    def _finish_pieces(self, pieces: list[bytes | memoryview]) -> bytes:
+        """:meth:`finish` for a body given as pieces: one join, then the bytes stages."""
+        body = b"".join(pieces)
+        payload = body
+        for stage in self._bytes_stages:
+            payload = stage.encode_bytes(payload)
+        head = Writer()
+        head.raw(MAGIC)
+        head.u8(VERSION)
+        head.blob(self.spec.encode())
+        head.varint(len(body))
+        return head.getvalue() + payload
 
     def _records(self, update: Mapping[str, TensorLike]) -> list[tuple[str, torch.Tensor]]:
         """The update as checked (name, CPU tensor) pairs, in order."""
@@ -420,11 +440,6 @@ class Codec:
         return node
 
 
-def _all_finite(t: torch.Tensor) -> bool:
-    # NaN and inf always reach the sum; only a sum that overflowed needs the exact check
-    return math.isfinite(float(torch.sum(t))) or bool(torch.isfinite(t).all())
-
-
 # ---------------------------------------------------------------------- decode
 NODE_BYTES = 512
 """Bytes charged per node for the Python and torch objects it creates."""
@@ -553,11 +568,14 @@ def read_header(blob: bytes | bytearray | memoryview) -> tuple[str, int, Reader]
     return spec, body_len, r
 
 
-def _header_codec(spec: str) -> Codec:
+@functools.lru_cache(maxsize=256)
+def _header_stages(spec: str) -> tuple[tuple[Stage, ...], tuple[Stage, ...]]:
+    """(tensor stages, bytes stages) of a header's spec; parsed once per spec (stages are immutable)."""
     try:
-        return Codec(parse_stages(spec))
+        codec = Codec(parse_stages(spec))
     except ValueError as exc:  # parse errors; CodecError is a ValueError too
         raise CodecError(f"bad codec spec in the blob header ({spec[:100]!r}): {exc}") from None
+    return codec.tensor_stages, tuple(codec._bytes_stages)
 
 
 def _read_record(body: Reader, decoder: _Decoder, i: int, seen: Mapping[str, torch.Tensor]) -> tuple[str, torch.Tensor]:
@@ -595,19 +613,19 @@ def decode(blob: bytes | bytearray | memoryview, *, limits: DecodeLimits | None 
     """
     limits = limits or DecodeLimits()
     spec, body_len, r = read_header(blob)
-    codec = _header_codec(spec)
+    tensor_stages, bytes_stages = _header_stages(spec)
     if body_len > limits.max_body_bytes:
         raise CodecError(
             f"body declares {body_len} bytes, over the limit of {limits.max_body_bytes} (DecodeLimits.max_body_bytes)"
         )
     payload: bytes | memoryview = r.take(r.remaining, "payload")
-    for stage in reversed(codec._bytes_stages):
+    for stage in reversed(bytes_stages):
         payload = stage.decode_bytes(payload, limits.max_body_bytes)
     if len(payload) != body_len:
         raise CodecError(f"body is {len(payload)} bytes, the header says {body_len}")
     body = Reader(payload, "body")
     count = body.varint("tensor count", limits.max_tensors)
-    decoder = _Decoder(codec._tensor_stages, limits)
+    decoder = _Decoder(list(tensor_stages), limits)
     out: dict[str, torch.Tensor] = {}
     for i in range(count):
         name, t = _read_record(body, decoder, i, out)

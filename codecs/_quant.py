@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -174,12 +175,54 @@ class Quantize(Stage):
             lo, hi = (v.reshape(1) for v in groups.aminmax())  # ~6x faster than aminmax(dim=1)
         else:
             lo, hi = groups.aminmax(dim=1)
-        levels = (1 << self.bits) - 1
-        step = ((hi.double() - lo.double()) / levels).to(torch.float32)  # hi - lo may overflow float32
-        inv = torch.where(step > 0, 1.0 / step, torch.zeros_like(step))
-        codes = _codes(groups, lo, inv, levels, ctx.generator() if self.stochastic else None)
+        lo, hi = lo + 0.0, hi + 0.0  # -0.0 -> +0.0: which zero a min returns depends on the kernel
+        step, inv = self._step(lo, hi)
+        codes = _codes(groups, lo, inv, levels=(1 << self.bits) - 1, gen=ctx.generator() if self.stochastic else None)
         packed = torch.from_numpy(pack_bits(as_numpy(codes.reshape(-1)[: x.numel()]), self.bits))
         return Encoded([packed, lo.contiguous(), step.contiguous()], meta)
+
+    def _step(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(step, 1 / step or 0) of each group, float32."""
+        levels = (1 << self.bits) - 1
+        step = ((hi.double() - lo.double()) / levels).to(torch.float32)  # hi - lo may overflow float32
+        return step, torch.where(step > 0, 1.0 / step, torch.zeros_like(step))
+
+    def encode_batch(self, xs: Sequence[torch.Tensor], ctxs: Sequence[EncodeContext]) -> list[Encoded | None]:
+        """Tensors of one range and at most CHUNK values in one pass over their concatenation.
+
+        One min and one max per tensor (segmented reductions), one rounding pass with each
+        tensor's own range; bit-identical to :meth:`encode`. Stochastic rounding, several ranges
+        per tensor and large tensors take :meth:`encode`.
+        """
+        out: list[Encoded | None] = [None] * len(xs)
+        fused = []
+        for i, x in enumerate(xs):
+            one_range = _num_groups(tuple(x.shape), self._granularity(x.numel())) == 1
+            if one_range and not self.stochastic and x.numel() <= CHUNK:
+                fused.append(i)
+            else:
+                out[i] = self.encode(x, ctxs[i])
+        if not fused:
+            return out
+        sizes = [xs[i].numel() for i in fused]
+        flat = torch.cat([xs[i].reshape(-1) for i in fused])
+        starts = np.cumsum([0] + sizes[:-1])
+        values = flat.numpy()
+        lo = torch.from_numpy(np.minimum.reduceat(values, starts)) + 0.0
+        hi = torch.from_numpy(np.maximum.reduceat(values, starts)) + 0.0
+        step, inv = self._step(lo, hi)
+        counts = torch.tensor(sizes)
+        scaled = (flat - lo.repeat_interleave(counts, output_size=flat.numel())).mul_(
+            inv.repeat_interleave(counts, output_size=flat.numel())
+        )
+        codes = scaled.round_().clamp_(0, (1 << self.bits) - 1).to(torch.uint8).numpy()
+        for j, (i, start, n) in enumerate(zip(fused, starts.tolist(), sizes, strict=True)):
+            granularity = self._granularity(n)
+            meta = b"" if granularity == self.granularity else bytes((OUTLIER_BLOCKS,)) + _varint(int(granularity))
+            segment = codes[start : start + n]
+            packed = torch.from_numpy(segment if self.bits == 8 else pack_bits(segment, self.bits))
+            out[i] = Encoded([packed, lo[j : j + 1].clone(), step[j : j + 1].clone()], meta)
+        return out
 
     def decode_cost(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> DecodeCost:
         n = math.prod(shape)

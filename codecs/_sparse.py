@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 import torch
 
-from ._bits import varint_decode, varint_encode
+from ._bits import varint_decode, varint_encode, varint_sizes
 from ._errors import CodecError
 from ._stage import (
     DecodeCost,
@@ -145,38 +146,108 @@ class TopK(_IndexedSparse):
 
     def select(self, flat: torch.Tensor) -> torch.Tensor:
         k = max(1, round(self.ratio * flat.numel()))
-        if k >= flat.numel():
-            return torch.arange(flat.numel())
-        return topk_indices(flat.abs(), k)
+        return torch.from_numpy(topk_indices(np.abs(as_numpy(flat)), k))
+
+    def encode_batch(self, xs: Sequence[torch.Tensor], ctxs: Sequence[EncodeContext]) -> list[Encoded | None]:
+        """All tensors of up to FUSE_MAX values in one pass: one magnitude buffer, one gather of
+        the kept values, one varint coding of every index gap; bit-identical to :meth:`encode`."""
+        out: list[Encoded | None] = [None] * len(xs)
+        small = [i for i, x in enumerate(xs) if x.numel() <= FUSE_MAX]
+        for i in sorted(set(range(len(xs))) - set(small)):
+            out[i] = self.encode(xs[i], ctxs[i])
+        if not small:
+            return out
+        flat = torch.cat([xs[i].reshape(-1) for i in small]).numpy()
+        mag = np.abs(flat)
+        sizes = [xs[i].numel() for i in small]
+        starts = np.cumsum([0] + sizes[:-1])
+        bounds = zip(starts.tolist(), sizes, strict=True)
+        chosen = [topk_indices(mag[s : s + n], max(1, round(self.ratio * n))) for s, n in bounds]
+        counts = [idx.size for idx in chosen]
+        everywhere = np.concatenate([idx + s for idx, s in zip(chosen, starts.tolist(), strict=True)])
+        values = torch.from_numpy(flat[everywhere])
+        index_bytes = _fused_index_bytes(chosen, sizes, everywhere, starts)
+        at = 0
+        for i, k, coded in zip(small, counts, index_bytes, strict=True):
+            meta = bytes((coded[0],)) + _varint(k)
+            out[i] = Encoded([EncodeFurther(values[at : at + k]), torch.from_numpy(coded[1])], meta)
+            at += k
+        return out
+
+
+FUSE_MAX = 65_536
+"""Tensors up to this many values are batched by ``topk``'s fused encoder; larger ones gain nothing."""
+
+
+def _fused_index_bytes(
+    chosen: list[np.ndarray], sizes: list[int], everywhere: np.ndarray, starts: np.ndarray
+) -> list[tuple[int, np.ndarray]]:
+    """:func:`encode_indices` of every (indices, n) pair, with one varint coding of all the gaps.
+
+    ``everywhere`` holds the indices of all tensors, each shifted by its ``starts`` (each
+    tensor keeps at least one entry): the gaps are those of the concatenation, except at the
+    first index of each tensor, which counts from the tensor's start.
+    """
+    counts = np.array([idx.size for idx in chosen])
+    gap_ends = np.cumsum(counts)
+    gaps = np.empty_like(everywhere)
+    gaps[1:] = everywhere[1:] - everywhere[:-1] - 1
+    firsts = gap_ends - counts
+    gaps[firsts] = everywhere[firsts] - starts
+    nbytes = varint_sizes(gaps)
+    varints = varint_encode(gaps, nbytes)
+    byte_ends = np.cumsum(nbytes)[gap_ends - 1].tolist() if gaps.size else [0] * len(chosen)
+    out = []
+    start = 0
+    for idx, n, end in zip(chosen, sizes, byte_ends, strict=True):
+        if end - start <= (n + 7) // 8:
+            out.append((INDEX_DELTA_VARINT, varints[start:end]))
+        else:
+            out.append(encode_indices(idx, n))  # the bitmap, as the per-tensor coder writes it
+        start = end
+    return out
 
 
 SAMPLE = 65_536
 
 
-def topk_indices(mag: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of exactly the k largest entries of ``mag`` (1-D, >= 0), in no particular order.
+def topk_indices(mag: np.ndarray, k: int) -> np.ndarray:
+    """Sorted indices of the k largest entries of ``mag`` (1-D, >= 0); among equal values the lower indices win.
 
-    For large tensors a full ``torch.topk`` is slow (~60 ns per element on one core); instead a
-    threshold below the k-th largest value is estimated from a random sample, the few
-    candidates above it are gathered, and an exact top-k runs on those alone. If the estimate
-    was too high (fewer than k candidates, rare) the full top-k runs; the result is exact
-    either way.
+    The tie rule makes the choice a function of the values alone, whichever way it is
+    computed (per tensor or over a concatenation), so fused and per-tensor encodes agree bit
+    for bit. The k-th largest value comes from a partial sort; for large tensors from the
+    candidates above a threshold estimated from a random sample (an exact top-k of the whole
+    tensor costs ~60 ns per element on one core): all entries of the answer are among them. If
+    the estimate was too high (fewer than k candidates, rare) the whole tensor is searched;
+    the result is exact either way.
     """
-    n = mag.numel()
-    if n <= 4 * SAMPLE or k > n // 8:
-        return torch.topk(mag, k, sorted=False).indices
+    n = mag.size
+    if k >= n:
+        return np.arange(n)
+    candidates = _candidates(mag, k) if n > 4 * SAMPLE and k <= n // 8 else None
+    pool = mag if candidates is None else mag[candidates]
+    kth = np.partition(pool, pool.size - k)[pool.size - k]
+    idx = np.flatnonzero(pool >= kth)
+    if idx.size > k:  # ties at the k-th value: keep those above it, then the first tied ones
+        keep = pool > kth
+        keep[np.flatnonzero(pool == kth)[: k - int(np.count_nonzero(keep))]] = True
+        idx = np.flatnonzero(keep)
+    return idx if candidates is None else candidates[idx]
+
+
+def _candidates(mag: np.ndarray, k: int) -> np.ndarray | None:
+    """Sorted indices of the entries at or above an estimate of the k-th largest, or None if fewer than k."""
+    n = mag.size
     gen = torch.Generator().manual_seed(n ^ k)
-    sample = mag[torch.randint(n, (SAMPLE,), generator=gen)]
+    sample = torch.from_numpy(mag)[torch.randint(n, (SAMPLE,), generator=gen)]
     # aim for ~1.5 k candidates plus a margin of 4 standard deviations of the sample estimate
     fraction = k / n
     margin = 4 * (fraction * (1 - fraction) / SAMPLE) ** 0.5
     q = max(0.0, 1 - 1.5 * fraction - margin)
-    threshold = torch.quantile(sample, q)
-    candidates = torch.nonzero(mag >= threshold).reshape(-1)
-    if candidates.numel() < k:
-        return torch.topk(mag, k, sorted=False).indices
-    best = torch.topk(mag[candidates], k, sorted=False).indices
-    return candidates[best]
+    threshold = float(torch.quantile(sample, q))
+    candidates = np.flatnonzero(mag >= np.float32(threshold))
+    return candidates if candidates.size >= k else None
 
 
 @register_stage

@@ -13,6 +13,7 @@ spec typed by a user or read from a hostile blob header) can exhaust the stack o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import typing
 from typing import Any
@@ -185,9 +186,19 @@ def _stage(cursor: _Cursor) -> Stage:
 
 
 def parse_stages(spec: str) -> list[Stage]:
-    """Parse a full spec into stage objects; ``ValueError`` names the stage and parameter at fault."""
+    """Parse a full spec into stage objects; ``ValueError`` names the stage and parameter at fault.
+
+    Stages are immutable, so the result of a spec is kept (256 specs at most): a node parses
+    the same uplink spec every round, and resolving the stages' type hints costs more than an
+    encode of a small model.
+    """
     if not isinstance(spec, str):
         raise TypeError(f"a codec spec must be a string such as 'topk | zstd', got {type(spec).__name__}")
+    return list(_parse_stages(spec))
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_stages(spec: str) -> tuple[Stage, ...]:
     if len(spec) > MAX_SPEC_LENGTH:
         raise ValueError(f"codec spec is {len(spec)} characters long; at most {MAX_SPEC_LENGTH} are allowed")
     cursor = _Cursor(spec, tokenize(spec))
@@ -201,4 +212,4 @@ def parse_stages(spec: str) -> list[Stage]:
         if cursor.peek() is None:
             raise ValueError(f"empty stage in codec spec {_show(spec)}: stages are separated by a single '|'")
         stages.append(_stage(cursor))
-    return stages
+    return tuple(stages)

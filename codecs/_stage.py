@@ -150,6 +150,16 @@ class Stage:
         """
         raise NotImplementedError
 
+    def encode_batch(self, xs: Sequence[torch.Tensor], ctxs: Sequence[EncodeContext]) -> list[Encoded | None]:
+        """Encode several tensors at once, as the fused encoder hands a stage every tensor that reaches it.
+
+        The result must equal ``[self.encode(x, ctx) for x, ctx in zip(xs, ctxs)]`` bit for bit
+        (the tests check it for every registered stage); the default is that loop. A stage
+        overrides it where one pass over many small tensors is cheaper than a call per tensor.
+        Contexts of tensors with the same name share one ``state`` dict, as in the loop.
+        """
+        return [self.encode(x, ctx) for x, ctx in zip(xs, ctxs, strict=True)]
+
     def decode(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> torch.Tensor:
         """Rebuild the tensor from its decoded parts.
 

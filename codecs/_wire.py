@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import torch
@@ -41,7 +41,11 @@ def dtype_code(dtype: torch.dtype) -> int:
 
 def itemsize(dtype: torch.dtype) -> int:
     """Bytes per element of ``dtype``."""
-    return torch.empty((), dtype=dtype).element_size()
+    size = _ITEMSIZES.get(dtype)
+    return torch.empty((), dtype=dtype).element_size() if size is None else size
+
+
+_ITEMSIZES: Final = {dtype: torch.empty((), dtype=dtype).element_size() for dtype in DTYPES.values()}
 
 
 class Writer:
@@ -98,6 +102,7 @@ class Reader:
 
     def __init__(self, data: bytes | bytearray | memoryview, what: str = "blob") -> None:
         self._data = memoryview(data)
+        self._size = len(self._data)
         self.pos = 0
         self._what = what
 
@@ -106,16 +111,21 @@ class Reader:
         return len(self._data) - self.pos
 
     def take(self, n: int, what: str) -> memoryview:
-        if n < 0 or n > self.remaining:
+        pos = self.pos
+        end = pos + n
+        if n < 0 or end > self._size:
             raise CodecError(
-                f"truncated {self._what}: {what} needs {n} bytes at offset {self.pos}, only {self.remaining} left"
+                f"truncated {self._what}: {what} needs {n} bytes at offset {pos}, only {self.remaining} left"
             )
-        view = self._data[self.pos : self.pos + n]
-        self.pos += n
-        return view
+        self.pos = end
+        return self._data[pos:end]
 
     def u8(self, what: str) -> int:
-        return self.take(1, what)[0]
+        pos = self.pos
+        if pos >= self._size:
+            return self.take(1, what)[0]  # raises, naming what was cut short
+        self.pos = pos + 1
+        return self._data[pos]
 
     def varint(self, what: str, max_value: int = 2**63 - 1) -> int:
         result = 0
@@ -133,6 +143,9 @@ class Reader:
         return self.take(n, what)
 
     def shape(self, what: str, max_elements: int) -> tuple[int, ...]:
+        dims = self._plain_shape(max_elements)
+        if dims is not None:
+            return dims
         ndim = self.u8(f"ndim of {what}")
         if ndim > MAX_NDIM:
             raise CodecError(f"{what} has {ndim} dimensions; at most {MAX_NDIM} are allowed")
@@ -145,6 +158,34 @@ class Reader:
                 f"dimensions), over the limit of {max_elements} elements"
             )
         return dims
+
+    def _plain_shape(self, max_elements: int) -> tuple[int, ...] | None:
+        """A well-formed shape read without formatting any message, or None (nothing consumed)
+        for anything :meth:`shape` would refuse or read differently: it then reads it again, slowly."""
+        data, pos, size = self._data, self.pos, self._size
+        if pos >= size or data[pos] > MAX_NDIM:
+            return None
+        dims = []
+        pos += 1
+        for _ in range(data[pos - 1]):
+            value = shift = 0
+            while True:
+                if pos >= size or shift > 56:
+                    return None
+                byte = data[pos]
+                pos += 1
+                value |= (byte & 0x7F) << shift
+                if byte < 0x80:
+                    break
+                shift += 7
+            if value > max_elements:
+                return None
+            dims.append(value)
+        shape = tuple(dims)
+        if extent(shape) > max_elements:
+            return None
+        self.pos = pos
+        return shape
 
     def expect_end(self) -> None:
         if self.remaining:
@@ -168,7 +209,8 @@ def extent(shape: tuple[int, ...]) -> int:
 
 def tensor_to_bytes(t: torch.Tensor) -> memoryview:
     """Little-endian bytes of a CPU tensor (bfloat16 and bool included), without a copy if contiguous."""
-    t = t.detach().contiguous().cpu()
+    if t.requires_grad or not t.is_contiguous() or not t.is_cpu:
+        t = t.detach().contiguous().cpu()
     if t.dtype == torch.bfloat16:
         t = t.view(torch.int16)
     arr = t.numpy()
@@ -177,12 +219,21 @@ def tensor_to_bytes(t: torch.Tensor) -> memoryview:
     return arr.reshape(-1).data.cast("B")
 
 
+def _numpy_dtypes(dtype: torch.dtype) -> tuple[np.dtype[Any], np.dtype[Any]]:
+    """(little-endian, native) numpy dtypes that hold ``dtype``'s bytes (bfloat16 as int16)."""
+    storage = torch.empty((), dtype=torch.int16 if dtype == torch.bfloat16 else dtype).numpy().dtype
+    return storage.newbyteorder("<"), storage.newbyteorder("=")
+
+
+_NUMPY_DTYPES: Final = {dtype: _numpy_dtypes(dtype) for dtype in DTYPES.values()}
+
+
 def tensor_from_bytes(data: memoryview | bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     """Inverse of :func:`tensor_to_bytes`; copies so that the result owns writable memory."""
-    storage_dtype = torch.int16 if dtype == torch.bfloat16 else dtype
-    np_dtype = torch.empty((), dtype=storage_dtype).numpy().dtype.newbyteorder("<")
-    arr = np.frombuffer(data, dtype=np_dtype).copy()
-    out = torch.from_numpy(arr.astype(arr.dtype.newbyteorder("="), copy=False))
+    wire, native = _NUMPY_DTYPES[dtype]
+    arr = np.frombuffer(data, dtype=wire).copy()
+    if wire != native:  # pragma: no cover - big-endian hosts only
+        arr = arr.astype(native)
     if dtype == torch.bfloat16:
-        out = out.view(torch.bfloat16)
-    return out.reshape(shape)
+        return torch.from_numpy(arr).view(torch.bfloat16).reshape(shape)
+    return torch.from_numpy(arr.reshape(shape))

@@ -34,7 +34,9 @@ tests. Sketch::
             return parts[0] * self.factor
 
 Override :meth:`Stage.decode_cost` when decoding needs more than a few passes over the output
-and parts, and :meth:`Stage.check_state` when ``encode`` keeps state in ``ctx.state``.
+and parts, :meth:`Stage.check_state` when ``encode`` keeps state in ``ctx.state``, and
+:meth:`Stage.encode_batch` when one pass over many small tensors beats a call per tensor (its
+result must equal ``encode``'s bit for bit; ``tests/test_codecs_fused.py`` checks it).
 """
 
 from ._errors import CodecError

@@ -58,6 +58,13 @@ TARGETS: dict[str, tuple[float, float]] = {
 #: The targets are checked on updates of at least this many parameters (per-tensor overheads
 #: dominate smaller ones).
 TARGET_MIN_PARAMS = 1_000_000
+#: Issue 12's targets for small updates (LeNet-5 size), by the fused path: spec -> (encode, decode).
+SMALL_TARGETS: dict[str, tuple[float, float]] = {
+    "svd(rank=4) | quantize(bits=8) | zstd": (300.0, 600.0),
+    "topk(ratio=0.01) | quantize(bits=8) | zstd": (300.0, 600.0),
+}
+#: Encode paths: ``fused`` hands each stage every tensor at once, ``per-tensor`` one tensor at a time.
+PATHS = ("fused", "per-tensor")
 
 DEFAULT_SYNTHETIC_PARAMS = 10_000_000
 QUICK_SYNTHETIC_PARAMS = 20_000
@@ -326,6 +333,7 @@ class Row:
     codec: str
     canonical_spec: str
     status: str
+    path: str
     num_params: int
     fp32_bytes: int
     bytes: int | None = None
@@ -355,11 +363,29 @@ def relative_l2_error(original: Mapping[str, torch.Tensor], restored: Mapping[st
     return math.sqrt(num / den)
 
 
-def measure(update_name: str, update: Update, spec: str, *, repeats: int, seed: int, max_encode_seconds: float) -> Row:
-    """Size, error and one-thread encode/decode speed of codec ``spec`` on ``update``."""
+def measure(
+    update_name: str,
+    update: Update,
+    spec: str,
+    *,
+    repeats: int,
+    seed: int,
+    max_encode_seconds: float,
+    path: str = "fused",
+) -> Row:
+    """Size, error and one-thread encode/decode speed of codec ``spec`` on ``update``, encoding by ``path``."""
     codec = parse(spec, seed=seed)
+    fused = path == "fused"
     n = sum(t.numel() for t in update.values())
-    row = Row(update=update_name, codec=spec, canonical_spec=codec.spec, status="ok", num_params=n, fp32_bytes=4 * n)
+    row = Row(
+        update=update_name,
+        codec=spec,
+        canonical_spec=codec.spec,
+        status="ok",
+        path=path,
+        num_params=n,
+        fp32_bytes=4 * n,
+    )
     blob, first_seconds = first_encode(codec, update, max_encode_seconds)
     if blob is None:
         row.status = f"skipped: one encode takes over {max_encode_seconds:g} s"
@@ -373,9 +399,9 @@ def measure(update_name: str, update: Update, spec: str, *, repeats: int, seed: 
     del restored
     if first_seconds < 2.0:  # the forked child's encode did not warm this process up
         start = time.perf_counter()
-        codec.encode(update)
+        codec.encode(update, fused=fused)
         first_seconds = time.perf_counter() - start
-    enc = median_time(lambda: codec.encode(update), repeats, first_seconds)
+    enc = median_time(lambda: codec.encode(update, fused=fused), repeats, first_seconds)
     dec = median_time(lambda: decode(blob), repeats, first_decode)
     row.encode_ms, row.decode_ms = 1e3 * enc.wall, 1e3 * dec.wall
     row.encode_cpu_ms, row.decode_cpu_ms = 1e3 * enc.cpu, 1e3 * dec.cpu
@@ -500,16 +526,16 @@ def _fmt_error(value: float | None) -> str:
 def markdown_table(rows: Sequence[Row]) -> str:
     """Markdown table of the rows of one update."""
     head = (
-        "| codec | bytes | ratio vs FP32 | bits/param | rel. L2 error | encode MB/s | decode MB/s "
+        "| codec | path | bytes | ratio vs FP32 | bits/param | rel. L2 error | encode MB/s | decode MB/s "
         "| encode MB/s by CPU time | decode MB/s by CPU time | note |"
     )
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         note = "" if r.status == "ok" else r.status
         if r.status == "ok" and r.timing_samples < 3:
             note = f"{r.timing_samples} timing sample(s)"
         lines.append(
-            f"| `{r.codec.replace('|', chr(92) + '|')}` | {'' if r.bytes is None else f'{r.bytes:,}'} | "
+            f"| `{r.codec.replace('|', chr(92) + '|')}` | {r.path} | {'' if r.bytes is None else f'{r.bytes:,}'} | "
             f"{_fmt(r.ratio, 1)} | "
             f"{_fmt(r.bits_per_param, 3)} | {_fmt_error(r.rel_l2_error)} | {_fmt(r.encode_mb_s, 0)} | "
             f"{_fmt(r.decode_mb_s, 0)} | {_fmt(r.encode_cpu_mb_s, 0)} | {_fmt(r.decode_cpu_mb_s, 0)} | {note} |"
@@ -518,11 +544,14 @@ def markdown_table(rows: Sequence[Row]) -> str:
 
 
 def target_lines(rows: Sequence[Row]) -> list[str]:
-    """Lines comparing the target codecs' speeds with TARGETS, on updates of >= TARGET_MIN_PARAMS."""
-    targets = {parse(spec).spec: goals for spec, goals in TARGETS.items()}
+    """Lines comparing the fused path's speeds with TARGETS (updates of >= TARGET_MIN_PARAMS) and
+    SMALL_TARGETS (smaller updates)."""
+    large = {parse(spec).spec: goals for spec, goals in TARGETS.items()}
+    small = {parse(spec).spec: goals for spec, goals in SMALL_TARGETS.items()}
     out = []
     for r in rows:
-        if r.canonical_spec not in targets or r.num_params < TARGET_MIN_PARAMS:
+        targets = large if r.num_params >= TARGET_MIN_PARAMS else small
+        if r.canonical_spec not in targets or r.path != "fused":
             continue
         enc_goal, dec_goal = targets[r.canonical_spec]
         if r.status != "ok":
@@ -583,10 +612,41 @@ def report(
         these = [r for r in rows if r.update == update]
         lines += ["", f"## {update} ({these[0].num_params:,} parameters, {these[0].fp32_bytes / 1e6:.2f} MB FP32)", ""]
         lines.append(markdown_table(these))
+    if len({r.path for r in rows}) > 1:
+        lines += ["", "## Fused against per-tensor (MB/s by CPU time, one thread)", "", path_comparison(rows, memcpy)]
     targets = target_lines(rows)
     if targets:
-        lines += ["", f"## Speed targets (one thread, updates of >= {TARGET_MIN_PARAMS:,} parameters)", ""] + targets
+        lines += [
+            "",
+            f"## Speed targets (one thread, fused path; updates of >= {TARGET_MIN_PARAMS:,} parameters: "
+            "TARGETS, smaller ones: SMALL_TARGETS)",
+            "",
+        ] + targets
     return "\n".join(lines) + "\n"
+
+
+def path_comparison(rows: Sequence[Row], memcpy: Mapping[str, Timing]) -> str:
+    """Markdown table: encode MB/s by CPU time of each codec on each update, fused and per-tensor, and decode MB/s
+    (one decoder: the rows of both paths time the same code)."""
+    copy = memcpy["numpy_copyto"]
+    lines = [
+        f"memcpy (`np.copyto`, 40 MB, same run): {MEMCPY_BYTES / copy.cpu / 1e6:,.0f} MB/s by CPU time, "
+        f"{MEMCPY_BYTES / copy.wall / 1e6:,.0f} MB/s by the wall clock.",
+        "",
+        "| update | parameters | codec | encode fused | encode per-tensor | encode speed-up | decode |",
+        "|" + "---|" * 7,
+    ]
+    ok = [r for r in rows if r.status == "ok" and r.encode_cpu_mb_s and r.decode_cpu_mb_s]
+    for r in ok:
+        other = next((o for o in ok if o.path == "per-tensor" and (o.update, o.codec) == (r.update, r.codec)), None)
+        if r.path != "fused" or other is None:
+            continue
+        enc, enc_other = r.encode_cpu_mb_s or 0.0, other.encode_cpu_mb_s or 1.0
+        lines.append(
+            f"| {r.update} | {r.num_params:,} | `{r.codec.replace('|', chr(92) + '|')}` | {enc:,.0f} "
+            f"| {enc_other:,.0f} | {enc / enc_other:.2f}x | {r.decode_cpu_mb_s or 0.0:,.0f} |"
+        )
+    return "\n".join(lines)
 
 
 def write_csv(path: Path, rows: Sequence[Row]) -> None:
@@ -641,9 +701,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--synthetic-params",
         type=_positive_int,
+        nargs="+",
         default=None,
-        help=f"parameters of the synthetic update (default: {DEFAULT_SYNTHETIC_PARAMS:_}; "
-        f"{QUICK_SYNTHETIC_PARAMS:_} with --quick)",
+        help=f"parameters of the synthetic update, or several sizes for several updates (default: "
+        f"{DEFAULT_SYNTHETIC_PARAMS:_}; {QUICK_SYNTHETIC_PARAMS:_} with --quick)",
+    )
+    p.add_argument(
+        "--paths",
+        nargs="+",
+        choices=PATHS,
+        default=["fused"],
+        help="encode paths to time: fused (each stage sees all tensors at once, the default of "
+        "Codec.encode) and/or per-tensor; decoding is the same for both (default: fused)",
     )
     p.add_argument(
         "--repeats",
@@ -701,9 +770,10 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    num_params = args.synthetic_params or (QUICK_SYNTHETIC_PARAMS if args.quick else DEFAULT_SYNTHETIC_PARAMS)
-    if num_params < MIN_SYNTHETIC_PARAMS:
-        build_parser().error(f"--synthetic-params must be at least {MIN_SYNTHETIC_PARAMS}, got {num_params}")
+    sizes = args.synthetic_params or [QUICK_SYNTHETIC_PARAMS if args.quick else DEFAULT_SYNTHETIC_PARAMS]
+    for num_params in sizes:
+        if num_params < MIN_SYNTHETIC_PARAMS:
+            build_parser().error(f"--synthetic-params must be at least {MIN_SYNTHETIC_PARAMS}, got {num_params}")
     repeats = args.repeats or (1 if args.quick else 5)
     specs = list(dict.fromkeys(args.codecs or DEFAULT_CODECS))
 
@@ -745,17 +815,22 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
                 notes.append(
                     f"real update: McMahan CNN weight delta after 300 SGD steps of 32 MNIST images (seed {args.seed})"
                 )
-        synthetic_name = f"synthetic-{num_params / 1e6:g}M" if num_params >= 1_000_000 else f"synthetic-{num_params}"
-        updates[synthetic_name] = synthetic_update(num_params, args.seed)
-        notes.append(
-            f"synthetic update: {len(updates[synthetic_name])} model-shaped tensors, Student-t (4 degrees of "
-            f"freedom) values of standard deviation 1e-3 times per-row log-normal scales, seed {args.seed}"
-        )
+        for num_params in dict.fromkeys(sizes):
+            synthetic_name = (
+                f"synthetic-{num_params / 1e6:g}M" if num_params >= 1_000_000 else f"synthetic-{num_params}"
+            )
+            updates[synthetic_name] = synthetic_update(num_params, args.seed)
+            notes.append(
+                f"synthetic update {synthetic_name}: {len(updates[synthetic_name])} model-shaped tensors, Student-t "
+                f"(4 degrees of freedom) values of standard deviation 1e-3 times per-row log-normal scales, "
+                f"seed {args.seed}"
+            )
 
         rows: list[Row] = []
-        total = len(updates) * len(specs)
+        paths = list(dict.fromkeys(args.paths))
+        total = len(updates) * len(specs) * len(paths)
         for update_name, update in updates.items():
-            for spec in specs:
+            for spec, path in ((spec, path) for spec in specs for path in paths):
                 start = time.perf_counter()
                 row = measure(
                     update_name,
@@ -764,6 +839,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
                     repeats=repeats,
                     seed=args.seed,
                     max_encode_seconds=args.max_encode_seconds,
+                    path=path,
                 )
                 rows.append(row)
                 done = (
@@ -774,7 +850,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
                     else row.status
                 )
                 print(
-                    f"[{len(rows):2d}/{total}] {update_name:14s} {spec:46s} {done}  "
+                    f"[{len(rows):2d}/{total}] {update_name:14s} {spec:46s} {path:10s} {done}  "
                     f"({time.perf_counter() - start:.1f} s)",
                     file=sys.stderr,
                     flush=True,
@@ -784,7 +860,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         text = report(command, rows, memcpy, memcpy_bytes, notes, (load_start, os.getloadavg()[0]))
         text += _issue12_sections(args, updates)
         if args.profile:
-            targets = {parse(spec).spec for spec in TARGETS}
+            targets = {parse(spec).spec for spec in (*TARGETS, *SMALL_TARGETS)}
             profiled = [s for s in specs if parse(s).spec in targets]
             text += "\n## Profiles (synthetic update, one thread)\n\n"
             text += "\n".join(profile_codec(updates[synthetic_name], s, seed=args.seed) for s in profiled)

@@ -120,3 +120,21 @@ def test_budget_comparison_and_small_width_table_report_every_update() -> None:
     assert len(grid) == 2 + 2 * len(updates)
     one_range, zero_aligned = (float(cell.split()[0]) for cell in grid[2].split(" | ")[2:4])
     assert zero_aligned < one_range  # 2-bit, heavy tails: one range is the worst grid
+
+
+def test_both_paths_on_two_sizes_give_equal_blobs_and_a_comparison_table(tmp_path: Path) -> None:
+    spec = "topk(ratio=0.01) | quantize(bits=8) | zstd"
+    argv = ["--quick", "--synthetic-params", "3000", "20000", "--codecs", spec, "--paths", "fused", "per-tensor"]
+    rows = codec_bench.main([*argv, "--out", str(tmp_path)])
+    assert [(r.update, r.path) for r in rows] == [
+        ("synthetic-3000", "fused"),
+        ("synthetic-3000", "per-tensor"),
+        ("synthetic-20000", "fused"),
+        ("synthetic-20000", "per-tensor"),
+    ]
+    assert rows[0].bytes == rows[1].bytes and rows[2].bytes == rows[3].bytes  # the same blob either way
+    assert rows[0].rel_l2_error == rows[1].rel_l2_error
+    markdown = (tmp_path / "codec_bench.md").read_text()
+    table = markdown.split("## Fused against per-tensor")[1]
+    assert "| synthetic-20000 | 20,000 |" in table and "memcpy" in table
+    assert "SMALL_TARGETS" in markdown  # the small-update targets are checked on the fused rows
