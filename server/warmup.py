@@ -53,7 +53,7 @@ def warmup_codec(codec: Codec, server_round: int, warmup_rounds: int) -> Codec:
     if warmup_rounds == 0 or server_round > warmup_rounds or any(s.name == "budget" for s in codec.stages):
         return codec
     stages = [
-        dataclasses.replace(s, ratio=warmup_ratio(s.ratio, server_round, warmup_rounds))  # type: ignore[attr-defined]
+        dataclasses.replace(s, ratio=warmup_ratio(s.ratio, server_round, warmup_rounds))  # type: ignore[call-arg,attr-defined]
         if s.name in WARMED_STAGES
         else s
         for s in codec.stages

@@ -9,6 +9,8 @@ import torch
 from flwr.app import ConfigRecord, Message
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
+from test_mod import PlusOneApp, context, full, train_message, weights
+from test_strategy import NODES, FakeGrid, contexts, global_model, make_client
 
 from fedsqueeze.client import compression_mod
 from fedsqueeze.client.mod import STATE_FEEDBACK, STATE_REFERENCE
@@ -18,8 +20,6 @@ from fedsqueeze.protocol import DELTA, PAYLOAD_KEY, Downlink, Uplink, arrays_to_
 from fedsqueeze.server.app import make_compressed_strategy
 from fedsqueeze.server.strategy import CompressedStrategy
 from fedsqueeze.server.warmup import warmup_codec, warmup_ratio
-from tests.test_mod import PlusOneApp, context, full, train_message, weights
-from tests.test_strategy import NODES, FakeGrid, contexts, global_model, make_client
 
 UPLINK = "topk(ratio=0.01) | quantize(bits=8) | zstd"
 
@@ -82,9 +82,9 @@ def test_nodes_encode_with_the_rounds_spec_and_the_server_accepts_it() -> None:
     for server_round in range(1, 6):
         messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), FakeGrid(NODES)))
         expected = warmup_codec(parse(UPLINK), server_round, 3).spec
-        assert {Downlink.from_record(m.content[PAYLOAD_KEY]).uplink for m in messages} == {expected}
+        assert {Downlink.from_record(m.content.config_records[PAYLOAD_KEY]).uplink for m in messages} == {expected}
         replies = [app(m, ctx[m.metadata.dst_node_id]) for m in messages]
-        specs = {blob_spec(Uplink.from_record(r.content[PAYLOAD_KEY]).blob) for r in replies}
+        specs = {blob_spec(Uplink.from_record(r.content.config_records[PAYLOAD_KEY]).blob) for r in replies}
         assert specs == {expected}
         seen.append(expected)
         new_arrays, _ = strategy.aggregate_train(server_round, replies)
@@ -104,8 +104,7 @@ def test_a_reply_encoded_with_another_spec_than_the_rounds_is_rejected(caplog: p
     strategy = CompressedStrategy(FedAvg(), uplink=UPLINK, downlink="quantize(bits=8) | zstd", uplink_warmup_rounds=3)
     messages = list(strategy.configure_train(1, tensors_to_arrays(global_model()), ConfigRecord(), FakeGrid(NODES)))
     stale = messages[0]  # this node is told the configured spec, as a node ignoring the warm-up would use
-    payload = stale.content[PAYLOAD_KEY]
-    payload["uplink"] = parse(UPLINK).spec
+    stale.content.config_records[PAYLOAD_KEY]["uplink"] = parse(UPLINK).spec
     replies = [app(m, ctx[m.metadata.dst_node_id]) for m in messages]
     with caplog.at_level(logging.WARNING):
         strategy.aggregate_train(1, replies)
@@ -130,7 +129,7 @@ def test_error_feedback_is_conserved_when_the_warmed_ratio_changes() -> None:
     for version, spec in enumerate(specs, start=1):
         down = full(model, spec) if version == 1 else _delta_round(version, spec, model)
         reply = client.app(_message(down), ctx)
-        up = Uplink.from_record(reply.content[PAYLOAD_KEY])
+        up = Uplink.from_record(reply.content.config_records[PAYLOAD_KEY])
         assert blob_spec(up.blob) == spec
         for k, v in decode(up.blob).items():
             sent[k] += v
@@ -146,7 +145,7 @@ def test_a_pipeline_of_other_stages_starts_from_no_residual() -> None:
     client.app(_message(full(model, "topk(ratio=0.25)")), ctx)
     assert STATE_FEEDBACK in ctx.state
     reply = client.app(_message(_delta_round(2, "quantize(bits=8)", model)), ctx)
-    delta = decode(Uplink.from_record(reply.content[PAYLOAD_KEY]).blob)
+    delta = decode(Uplink.from_record(reply.content.config_records[PAYLOAD_KEY]).blob)
     # no residual of topk was added: the update is +1 everywhere, up to 8-bit rounding
     assert all(torch.allclose(delta[k], torch.ones_like(model[k]), atol=1e-2) for k in model)
 
