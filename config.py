@@ -59,6 +59,8 @@ class RunConfig(Mapping[str, ConfigValue]):
     downlink_codec: str = "topk(ratio=0.1) | quantize(bits=8) | zstd"
     error_feedback: bool = True
     max_feedback_staleness: int = 20
+    # Sparsity warm-up of the uplink's topk/randomk over this many rounds (0: off), see server/warmup.py
+    uplink_warmup_rounds: int = 0
     initial_model: str = "seeded"
     # Server-side distillation into a compact student (off while distill_every is 0)
     distill_every: int = 0
@@ -100,6 +102,10 @@ class RunConfig(Mapping[str, ConfigValue]):
         if self.max_feedback_staleness < 0:
             raise ValueError(
                 f"run config 'max-feedback-staleness' must be >= 0 (0: never), got {self.max_feedback_staleness}"
+            )
+        if self.uplink_warmup_rounds < 0:
+            raise ValueError(
+                f"run config 'uplink-warmup-rounds' must be >= 0 (0: off), got {self.uplink_warmup_rounds}"
             )
         if not 0.0 <= self.server_momentum < 1.0:
             raise ValueError(f"run config 'server-momentum' must be in [0, 1), got {self.server_momentum!r}")

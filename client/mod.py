@@ -207,14 +207,37 @@ def _store_reference(state: RecordDict, weights: Mapping[str, torch.Tensor], dow
     state[STATE_REFERENCE] = tensors_to_arrays(weights)
     meta = state.get(STATE_META)
     previous = dict(meta) if isinstance(meta, ConfigRecord) else {}
-    changed = previous.get("uplink") != down.uplink or previous.get("arch", "") != down.arch
-    if changed and STATE_FEEDBACK in state:
-        del state[STATE_FEEDBACK]  # a residual of another codec, or of another model's layout, is meaningless
+    if previous.get("arch", "") != down.arch and STATE_FEEDBACK in state:
+        del state[STATE_FEEDBACK]  # a residual of another model's layout is meaningless
+    elif previous.get("uplink") != down.uplink and STATE_FEEDBACK in state:
+        _keep_residual_only(state, previous.get("uplink"), down.uplink)
     feedback_version = previous.get("feedback-version", down.version)
     meta = ConfigRecord({"version": down.version, "uplink": down.uplink, "feedback-version": feedback_version})
     if down.arch:  # absent while the run's own model is trained
         meta["arch"] = down.arch
     state[STATE_META] = meta
+
+
+def _keep_residual_only(state: RecordDict, before: object, now: str) -> None:
+    """The uplink spec changed (e.g. a sparsity warm-up step): keep what of the error feedback still applies.
+
+    The residual lives in parameter space, so it carries over to a pipeline of the same stages
+    with other parameters (a warmed ``topk`` ratio); stage state (e.g. a PowerSGD basis) may not
+    fit the new parameters and is dropped. A pipeline of other stages starts from no residual.
+    """
+    saved = state[STATE_FEEDBACK]
+    try:
+        same_stages = isinstance(before, str) and _stage_names(before) == _stage_names(now)
+    except ValueError:
+        same_stages = False
+    if not same_stages or not isinstance(saved, ArrayRecord):
+        del state[STATE_FEEDBACK]
+        return
+    state[STATE_FEEDBACK] = ArrayRecord({k: v for k, v in saved.items() if k.startswith("residual/")})
+
+
+def _stage_names(spec: str) -> list[str]:
+    return [stage.name for stage in parse(spec).stages]
 
 
 def _encode_reply(

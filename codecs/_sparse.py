@@ -132,17 +132,37 @@ class TopK(_IndexedSparse):
     bytes, whichever is smaller). Pays: with error feedback at ratios 0.1-1 %, 50-300x
     before quantizing the values.
 
+    With ``dense_below`` N > 0, a tensor of fewer than N entries (biases, a first convolution) is
+    not sparsified: the stage passes it on whole to the next stage (e.g. quantized dense), which
+    costs little and sends no indices. The blob then holds that tensor as the next stage's node,
+    so decoding needs nothing new.
+
     Parameters
     ----------
     ratio : float
         Fraction of entries kept, in (0, 1] (default: 0.01).
+    dense_below : int
+        Tensors with fewer entries than this pass through unsparsified, >= 0 (default: 0, none).
     """
 
     name: ClassVar[str] = "topk"
     ratio: float = 0.01
+    dense_below: int = 0
 
     def __post_init__(self) -> None:
         _check_ratio(self.name, self.ratio)
+        check_param(
+            is_int(self.dense_below) and self.dense_below >= 0,
+            self.name,
+            "dense_below",
+            "an integer >= 0",
+            self.dense_below,
+        )
+
+    def encode(self, x: torch.Tensor, ctx: EncodeContext) -> Encoded | None:
+        if x.numel() < self.dense_below:
+            return None  # small: the next stage takes it whole
+        return super().encode(x, ctx)
 
     def select(self, flat: torch.Tensor) -> torch.Tensor:
         k = max(1, round(self.ratio * flat.numel()))

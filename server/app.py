@@ -96,6 +96,7 @@ def make_compressed_strategy(run: RunConfig, keep_client_models: bool = False) -
         max_feedback_staleness=run.max_feedback_staleness,
         seed=run.seed,
         keep_client_models=keep_client_models,
+        uplink_warmup_rounds=run.uplink_warmup_rounds,
     )
 
 

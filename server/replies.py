@@ -2,7 +2,7 @@
 
 :class:`ReplyChecker` turns a reply into plain weights, or raises :class:`Rejected` with the
 reason. It checks, in order: an error reply; the shape of the fedsqueeze payload record; the
-codec named in the blob's header against the configured uplink codec (the server decodes
+codec named in the blob's header against the round's uplink codec (the server decodes
 nothing else); the model version; the blob under :class:`~fedsqueeze.codecs.DecodeLimits`
 sized from the global model; names, shapes, dtypes and finiteness; the arrays key; and the
 metrics (numbers only, finite, the weighting key a positive integer). Replies from nodes
@@ -73,7 +73,8 @@ class ReplyChecker:
     Parameters
     ----------
     uplink : Codec
-        The configured uplink codec; a blob whose header names another pipeline is rejected.
+        The round's uplink codec (the configured one, or its warmed form during a sparsity
+        warm-up); a blob whose header names another spec is rejected.
     global_model : Tensors
         The model the round started from (deltas are added to it).
     dtypes : Mapping[str, torch.dtype]
@@ -125,7 +126,9 @@ class ReplyChecker:
         except CodecError as err:
             raise Rejected(f"its blob cannot be decoded: {err}") from err
         if spec != self.uplink.spec:
-            raise Rejected(f"its blob was encoded with {spec!r}, expected the configured {self.uplink.spec!r}")
+            raise Rejected(
+                f"its blob was encoded with {spec!r}, expected the configured {self.uplink.spec!r} of this round"
+            )
         try:
             decoded = decode(up.blob, limits=self.limits)
         except CodecError as err:

@@ -38,6 +38,7 @@ from fedsqueeze.server.downlink import DownlinkState
 from fedsqueeze.server.replies import Accepted, Rejected, ReplyChecker
 from fedsqueeze.server.sampling import StableNodeOrder
 from fedsqueeze.server.traffic import DOWN, UP, TrafficMeter, TrafficRecord, fp32_reply_bytes
+from fedsqueeze.server.warmup import warmup_codec
 
 __all__ = ["CompressedStrategy", "TrafficRecord", "Rejection", "UP", "DOWN", "INITIAL_MODES"]
 
@@ -111,6 +112,10 @@ class CompressedStrategy(Strategy):
     keep_client_models : bool
         Keep the decoded models of the latest round's accepted replies in :attr:`client_models`
         (e.g. teachers for server-side distillation; default: False).
+    uplink_warmup_rounds : int
+        Sparsity warm-up: in rounds 1..W the uplink's ``topk``/``randomk`` keep exponentially
+        more (see :mod:`fedsqueeze.server.warmup`); each round's spec is sent to the nodes and
+        replies must be encoded with it (default: 0, off).
     """
 
     def __init__(
@@ -127,6 +132,7 @@ class CompressedStrategy(Strategy):
         max_snapshots: int = 32,
         catchup_delta: str | Codec | None = None,
         keep_client_models: bool = False,
+        uplink_warmup_rounds: int = 0,
     ) -> None:
         if not isinstance(inner, Strategy):
             raise TypeError(f"inner must be a flwr Strategy, got {type(inner).__name__}")
@@ -134,6 +140,11 @@ class CompressedStrategy(Strategy):
             raise ValueError(f"initial must be one of {INITIAL_MODES}, got {initial!r}")
         self.inner = inner
         self.uplink = _as_codec(uplink, "uplink")
+        if uplink_warmup_rounds < 0:
+            raise ValueError(f"uplink_warmup_rounds must be >= 0 (0: off), got {uplink_warmup_rounds!r}")
+        self.uplink_warmup_rounds = int(uplink_warmup_rounds)
+        #: The uplink codec of the current round (the configured one, or a warmed one).
+        self.round_uplink = self.uplink
         self.downlink = _as_codec(downlink, "downlink", seed)
         self.catchup = _as_codec(catchup, "catchup")
         if not self.catchup.lossless:
@@ -196,6 +207,8 @@ class CompressedStrategy(Strategy):
         """Log the codecs, then the inner strategy's summary."""
         log(INFO, "\t├──> fedsqueeze compression:")
         log(INFO, "\t│\t├── uplink codec: %s", self.uplink.spec)
+        if self.uplink_warmup_rounds:
+            log(INFO, "\t│\t├── uplink sparsity warm-up: %d rounds", self.uplink_warmup_rounds)
         log(INFO, "\t│\t├── downlink codec: %s", self.downlink.spec)
         log(INFO, "\t│\t├── catch-up codec: %s", self.catchup.spec)
         log(INFO, "\t│\t└── first model: %s", self.initial)
@@ -256,6 +269,7 @@ class CompressedStrategy(Strategy):
         with _seeded_random(self.seed, server_round):
             messages = list(self.inner.configure_train(server_round, arrays, config, ordered))
         global_model = arrays_to_tensors(arrays)
+        self.round_uplink = warmup_codec(self.uplink, server_round, self.uplink_warmup_rounds)
         self._start_round(global_model)
         if not messages:
             return messages
@@ -316,7 +330,7 @@ class CompressedStrategy(Strategy):
             self.downlink_state.initial = first
             self._initial_digest = model_digest(first) if self.initial == "shared" else ""
         weight_key = getattr(self.inner, "weighted_by_key", "num-examples")
-        self._checker = ReplyChecker(self.uplink, global_model, self._dtypes, self.arrays_key, weight_key)
+        self._checker = ReplyChecker(self.round_uplink, global_model, self._dtypes, self.arrays_key, weight_key)
 
     def _compress_message(self, server_round: int, msg: Message) -> None:
         node_id = msg.metadata.dst_node_id
@@ -332,7 +346,7 @@ class CompressedStrategy(Strategy):
             plan.version,
             plan.base,
             plan.blobs,
-            self.uplink.spec,
+            self.round_uplink.spec,
             key,
             self.error_feedback,
             self.max_feedback_staleness,

@@ -18,6 +18,7 @@ from fedsqueeze.codecs import Codec, ErrorFeedback, compression_stats, decode, p
 PIPELINES = [
     "topk(ratio=0.01) | quantize(bits=8) | zstd(level=3)",
     "topk(ratio=0.05) | ternary | zstd",
+    "topk(ratio=0.02, dense_below=200) | quantize(bits=8) | zstd",
     "randomk(ratio=0.1, seed=3) | fp16",
     "svd(rank=2) | quantize(bits=4) | zstd",
     "powersgd(rank=2, iters=2) | bf16",
