@@ -171,9 +171,10 @@ class TopK(_IndexedSparse):
     def encode_batch(self, xs: Sequence[torch.Tensor], ctxs: Sequence[EncodeContext]) -> list[Encoded | None]:
         """All tensors of up to FUSE_MAX values in one pass: one magnitude buffer, one gather of
         the kept values, one varint coding of every index gap; bit-identical to :meth:`encode`."""
-        out: list[Encoded | None] = [None] * len(xs)
-        small = [i for i, x in enumerate(xs) if x.numel() <= FUSE_MAX]
-        for i in sorted(set(range(len(xs))) - set(small)):
+        out: list[Encoded | None] = [None] * len(xs)  # None: declined, below dense_below
+        kept = [i for i, x in enumerate(xs) if x.numel() >= self.dense_below]
+        small = [i for i in kept if xs[i].numel() <= FUSE_MAX]
+        for i in sorted(set(kept) - set(small)):
             out[i] = self.encode(xs[i], ctxs[i])
         if not small:
             return out

@@ -18,6 +18,7 @@ from fedsqueeze.codecs.stage_api import EncodeFurther
 
 PIPELINES = [
     "topk(ratio=0.01) | quantize(bits=8) | zstd",
+    "topk(ratio=0.01, dense_below=1000) | quantize(bits=8) | zstd",
     "svd(rank=4) | quantize(bits=8) | zstd",
     "topk(ratio=0.3) | quantize(bits=2) | zstd",
     "topk(ratio=0.05) | ternary | zstd",
