@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,11 +20,13 @@ from ._budget import (
     budget_settings,
     encode_choice,
     group_bytes,
+    group_bytes_many,
     k_grid,
     quant_relative_error,
+    width_stage,
 )
 from ._lowrank import PowerSGD
-from ._stage import EncodeContext, Stage
+from ._stage import Stage
 from ._wire import Writer
 
 if TYPE_CHECKING:
@@ -65,20 +66,21 @@ def _code_bits(mags: np.ndarray, spread: float, bits: int, ks: np.ndarray) -> np
 
     The quantizer's range is the tensor's (min, max) for every k that keeps both extremes, so an
     entry's code does not depend on k; magnitudes sorted in descending order have non-increasing
-    codes, and the codes of a prefix are counted from the run lengths.
+    codes, and the codes of a prefix are counted from the run lengths (all k at once: a run
+    [start, end) of the ascending codes holds end - max(start, n - k) of the k largest).
     """
     levels = (1 << bits) - 1
     step = spread / levels if spread > 0 else 1.0
     codes = np.minimum(mags / step, levels).astype(np.int64)[::-1]  # non-decreasing
-    starts = np.searchsorted(codes, np.unique(codes))  # in ascending order; runs of the reversed prefix
     n = mags.size
-    out = np.empty(ks.size)
-    for j, k in enumerate(ks.tolist()):
-        # the k largest are the last k of the reversed array: positions n - k .. n - 1
-        bounds = np.clip(np.append(starts, n), n - k, n)
-        counts = np.diff(bounds)
-        p = counts[counts > 0] / k
-        out[j] = min(float(bits), float(-(p * np.log2(p)).sum()) + 1.0)
+    starts = np.flatnonzero(np.diff(codes, prepend=-1))  # where each run of equal codes begins
+    ends = np.append(starts[1:], n)
+    first = np.maximum(starts[None, :], (n - ks)[:, None])
+    counts = np.maximum(ends[None, :] - first, 0)
+    p = counts / ks[:, None].astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(counts > 0, p * np.log2(np.where(counts > 0, p, 1.0)), 0.0)
+    out: np.ndarray = np.minimum(float(bits), 1.0 - terms.sum(axis=1))
     return out
 
 
@@ -90,52 +92,97 @@ def _index_bits(n: int, k: int) -> float:
     return max(0.1, -(p * math.log2(p) + (1 - p) * math.log2(1 - p)) / p)
 
 
+def _index_bits_many(n: int, ks: np.ndarray) -> np.ndarray:
+    """:func:`_index_bits` for every k in ``ks`` (each in 1..n-1)."""
+    p = ks / n
+    return np.maximum(0.1, -(p * np.log2(p) + (1 - p) * np.log2(1 - p)) / p)
+
+
 def _topk_menu(x: torch.Tensor, mags_sorted: np.ndarray, later: Sequence[Stage]) -> list[Choice]:
-    """Top-k sizes x value codings, with the dropped energy (exact) plus the value coding's error."""
+    """Top-k sizes x value codings, with the dropped energy (exact) plus the value coding's error.
+
+    Only the points on the lower convex hull of (bytes, error) are returned: no price picks another.
+    """
     n = x.numel()
-    mags = np.ascontiguousarray(mags_sorted)
-    mags_t = torch.from_numpy(mags)
-    energy = torch.cumsum(mags_t.double().pow(2), 0).numpy()
-    sums = torch.cumsum(mags_t.double(), 0).numpy()
+    ks = k_grid(n)
+    if ks.size == 0:
+        return []
+    mags = np.ascontiguousarray(mags_sorted, dtype=np.float64)
+    energy = np.cumsum(mags * mags)  # not np.dot: a BLAS call may spin up threads, costing milliseconds
+    kept = energy[ks - 1]
+    sums = np.cumsum(mags)[ks - 1]
     total = float(energy[-1])
     spread = float(x.max() - x.min())
     quant = _stage_of(later, ("quantize",))
     fixed_bits, coder = _fixed_value_bits(later)
-    ks = k_grid(n)
-    entropy = {b: _code_bits(mags, spread, b, ks) for b in BITS_CHOICES} if quant is not None else {}
-    calibration = {b: _quant_calibration(x, quant, b, spread) for b in entropy}
+    index_bytes = ks * _index_bits_many(n, ks) / 8 + NODE_BYTES
+    fields = [0]
+    value_bits = [np.full(ks.size, float(fixed_bits))]
+    value_err = [kept - sums**2 / ks if coder == "sign" else np.zeros(ks.size)]
+    extra = [np.zeros(ks.size)]
+    if quant is not None:
+        for bits, calibration in _quant_calibration(x, quant, spread).items():
+            fields.append(bits)
+            value_bits.append(_code_bits(mags, spread, bits, ks))
+            value_err.append(calibration * ks * spread**2 * quant_relative_error(bits))
+            extra.append(group_bytes_many(quant, bits, ks) + NODE_BYTES)
+    # rows: k; columns: codings (the order of the menu before pruning)
+    vbits = np.stack(value_bits, axis=1)
+    sizes = index_bytes[:, None] + ks[:, None] * vbits / 8 + np.stack(extra, axis=1)
+    errors = (total - kept)[:, None] + np.stack(value_err, axis=1)
     menu = []
-    for j, k in enumerate(ks.tolist()):
-        kept = float(energy[k - 1])
-        index_bytes = k * _index_bits(n, k) / 8 + NODE_BYTES
-        sign_err = kept - float(sums[k - 1]) ** 2 / k
-        codings = [(0, float(fixed_bits), 0.0 if coder != "sign" else sign_err)]
-        for bits, code_bits in entropy.items():
-            value_err = calibration[bits] * k * spread**2 * quant_relative_error(bits)
-            codings.append((bits, float(code_bits[j]), value_err))
-        for field, value_bits, value_err in codings:
-            extra = group_bytes(quant, field, k, (k,)) + (NODE_BYTES if field else 0.0)
-            size = index_bytes + k * value_bits / 8 + extra
-            menu.append(Choice("topk", k, field, size, total - kept + value_err, value_bits))
+    for flat in _lower_hull(sizes.ravel(), errors.ravel()).tolist():
+        j, c = divmod(flat, len(fields))
+        menu.append(Choice("topk", int(ks[j]), fields[c], float(sizes[j, c]), float(errors[j, c]), float(vbits[j, c])))
     return menu
 
 
-def _quant_calibration(x: torch.Tensor, quant: Stage | None, bits: int, spread: float) -> float:
-    """Measured / estimated quantization error of the top 5 % of ``x`` at ``bits`` (blocks make it < 1)."""
-    from ._quant import Quantize
+def _lower_hull(sizes: np.ndarray, errors: np.ndarray) -> np.ndarray:
+    """Indices of the points on the lower convex hull of (size, error), by increasing size.
+
+    A point above the hull (or on a segment of it) never minimizes ``error + lam * size`` alone
+    for any ``lam > 0``, so a Lagrangian choice over the hull is the choice over every point.
+    """
+    order = np.lexsort((errors, sizes)).tolist()
+    hull: list[int] = []
+    for i in order:
+        if hull and errors[i] >= errors[hull[-1]]:
+            continue  # as big or bigger, and no better
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            # b lies on or above the segment a..i
+            if (errors[b] - errors[a]) * (sizes[i] - sizes[b]) >= (errors[i] - errors[b]) * (sizes[b] - sizes[a]):
+                hull.pop()
+            else:
+                break
+        hull.append(i)
+    return np.array(hull, dtype=np.int64)
+
+
+def _quant_calibration(x: torch.Tensor, quant: Stage, spread: float) -> dict[int, float]:
+    """Per width in BITS_CHOICES: measured / estimated quantization error of the top 5 % of ``x``.
+
+    Blocks make the ratio < 1. Rounds to nearest with the quantizer's groups (in float64: an
+    estimate, not the stage's exact arithmetic).
+    """
+    from ._quant import Quantize, _groups
 
     if not isinstance(quant, Quantize) or spread <= 0:
-        return 1.0
+        return dict.fromkeys(BITS_CHOICES, 1.0)
     flat = x.reshape(-1)
     k = max(1, min(flat.numel(), round(0.05 * flat.numel())))
-    values = flat[torch.topk(flat.abs(), k, sorted=False).indices.sort().values]
-    stage = dataclasses.replace(quant, bits=bits, stochastic=False)
-    encoded = stage.encode(values, EncodeContext("calibration", {}, 0))
-    if encoded is None:  # quantize takes every tensor; keep the estimate as it is if that ever changes
-        return 1.0
-    parts = [p for p in encoded.parts if isinstance(p, torch.Tensor)]
-    err = float((stage.decode(parts, encoded.meta, (k,)) - values).double().pow(2).sum())
-    return max(err, 1e-30) / (k * spread**2 * quant_relative_error(bits))
+    values = flat[torch.topk(flat.abs(), k, sorted=False).indices.sort().values].double()
+    out = {}
+    for bits in BITS_CHOICES:
+        groups = _groups(values, width_stage(quant, bits)._granularity(k))
+        lo, hi = groups.aminmax(dim=1)
+        levels = (1 << bits) - 1
+        step = ((hi - lo) / levels)[:, None]
+        safe = torch.where(step > 0, step, torch.ones_like(step))
+        restored = lo[:, None] + ((groups - lo[:, None]) / safe).round().clamp(0, levels) * step
+        err = float((restored.reshape(-1)[:k] - values).pow(2).sum())
+        out[bits] = max(err, 1e-30) / (k * spread**2 * quant_relative_error(bits))
+    return out
 
 
 def _lowrank_menu(x: torch.Tensor, later: Sequence[Stage]) -> list[Choice]:
@@ -187,6 +234,36 @@ def _measured(codec: Codec, budget: Budget, item: Tensor, choice: Choice) -> Cho
     return Choice(choice.kind, choice.size, choice.bits, float(size), err)
 
 
+def _dense_menu(x: torch.Tensor, quant: Stage | None) -> list[Choice]:
+    """Every value quantized at each width: the exact rounding error, bytes from the codes' entropy.
+
+    The bytes are the smaller of the packed codes and their entropy (of the codes' histogram), plus
+    the group ranges and two nodes' framing (the measured correction absorbs the rest).
+    """
+    from ._quant import Quantize, _groups
+
+    n = x.numel()
+    if not isinstance(quant, Quantize) or n == 0:
+        return []
+    values = x.reshape(-1).double()
+    shape = tuple(x.shape)
+    menu = []
+    for bits in BITS_CHOICES:
+        groups = _groups(x.double(), width_stage(quant, bits)._granularity(n))
+        lo, hi = groups.aminmax(dim=1)
+        levels = (1 << bits) - 1
+        step = ((hi - lo) / levels)[:, None]
+        safe = torch.where(step > 0, step, torch.ones_like(step))
+        codes = ((groups - lo[:, None]) / safe).round().clamp(0, levels)
+        err = float(((lo[:, None] + codes * step).reshape(-1)[:n] - values).pow(2).sum())
+        counts = np.bincount(codes.reshape(-1)[:n].to(torch.int64).numpy(), minlength=levels + 1)
+        p = counts[counts > 0] / n
+        code_bits = float(-(p * np.log2(p)).sum())  # the entropy of the codes actually sent
+        size = min(math.ceil(n * bits / 8), n * code_bits / 8) + group_bytes(quant, bits, n, shape) + 2 * NODE_BYTES
+        menu.append(Choice("dense", 0, bits, size, err))
+    return menu
+
+
 def build_menu(codec: Codec, budget: Budget, item: Tensor) -> list[Choice]:
     """Every operating point of one tensor: dropped, dense, and the tunable stages' settings."""
     later = codec.tensor_stages[1:]
@@ -200,7 +277,7 @@ def build_menu(codec: Codec, budget: Budget, item: Tensor) -> list[Choice]:
     if names & {"svd", "powersgd"}:
         menu += _lowrank_menu(x, later)
     if "quantize" in names:
-        menu += [_measured(codec, budget, item, Choice("dense", 0, b)) for b in BITS_CHOICES]
+        menu += _dense_menu(x, _stage_of(later, ("quantize",)))
     if not names & {"topk", "svd", "powersgd", "quantize"} and later:
         menu.append(_measured(codec, budget, item, Choice("spec")))
     return menu

@@ -83,3 +83,17 @@ def test_hostile_block_headers_are_refused() -> None:
         bad[at + 2 : at + 4] = block
         with pytest.raises(CodecError, match=match):
             decode(blob[:start] + bytes(bad))
+
+
+@pytest.mark.parametrize(
+    "spec", ["quantize", "quantize(granularity=64)", "quantize(outlier_block=0)", "quantize(granularity='channel')"]
+)
+def test_group_bytes_many_matches_group_bytes(spec: str) -> None:
+    # the planner's vectorized range bytes must price a top-k run exactly as the scalar rule does
+    from fedsqueeze.codecs._budget import group_bytes, group_bytes_many
+
+    stage = parse(f"{spec} | zstd").stages[0]
+    counts = np.array([1, 7, 8, 63, 64, 65, 255, 256, 257, 1000, 5000])
+    for bits in (0, 2, 4, 8):
+        expected = [group_bytes(stage, bits, int(c), (int(c),)) for c in counts]
+        assert group_bytes_many(stage, bits, counts).tolist() == expected
