@@ -342,6 +342,12 @@ def _value_bytes(c: Choice, n: int) -> float:
     return (c.value_bits + _index_bits(n, c.size)) / 8
 
 
+def _descending_magnitudes(x: torch.Tensor) -> np.ndarray:
+    """|x| flattened, in descending order (numpy's sort: many times faster than torch's on one thread)."""
+    mags = np.sort(np.abs(x.detach().reshape(-1).numpy()))
+    return np.ascontiguousarray(mags[::-1])
+
+
 def encode_with_budget(budget: Budget, codec: Codec, records: list[tuple[str, torch.Tensor]]) -> bytes:
     """Plan, encode, measure, correct: the blob whose payload is closest to ``bpp * n / 8`` bytes."""
     n = sum(t.numel() for _, t in records)
@@ -357,7 +363,7 @@ def encode_with_budget(budget: Budget, codec: Codec, records: list[tuple[str, to
             nodes[name] = codec.raw_node(t)
             fixed.extend(nodes[name])
         else:
-            items.append(Tensor(name, t, x, [], torch.sort(x.reshape(-1).abs(), descending=True).values.numpy()))
+            items.append(Tensor(name, t, x, [], _descending_magnitudes(x)))
     for item in items:
         item.menu = build_menu(codec, budget, item)
     cache: dict[tuple[str, Choice], Writer] = {}
