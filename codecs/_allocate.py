@@ -61,26 +61,34 @@ def _fixed_value_bits(later: Sequence[Stage]) -> tuple[int, str]:
     return (16, "half") if coder.name in ("fp16", "bf16") else (1, "sign")
 
 
-def _code_bits(mags: np.ndarray, spread: float, bits: int, ks: np.ndarray) -> np.ndarray:
-    """Entropy in bits of the quantizer codes of the k largest entries (sign included), for each k in ``ks``.
+def _code_bits(mags: np.ndarray, spread: float, widths: Sequence[int], ks: np.ndarray) -> dict[int, np.ndarray]:
+    """Entropy in bits of the quantizer codes of the k largest entries (sign included), per width and k in ``ks``.
 
     The quantizer's range is the tensor's (min, max) for every k that keeps both extremes, so an
     entry's code does not depend on k; magnitudes sorted in descending order have non-increasing
     codes, and the codes of a prefix are counted from the run lengths (all k at once: a run
-    [start, end) of the ascending codes holds end - max(start, n - k) of the k largest).
+    [start, end) of the ascending codes holds end - max(start, n - k) of the k largest). One pass
+    at 8 bits serves every width: floor(m / (spread / w)) = floor(m / (spread / 255)) // (255 / w)
+    for w = 2**b - 1 dividing 255, so a narrower width's runs are unions of the 8-bit runs.
     """
-    levels = (1 << bits) - 1
-    step = spread / levels if spread > 0 else 1.0
-    codes = np.minimum(mags / step, levels).astype(np.int64)[::-1]  # non-decreasing
+    step = spread / 255 if spread > 0 else 1.0
+    codes = np.minimum(mags[::-1] / step, 255).astype(np.int64)  # non-decreasing
     n = mags.size
     starts = np.flatnonzero(np.diff(codes, prepend=-1))  # where each run of equal codes begins
     ends = np.append(starts[1:], n)
     first = np.maximum(starts[None, :], (n - ks)[:, None])
-    counts = np.maximum(ends[None, :] - first, 0)
-    p = counts / ks[:, None].astype(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        terms = np.where(counts > 0, p * np.log2(np.where(counts > 0, p, 1.0)), 0.0)
-    out: np.ndarray = np.minimum(float(bits), 1.0 - terms.sum(axis=1))
+    counts = np.maximum(ends[None, :] - first, 0).astype(np.float64)
+    out = {}
+    for bits in widths:
+        levels = (1 << bits) - 1
+        if 255 % levels:
+            raise ValueError(f"width {bits} does not divide 8 bits' levels")
+        merged = np.zeros((ks.size, levels + 1))
+        np.add.at(merged.T, codes[starts] // (255 // levels), counts.T)
+        p = merged / ks[:, None].astype(np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            terms = np.where(merged > 0, p * np.log2(np.where(merged > 0, p, 1.0)), 0.0)
+        out[bits] = np.minimum(float(bits), 1.0 - terms.sum(axis=1))
     return out
 
 
@@ -121,9 +129,10 @@ def _topk_menu(x: torch.Tensor, mags_sorted: np.ndarray, later: Sequence[Stage])
     value_err = [kept - sums**2 / ks if coder == "sign" else np.zeros(ks.size)]
     extra = [np.zeros(ks.size)]
     if quant is not None:
+        entropy = _code_bits(mags, spread, BITS_CHOICES, ks)
         for bits, calibration in _quant_calibration(x, quant, spread).items():
             fields.append(bits)
-            value_bits.append(_code_bits(mags, spread, bits, ks))
+            value_bits.append(entropy[bits])
             value_err.append(calibration * ks * spread**2 * quant_relative_error(bits))
             extra.append(group_bytes_many(quant, bits, ks) + NODE_BYTES)
     # rows: k; columns: codings (the order of the menu before pruning)
@@ -159,28 +168,47 @@ def _lower_hull(sizes: np.ndarray, errors: np.ndarray) -> np.ndarray:
     return np.array(hull, dtype=np.int64)
 
 
+def _rounding(
+    values: np.ndarray, shape: tuple[int, ...], granularity: str | int, bits: int
+) -> tuple[float, np.ndarray]:
+    """Round-to-nearest min-max quantization of ``values`` (float64, flat, of ``shape``) with the quantizer's groups.
+
+    Returns the squared error and the histogram of the codes. In float64 (an estimate, not the
+    stage's exact float32 arithmetic); a block pads its last group by repeating the last value,
+    as the stage does, and the padding is left out of both results.
+    """
+    n = values.size
+    if granularity == "tensor" or (granularity == "channel" and len(shape) < 2):
+        groups = values.reshape(1, -1)
+    elif granularity == "channel":
+        groups = values.reshape(shape[0], -1)
+    else:
+        pad = (-n) % int(granularity)
+        groups = np.concatenate([values, np.repeat(values[-1:], pad)]).reshape(-1, int(granularity))
+    lo = groups.min(axis=1, keepdims=True)
+    levels = (1 << bits) - 1
+    step = (groups.max(axis=1, keepdims=True) - lo) / levels
+    codes = np.clip(np.rint((groups - lo) / np.where(step > 0, step, 1.0)), 0, levels)
+    err = float(np.square((lo + codes * step).reshape(-1)[:n] - values).sum())
+    return err, np.bincount(codes.reshape(-1)[:n].astype(np.int64), minlength=levels + 1)
+
+
 def _quant_calibration(x: torch.Tensor, quant: Stage, spread: float) -> dict[int, float]:
     """Per width in BITS_CHOICES: measured / estimated quantization error of the top 5 % of ``x``.
 
-    Blocks make the ratio < 1. Rounds to nearest with the quantizer's groups (in float64: an
-    estimate, not the stage's exact arithmetic).
+    Blocks make the ratio < 1.
     """
-    from ._quant import Quantize, _groups
+    from ._quant import Quantize
 
     if not isinstance(quant, Quantize) or spread <= 0:
         return dict.fromkeys(BITS_CHOICES, 1.0)
-    flat = x.reshape(-1)
-    k = max(1, min(flat.numel(), round(0.05 * flat.numel())))
-    values = flat[torch.topk(flat.abs(), k, sorted=False).indices.sort().values].double()
+    flat = x.detach().reshape(-1).numpy()
+    k = max(1, min(flat.size, round(0.05 * flat.size)))
+    top = np.sort(np.argpartition(np.abs(flat), flat.size - k)[flat.size - k :])
+    values = flat[top].astype(np.float64)
     out = {}
     for bits in BITS_CHOICES:
-        groups = _groups(values, width_stage(quant, bits)._granularity(k))
-        lo, hi = groups.aminmax(dim=1)
-        levels = (1 << bits) - 1
-        step = ((hi - lo) / levels)[:, None]
-        safe = torch.where(step > 0, step, torch.ones_like(step))
-        restored = lo[:, None] + ((groups - lo[:, None]) / safe).round().clamp(0, levels) * step
-        err = float((restored.reshape(-1)[:k] - values).pow(2).sum())
+        err, _ = _rounding(values, (k,), width_stage(quant, bits)._granularity(k), bits)
         out[bits] = max(err, 1e-30) / (k * spread**2 * quant_relative_error(bits))
     return out
 
@@ -240,23 +268,16 @@ def _dense_menu(x: torch.Tensor, quant: Stage | None) -> list[Choice]:
     The bytes are the smaller of the packed codes and their entropy (of the codes' histogram), plus
     the group ranges and two nodes' framing (the measured correction absorbs the rest).
     """
-    from ._quant import Quantize, _groups
+    from ._quant import Quantize
 
     n = x.numel()
     if not isinstance(quant, Quantize) or n == 0:
         return []
-    values = x.reshape(-1).double()
+    values = x.detach().reshape(-1).numpy().astype(np.float64)
     shape = tuple(x.shape)
     menu = []
     for bits in BITS_CHOICES:
-        groups = _groups(x.double(), width_stage(quant, bits)._granularity(n))
-        lo, hi = groups.aminmax(dim=1)
-        levels = (1 << bits) - 1
-        step = ((hi - lo) / levels)[:, None]
-        safe = torch.where(step > 0, step, torch.ones_like(step))
-        codes = ((groups - lo[:, None]) / safe).round().clamp(0, levels)
-        err = float(((lo[:, None] + codes * step).reshape(-1)[:n] - values).pow(2).sum())
-        counts = np.bincount(codes.reshape(-1)[:n].to(torch.int64).numpy(), minlength=levels + 1)
+        err, counts = _rounding(values, shape, width_stage(quant, bits)._granularity(n), bits)
         p = counts[counts > 0] / n
         code_bits = float(-(p * np.log2(p)).sum())  # the entropy of the codes actually sent
         size = min(math.ceil(n * bits / 8), n * code_bits / 8) + group_bytes(quant, bits, n, shape) + 2 * NODE_BYTES
