@@ -184,12 +184,16 @@ def values_per_byte_estimate(n: int, k: int) -> float:
     return min(varint, n / 8 / max(k, 1))
 
 
+@functools.lru_cache(maxsize=256)
 def k_grid(n: int) -> np.ndarray:
-    """Geometric top-k sizes 1..n-1 (at most K_GRID distinct)."""
+    """Geometric top-k sizes 1..n-1 (at most K_GRID distinct; cached, so read-only)."""
     if n <= 1:
-        return np.zeros(0, np.int64)
-    grid = np.unique(np.round(np.geomspace(1, n - 1, K_GRID)).astype(np.int64))
-    return grid[grid < n]
+        grid = np.zeros(0, np.int64)
+    else:
+        grid = np.unique(np.round(np.geomspace(1, n - 1, K_GRID)).astype(np.int64))
+        grid = grid[grid < n]
+    grid.flags.writeable = False
+    return grid
 
 
 def quant_relative_error(bits: int) -> float:
