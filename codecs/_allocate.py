@@ -80,13 +80,14 @@ def _code_bits(mags: np.ndarray, spread: float, widths: Sequence[int], ks: np.nd
     ends = np.append(starts[1:], n)
     first = np.maximum(starts[None, :], (n - ks)[:, None])
     counts = np.maximum(ends[None, :] - first, 0).astype(np.float64)
+    run_codes = codes[starts]
     out = {}
     for bits in widths:
         levels = (1 << bits) - 1
         if 255 % levels:
             raise ValueError(f"width {bits} does not divide 8 bits' levels")
-        merged = np.zeros((ks.size, levels + 1))
-        np.add.at(merged.T, codes[starts] // (255 // levels), counts.T)
+        narrow = run_codes // (255 // levels)  # non-decreasing: the runs of one narrow code are adjacent
+        merged = np.add.reduceat(counts, np.flatnonzero(np.diff(narrow, prepend=-1)), axis=1)
         p = merged / ks[:, None].astype(np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):
             terms = np.where(merged > 0, p * np.log2(np.where(merged > 0, p, 1.0)), 0.0)
@@ -108,10 +109,14 @@ def _index_bits_many(n: int, ks: np.ndarray) -> np.ndarray:
     return np.maximum(0.1, -(p * np.log2(p) + (1 - p) * np.log2(1 - p)) / p)
 
 
-def _topk_menu(x: torch.Tensor, mags_sorted: np.ndarray, later: Sequence[Stage]) -> list[Choice]:
+def _topk_menu(
+    x: torch.Tensor, mags_sorted: np.ndarray, later: Sequence[Stage], spread: float, entropy: dict[int, np.ndarray]
+) -> list[Choice]:
     """Top-k sizes x value codings, with the dropped energy (exact) plus the value coding's error.
 
-    Only the points on the lower convex hull of (bytes, error) are returned: no price picks another.
+    ``spread`` is max(x) - min(x); ``entropy`` maps each quantizer width to :func:`_code_bits` on
+    the top-k grid. Only the points on the lower convex hull of (bytes, error) are returned: no
+    price picks another.
     """
     n = x.numel()
     ks = k_grid(n)
@@ -122,7 +127,6 @@ def _topk_menu(x: torch.Tensor, mags_sorted: np.ndarray, later: Sequence[Stage])
     kept = energy[ks - 1]
     sums = np.cumsum(mags)[ks - 1]
     total = float(energy[-1])
-    spread = float(x.max() - x.min())
     quant = _stage_of(later, ("quantize",))
     fixed_bits, coder = _fixed_value_bits(later)
     index_bytes = ks * _index_bits_many(n, ks) / 8 + NODE_BYTES
@@ -131,7 +135,6 @@ def _topk_menu(x: torch.Tensor, mags_sorted: np.ndarray, later: Sequence[Stage])
     value_err = [kept - sums**2 / ks if coder == "sign" else np.zeros(ks.size)]
     extra = [np.zeros(ks.size)]
     if quant is not None:
-        entropy = _code_bits(mags, spread, BITS_CHOICES, ks)
         for bits, calibration in _quant_calibration(x, quant, spread).items():
             fields.append(bits)
             value_bits.append(entropy[bits])
@@ -267,7 +270,7 @@ def _measured(codec: Codec, budget: Budget, item: Tensor, choice: Choice) -> Cho
     return Choice(choice.kind, choice.size, choice.bits, float(size), err)
 
 
-def _dense_menu(x: torch.Tensor, quant: Stage | None) -> list[Choice]:
+def _dense_menu(x: torch.Tensor, quant: Stage | None, widths: Sequence[int] = BITS_CHOICES) -> list[Choice]:
     """Every value quantized at each width: the exact rounding error, bytes from the codes' entropy.
 
     The bytes are the smaller of the packed codes and their entropy (of the codes' histogram), plus
@@ -281,7 +284,7 @@ def _dense_menu(x: torch.Tensor, quant: Stage | None) -> list[Choice]:
     values = x.detach().reshape(-1).numpy().astype(np.float64)
     shape = tuple(x.shape)
     menu = []
-    for bits in BITS_CHOICES:
+    for bits in widths:
         err, counts = _rounding(values, shape, width_stage(quant, bits)._granularity(n), bits)
         p = counts[counts > 0] / n
         code_bits = float(-(p * np.log2(p)).sum())  # the entropy of the codes actually sent
@@ -290,20 +293,30 @@ def _dense_menu(x: torch.Tensor, quant: Stage | None) -> list[Choice]:
     return menu
 
 
-def build_menu(codec: Codec, budget: Budget, item: Tensor) -> list[Choice]:
-    """Every operating point of one tensor: dropped, dense, and the tunable stages' settings."""
+def build_menu(codec: Codec, budget: Budget, item: Tensor, limit: float = math.inf) -> list[Choice]:
+    """Every operating point of one tensor: dropped, dense, and the tunable stages' settings.
+
+    ``limit``: the most bytes any plan may spend; a dense width whose estimated codes alone take
+    more is left off unpriced (its rounding would cost more time than any other point).
+    """
     later = codec.tensor_stages[1:]
     x = item.x
     n = x.numel()
     total = float(x.double().pow(2).sum())
     menu = [Choice("zero", 0, 0, float(NODE_BYTES), total), Choice("raw", 0, 0, float(n * item.t.element_size()), 0.0)]
     names = {s.name for s in later}
+    quant = _stage_of(later, ("quantize",))
+    spread = float(x.max() - x.min()) if n else 0.0
+    ks = k_grid(n)
+    # the entropy of the k largest magnitudes' codes, shared by the top-k menu and the dense widths' check
+    entropy = _code_bits(item.mags, spread, BITS_CHOICES, ks) if quant is not None and ks.size else {}
     if "topk" in names:
-        menu += _topk_menu(x, item.mags, later)
+        menu += _topk_menu(x, item.mags, later, spread, entropy)
     if names & {"svd", "powersgd"}:
         menu += _lowrank_menu(x, later)
-    if "quantize" in names:
-        menu += _dense_menu(x, _stage_of(later, ("quantize",)))
+    if quant is not None:
+        skip = {b for b, bits in entropy.items() if n * float(bits[-1]) / 8 > limit}
+        menu += _dense_menu(x, quant, [b for b in BITS_CHOICES if b not in skip])
     if not names & {"topk", "svd", "powersgd", "quantize"} and later:
         menu.append(_measured(codec, budget, item, Choice("spec")))
     return menu
@@ -389,7 +402,8 @@ def encode_with_budget(budget: Budget, codec: Codec, records: list[tuple[str, to
         else:
             items.append(Tensor(name, t, x, [], _descending_magnitudes(x)))
     for item in items:
-        item.menu = build_menu(codec, budget, item)
+        # no plan spends more than twice the target: the second plan asks for at most that
+        item.menu = build_menu(codec, budget, item, 2 * target)
     cache: dict[tuple[str, Choice], Writer] = {}
 
     def attempt(picked: list[Choice]) -> tuple[bytes, int]:

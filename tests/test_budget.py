@@ -193,3 +193,21 @@ def test_fill_prices_kept_values_at_their_coding() -> None:
     assert {c.value_bits for c in item.menu if c.kind == "topk"} == {1.0}
     blob = codec.encode(update)
     assert payload_bytes(blob) == pytest.approx(0.5 * num_params(update) / 8, rel=0.03)
+
+
+def test_menu_leaves_off_only_dense_widths_no_plan_can_afford() -> None:
+    # the planner skips pricing a dense width whose codes alone exceed the most bytes a plan may spend
+    from fedsqueeze.codecs import _allocate
+
+    update = synthetic_update(50_000, seed=4)
+    codec = parse("budget(bpp=0.3) | topk | quantize | zstd")
+    name, t = max(update.items(), key=lambda kv: kv[1].numel())
+    x = t.float().contiguous()
+    item = _allocate.Tensor(name, t, x, [], _allocate._descending_magnitudes(x))
+    full = _allocate.build_menu(codec, codec.stages[0], item)
+    dense = {c.bits: c for c in full if c.kind == "dense"}
+    assert sorted(dense) == [2, 4, 8]
+    limit = 2 * 0.3 * x.numel() / 8
+    kept = {c.bits for c in _allocate.build_menu(codec, codec.stages[0], item, limit) if c.kind == "dense"}
+    assert kept != set(dense)  # at 0.3 bpp a whole large tensor at 8 bits is out of reach
+    assert all(dense[b].est_bytes > limit for b in set(dense) - kept)
