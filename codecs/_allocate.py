@@ -135,7 +135,7 @@ def _topk_menu(
     value_err = [kept - sums**2 / ks if coder == "sign" else np.zeros(ks.size)]
     extra = [np.zeros(ks.size)]
     if quant is not None:
-        for bits, calibration in _quant_calibration(x, quant, spread).items():
+        for bits, calibration in _quant_calibration(x, mags, quant, spread).items():
             fields.append(bits)
             value_bits.append(entropy[bits])
             value_err.append(calibration * ks * spread**2 * quant_relative_error(bits))
@@ -156,24 +156,22 @@ def _lower_hull(sizes: np.ndarray, errors: np.ndarray) -> np.ndarray:
 
     A point above the hull (or on a segment of it) never minimizes ``error + lam * size`` alone
     for any ``lam > 0``, so a Lagrangian choice over the hull is the choice over every point.
+    First the Pareto front (each point strictly better than every smaller one), then every point
+    on or above the chord of its two neighbours is dropped, all at once, until none is: such a
+    point is above the hull, a hull vertex never is, and a polyline convex at every vertex is
+    the hull.
     """
     order = np.lexsort((errors, sizes))
     ordered = errors[order]
-    # the Pareto front first (each point strictly better than every smaller one), in numpy
     best_before = np.minimum.accumulate(np.concatenate([[np.inf], ordered[:-1]]))
-    front = order[ordered < best_before].tolist()
-    xs, ys = sizes.tolist(), errors.tolist()
-    hull: list[int] = []
-    for i in front:
-        while len(hull) >= 2:
-            a, b = hull[-2], hull[-1]
-            # b lies on or above the segment a..i
-            if (ys[b] - ys[a]) * (xs[i] - xs[b]) >= (ys[i] - ys[b]) * (xs[b] - xs[a]):
-                hull.pop()
-            else:
-                break
-        hull.append(i)
-    return np.array(hull, dtype=np.int64)
+    hull = order[ordered < best_before]
+    while hull.size >= 3:
+        x, y = sizes[hull], errors[hull]
+        above = (y[1:-1] - y[:-2]) * (x[2:] - x[1:-1]) >= (y[2:] - y[1:-1]) * (x[1:-1] - x[:-2])
+        if not above.any():
+            break
+        hull = hull[np.concatenate([[True], ~above, [True]])]
+    return hull
 
 
 def _rounding(
@@ -201,10 +199,11 @@ def _rounding(
     return err, np.bincount(codes.reshape(-1)[:n].astype(np.int64), minlength=levels + 1)
 
 
-def _quant_calibration(x: torch.Tensor, quant: Stage, spread: float) -> dict[int, float]:
+def _quant_calibration(x: torch.Tensor, mags: np.ndarray, quant: Stage, spread: float) -> dict[int, float]:
     """Per width in BITS_CHOICES: measured / estimated quantization error of the top 5 % of ``x``.
 
-    Blocks make the ratio < 1.
+    ``mags``: |x| in descending order. Blocks make the ratio < 1. The top 5 % are the entries
+    at least the k-th largest magnitude, in index order (on ties, the first k of them).
     """
     from ._quant import Quantize
 
@@ -212,8 +211,7 @@ def _quant_calibration(x: torch.Tensor, quant: Stage, spread: float) -> dict[int
         return dict.fromkeys(BITS_CHOICES, 1.0)
     flat = x.detach().reshape(-1).numpy()
     k = max(1, min(flat.size, round(0.05 * flat.size)))
-    top = np.sort(np.argpartition(np.abs(flat), flat.size - k)[flat.size - k :])
-    values = flat[top].astype(np.float64)
+    values = flat[np.abs(flat) >= mags[k - 1]][:k].astype(np.float64)
     out = {}
     for bits in BITS_CHOICES:
         err, _ = _rounding(values, (k,), width_stage(quant, bits)._granularity(k), bits)
