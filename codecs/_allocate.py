@@ -351,24 +351,37 @@ def _fill(items: list[Tensor], picked: list[Choice], leftover: float) -> list[Ch
 
     Greedy in small steps (a sixteenth of a tensor's k at a time): each step widens the top-k of
     the tensor whose next entries remove the most squared error per byte, until the bytes run
-    out or every top-k tensor is full.
+    out or every top-k tensor is full. Each tensor's price and gain are kept and recomputed only
+    when its top-k changes.
     """
     picked = list(picked)
+    sizes = [item.x.numel() for item in items]
+    # (bytes of one more entry, squared error it removes per byte) of each widenable top-k tensor
+    offers: dict[int, tuple[float, float]] = {}
+
+    def offer(i: int) -> None:
+        c, n = picked[i], sizes[i]
+        if c.kind == "topk" and c.size < n - 1:
+            per_value = _value_bytes(c, n)
+            offers[i] = (per_value, float(items[i].mags[c.size]) ** 2 / per_value)
+        else:
+            offers.pop(i, None)
+
+    for i in range(len(picked)):
+        offer(i)
     for _ in range(FILL_STEPS):
         best, gain = -1, 0.0
-        for i, c in enumerate(picked):
-            n = items[i].x.numel()
-            if c.kind == "topk" and c.size < n - 1 and _value_bytes(c, n) <= leftover:
-                g = float(items[i].mags[c.size]) ** 2 / _value_bytes(c, n)
-                if g > gain:
-                    best, gain = i, g
+        for i, (per_value, g) in offers.items():
+            if per_value <= leftover and g > gain:
+                best, gain = i, g
         if best < 0:
             break
-        c, n = picked[best], items[best].x.numel()
-        per_value = _value_bytes(c, n)
+        c, n = picked[best], sizes[best]
+        per_value = offers[best][0]
         k = int(min(n - 1, c.size + max(1, c.size // 16), c.size + leftover // per_value))
         leftover -= (k - c.size) * per_value
         picked[best] = Choice("topk", k, c.bits, c.est_bytes + (k - c.size) * per_value, c.est_error, c.value_bits)
+        offer(best)
     return picked
 
 
