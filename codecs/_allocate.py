@@ -63,6 +63,14 @@ def _fixed_value_bits(later: Sequence[Stage]) -> tuple[int, str]:
     return (16, "half") if coder.name in ("fp16", "bf16") else (1, "sign")
 
 
+def _run_starts(a: np.ndarray) -> np.ndarray:
+    """Where each run of equal values of the non-empty 1-D ``a`` begins."""
+    edge = np.empty(a.size, dtype=bool)
+    edge[0] = True
+    np.not_equal(a[1:], a[:-1], out=edge[1:])
+    return np.flatnonzero(edge)
+
+
 def _code_bits(mags: np.ndarray, spread: float, widths: Sequence[int], ks: np.ndarray) -> dict[int, np.ndarray]:
     """Entropy in bits of the quantizer codes of the k largest entries (sign included), per width and k in ``ks``.
 
@@ -76,7 +84,7 @@ def _code_bits(mags: np.ndarray, spread: float, widths: Sequence[int], ks: np.nd
     step = spread / 255 if spread > 0 else 1.0
     codes = np.minimum(mags[::-1] / step, 255).astype(np.int64)  # non-decreasing
     n = mags.size
-    starts = np.flatnonzero(np.diff(codes, prepend=-1))  # where each run of equal codes begins
+    starts = _run_starts(codes)
     ends = np.append(starts[1:], n)
     first = np.maximum(starts[None, :], (n - ks)[:, None])
     counts = np.maximum(ends[None, :] - first, 0).astype(np.float64)
@@ -87,7 +95,7 @@ def _code_bits(mags: np.ndarray, spread: float, widths: Sequence[int], ks: np.nd
         if 255 % levels:
             raise ValueError(f"width {bits} does not divide 8 bits' levels")
         narrow = run_codes // (255 // levels)  # non-decreasing: the runs of one narrow code are adjacent
-        merged = np.add.reduceat(counts, np.flatnonzero(np.diff(narrow, prepend=-1)), axis=1)
+        merged = np.add.reduceat(counts, _run_starts(narrow), axis=1)
         p = merged / ks[:, None].astype(np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):
             terms = np.where(merged > 0, p * np.log2(np.where(merged > 0, p, 1.0)), 0.0)
@@ -175,28 +183,42 @@ def _lower_hull(sizes: np.ndarray, errors: np.ndarray) -> np.ndarray:
 
 
 def _rounding(
-    values: np.ndarray, shape: tuple[int, ...], granularity: str | int, bits: int
-) -> tuple[float, np.ndarray]:
-    """Round-to-nearest min-max quantization of ``values`` (float64, flat, of ``shape``) with the quantizer's groups.
+    values: np.ndarray, shape: tuple[int, ...], quant: Stage, widths: Sequence[int]
+) -> dict[int, tuple[float, np.ndarray]]:
+    """Round-to-nearest min-max quantization of ``values`` (float64, flat, of ``shape``) at each width.
 
-    Returns the squared error and the histogram of the codes. In float64 (an estimate, not the
-    stage's exact float32 arithmetic); a block pads its last group by repeating the last value,
-    as the stage does, and the padding is left out of both results.
+    Per width: the squared error and the histogram of the codes, with the groups ``quant`` uses
+    at that width (the groups' ranges are found once per distinct grouping). In float64 (an
+    estimate, not the stage's exact float32 arithmetic); a block pads its last group by
+    repeating the last value, as the stage does, and the padding is left out of both results.
     """
+    from ._quant import Quantize
+
+    if not isinstance(quant, Quantize):
+        raise TypeError(f"expected a quantize stage, found {quant.name!r}")
     n = values.size
-    if granularity == "tensor" or (granularity == "channel" and len(shape) < 2):
-        groups = values.reshape(1, -1)
-    elif granularity == "channel":
-        groups = values.reshape(shape[0], -1)
-    else:
-        pad = (-n) % int(granularity)
-        groups = np.concatenate([values, np.repeat(values[-1:], pad)]).reshape(-1, int(granularity))
-    lo = groups.min(axis=1, keepdims=True)
-    levels = (1 << bits) - 1
-    step = (groups.max(axis=1, keepdims=True) - lo) / levels
-    codes = np.clip(np.rint((groups - lo) / np.where(step > 0, step, 1.0)), 0, levels)
-    err = float(np.square((lo + codes * step).reshape(-1)[:n] - values).sum())
-    return err, np.bincount(codes.reshape(-1)[:n].astype(np.int64), minlength=levels + 1)
+    by_grouping: dict[str | int, list[int]] = {}
+    for bits in widths:
+        by_grouping.setdefault(width_stage(quant, bits)._granularity(n), []).append(bits)
+    out = {}
+    for granularity, same in by_grouping.items():
+        if granularity == "tensor" or (granularity == "channel" and len(shape) < 2):
+            groups = values.reshape(1, -1)
+        elif granularity == "channel":
+            groups = values.reshape(shape[0], -1)
+        else:
+            pad = (-n) % int(granularity)
+            groups = np.concatenate([values, np.repeat(values[-1:], pad)]).reshape(-1, int(granularity))
+        lo = groups.min(axis=1, keepdims=True)
+        span = groups.max(axis=1, keepdims=True) - lo
+        shifted = groups - lo
+        for bits in same:
+            levels = (1 << bits) - 1
+            step = span / levels
+            codes = np.clip(np.rint(shifted / np.where(step > 0, step, 1.0)), 0, levels)
+            err = float(np.square((codes * step - shifted).reshape(-1)[:n]).sum())
+            out[bits] = (err, np.bincount(codes.reshape(-1)[:n].astype(np.int64), minlength=levels + 1))
+    return out
 
 
 def _quant_calibration(x: torch.Tensor, mags: np.ndarray, quant: Stage, spread: float) -> dict[int, float]:
@@ -212,11 +234,8 @@ def _quant_calibration(x: torch.Tensor, mags: np.ndarray, quant: Stage, spread: 
     flat = x.detach().reshape(-1).numpy()
     k = max(1, min(flat.size, round(0.05 * flat.size)))
     values = flat[np.abs(flat) >= mags[k - 1]][:k].astype(np.float64)
-    out = {}
-    for bits in BITS_CHOICES:
-        err, _ = _rounding(values, (k,), width_stage(quant, bits)._granularity(k), bits)
-        out[bits] = max(err, 1e-30) / (k * spread**2 * quant_relative_error(bits))
-    return out
+    rounded = _rounding(values, (k,), quant, BITS_CHOICES)
+    return {b: max(rounded[b][0], 1e-30) / (k * spread**2 * quant_relative_error(b)) for b in BITS_CHOICES}
 
 
 def _lowrank_menu(x: torch.Tensor, later: Sequence[Stage]) -> list[Choice]:
@@ -282,8 +301,7 @@ def _dense_menu(x: torch.Tensor, quant: Stage | None, widths: Sequence[int] = BI
     values = x.detach().reshape(-1).numpy().astype(np.float64)
     shape = tuple(x.shape)
     menu = []
-    for bits in widths:
-        err, counts = _rounding(values, shape, width_stage(quant, bits)._granularity(n), bits)
+    for bits, (err, counts) in _rounding(values, shape, quant, widths).items():
         p = counts[counts > 0] / n
         code_bits = float(-(p * np.log2(p)).sum())  # the entropy of the codes actually sent
         size = min(math.ceil(n * bits / 8), n * code_bits / 8) + group_bytes(quant, bits, n, shape) + 2 * NODE_BYTES

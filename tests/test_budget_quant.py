@@ -136,6 +136,6 @@ def test_planner_rounding_error_matches_the_quantizer(spec: str, bits: int) -> N
     restored = stage.decode(parts, encoded.meta, tuple(x.shape))
     expected = float((restored.double() - x.double()).pow(2).sum())
     values = x.reshape(-1).double().numpy()
-    err, counts = _rounding(values, tuple(x.shape), stage._granularity(x.numel()), bits)
+    err, counts = _rounding(values, tuple(x.shape), stage, [bits])[bits]
     assert err == pytest.approx(expected, rel=1e-3)
     assert counts.sum() == x.numel() and counts.size == (1 << bits)
