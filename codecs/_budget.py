@@ -15,6 +15,7 @@ the measured ratio (actual / estimated bytes), for at most ``passes`` encodes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from ._stage import (
 
 if TYPE_CHECKING:
     from ._pipeline import Codec
+    from ._quant import Quantize
     from ._wire import Writer
 
 TOLERANCE = 0.01
@@ -182,17 +184,27 @@ def values_per_byte_estimate(n: int, k: int) -> float:
     return min(varint, n / 8 / max(k, 1))
 
 
+@functools.lru_cache(maxsize=256)
 def k_grid(n: int) -> np.ndarray:
-    """Geometric top-k sizes 1..n-1 (at most K_GRID distinct)."""
+    """Geometric top-k sizes 1..n-1 (at most K_GRID distinct; cached, so read-only)."""
     if n <= 1:
-        return np.zeros(0, np.int64)
-    grid = np.unique(np.round(np.geomspace(1, n - 1, K_GRID)).astype(np.int64))
-    return grid[grid < n]
+        grid = np.zeros(0, np.int64)
+    else:
+        grid = np.unique(np.round(np.geomspace(1, n - 1, K_GRID)).astype(np.int64))
+        grid = grid[grid < n]
+    grid.flags.writeable = False
+    return grid
 
 
 def quant_relative_error(bits: int) -> float:
     """Mean squared error of min-max quantization per unit of range squared: step**2 / 12."""
     return 1.0 / (12.0 * ((1 << bits) - 1) ** 2)
+
+
+@functools.lru_cache(maxsize=64)
+def width_stage(stage: Quantize, bits: int) -> Quantize:
+    """``stage`` at width ``bits`` (cached: the planner asks for the same few widths per tensor)."""
+    return dataclasses.replace(stage, bits=bits)
 
 
 def group_bytes(stage: Stage | None, bits: int, count: int, shape: tuple[int, ...]) -> float:
@@ -201,9 +213,27 @@ def group_bytes(stage: Stage | None, bits: int, count: int, shape: tuple[int, ..
 
     if not isinstance(stage, Quantize) or not bits:
         return 0.0
-    g = dataclasses.replace(stage, bits=bits)._granularity(count)
+    g = width_stage(stage, bits)._granularity(count)
     if g == "tensor":
         return 8.0
     if g == "channel":
         return 8.0 * (shape[0] if len(shape) >= 2 and count == math.prod(shape) else 1)
     return 8.0 * math.ceil(count / int(g))
+
+
+def group_bytes_many(stage: Stage | None, bits: int, counts: np.ndarray) -> np.ndarray:
+    """:func:`group_bytes` of a 1-D run of each size in ``counts`` (the top-k values), at once.
+
+    Mirrors ``Quantize._granularity``: a block size, or one range ("tensor", and "channel" of a
+    1-D run), with outlier blocks for runs longer than ``outlier_block`` at up to 4 bits.
+    """
+    from ._quant import Quantize
+
+    if not isinstance(stage, Quantize) or not bits:
+        return np.zeros(counts.shape)
+    g = stage.granularity
+    base = 8.0 * np.ceil(counts / g) if isinstance(g, int) else np.full(counts.shape, 8.0)
+    block = stage.outlier_block
+    if block and bits <= 4 and g == "tensor":
+        return np.where(counts > block, 8.0 * np.ceil(counts / block), base)
+    return base

@@ -193,3 +193,49 @@ def test_fill_prices_kept_values_at_their_coding() -> None:
     assert {c.value_bits for c in item.menu if c.kind == "topk"} == {1.0}
     blob = codec.encode(update)
     assert payload_bytes(blob) == pytest.approx(0.5 * num_params(update) / 8, rel=0.03)
+
+
+def test_menu_leaves_off_only_dense_widths_no_plan_can_afford() -> None:
+    # the planner skips pricing a dense width whose codes alone exceed the most bytes a plan may spend
+    from fedsqueeze.codecs import _allocate
+
+    update = synthetic_update(50_000, seed=4)
+    codec = parse("budget(bpp=0.3) | topk | quantize | zstd")
+    name, t = max(update.items(), key=lambda kv: kv[1].numel())
+    x = t.float().contiguous()
+    item = _allocate.Tensor(name, t, x, [], _allocate._descending_magnitudes(x))
+    full = _allocate.build_menu(codec, codec.stages[0], item)
+    dense = {c.bits: c for c in full if c.kind == "dense"}
+    assert sorted(dense) == [2, 4, 8]
+    limit = 2 * 0.3 * x.numel() / 8
+    kept = {c.bits for c in _allocate.build_menu(codec, codec.stages[0], item, limit) if c.kind == "dense"}
+    assert kept != set(dense)  # at 0.3 bpp a whole large tensor at 8 bits is out of reach
+    assert all(dense[b].est_bytes > limit for b in set(dense) - kept)
+
+
+def test_menu_hull_keeps_exactly_the_points_some_price_can_pick() -> None:
+    # the menus are pruned to their lower convex hull; check it against the definition, brute force
+    from fedsqueeze.codecs._allocate import _lower_hull
+
+    rng = np.random.default_rng(7)
+    for trial in range(300):
+        n = int(rng.integers(1, 25))
+        sizes = rng.integers(0, 12, n).astype(float) if trial % 2 else rng.random(n)
+        errors = 1.0 / (sizes + 0.5) + rng.random(n) * (trial % 3)
+        expected = []
+        for i in range(n):
+            dominated = any(
+                (sizes[j] <= sizes[i] and errors[j] <= errors[i])
+                and (sizes[j], errors[j], j) < (sizes[i], errors[i], i)
+                for j in range(n)
+            )
+            above_chord = any(
+                sizes[j] < sizes[i] < sizes[k]
+                and errors[i] * (sizes[k] - sizes[j])
+                >= errors[j] * (sizes[k] - sizes[i]) + errors[k] * (sizes[i] - sizes[j])
+                for j in range(n)
+                for k in range(n)
+            )
+            if not dominated and not above_chord:
+                expected.append(i)
+        assert sorted(_lower_hull(sizes, errors).tolist()) == expected

@@ -83,3 +83,59 @@ def test_hostile_block_headers_are_refused() -> None:
         bad[at + 2 : at + 4] = block
         with pytest.raises(CodecError, match=match):
             decode(blob[:start] + bytes(bad))
+
+
+@pytest.mark.parametrize(
+    "spec", ["quantize", "quantize(granularity=64)", "quantize(outlier_block=0)", "quantize(granularity='channel')"]
+)
+def test_group_bytes_many_matches_group_bytes(spec: str) -> None:
+    # the planner's vectorized range bytes must price a top-k run exactly as the scalar rule does
+    from fedsqueeze.codecs._budget import group_bytes, group_bytes_many
+
+    stage = parse(f"{spec} | zstd").stages[0]
+    counts = np.array([1, 7, 8, 63, 64, 65, 255, 256, 257, 1000, 5000])
+    for bits in (0, 2, 4, 8):
+        expected = [group_bytes(stage, bits, int(c), (int(c),)) for c in counts]
+        assert group_bytes_many(stage, bits, counts).tolist() == expected
+
+
+def test_code_entropy_of_every_width_from_one_8_bit_pass() -> None:
+    # the planner derives the 2- and 4-bit code runs from the 8-bit ones; check against a direct histogram
+    from fedsqueeze.codecs._allocate import _code_bits
+    from fedsqueeze.codecs._budget import k_grid
+
+    x = np.random.default_rng(5).standard_t(3, 3000)
+    mags = np.sort(np.abs(x))[::-1].copy()
+    spread = float(x.max() - x.min())
+    ks = k_grid(x.size)
+    got = _code_bits(mags, spread, (2, 4, 8), ks)
+    for bits in (2, 4, 8):
+        levels = (1 << bits) - 1
+        codes = np.minimum(mags / (spread / levels), levels).astype(np.int64)
+        for j, k in enumerate(ks.tolist()):
+            p = np.bincount(codes[:k]) / k
+            p = p[p > 0]
+            assert got[bits][j] == pytest.approx(min(bits, 1.0 - float((p * np.log2(p)).sum())), abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    "spec", ["quantize(bits={})", "quantize(bits={}, granularity=64)", "quantize(bits={}, granularity='channel')"]
+)
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_planner_rounding_error_matches_the_quantizer(spec: str, bits: int) -> None:
+    # the dense widths are priced by the planner's own rounding, not by trial encodes: it must match the stage
+    from fedsqueeze.codecs._allocate import _rounding
+    from fedsqueeze.codecs._stage import EncodeContext
+
+    x = torch.from_numpy(np.random.default_rng(bits).standard_t(3, (30, 70)).astype(np.float32))
+    stage = parse(spec.format(bits)).stages[0]
+    assert isinstance(stage, Quantize)
+    encoded = stage.encode(x, EncodeContext("w", {}, 0))
+    assert encoded is not None
+    parts = [p for p in encoded.parts if isinstance(p, torch.Tensor)]
+    restored = stage.decode(parts, encoded.meta, tuple(x.shape))
+    expected = float((restored.double() - x.double()).pow(2).sum())
+    values = x.reshape(-1).double().numpy()
+    err, counts = _rounding(values, tuple(x.shape), stage, [bits])[bits]
+    assert err == pytest.approx(expected, rel=1e-3)
+    assert counts.sum() == x.numel() and counts.size == (1 << bits)
