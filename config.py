@@ -55,8 +55,8 @@ class RunConfig(Mapping[str, ConfigValue]):
     results_dir: str = "results"
     # Compression
     # The defaults: the best total ratio within one point of FP32 measured (BENCHMARKS.md, section 4)
-    uplink_codec: str = "budget(bpp=0.3) | topk | quantize | zstd"
-    downlink_codec: str = "budget(bpp=0.3) | topk | quantize | zstd"
+    uplink_codec: str = "svd(rank=4) | quantize(bits=8) | zstd"
+    downlink_codec: str = "svd(rank=4) | quantize(bits=8) | zstd"
     error_feedback: bool = True
     max_feedback_staleness: int = 20
     # Sparsity warm-up of the uplink's topk/randomk over this many rounds (0: off), see server/warmup.py
