@@ -42,6 +42,20 @@ def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     return out.ravel()[:count]
 
 
+def varint_bytes(value: int) -> bytes:
+    """The LEB128 varint of one integer ``value`` >= 0 (the scalar form of :func:`varint_encode`)."""
+    if value < 0:
+        raise ValueError(f"varint must be >= 0, got {value}")
+    if value < 0x80:
+        return bytes((value,))
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
 def varint_sizes(values: np.ndarray) -> np.ndarray:
     """Bytes of the LEB128 varint of each non-negative integer (int64)."""
     v = np.ascontiguousarray(values, dtype=np.uint64)

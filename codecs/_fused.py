@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ._bits import varint_bytes as varint
 from ._stage import EncodeContext, EncodeFurther
 from ._wire import FLOAT_DTYPES, MAX_NDIM, dtype_code, tensor_to_bytes
 
@@ -54,18 +55,6 @@ class _Pending:
     raw: torch.Tensor
     made_by: str = ""
     node: _Raw | _Staged | None = field(default=None)
-
-
-def varint(value: int) -> bytes:
-    """LEB128 bytes of ``value`` >= 0."""
-    if value < 0x80:
-        return bytes((value,))
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -11,7 +11,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from ._bits import varint_decode, varint_encode, varint_sizes
+from ._bits import varint_bytes, varint_decode, varint_encode, varint_sizes
 from ._errors import CodecError
 from ._stage import (
     DecodeCost,
@@ -77,7 +77,7 @@ class _IndexedSparse(Stage):
         flat = x.reshape(-1)
         idx = self.select(flat).sort().values
         mode, index_bytes = encode_indices(as_numpy(idx), flat.numel())
-        meta = bytes((mode,)) + _varint(idx.numel())
+        meta = bytes((mode,)) + varint_bytes(idx.numel())
         return Encoded([EncodeFurther(flat[idx]), torch.from_numpy(index_bytes)], meta)
 
     def _header(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> tuple[int, int]:
@@ -106,15 +106,6 @@ class _IndexedSparse(Stage):
         expect_part(self.name, index_bytes, "the index bytes", dtype=torch.uint8)
         idx = decode_indices(self.name, mode, as_numpy(index_bytes).ravel(), k, n)
         return scatter(values.reshape(-1), idx, shape)
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def _check_ratio(stage: str, ratio: float) -> None:
@@ -190,7 +181,7 @@ class TopK(_IndexedSparse):
         index_bytes = _fused_index_bytes(chosen, sizes, everywhere, starts)
         at = 0
         for i, k, coded in zip(small, counts, index_bytes, strict=True):
-            meta = bytes((coded[0],)) + _varint(k)
+            meta = bytes((coded[0],)) + varint_bytes(k)
             out[i] = Encoded([EncodeFurther(values[at : at + k]), torch.from_numpy(coded[1])], meta)
             at += k
         return out
@@ -340,7 +331,7 @@ class RandomK(Stage):
         k = max(1, round(self.ratio * n))
         seed = ctx.seed if self.seed is None else ctx.derive_seed(self.seed)
         idx = torch.from_numpy(self.indices(seed, n, k))
-        return Encoded([EncodeFurther(flat[idx])], struct.pack("<Q", seed) + _varint(k))
+        return Encoded([EncodeFurther(flat[idx])], struct.pack("<Q", seed) + varint_bytes(k))
 
     def _header(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> tuple[int, int]:
         """(seed, k) from the header, checked against ``shape``."""
