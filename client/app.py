@@ -11,7 +11,7 @@ from flwr.clientapp import ClientApp
 from fedsqueeze.client.mod import ARCH_CONFIG_KEY, CompressionMod
 from fedsqueeze.compact_arch import parse_arch
 from fedsqueeze.config import RunConfig
-from fedsqueeze.data import client_data, load_dataset
+from fedsqueeze.data import client_data_of_run, load_dataset
 from fedsqueeze.data.partition_file import partition_meta, read_partition_file
 from fedsqueeze.models import build_model, first_model
 from fedsqueeze.protocol import (
@@ -98,18 +98,7 @@ def train(msg: Message, context: Context) -> Message:
     if DATA_FILE_KEY in context.node_config:  # an edge node with its own share (no partitioning here)
         x, y = _own_data_file(context, run, partition_id, num_partitions)[:2]
     else:
-        x, y = client_data(
-            run.dataset,
-            partition_id,
-            num_partitions,
-            partitioner=run.partitioner,
-            alpha=run.dirichlet_alpha,
-            classes_per_partition=run.classes_per_partition,
-            seed=run.seed,
-            max_samples=run.max_samples_per_client or None,
-            holdout=run.proxy_holdout(),  # the server's distillation proxy images: never on a node
-            data_dir=run.data_dir or None,
-        )
+        x, y = client_data_of_run(run, partition_id, num_partitions)
     model = _model_from(msg, run)
     server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
     start = time.perf_counter()

@@ -7,17 +7,21 @@ import math
 import os
 import threading
 import warnings
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
 
 from fedsqueeze.data.loading import load_dataset
 
+if TYPE_CHECKING:
+    from fedsqueeze.config import RunConfig
+
 __all__ = [
     "PARTITIONERS",
     "clear_partition_cache",
     "client_data",
+    "client_data_of_run",
     "client_indices",
     "holdout_split",
     "partition",
@@ -389,3 +393,20 @@ def clear_partition_cache() -> None:
     """Forget the partitions :func:`partition` computed in this process."""
     with _PARTITION_LOCK:
         _PARTITION_CACHE.clear()
+
+
+def client_data_of_run(run: RunConfig, partition_id: int, num_partitions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`client_data` with the dataset and partitioning keys of a run config: what node
+    ``partition_id`` of ``num_partitions`` trains on (never the server's distillation proxy images)."""
+    return client_data(
+        run.dataset,
+        partition_id,
+        num_partitions,
+        partitioner=run.partitioner,
+        alpha=run.dirichlet_alpha,
+        classes_per_partition=run.classes_per_partition,
+        seed=run.seed,
+        max_samples=run.max_samples_per_client or None,
+        holdout=run.proxy_holdout(),
+        data_dir=run.data_dir or None,
+    )

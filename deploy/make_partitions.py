@@ -23,7 +23,7 @@ from pathlib import Path
 from flwr.common.config import parse_config_args
 
 from fedsqueeze.config import RunConfig
-from fedsqueeze.data import client_data, load_dataset
+from fedsqueeze.data import client_data_of_run, load_dataset
 from fedsqueeze.data.partition_file import partition_meta, write_partition_file
 
 #: The app's pyproject.toml, whose [tool.flwr.app.config] gives the run config's defaults.
@@ -42,18 +42,7 @@ def make_partitions(run: RunConfig, num_partitions: int, out: Path) -> list[Path
     data = load_dataset(run.dataset, run.data_dir or None)
     paths = []
     for pid in range(num_partitions):
-        x, y = client_data(
-            run.dataset,
-            pid,
-            num_partitions,
-            partitioner=run.partitioner,
-            alpha=run.dirichlet_alpha,
-            classes_per_partition=run.classes_per_partition,
-            seed=run.seed,
-            max_samples=run.max_samples_per_client or None,
-            holdout=run.proxy_holdout(),
-            data_dir=run.data_dir or None,
-        )
+        x, y = client_data_of_run(run, pid, num_partitions)
         meta = partition_meta(run, pid, num_partitions, run.proxy_holdout())
         paths.append(
             write_partition_file(

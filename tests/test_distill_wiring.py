@@ -17,6 +17,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
+import fedsqueeze.data.partitioning
 from fedsqueeze.client import app as fedsqueeze_client
 from fedsqueeze.client import compression_mod
 from fedsqueeze.config import RunConfig, proxy_holdout
@@ -194,7 +195,8 @@ def test_client_app_leaves_the_proxy_images_out(monkeypatch: pytest.MonkeyPatch)
         seen.append(kwargs)
         raise Stop
 
-    monkeypatch.setattr(fedsqueeze_client, "client_data", fake_client_data)
+    # the ClientApp reaches client_data through data.client_data_of_run
+    monkeypatch.setattr(fedsqueeze.data.partitioning, "client_data", fake_client_data)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1
     msg = Message(RecordDict(), dst_node_id=5, message_type="train")
     for run_config, holdout in (({}, 0), ({"distill-every": 1, "proxy-size": 800}, 800)):
