@@ -138,7 +138,8 @@ def test_a_state_of_another_architecture_is_not_reused(tmp_path: Path) -> None:
     """After a broadcast-compact switch the versions count from the student: the teacher's files must go."""
     save_node_state(tmp_path, _state(1))
     save_node_state(tmp_path, _state(2))
-    student = NodeState(7, NODE_KEY, 1, {"w": torch.ones(3)}, UPLINK, arch="lenet5/mnist:compact(prune=0.5)")
+    # the same tensor names as the teacher's (a student pruned but not factored keeps them)
+    student = NodeState(7, NODE_KEY, 1, global_model(5), UPLINK, arch="lenet5/mnist:compact(prune=0.5)")
     save_node_state(tmp_path, student)
     assert sorted(p.name for p in tmp_path.glob("*.npz")) == ["reference-1.npz"]  # not the teacher's version 2
     loaded = load_node_state(tmp_path, 7, NODE_KEY, lambda v: True)
