@@ -59,6 +59,10 @@ class RunConfig(Mapping[str, ConfigValue]):
     downlink_codec: str = "svd(rank=4) | quantize(bits=8) | zstd"
     error_feedback: bool = True
     max_feedback_staleness: int = 20
+    # Catch-ups of nodes that missed rounds: the lossy delta codec ("": automatic, see CompressedStrategy) and the
+    # server memory for per-node catch-up error feedback (0: off), see server/downlink.py
+    catchup_codec: str = ""
+    catchup_memory_mb: float = 0.0
     # Sparsity warm-up of the uplink's topk/randomk over this many rounds (0: off), see server/warmup.py
     uplink_warmup_rounds: int = 0
     initial_model: str = "seeded"
@@ -103,6 +107,8 @@ class RunConfig(Mapping[str, ConfigValue]):
             raise ValueError(
                 f"run config 'max-feedback-staleness' must be >= 0 (0: never), got {self.max_feedback_staleness}"
             )
+        if not self.catchup_memory_mb >= 0:
+            raise ValueError(f"run config 'catchup-memory-mb' must be >= 0 (0: off), got {self.catchup_memory_mb!r}")
         if self.uplink_warmup_rounds < 0:
             raise ValueError(
                 f"run config 'uplink-warmup-rounds' must be >= 0 (0: off), got {self.uplink_warmup_rounds}"

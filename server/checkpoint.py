@@ -128,7 +128,7 @@ def load_checkpoint(results_dir: str | Path, config: dict[str, Any]) -> Checkpoi
     random.setstate(state.random_states["python"])
     np.random.set_state(state.random_states["numpy"])
     torch.set_rng_state(state.random_states["torch"])
-    state.strategy.downlink_state.node_versions.clear()
+    state.strategy.downlink_state.forget_all()
     state.results.config = dict(config)
     return state
 

@@ -12,15 +12,26 @@ feedback, with ``global - R`` itself as the residual.
 A node that last acknowledged version ``h`` gets the cheapest of
 
 - the chain of stored steps ``h+1 .. now`` (exact);
-- one *catch-up delta*: ``R_now - R_h`` through the downlink codec, from a stored snapshot of
-  ``R_h`` (the node then holds ``R_now`` up to one codec error, which later steps do not
-  remove, but which does not grow within the chain either);
+- one *catch-up delta*: ``R_now - R_h`` through the catch-up delta codec, from a stored snapshot
+  of ``R_h``;
 - the whole of ``R_now`` through the lossless ``catchup`` codec (a node that holds nothing).
+
+A lossy catch-up leaves the node at ``R_now`` plus one codec error. Without node memory
+(``catchup_memory_bytes=0``) the server does not know that error, so it is never removed and the
+catch-up codec must be dense (int8) to keep it small. With node memory the server keeps the model
+each node holds after a lossy catch-up (the same arithmetic as on the node, so bit-identical) and
+computes that node's next catch-up against it: per-node error feedback on the downlink, so the
+error is sent at the node's next visit and the catch-up can go through the cheap (low-rank or
+sparse) downlink codec. A node with such an error gets a catch-up of its own, never the shared
+steps (which would keep its error).
 
 Memory is bounded whatever the number of nodes or rounds: ``R``, the current global model, the
 first model (version 0), at most ``max_snapshots`` snapshots of ``R``, step blobs adding up to at
 most the model's FP32 size, one cached catch-up blob per version asked for in the round, and one
-integer per node: about ``(max_snapshots + 3)`` times the model in FP32 plus 16 bytes per node.
+integer per node: about ``(max_snapshots + 3)`` times the model in FP32 plus 16 bytes per node;
+plus at most ``catchup_memory_bytes`` of per-node models. When those do not fit, the node that has
+waited longest is forgotten (it gets the full model at its next visit; :attr:`evictions` counts
+them): a node is never left with an error the server does not know.
 """
 
 from __future__ import annotations
@@ -70,8 +81,11 @@ class DownlinkState:
     max_snapshots : int
         How many past references to keep for catch-up deltas (0: chains or full only).
     delta_codec : Codec or None
-        Codec of the catch-up deltas; None: ``codec``. Give a dense one when ``codec``
-        sparsifies: a sparse catch-up would leave the node far from ``R``.
+        Codec of the catch-up deltas; None: ``codec``. Without node memory give a dense one when
+        ``codec`` sparsifies: a sparse catch-up would leave the node far from ``R`` for good.
+    catchup_memory_bytes : int
+        Bytes of per-node models the server may keep to correct lossy catch-ups at the node's next
+        visit (per-node error feedback; 0: off, every lossy catch-up error stays on the node).
     """
 
     codec: Codec
@@ -79,6 +93,7 @@ class DownlinkState:
     initial: Tensors | None = None
     max_snapshots: int = 32
     delta_codec: Codec | None = None
+    catchup_memory_bytes: int = 0
     version: int = 0
     reference: Tensors | None = None
     node_versions: dict[int, int] = field(default_factory=dict)
@@ -88,6 +103,10 @@ class DownlinkState:
     _full_blob: bytes | None = None
     _catchup_cache: dict[int, bytes] = field(default_factory=dict)
     _digest: str | None = None  # of the full payload's model, this version
+    _held: OrderedDict[int, tuple[int, Tensors]] = field(default_factory=OrderedDict)  # node -> (version, model)
+    _pending: dict[int, tuple[int, Tensors]] = field(default_factory=dict)  # sent, not yet acknowledged
+    #: Nodes forgotten because their models did not fit in ``catchup_memory_bytes``.
+    evictions: int = 0
 
     def advance(self, global_model: Mapping[str, torch.Tensor]) -> None:
         """Start a new version: move the reference toward ``global_model`` by one downlink step."""
@@ -101,6 +120,7 @@ class DownlinkState:
             self._steps, self._snapshots = {}, OrderedDict()
             if self.initial is None or not _same_layout(self.initial, self._global) or self.version != 1:
                 self.reference = {k: v.clone() for k, v in self._global.items()}
+                self._snapshot(self.version, self.reference)  # nodes get this version in full
                 return
             self.reference = {k: v.clone() for k, v in self.initial.items()}
             self._snapshot(ZERO_VERSION, self.reference)
@@ -112,11 +132,14 @@ class DownlinkState:
 
     def plan(self, node_id: int) -> DownlinkPlan:
         """The cheapest payload that brings ``node_id`` to the current version."""
+        self._pending.pop(node_id, None)
         held = self.node_versions.get(node_id)
         if held is None and self.initial is not None:
             held = ZERO_VERSION
         if self.codec.lossless or held is None or not 0 <= held < self.version:
             return self._full_plan()
+        if self.catchup_memory_bytes > 0:
+            return self._plan_with_memory(node_id, held)
         options = [p for p in (self._chain(held), self._catchup_delta(held)) if p is not None]
         options.append(self._full_plan())
         return min(options, key=lambda p: p.size)  # min keeps the first of equals: exact beats lossy
@@ -124,6 +147,11 @@ class DownlinkState:
     def acknowledge(self, node_id: int, version: int) -> None:
         """``node_id`` replied having applied ``version``: later payloads start from there."""
         self.node_versions[node_id] = version
+        pending = self._pending.pop(node_id, None)
+        self._held.pop(node_id, None)
+        if pending is not None and pending[0] == version:
+            self._held[node_id] = pending  # the most recently used end of the order
+            self._evict()
 
     def switch(self) -> None:
         """Forget every model of the old layout: the next :meth:`advance` starts a new model.
@@ -134,6 +162,7 @@ class DownlinkState:
         """
         self.initial, self.reference, self._global = None, None, {}
         self.node_versions = {}
+        self._held, self._pending = OrderedDict(), {}
         self._steps, self._snapshots = {}, OrderedDict()
         self._full_blob, self._catchup_cache, self._digest = None, {}, None
 
@@ -147,6 +176,14 @@ class DownlinkState:
     def forget(self, node_id: int) -> None:
         """``node_id`` holds nothing usable (it said so, or its state is unknown): send it in full."""
         self.node_versions[node_id] = -1
+        self._held.pop(node_id, None)
+        self._pending.pop(node_id, None)
+
+    def forget_all(self) -> None:
+        """Forget what every node holds (e.g. after a server restart): nodes start from version 0 or in full."""
+        self.node_versions.clear()
+        self._held.clear()
+        self._pending.clear()
 
     # ------------------------------------------------------------------ payload options
     def _full_plan(self) -> DownlinkPlan:
@@ -163,13 +200,60 @@ class DownlinkState:
         return DownlinkPlan(DELTA, self.version, held, [self._steps[v] for v in needed])
 
     def _catchup_delta(self, held: int) -> DownlinkPlan | None:
-        base = self._snapshots.get(held, self.initial if held == ZERO_VERSION else None)
+        base = self._snapshot_of(held)
         if held >= self.version - 1 or self.max_snapshots <= 0 or base is None or self.reference is None:
             return None  # a chain of one step is already the catch-up delta
         if held not in self._catchup_cache:
             delta = subtract_tensors(self.reference, base)
             self._catchup_cache[held] = (self.delta_codec or self.codec).encode(delta)
         return DownlinkPlan(DELTA, self.version, held, [self._catchup_cache[held]])
+
+    def _plan_with_memory(self, node_id: int, held: int) -> DownlinkPlan:
+        """The exact chain for a node one step behind, else a catch-up of its own, or the full model."""
+        tracked = self._held.get(node_id)
+        if tracked is not None and tracked[0] != held:
+            del self._held[node_id]  # a model of a version the node no longer holds
+            tracked = None
+        if tracked is None and held == self.version - 1:
+            chain = self._chain(held)
+            if chain is not None:
+                return chain
+        base = tracked[1] if tracked is not None else self._snapshot_of(held)
+        full = self._full_plan()
+        if base is None or self.reference is None:
+            exact = self._chain(held) if tracked is None else None
+            return full if exact is None or exact.size >= full.size else exact
+        if tracked is None:  # nodes that hold the same exact version share one blob
+            blob = self._catchup_cache.get(held) or self._encode_catchup(base)
+            self._catchup_cache[held] = blob
+        else:
+            blob = self._encode_catchup(base)
+        plan = DownlinkPlan(DELTA, self.version, held, [blob])
+        if plan.size >= full.size:
+            return full
+        self._pending[node_id] = (self.version, add_tensors(base, decode(blob)))
+        self._evict()
+        return plan
+
+    def _encode_catchup(self, base: Tensors) -> bytes:
+        assert self.reference is not None
+        return (self.delta_codec or self.codec).encode(subtract_tensors(self.reference, base))
+
+    def _snapshot_of(self, version: int) -> Tensors | None:
+        return self._snapshots.get(version, self.initial if version == ZERO_VERSION else None)
+
+    def _evict(self) -> None:
+        """Forget the longest-waiting nodes until the per-node models fit in ``catchup_memory_bytes``."""
+        models = [m for _, m in self._held.values()] + [m for _, m in self._pending.values()]
+        if not models:
+            return
+        each = _nbytes(models[0])
+        excess = len(models) - self.catchup_memory_bytes // each
+        # A node with a catch-up in flight keeps its entries: its reply will say it applied one.
+        waiting = [n for n in self._held if n not in self._pending]
+        for node_id in waiting[: max(excess, 0)]:
+            self.forget(node_id)
+            self.evictions += 1
 
     def _snapshot(self, version: int, reference: Tensors) -> None:
         if self.max_snapshots <= 0:
@@ -180,7 +264,7 @@ class DownlinkState:
 
     def _trim_steps(self) -> None:
         # A chain of steps longer than the model in FP32 never beats sending it in full.
-        limit = sum(t.numel() * t.element_size() for t in self._global.values())
+        limit = _nbytes(self._global)
         total = 0
         for version in sorted(self._steps, reverse=True):
             total += len(self._steps[version])
@@ -190,3 +274,7 @@ class DownlinkState:
 
 def _same_layout(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
     return {k: tuple(v.shape) for k, v in a.items()} == {k: tuple(v.shape) for k, v in b.items()}
+
+
+def _nbytes(model: Mapping[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in model.values())

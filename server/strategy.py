@@ -107,8 +107,12 @@ class CompressedStrategy(Strategy):
         Past references kept for catch-up deltas (default: 32).
     catchup_delta : str or Codec or None
         Lossy codec of the catch-up deltas sent to nodes that missed rounds; None: the downlink
-        codec if it is dense, else ``"quantize(bits=8) | zstd"`` (a sparse catch-up would leave a
-        node far from the reference).
+        codec if it is dense or ``catchup_memory_bytes`` > 0, else ``"quantize(bits=8) | zstd"``
+        (without memory a sparse catch-up would leave a node far from the reference for good).
+    catchup_memory_bytes : int
+        Server memory for the models nodes hold after a lossy catch-up, so that their next
+        catch-up corrects its error (per-node downlink error feedback, see
+        :mod:`fedsqueeze.server.downlink`; default: 0, off).
     keep_client_models : bool
         Keep the decoded models of the latest round's accepted replies in :attr:`client_models`
         (e.g. teachers for server-side distillation; default: False).
@@ -131,6 +135,7 @@ class CompressedStrategy(Strategy):
         seed: int | None = None,
         max_snapshots: int = 32,
         catchup_delta: str | Codec | None = None,
+        catchup_memory_bytes: int = 0,
         keep_client_models: bool = False,
         uplink_warmup_rounds: int = 0,
     ) -> None:
@@ -163,11 +168,17 @@ class CompressedStrategy(Strategy):
         self.seed = seed
         self.keep_client_models = bool(keep_client_models)
         self.arrays_key: str = getattr(inner, "arrayrecord_key", ARRAYS_KEY)
+        if catchup_memory_bytes < 0:
+            raise ValueError(f"catchup_memory_bytes must be >= 0 (0: off), got {catchup_memory_bytes!r}")
         if catchup_delta is None:
-            catchup_delta = self.downlink if dense else _DENSE_CATCHUP_DELTA
+            catchup_delta = self.downlink if dense or catchup_memory_bytes > 0 else _DENSE_CATCHUP_DELTA
         self.catchup_delta = _as_codec(catchup_delta, "catch-up delta", seed)
         self.downlink_state = DownlinkState(
-            self.downlink, self.catchup, max_snapshots=max_snapshots, delta_codec=self.catchup_delta
+            self.downlink,
+            self.catchup,
+            max_snapshots=max_snapshots,
+            delta_codec=self.catchup_delta,
+            catchup_memory_bytes=int(catchup_memory_bytes),
         )
         self.meter = TrafficMeter()
         self.node_order = StableNodeOrder()
@@ -210,7 +221,9 @@ class CompressedStrategy(Strategy):
         if self.uplink_warmup_rounds:
             log(INFO, "\t│\t├── uplink sparsity warm-up: %d rounds", self.uplink_warmup_rounds)
         log(INFO, "\t│\t├── downlink codec: %s", self.downlink.spec)
-        log(INFO, "\t│\t├── catch-up codec: %s", self.catchup.spec)
+        log(INFO, "\t│\t├── catch-up codec: %s (deltas: %s)", self.catchup.spec, self.catchup_delta.spec)
+        if self.downlink_state.catchup_memory_bytes:
+            log(INFO, "\t│\t├── catch-up memory: %d bytes", self.downlink_state.catchup_memory_bytes)
         log(INFO, "\t│\t└── first model: %s", self.initial)
         self.inner.summary()
 

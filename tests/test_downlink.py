@@ -107,3 +107,80 @@ def test_the_strategy_picks_a_dense_catch_up_for_a_sparse_downlink() -> None:
     assert sparse.catchup_delta.spec == parse("quantize(bits=8) | zstd").spec
     dense = CompressedStrategy(FedAvg(), downlink="quantize(bits=4) | zstd")
     assert dense.catchup_delta.spec == dense.downlink.spec
+
+
+# ---------------------------------------------------------------- per-node catch-up error feedback
+LOW_RANK = "svd(rank=2) | quantize(bits=8) | zstd"
+
+
+def drifting(step: int) -> dict[str, torch.Tensor]:
+    """A model moving the same low-rank way every round (the codec's rank: only its rounding is lost)."""
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(64, 64, generator=g)
+    direction = torch.randn(64, 2, generator=g) @ torch.randn(2, 64, generator=g)
+    return {"w": start + 0.01 * step * direction}
+
+
+def tracked_state(memory_bytes: int) -> DownlinkState:
+    codec = parse(LOW_RANK, seed=0)
+    return DownlinkState(codec, parse("zstd"), initial=drifting(0), catchup_memory_bytes=memory_bytes)
+
+
+def distance(held: dict[str, torch.Tensor], reference: dict[str, torch.Tensor] | None) -> float:
+    assert reference is not None
+    return max(float((held[k] - reference[k]).abs().max()) for k in held)
+
+
+def visit(s: DownlinkState, node: int, held: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Send ``node`` its payload, apply it as the node does, and acknowledge it."""
+    plan = s.plan(node)
+    assert plan.kind == DELTA
+    held = apply(held, plan.blobs)
+    s.acknowledge(node, plan.version)
+    return held
+
+
+def test_with_node_memory_a_lossy_catch_up_error_is_corrected_at_the_next_visit() -> None:
+    tracked, untracked = tracked_state(10**8), tracked_state(0)
+    untracked.delta_codec = tracked.codec  # the same lossy catch-ups, without memory
+    errors: dict[str, list[float]] = {"tracked": [], "untracked": []}
+    for name, s in (("tracked", tracked), ("untracked", untracked)):
+        held = drifting(0)
+        for version in range(1, 31):
+            s.advance(drifting(version))
+            if version % 5 == 0:  # the node comes back every 5 rounds
+                held = visit(s, 4, held)
+                errors[name].append(distance(held, s.reference))
+    # Without memory each catch-up adds an error that is never sent again; with it the error stays bounded.
+    assert errors["tracked"][-1] < errors["untracked"][-1] / 2
+    assert max(errors["tracked"][1:]) <= 2 * errors["tracked"][0]
+
+
+def test_node_memory_tracks_the_nodes_model_bit_for_bit_and_a_one_step_node_gets_the_shared_step() -> None:
+    s = tracked_state(10**8)
+    held = drifting(0)
+    for version in range(1, 4):
+        s.advance(drifting(version))
+    held = visit(s, 9, held)  # three versions behind: a catch-up of its own, tracked
+    version, server_copy = s._held[9]  # noqa: SLF001 - the state under test
+    assert version == 3 and all(torch.equal(held[k], server_copy[k]) for k in held)
+    s.advance(drifting(4))
+    plan = s.plan(9)  # one step behind but off the reference: its own catch-up, not the shared step
+    assert plan.blobs != [s._steps[4]]  # noqa: SLF001
+    s.advance(drifting(5))
+    s.acknowledge(11, 4)  # a node that holds version 4 exactly gets the shared step
+    assert s.plan(11).blobs == [s._steps[5]]  # noqa: SLF001
+
+
+def test_node_memory_is_bounded_and_an_evicted_node_gets_the_full_drifting() -> None:
+    each = sum(4 * t.numel() for t in drifting(0).values())
+    s = tracked_state(3 * each)
+    for version in range(1, 4):
+        s.advance(drifting(version))
+    for node in range(5):
+        s.plan(node)
+        s.acknowledge(node, s.version)
+    assert len(s._held) <= 3 and s.evictions == 2  # noqa: SLF001
+    s.advance(drifting(4))
+    assert s.plan(0).kind == FULL and s.plan(1).kind == FULL  # the two that waited longest
+    assert s.plan(4).kind == DELTA
