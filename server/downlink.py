@@ -19,19 +19,19 @@ A node that last acknowledged version ``h`` gets the cheapest of
 A lossy catch-up leaves the node at ``R_now`` plus one codec error. Without node memory
 (``catchup_memory_bytes=0``) the server does not know that error, so it is never removed and the
 catch-up codec must be dense (int8) to keep it small. With node memory the server keeps the model
-each node holds after a lossy catch-up (the same arithmetic as on the node, so bit-identical) and
-computes that node's next catch-up against it: per-node error feedback on the downlink, so the
-error is sent at the node's next visit and the catch-up can go through the cheap (low-rank or
-sparse) downlink codec. A node with such an error gets a catch-up of its own, never the shared
-steps (which would keep its error).
+each node holds after a catch-up of its own (the same arithmetic as on the node, so bit-identical)
+and computes the node's next catch-up against it: per-node error feedback on the downlink, so the
+error goes out at the node's next visit and catch-ups can use the cheap (low-rank or sparse)
+``node_delta_codec``. A node with such an error is always sent a catch-up of its own, never the
+shared steps (which would keep its error); a node one step behind with no error gets the step.
 
 Memory is bounded whatever the number of nodes or rounds: ``R``, the current global model, the
 first model (version 0), at most ``max_snapshots`` snapshots of ``R``, step blobs adding up to at
 most the model's FP32 size, one cached catch-up blob per version asked for in the round, and one
 integer per node: about ``(max_snapshots + 3)`` times the model in FP32 plus 16 bytes per node;
-plus at most ``catchup_memory_bytes`` of per-node models. When those do not fit, the node that has
-waited longest is forgotten (it gets the full model at its next visit; :attr:`evictions` counts
-them): a node is never left with an error the server does not know.
+plus at most ``catchup_memory_bytes`` of per-node models. When no more fit, further nodes are
+caught up as without memory (dense catch-up deltas, never worse than memory off). A node's model
+is dropped when it gets the full model or is forgotten; one that never comes back keeps its slot.
 """
 
 from __future__ import annotations
@@ -86,6 +86,8 @@ class DownlinkState:
     catchup_memory_bytes : int
         Bytes of per-node models the server may keep to correct lossy catch-ups at the node's next
         visit (per-node error feedback; 0: off, every lossy catch-up error stays on the node).
+    node_delta_codec : Codec or None
+        Codec of the catch-ups of nodes whose model the server keeps; None: ``codec``.
     """
 
     codec: Codec
@@ -94,6 +96,7 @@ class DownlinkState:
     max_snapshots: int = 32
     delta_codec: Codec | None = None
     catchup_memory_bytes: int = 0
+    node_delta_codec: Codec | None = None
     version: int = 0
     reference: Tensors | None = None
     node_versions: dict[int, int] = field(default_factory=dict)
@@ -103,15 +106,14 @@ class DownlinkState:
     _full_blob: bytes | None = None
     _catchup_cache: dict[int, bytes] = field(default_factory=dict)
     _digest: str | None = None  # of the full payload's model, this version
-    _held: OrderedDict[int, tuple[int, Tensors]] = field(default_factory=OrderedDict)  # node -> (version, model)
+    _held: dict[int, tuple[int, Tensors]] = field(default_factory=dict)  # node -> (version, model it holds)
     _pending: dict[int, tuple[int, Tensors]] = field(default_factory=dict)  # sent, not yet acknowledged
-    #: Nodes forgotten because their models did not fit in ``catchup_memory_bytes``.
-    evictions: int = 0
+    _node_catchup_cache: dict[int, bytes] = field(default_factory=dict)
 
     def advance(self, global_model: Mapping[str, torch.Tensor]) -> None:
         """Start a new version: move the reference toward ``global_model`` by one downlink step."""
         self._global = dict(global_model)
-        self._full_blob, self._catchup_cache, self._digest = None, {}, None
+        self._full_blob, self._catchup_cache, self._node_catchup_cache, self._digest = None, {}, {}, None
         self.version += 1
         if self.codec.lossless:
             self.reference = None
@@ -140,9 +142,7 @@ class DownlinkState:
             return self._full_plan()
         if self.catchup_memory_bytes > 0:
             return self._plan_with_memory(node_id, held)
-        options = [p for p in (self._chain(held), self._catchup_delta(held)) if p is not None]
-        options.append(self._full_plan())
-        return min(options, key=lambda p: p.size)  # min keeps the first of equals: exact beats lossy
+        return self._plan_without_memory(held)
 
     def acknowledge(self, node_id: int, version: int) -> None:
         """``node_id`` replied having applied ``version``: later payloads start from there."""
@@ -150,8 +150,7 @@ class DownlinkState:
         pending = self._pending.pop(node_id, None)
         self._held.pop(node_id, None)
         if pending is not None and pending[0] == version:
-            self._held[node_id] = pending  # the most recently used end of the order
-            self._evict()
+            self._held[node_id] = pending
 
     def switch(self) -> None:
         """Forget every model of the old layout: the next :meth:`advance` starts a new model.
@@ -162,7 +161,7 @@ class DownlinkState:
         """
         self.initial, self.reference, self._global = None, None, {}
         self.node_versions = {}
-        self._held, self._pending = OrderedDict(), {}
+        self._held, self._pending = {}, {}
         self._steps, self._snapshots = {}, OrderedDict()
         self._full_blob, self._catchup_cache, self._digest = None, {}, None
 
@@ -209,51 +208,43 @@ class DownlinkState:
         return DownlinkPlan(DELTA, self.version, held, [self._catchup_cache[held]])
 
     def _plan_with_memory(self, node_id: int, held: int) -> DownlinkPlan:
-        """The exact chain for a node one step behind, else a catch-up of its own, or the full model."""
+        """A catch-up of its own for a node off the reference or behind, if memory allows; else as without."""
         tracked = self._held.get(node_id)
         if tracked is not None and tracked[0] != held:
             del self._held[node_id]  # a model of a version the node no longer holds
             tracked = None
-        if tracked is None and held == self.version - 1:
-            chain = self._chain(held)
-            if chain is not None:
-                return chain
         base = tracked[1] if tracked is not None else self._snapshot_of(held)
-        full = self._full_plan()
-        if base is None or self.reference is None:
-            exact = self._chain(held) if tracked is None else None
-            return full if exact is None or exact.size >= full.size else exact
+        untracked = held == self.version - 1 or not self._has_room()  # the exact step / no room
+        if base is None or self.reference is None or (tracked is None and untracked):
+            return self._plan_without_memory(held)
+        delta = subtract_tensors(self.reference, base)
         if tracked is None:  # nodes that hold the same exact version share one blob
-            blob = self._catchup_cache.get(held) or self._encode_catchup(base)
-            self._catchup_cache[held] = blob
+            blob = self._node_catchup_cache.get(held) or self._node_codec.encode(delta)
+            self._node_catchup_cache[held] = blob
         else:
-            blob = self._encode_catchup(base)
-        plan = DownlinkPlan(DELTA, self.version, held, [blob])
+            blob = self._node_codec.encode(delta)
+        plan, full = DownlinkPlan(DELTA, self.version, held, [blob]), self._full_plan()
         if plan.size >= full.size:
             return full
         self._pending[node_id] = (self.version, add_tensors(base, decode(blob)))
-        self._evict()
         return plan
 
-    def _encode_catchup(self, base: Tensors) -> bytes:
-        assert self.reference is not None
-        return (self.delta_codec or self.codec).encode(subtract_tensors(self.reference, base))
+    def _plan_without_memory(self, held: int) -> DownlinkPlan:
+        options = [p for p in (self._chain(held), self._catchup_delta(held)) if p is not None]
+        options.append(self._full_plan())
+        return min(options, key=lambda p: p.size)  # min keeps the first of equals: exact beats lossy
+
+    @property
+    def _node_codec(self) -> Codec:
+        return self.node_delta_codec or self.codec
+
+    def _has_room(self) -> bool:
+        """Whether one more node's model fits in ``catchup_memory_bytes`` (besides those held and in flight)."""
+        each = _nbytes(self.reference) if self.reference is not None else 0
+        return (len(self._held) + len(self._pending) + 1) * each <= self.catchup_memory_bytes
 
     def _snapshot_of(self, version: int) -> Tensors | None:
         return self._snapshots.get(version, self.initial if version == ZERO_VERSION else None)
-
-    def _evict(self) -> None:
-        """Forget the longest-waiting nodes until the per-node models fit in ``catchup_memory_bytes``."""
-        models = [m for _, m in self._held.values()] + [m for _, m in self._pending.values()]
-        if not models:
-            return
-        each = _nbytes(models[0])
-        excess = len(models) - self.catchup_memory_bytes // each
-        # A node with a catch-up in flight keeps its entries: its reply will say it applied one.
-        waiting = [n for n in self._held if n not in self._pending]
-        for node_id in waiting[: max(excess, 0)]:
-            self.forget(node_id)
-            self.evictions += 1
 
     def _snapshot(self, version: int, reference: Tensors) -> None:
         if self.max_snapshots <= 0:

@@ -107,12 +107,13 @@ class CompressedStrategy(Strategy):
         Past references kept for catch-up deltas (default: 32).
     catchup_delta : str or Codec or None
         Lossy codec of the catch-up deltas sent to nodes that missed rounds; None: the downlink
-        codec if it is dense or ``catchup_memory_bytes`` > 0, else ``"quantize(bits=8) | zstd"``
-        (without memory a sparse catch-up would leave a node far from the reference for good).
+        codec with ``catchup_memory_bytes`` > 0, else the downlink codec if it is dense, else
+        ``"quantize(bits=8) | zstd"`` (without memory a sparse catch-up would leave a node far
+        from the reference for good).
     catchup_memory_bytes : int
-        Server memory for the models nodes hold after a lossy catch-up, so that their next
-        catch-up corrects its error (per-node downlink error feedback, see
-        :mod:`fedsqueeze.server.downlink`; default: 0, off).
+        Server memory for the models nodes hold after a catch-up, so that their next catch-up
+        corrects its error (per-node downlink error feedback, see :mod:`fedsqueeze.server.downlink`;
+        default: 0, off). Nodes beyond it are caught up as without memory, by the dense rule above.
     keep_client_models : bool
         Keep the decoded models of the latest round's accepted replies in :attr:`client_models`
         (e.g. teachers for server-side distillation; default: False).
@@ -170,15 +171,18 @@ class CompressedStrategy(Strategy):
         self.arrays_key: str = getattr(inner, "arrayrecord_key", ARRAYS_KEY)
         if catchup_memory_bytes < 0:
             raise ValueError(f"catchup_memory_bytes must be >= 0 (0: off), got {catchup_memory_bytes!r}")
+        dense_delta = self.downlink if dense else _as_codec(_DENSE_CATCHUP_DELTA, "catch-up delta", seed)
         if catchup_delta is None:
-            catchup_delta = self.downlink if dense or catchup_memory_bytes > 0 else _DENSE_CATCHUP_DELTA
+            catchup_delta = self.downlink if catchup_memory_bytes > 0 else dense_delta
+        #: Codec of the catch-up deltas (with memory: those of the nodes whose model the server keeps).
         self.catchup_delta = _as_codec(catchup_delta, "catch-up delta", seed)
         self.downlink_state = DownlinkState(
             self.downlink,
             self.catchup,
             max_snapshots=max_snapshots,
-            delta_codec=self.catchup_delta,
+            delta_codec=dense_delta if catchup_memory_bytes > 0 else self.catchup_delta,
             catchup_memory_bytes=int(catchup_memory_bytes),
+            node_delta_codec=self.catchup_delta,
         )
         self.meter = TrafficMeter()
         self.node_order = StableNodeOrder()

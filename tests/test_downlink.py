@@ -172,15 +172,19 @@ def test_node_memory_tracks_the_nodes_model_bit_for_bit_and_a_one_step_node_gets
     assert s.plan(11).blobs == [s._steps[5]]  # noqa: SLF001
 
 
-def test_node_memory_is_bounded_and_an_evicted_node_gets_the_full_drifting() -> None:
+def test_node_memory_is_bounded_and_nodes_beyond_it_get_the_dense_catch_up() -> None:
     each = sum(4 * t.numel() for t in drifting(0).values())
     s = tracked_state(3 * each)
+    s.delta_codec = parse("quantize(bits=8) | zstd")  # the dense catch-ups of nodes beyond memory
     for version in range(1, 4):
         s.advance(drifting(version))
+    plans = {}
     for node in range(5):
-        s.plan(node)
+        plans[node] = s.plan(node)
         s.acknowledge(node, s.version)
-    assert len(s._held) <= 3 and s.evictions == 2  # noqa: SLF001
+    assert sorted(s._held) == [0, 1, 2]  # noqa: SLF001 - the bound under test
+    assert len(plans[0].blobs) == 1  # a catch-up of its own
+    assert plans[4].blobs == [s._steps[v] for v in (1, 2, 3)]  # noqa: SLF001 - as without memory (cheapest: the chain)
     s.advance(drifting(4))
-    assert s.plan(0).kind == FULL and s.plan(1).kind == FULL  # the two that waited longest
-    assert s.plan(4).kind == DELTA
+    assert s.plan(0).blobs != [s._steps[4]]  # noqa: SLF001 - a tracked node: its own catch-up
+    assert s.plan(4).blobs == [s._steps[4]]  # noqa: SLF001 - it holds the reference exactly
