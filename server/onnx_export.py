@@ -330,24 +330,15 @@ def export_onnx(
     mean_c, std_c = channel_normalisation(mean, std, int(input_shape[0]))
     graph = _Graph(packed)
     ops = _weight_only(flatten_ops(model)) if packed else flatten_ops(model)
-    how = "none"
+    how, shift = "none", [0.0] * len(mean_c)
     if fuse:
         ops, how, shift = fold_input_normalisation(merge_factored(ops), mean_c, std_c)
-    if how == "none":
-        x = _normalise_input(graph, mean_c, std_c)
-    elif how == "shift":
-        shift_const = np.array(shift, dtype=np.float32).reshape(1, -1, 1, 1)
-        x = graph.node("Sub", [INPUT_NAME, graph.const("input.shift", shift_const)])
-    else:
-        x = INPUT_NAME
+    x = _graph_input(graph, how, shift, mean_c, std_c)
     layer = 0
     for op in ops:
         x = _op_node(graph, x, op, layer, bits)
         layer += op["op"] in ("conv2d", "linear")
-    if packed and graph.nodes and graph.nodes[-1].output[0] == x:
-        graph.nodes[-1].output[0] = OUTPUT_NAME  # the last op writes the output itself: no Identity node
-    else:
-        graph.nodes.append(graph.helper.make_node("Identity", [x], [OUTPUT_NAME], name=OUTPUT_NAME))
+    _name_output(graph, x)
     proto = _model_proto(graph, [int(d) for d in input_shape], bits, mean_c, std_c)
     onnx.checker.check_model(proto)
     out = Path(out_dir)
@@ -355,6 +346,24 @@ def export_onnx(
     path = out / f"{name}.onnx"
     path.write_bytes(proto.SerializeToString())
     return OnnxExportInfo(name, bits, count_parameters(model), path, path.stat().st_size)
+
+
+def _graph_input(graph: _Graph, how: str, shift: list[float], mean: list[float], std: list[float]) -> str:
+    """What the first layer reads: the normalised pixels, the shifted pixels or the pixels (see ``how``)."""
+    if how == "none":
+        return _normalise_input(graph, mean, std)
+    if how == "shift":
+        shift_const = np.array(shift, dtype=np.float32).reshape(1, -1, 1, 1)
+        return graph.node("Sub", [INPUT_NAME, graph.const("input.shift", shift_const)])
+    return INPUT_NAME
+
+
+def _name_output(graph: _Graph, x: str) -> None:
+    """Make ``x`` the graph's output :data:`OUTPUT_NAME`."""
+    if graph.packed and graph.nodes and graph.nodes[-1].output[0] == x:
+        graph.nodes[-1].output[0] = OUTPUT_NAME  # the last op writes the output itself: no Identity node
+    else:
+        graph.nodes.append(graph.helper.make_node("Identity", [x], [OUTPUT_NAME], name=OUTPUT_NAME))
 
 
 def _model_proto(graph: _Graph, input_shape: list[int], bits: int, mean: list[float], std: list[float]) -> Any:
