@@ -26,7 +26,7 @@ from fedsqueeze.training import train
 onnx = pytest.importorskip("onnx", reason="the onnx extra (onnx, onnxruntime) is not installed")
 ort = pytest.importorskip("onnxruntime", reason="the onnx extra (onnx, onnxruntime) is not installed")
 
-from fedsqueeze.server.onnx_export import OnnxRuntimeModel, export_onnx  # noqa: E402
+from fedsqueeze.server.onnx_export import OnnxExportInfo, OnnxRuntimeModel, export_onnx  # noqa: E402
 
 MEAN, STD = 0.1307, 0.3081
 MIXED_BITS = {"conv1": 8, "conv2": 4, "fc": 2}
@@ -49,9 +49,9 @@ def test_images(mnist: Dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return raw_pixels(x, MEAN, STD).float(), x, mnist.y_test[:1000]
 
 
-def _export(model: nn.Module, out: Path, name: str, *, packed: bool, bits: int = 8, fuse: bool = True):
-    shape = tuple(next(m for m in model.modules() if isinstance(m, nn.Conv2d)).weight.shape[1:2]) + (28, 28)
-    return export_onnx(model, out, bits=bits, input_shape=shape, mean=MEAN, std=STD, name=name, fuse=fuse,
+def _export(model: nn.Module, out: Path, name: str, *, packed: bool, bits: int = 8) -> OnnxExportInfo:
+    """A fused MNIST-shaped file (int8 containers and Q/DQ pairs, or packed)."""
+    return export_onnx(model, out, bits=bits, input_shape=(1, 28, 28), mean=MEAN, std=STD, name=name, fuse=True,
                        packed=packed)  # fmt: skip
 
 
