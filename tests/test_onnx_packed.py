@@ -43,7 +43,7 @@ def trained(mnist: Dataset) -> nn.Module:
 
 
 @pytest.fixture(scope="module")
-def test_images(mnist: Dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def held_out(mnist: Dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """1,000 test images as raw pixels (the files' input), as the model's normalised input, and their labels."""
     x = mnist.x_test[:1000]
     return raw_pixels(x, MEAN, STD).float(), x, mnist.y_test[:1000]
@@ -73,8 +73,10 @@ def _optimised_ops(path: Path, out: Path) -> list[str]:
     return [n.op_type for n in onnx.load(str(out)).graph.node]
 
 
-def test_packed_file_shrinks_as_the_bits_drop(trained: nn.Module, test_images, tmp_path: Path) -> None:
-    _, x, _ = test_images
+def test_packed_file_shrinks_as_the_bits_drop(
+    trained: nn.Module, held_out: tuple[torch.Tensor, ...], tmp_path: Path
+) -> None:
+    _, x, _ = held_out
     sizes, old_sizes = {}, {}
     for label, bits in (("8", 8), ("4", 4), ("842", MIXED_BITS), ("2", 2)):
         quant = quantize_student(trained, x[:256], weight_bits=bits)
@@ -89,8 +91,10 @@ def test_packed_file_shrinks_as_the_bits_drop(trained: nn.Module, test_images, t
     assert _export(trained, tmp_path, "p8", packed=True).onnx_bytes < int8_file
 
 
-def test_packed_weights_are_stored_at_their_bit_width(trained: nn.Module, test_images, tmp_path: Path) -> None:
-    _, x, _ = test_images
+def test_packed_weights_are_stored_at_their_bit_width(
+    trained: nn.Module, held_out: tuple[torch.Tensor, ...], tmp_path: Path
+) -> None:
+    _, x, _ = held_out
     bits = {"conv1": 3, "conv2": 6, "fc": 2}
     quant = quantize_student(trained, x[:256], weight_bits=bits)
     graph = onnx.load(str(_export(quant, tmp_path, "p", packed=True).onnx_path)).graph
@@ -104,8 +108,10 @@ def test_packed_weights_are_stored_at_their_bit_width(trained: nn.Module, test_i
     assert not any(n.name or n.doc_string for n in graph.node)
 
 
-def test_packed_graph_folds_to_the_float_graph_at_load(trained: nn.Module, test_images, tmp_path: Path) -> None:
-    _, x, _ = test_images
+def test_packed_graph_folds_to_the_float_graph_at_load(
+    trained: nn.Module, held_out: tuple[torch.Tensor, ...], tmp_path: Path
+) -> None:
+    _, x, _ = held_out
     quant = quantize_student(trained, x[:256], weight_bits=MIXED_BITS)
     packed = _export(quant, tmp_path, "p", packed=True).onnx_path
     float_file = _export(trained, tmp_path, "f32", packed=False, bits=32).onnx_path
@@ -118,9 +124,9 @@ def test_packed_graph_folds_to_the_float_graph_at_load(trained: nn.Module, test_
 
 @pytest.mark.parametrize("bits", [4, "mixed", 2])
 def test_packed_predictions_equal_the_students(
-    trained: nn.Module, test_images: tuple[torch.Tensor, ...], tmp_path: Path, bits: int | str
+    trained: nn.Module, held_out: tuple[torch.Tensor, ...], tmp_path: Path, bits: int | str
 ) -> None:
-    raw, x, y = test_images
+    raw, x, y = held_out
     quant = quantize_student(trained, x[:256], weight_bits=MIXED_BITS if bits == "mixed" else bits)
     logits = OnnxRuntimeModel(_export(quant, tmp_path, "p", packed=True).onnx_path)(raw)
     with torch.no_grad():
@@ -159,9 +165,9 @@ def test_packed_rgb_padded_odd_sized_layers_match_the_weight_only_student(tmp_pa
 
 
 def test_packed_file_runs_without_fedsqueeze_or_torch_and_in_predict(
-    trained: nn.Module, test_images: tuple[torch.Tensor, ...], tmp_path: Path
+    trained: nn.Module, held_out: tuple[torch.Tensor, ...], tmp_path: Path
 ) -> None:
-    raw, x, _ = test_images
+    raw, x, _ = held_out
     path = _export(quantize_student(trained, x[:256], weight_bits=MIXED_BITS), tmp_path, "p", packed=True).onnx_path
     np.save(tmp_path / "x.npy", raw[:50].numpy())
     script = textwrap.dedent(
