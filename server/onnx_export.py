@@ -6,6 +6,13 @@ list the TorchScript export packs, so both files compute the same function: raw 
 as an int8 initializer with one float32 scale per output channel and dequantised by a
 ``DequantizeLinear`` node (ONNX's QDQ form, which ONNX Runtime and TensorRT read); biases
 stay float32. Needs the optional ``onnx`` package (``pip install fedsqueeze[onnx]``).
+
+With ``packed=True`` the file is written for size and batch-1 speed instead: weights only are
+quantised (an LSQ layer's activation grids are dropped), each weight is stored at its bit width
+(2-bit values four to a byte, 3- and 4-bit two to a byte, 5..8-bit one per byte) and rebuilt by
+plain ONNX ops whose inputs are all initializers (BitShift, Mod, Cast, Sub, Reshape, Mul), which
+onnxruntime folds into float32 constants when the session loads under its default options; names
+are short and nothing but the graph is stored.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import torch
 from torch import nn
 
 from fedsqueeze.server.compact import count_parameters
-from fedsqueeze.server.export import FORMAT, channel_normalisation, flatten_ops, quantize_per_channel
+from fedsqueeze.server.export import FORMAT, channel_normalisation, flatten_ops, pack_bits, quantize_per_channel
 from fedsqueeze.server.onnx_fuse import fold_input_normalisation, merge_factored
 
 __all__ = ["INPUT_NAME", "OPSET", "OUTPUT_NAME", "OnnxExportInfo", "OnnxRuntimeModel", "export_onnx"]
@@ -35,6 +42,7 @@ INPUT_NAME = "pixels"
 OUTPUT_NAME = "logits"
 
 _SUPPORTED_BITS = (8, 32)
+_FLOAT = 1  # onnx.TensorProto.FLOAT, the ``to`` of a Cast
 _ACTIVATIONS = {"relu": "Relu", "tanh": "Tanh", "sigmoid": "Sigmoid"}
 
 
@@ -64,20 +72,40 @@ class OnnxExportInfo:
 
 
 class _Graph:
-    """Collects ONNX nodes and initializers; every node gets one fresh output name."""
+    """Collects ONNX nodes and initializers; every node gets one fresh output name.
 
-    def __init__(self) -> None:
+    With ``packed`` the weights are stored packed (see :func:`_packed_weight`) and every name is
+    a short counter instead of a readable one (nodes then have no name at all): fewer bytes.
+    """
+
+    def __init__(self, packed: bool = False) -> None:
         from onnx import helper, numpy_helper  # the optional dependency, imported on use
 
         self.helper, self.numpy_helper = helper, numpy_helper
+        self.packed = packed
         self.nodes: list[Any] = []
         self.initializers: list[Any] = []
+        self._shared: dict[str, str] = {}
+
+    def _short_name(self) -> str:
+        return np.base_repr(len(self.nodes) + len(self.initializers), 36).lower()
 
     def const(self, name: str, array: np.ndarray) -> str:
+        name = self._short_name() if self.packed else name
         self.initializers.append(self.numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
+    def shared_const(self, key: str, array: np.ndarray) -> str:
+        """One initializer per ``key``, however often it is asked for."""
+        if key not in self._shared:
+            self._shared[key] = self.const(key, array)
+        return self._shared[key]
+
     def node(self, op_type: str, inputs: Sequence[str], **attributes: Any) -> str:
+        if self.packed:
+            output = self._short_name()
+            self.nodes.append(self.helper.make_node(op_type, list(inputs), [output], **attributes))
+            return output
         output = f"{op_type.lower()}_{len(self.nodes)}"
         self.nodes.append(self.helper.make_node(op_type, list(inputs), [output], name=output, **attributes))
         return output
@@ -105,6 +133,66 @@ def _weight(graph: _Graph, layer: int, op: dict[str, Any], bits: int) -> str:
     return graph.node("DequantizeLinear", inputs, axis=0)
 
 
+def _weight_only(ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """LSQ ops as float ops that remember their weight grid (``"grid"``); activation grids dropped.
+
+    ``"grid"`` holds the integer ``codes`` (int64, the weight's shape), the ``scale`` (float32,
+    broadcastable to the weight: one step per output channel) and the ``bits``; ``"weight"``
+    becomes ``codes * scale``, the weight the LSQ layer computes with.
+    """
+    out: list[dict[str, Any]] = []
+    for op in ops:
+        quant = op.get("quant")
+        if quant is None:
+            out.append(op)
+            continue
+        weight = op["weight"]
+        scale = quant["step"].float().view(-1, *([1] * (weight.dim() - 1)))
+        half = 2 ** (quant["bits"] - 1)
+        codes = torch.round(weight / scale).clamp(-half, half - 1).to(torch.int64)
+        grid = {"codes": codes, "scale": scale, "bits": int(quant["bits"])}
+        out.append({**op, "quant": None, "weight": codes * scale, "grid": grid})
+    return out
+
+
+def _unpacked(graph: _Graph, codes: torch.Tensor, bits: int) -> str:
+    """Signed ``bits``-bit (2 or 4) codes stored packed in uint8, rebuilt as float32 in their shape."""
+    half, per_byte = 2 ** (bits - 1), 8 // bits
+    packed = pack_bits(codes + half, bits).numpy().reshape(-1, 1)
+    shifts = graph.shared_const(f"shifts{bits}", np.arange(per_byte, dtype=np.uint8) * bits)
+    x = graph.node("BitShift", [graph.const("packed", packed), shifts], direction="RIGHT")  # (bytes, per_byte)
+    x = graph.node("Mod", [x, graph.shared_const(f"mod{bits}", np.array(2**bits, dtype=np.uint8))])
+    x = graph.node("Cast", [x], to=_FLOAT)
+    x = graph.node("Sub", [x, graph.shared_const(f"half{bits}", np.array(half, dtype=np.float32))])
+    if packed.size * per_byte != codes.numel():  # the last byte holds padding: drop it
+        x = graph.node("Reshape", [x, graph.shared_const("flat", np.array([-1], dtype=np.int64))])
+        ends = graph.const("ends", np.array([codes.numel()], dtype=np.int64))
+        x = graph.node("Slice", [x, graph.shared_const("zero", np.array([0], dtype=np.int64)), ends])
+    return graph.node("Reshape", [x, graph.const("shape", np.array(codes.shape, dtype=np.int64))])
+
+
+def _packed_weight(graph: _Graph, op: dict[str, Any], bits: int) -> str:
+    """The weight at its bit width, dequantised by constant ops (folded by onnxruntime at load).
+
+    LSQ layers keep their learned grid (``"grid"`` from :func:`_weight_only`); float layers are
+    quantised per output channel to int8 if ``bits`` is 8 and stored as float32 if it is 32.
+    """
+    grid = op.get("grid")
+    if grid is None and bits == 32:
+        return graph.const("weight", op["weight"].numpy().astype(np.float32))
+    if grid is None:
+        q, scale = quantize_per_channel(op["weight"], 8)
+        shape = (-1, *([1] * (q.dim() - 1)))
+        grid = {"codes": q.to(torch.int64), "scale": scale.float().reshape(shape), "bits": 8}
+    codes, grid_bits = grid["codes"], grid["bits"]
+    if grid_bits > 4:
+        x = graph.const("int8", codes.to(torch.int8).numpy())
+        x = graph.node("Cast", [x], to=_FLOAT)
+    else:
+        x = _unpacked(graph, codes, 2 if grid_bits <= 2 else 4)
+    return graph.node("Mul", [x, graph.const("scale", grid["scale"].numpy().astype(np.float32))])
+
+
 def _on_grid(graph: _Graph, x: str, grid: list[float] | None, name: str) -> str:
     """QuantizeLinear + DequantizeLinear of an activation onto an LSQ layer's 8-bit grid (QDQ form)."""
     if grid is None:
@@ -123,7 +211,8 @@ def _weight_node(graph: _Graph, x: str, op: dict[str, Any], layer: int, bits: in
     quant = op.get("quant")
     if quant is not None:
         x = _on_grid(graph, x, quant["input"], f"layer{layer}.input")
-    inputs = [x, _weight(graph, layer, op, bits)]
+    weight = _packed_weight(graph, op, bits) if graph.packed else _weight(graph, layer, op, bits)
+    inputs = [x, weight]
     if op["bias"] is not None:
         inputs.append(graph.const(f"layer{layer}.bias", op["bias"].numpy().astype(np.float32)))
     if op["op"] == "linear":
@@ -183,6 +272,7 @@ def export_onnx(
     std: float | Sequence[float],
     name: str = "compact",
     fuse: bool = False,
+    packed: bool = False,
 ) -> OnnxExportInfo:
     """Write ``model`` as ``{name}.onnx``: raw pixels in, logits out, int8 (QDQ) or float32 weights.
 
@@ -212,6 +302,13 @@ def export_onnx(
         Fewer nodes for batch-1 speed (:mod:`~fedsqueeze.server.onnx_fuse`): factored pairs
         merged where that adds few weights, the input normalisation folded into the first
         conv; the same function up to float rounding (default: False).
+    packed : bool
+        Weight-only quantisation with the weights packed at their bit width (LSQ layers at their
+        learned 2..8 bits, other layers at ``bits``) and rebuilt by constant ops that onnxruntime
+        folds when the session loads, so the graph runs as a float32 one; short names, no
+        metadata but ``format`` and ``bits``. An LSQ layer's activation grids are not applied, so
+        the file computes the student's weights on float activations (default: False: int8
+        containers and, for LSQ layers, activation Q/DQ pairs).
 
     Returns
     -------
@@ -231,23 +328,17 @@ def export_onnx(
     import onnx
 
     mean_c, std_c = channel_normalisation(mean, std, int(input_shape[0]))
-    graph = _Graph()
-    ops = flatten_ops(model)
-    how = "none"
+    graph = _Graph(packed)
+    ops = _weight_only(flatten_ops(model)) if packed else flatten_ops(model)
+    how, shift = "none", [0.0] * len(mean_c)
     if fuse:
         ops, how, shift = fold_input_normalisation(merge_factored(ops), mean_c, std_c)
-    if how == "none":
-        x = _normalise_input(graph, mean_c, std_c)
-    elif how == "shift":
-        shift_const = np.array(shift, dtype=np.float32).reshape(1, -1, 1, 1)
-        x = graph.node("Sub", [INPUT_NAME, graph.const("input.shift", shift_const)])
-    else:
-        x = INPUT_NAME
+    x = _graph_input(graph, how, shift, mean_c, std_c)
     layer = 0
     for op in ops:
         x = _op_node(graph, x, op, layer, bits)
         layer += op["op"] in ("conv2d", "linear")
-    graph.nodes.append(graph.helper.make_node("Identity", [x], [OUTPUT_NAME], name=OUTPUT_NAME))
+    _name_output(graph, x)
     proto = _model_proto(graph, [int(d) for d in input_shape], bits, mean_c, std_c)
     onnx.checker.check_model(proto)
     out = Path(out_dir)
@@ -257,17 +348,38 @@ def export_onnx(
     return OnnxExportInfo(name, bits, count_parameters(model), path, path.stat().st_size)
 
 
+def _graph_input(graph: _Graph, how: str, shift: list[float], mean: list[float], std: list[float]) -> str:
+    """What the first layer reads: the normalised pixels, the shifted pixels or the pixels (see ``how``)."""
+    if how == "none":
+        return _normalise_input(graph, mean, std)
+    if how == "shift":
+        shift_const = np.array(shift, dtype=np.float32).reshape(1, -1, 1, 1)
+        return graph.node("Sub", [INPUT_NAME, graph.const("input.shift", shift_const)])
+    return INPUT_NAME
+
+
+def _name_output(graph: _Graph, x: str) -> None:
+    """Make ``x`` the graph's output :data:`OUTPUT_NAME`."""
+    if graph.packed and graph.nodes and graph.nodes[-1].output[0] == x:
+        graph.nodes[-1].output[0] = OUTPUT_NAME  # the last op writes the output itself: no Identity node
+    else:
+        graph.nodes.append(graph.helper.make_node("Identity", [x], [OUTPUT_NAME], name=OUTPUT_NAME))
+
+
 def _model_proto(graph: _Graph, input_shape: list[int], bits: int, mean: list[float], std: list[float]) -> Any:
     from onnx import TensorProto
 
     helper = graph.helper
     inputs = [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", *input_shape])]
     outputs = [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", "classes"])]
-    body = helper.make_graph(graph.nodes, "fedsqueeze_compact", inputs, outputs, graph.initializers)
+    body = helper.make_graph(graph.nodes, "g" if graph.packed else "fedsqueeze_compact", inputs, outputs,
+                             graph.initializers)  # fmt: skip
     # IR version 8 with opset 13: readable by onnxruntime >= 1.10 and TensorRT 8
     proto = helper.make_model(body, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=8)
     proto.producer_name = "fedsqueeze"
     metadata = {"format": FORMAT, "bits": str(bits), "mean": json.dumps(mean), "std": json.dumps(std)}
+    if graph.packed:  # the normalisation is in the graph; the readable copy is left out for size
+        metadata = {"format": FORMAT, "bits": f"{bits}packed"}
     helper.set_model_props(proto, metadata)
     return proto
 

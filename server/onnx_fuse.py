@@ -10,7 +10,9 @@ its multiply-adds, so removing nodes is what makes it faster:
   one node instead of three).
 
 Both work on :func:`~fedsqueeze.server.export.flatten_ops` lists of float layers; layers from LSQ
-training (``"quant"``) are left as they are, since their integer grids would not survive.
+training (``"quant"``) are left as they are, since their integer grids would not survive. Weight-only
+LSQ layers (a ``"grid"`` of integer codes and per-channel scales, from the packed ONNX export) are
+never merged, but the normalisation folds into the first one's scales: its codes stay as they are.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ def _is_pointwise(op: dict[str, Any]) -> bool:
 
 def _merged(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any] | None:
     """One op computing ``second(first(x))``, or None if the pair cannot be merged."""
-    if first.get("quant") is not None or second.get("quant") is not None:
-        return None
+    if any(op.get(key) is not None for op in (first, second) for key in ("quant", "grid")):
+        return None  # a merged weight would leave the layers' integer grids
     w1, w2 = first["weight"], second["weight"]
     b1 = first["bias"] if first["bias"] is not None else torch.zeros(w1.shape[0])
     b2 = second["bias"] if second["bias"] is not None else torch.zeros(w2.shape[0])
@@ -102,7 +104,8 @@ def fold_input_normalisation(
     Returns
     -------
     ops : list of dict
-        With the first conv rescaled (or the input list, unfolded).
+        With the first conv rescaled (or the input list, unfolded); a ``"grid"`` conv gets its
+        scales rescaled, shape ``(out, in, 1, 1)``, and keeps its codes.
     how : {"folded", "shift", "none"}
         Fully folded; folded but the graph must subtract ``shift`` from the pixels first; or not
         folded (the first layer is not a float conv): the graph normalises as usual.
@@ -116,6 +119,9 @@ def fold_input_normalisation(
     inv = 1.0 / (255.0 * torch.tensor(std, dtype=torch.float32))
     weight = first["weight"] * inv.view(1, -1, 1, 1)
     first["weight"] = weight
+    grid = first.get("grid")
+    if grid is not None:  # scales per (output, input) channel; one per output channel if the input has one
+        first["grid"] = {**grid, "scale": grid["scale"] * inv.view(1, -1, 1, 1)}
     bias = first["bias"] if first["bias"] is not None else torch.zeros(weight.shape[0])
     if any(first["padding"]):
         first["bias"] = bias

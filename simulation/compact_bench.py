@@ -2,8 +2,10 @@
 
 One run trains (or loads) a teacher centrally on the images the clients would hold, builds the
 students, distils them on the server's unlabeled proxy images, exports each as TorchScript
-(``.pt``), safetensors, ONNX and fused ONNX, measures every file's test accuracy, and times all
-of them interleaved at batch 1 on one thread. Students:
+(``.pt``), safetensors, ONNX, fused ONNX and packed ONNX (fused, weight-only, weights stored at
+their bit width and folded at session load), measures every file's test accuracy, and times all
+of them interleaved at batch 1 on one thread. Students (``--only-strided``: the teacher and the
+strided ones only):
 
 - ``l1_kd``: 50 % of filters/units pruned by L1 norm, hidden linears factored (rank 12), soft labels;
 - ``l1_kd_hints``: the same plus activation matching (ablation: soft labels alone vs plus hints);
@@ -66,6 +68,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--linear-rank", type=int, default=12, help="rank of the factored linears (default: 12)")
     p.add_argument("--latency-runs", type=int, default=1000, help="timed calls per file and runtime (default: 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    p.add_argument("--only-strided", action="store_true", help="skip the pruned/factored students (default: all)")
     return p.parse_args(argv)
 
 
@@ -112,12 +115,14 @@ def _quantised(
 
 
 def _models(args: argparse.Namespace, teacher: nn.Module, proxy: torch.Tensor) -> tuple[dict[str, nn.Module], dict]:
-    facts = _pruned_students(args, teacher, proxy)
-    models = {"teacher": teacher}
-    models.update({k: facts.pop(k) for k in ("l1_kd", "l1_kd_hints", "sens_kd", "sens_iter_kd")})
-    for bits in (4, 2):
-        models[f"l1_kd_ptq{bits}"] = quantize_student(models["l1_kd"], proxy[:512], weight_bits=bits)
-        models[f"l1_kd_lsq{bits}"] = _quantised(models["l1_kd"], teacher, proxy, bits, args)
+    models: dict[str, nn.Module] = {"teacher": teacher}
+    facts: dict[str, Any] = {}
+    if not args.only_strided:
+        facts = _pruned_students(args, teacher, proxy)
+        models.update({k: facts.pop(k) for k in ("l1_kd", "l1_kd_hints", "sens_kd", "sens_iter_kd")})
+        for bits in (4, 2):
+            models[f"l1_kd_ptq{bits}"] = quantize_student(models["l1_kd"], proxy[:512], weight_bits=bits)
+            models[f"l1_kd_lsq{bits}"] = _quantised(models["l1_kd"], teacher, proxy, bits, args)
     first, second = (int(w) for w in args.strided_widths.split(","))
     widths = (first, second)
     strided = _kd(strided_student(1, 28, 10, widths, seed=args.seed), teacher, proxy, args.strided_epochs, args.seed,
@@ -129,7 +134,11 @@ def _models(args: argparse.Namespace, teacher: nn.Module, proxy: torch.Tensor) -
     return models, facts
 
 
-def _export_all(models: dict[str, nn.Module], out: Path, raw: torch.Tensor, y: torch.Tensor, mean: float, std: float):
+def _export_all(
+    models: dict[str, nn.Module], out: Path, x: torch.Tensor, y: torch.Tensor, mean: float, std: float
+) -> tuple[dict[str, dict[str, Any]], dict[str, tuple[Any, Any]]]:
+    """Write every model's files, measure their accuracy on the normalised test images ``x``; return the runtimes."""
+    raw = raw_pixels(x, mean, std)
     rows: dict[str, dict[str, Any]] = {}
     timed: dict[str, tuple[Any, Any]] = {}
     example, example_np = raw[:1].float(), raw[:1].float().numpy()
@@ -140,8 +149,11 @@ def _export_all(models: dict[str, nn.Module], out: Path, raw: torch.Tensor, y: t
         plain = export_onnx(model, out, bits=bits, input_shape=(1, 28, 28), mean=mean, std=std, name=name)
         fused = export_onnx(model, out, bits=bits, input_shape=(1, 28, 28), mean=mean, std=std, name=name + "_fused",
                             fuse=True)  # fmt: skip
+        packed = export_onnx(model, out, bits=bits, input_shape=(1, 28, 28), mean=mean, std=std,
+                             name=name + "_packed", fuse=True, packed=True)  # fmt: skip
         runtimes: dict[str, Any] = {"torchscript": script, "ort": OnnxRuntimeModel(plain.onnx_path),
-                    "ort_fused": OnnxRuntimeModel(fused.onnx_path)}  # fmt: skip
+                    "ort_fused": OnnxRuntimeModel(fused.onnx_path),
+                    "ort_packed": OnnxRuntimeModel(packed.onnx_path)}  # fmt: skip
         quantised = bool(weight_bits_of(model))
         if quantised:
             runtimes["ort_int_kernels"] = OnnxRuntimeModel(plain.onnx_path, integer_kernels=True)
@@ -152,11 +164,22 @@ def _export_all(models: dict[str, nn.Module], out: Path, raw: torch.Tensor, y: t
             "safetensors_bytes": info.safetensors_bytes,
             "onnx_bytes": plain.onnx_bytes,
             "onnx_fused_bytes": fused.onnx_bytes,
+            "onnx_packed_bytes": packed.onnx_bytes,
             "accuracy": {rt: file_accuracy(m, raw, y) for rt, m in runtimes.items()},
+            "packed_agreement": _agreement(runtimes["ort_packed"], model, raw, x),
         }
         for rt, m in runtimes.items():
             timed[f"{name}|{rt}"] = (m, example if rt == "torchscript" else example_np)
     return rows, timed
+
+
+@torch.no_grad()
+def _agreement(runtime: Any, model: nn.Module, raw: torch.Tensor, x: torch.Tensor) -> float:
+    """Fraction of the images on which a file's runtime predicts the class the in-memory model predicts."""
+    batches = range(0, len(raw), 128)  # as file_accuracy: larger CPU batches spend their time in malloc
+    file_classes = torch.cat([runtime(raw[i : i + 128].float()).argmax(1) for i in batches])
+    model_classes = torch.cat([model(x[i : i + 128]).argmax(1) for i in batches])
+    return float((file_classes == model_classes).float().mean())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -182,8 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     teacher_seconds = time.perf_counter() - start
     models, facts = _models(args, teacher, data.x_train[proxy_idx])
     in_memory = {k: evaluate(m, data.x_test, data.y_test)[1] for k, m in models.items()}
-    raw = raw_pixels(data.x_test, mean, std)
-    rows, timed = _export_all(models, args.out, raw, data.y_test, mean, std)
+    rows, timed = _export_all(models, args.out, data.x_test, data.y_test, mean, std)
     latency = latencies_us(timed, args.latency_runs)
     for key, value in latency.items():
         name, rt = key.split("|")
@@ -201,10 +223,11 @@ def _print_table(rows: dict[str, dict[str, Any]]) -> None:
     teacher = rows["teacher"]
     best_teacher = min(teacher["latency_us"].values())
     print(
-        "| model | params | weight bits | .pt B | .safetensors B | .onnx B | fused .onnx B | acc .pt | acc ORT fused "
-        "| TorchScript us | ORT us | ORT fused us | ORT int kernels us | best / teacher best |"
+        "| model | params | weight bits | .pt B | .safetensors B | .onnx B | fused .onnx B | packed .onnx B (x) "
+        "| acc .pt | acc ORT fused | acc ORT packed | packed = in-memory | TorchScript us | ORT us | ORT fused us "
+        "| ORT packed us | ORT int kernels us | best / teacher best | packed / teacher best |"
     )
-    print("|" + "---|" * 14)
+    print("|" + "---|" * 19)
     for name, row in rows.items():
         lat, acc = row["latency_us"], row["accuracy"]
         bits = (
@@ -212,11 +235,14 @@ def _print_table(rows: dict[str, dict[str, Any]]) -> None:
             if isinstance(row["weight_bits"], int)
             else "/".join(str(b) for b in sorted(set(row["weight_bits"].values())))
         )
+        smaller = teacher["onnx_fused_bytes"] / row["onnx_packed_bytes"]
         print(
             f"| {name} | {row['params']:,} | {bits} | {row['pt_bytes']:,} | {row['safetensors_bytes']:,} | "
-            f"{row['onnx_bytes']:,} | {row['onnx_fused_bytes']:,} | {100 * acc['torchscript']:.2f} | "
-            f"{100 * acc['ort_fused']:.2f} | {lat['torchscript']:.1f} | {lat['ort']:.1f} | {lat['ort_fused']:.1f} | "
-            f"{lat.get('ort_int_kernels', float('nan')):.1f} | {min(lat.values()) / best_teacher:.2f} |"
+            f"{row['onnx_bytes']:,} | {row['onnx_fused_bytes']:,} | {row['onnx_packed_bytes']:,} ({smaller:.1f}x) | "
+            f"{100 * acc['torchscript']:.2f} | {100 * acc['ort_fused']:.2f} | {100 * acc['ort_packed']:.2f} | "
+            f"{100 * row['packed_agreement']:.2f} % | {lat['torchscript']:.1f} | {lat['ort']:.1f} | "
+            f"{lat['ort_fused']:.1f} | {lat['ort_packed']:.1f} | {lat.get('ort_int_kernels', float('nan')):.1f} | "
+            f"{min(lat.values()) / best_teacher:.2f} | {lat['ort_packed'] / best_teacher:.2f} |"
         )
 
 

@@ -23,7 +23,7 @@ def test_compact_bench_writes_every_student_and_runtime(
     expected |= {"l1_kd_ptq2", "l1_kd_lsq2", "strided_kd", "strided_kd_lsq4", "strided_kd_lsq842"}
     assert set(models) == expected
     for name, row in models.items():
-        runtimes = {"torchscript", "ort", "ort_fused"} | (
+        runtimes = {"torchscript", "ort", "ort_fused", "ort_packed"} | (
             {"ort_int_kernels"} if ("ptq" in name or "lsq" in name) else set()
         )
         assert set(row["latency_us"]) == runtimes and all(v > 0 for v in row["latency_us"].values())
@@ -36,3 +36,23 @@ def test_compact_bench_writes_every_student_and_runtime(
     assert models["sens_kd"]["params"] <= pruning["budget_params"] == models["l1_kd"]["params"]
     assert set(pruning["sens_ratios"]) == {"conv1", "conv2", "fc1", "fc2"} and len(pruning["sens_iter_history"]) == 2
     assert "| strided_kd |" in capsys.readouterr().out
+
+
+def test_compact_bench_only_strided_writes_packed_files(
+    mnist_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("onnxruntime", reason="the onnx extra (onnx, onnxruntime) is not installed")
+    args = ["--data-dir", str(mnist_path), "--out", str(tmp_path), "--teacher-epochs", "1", "--train-limit", "2000"]
+    args += ["--proxy-size", "600", "--strided-epochs", "1", "--qat-epochs", "1", "--only-strided"]
+    assert compact_bench.main([*args, "--latency-runs", "20"]) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    models = report["models"]
+    assert set(models) == {"teacher", "strided_kd", "strided_kd_lsq4", "strided_kd_lsq842"} and report["pruning"] == {}
+    for name, row in models.items():
+        assert row["onnx_packed_bytes"] == (tmp_path / f"{name}_packed.onnx").stat().st_size
+        assert row["latency_us"]["ort_packed"] > 0 and 0.9 <= row["packed_agreement"] <= 1.0
+    packed = {name: row["onnx_packed_bytes"] for name, row in models.items()}
+    # weights at their bit width: fewer bytes as the bits drop, fewer than the int8-container files
+    assert packed["teacher"] > packed["strided_kd"] > packed["strided_kd_lsq4"] > packed["strided_kd_lsq842"]
+    assert all(packed[k] < models[k]["onnx_fused_bytes"] for k in ("strided_kd_lsq4", "strided_kd_lsq842"))
+    assert "| strided_kd_lsq842 |" in capsys.readouterr().out

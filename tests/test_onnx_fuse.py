@@ -99,12 +99,16 @@ def test_integer_kernels_and_load_time_dequantisation_agree(tmp_path: Path) -> N
     info = export_onnx(quant, tmp_path, bits=8, input_shape=(1, 28, 28), mean=MEAN, std=STD, name="q")
     integer = OnnxRuntimeModel(info.onnx_path, integer_kernels=True)(raw)
     folded = OnnxRuntimeModel(info.onnx_path)(raw)
+    # weight-only packed file: the same weight grids on float activations (no activation rounding)
+    packed_info = export_onnx(quant, tmp_path, input_shape=(1, 28, 28), mean=MEAN, std=STD, name="p", packed=True)
+    packed = OnnxRuntimeModel(packed_info.onnx_path)(raw)
     with torch.no_grad():
         expected = quant(_normalised(raw))
     step = float(quant.fc3.output_quant.step.detach())
-    for out in (integer, folded):
+    for out in (integer, folded, packed):
         assert float((out - expected).abs().max()) <= 2 * step + 1e-6  # at most a rounding step or two apart
         assert float((out.argmax(1) == expected.argmax(1)).float().mean()) >= 0.9
+    assert packed_info.onnx_bytes < 0.6 * info.onnx_bytes  # 4-bit weights two to a byte, not in int8
 
 
 def test_strided_student_shapes_and_arguments() -> None:
