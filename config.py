@@ -14,13 +14,16 @@ from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-__all__ = ["RunConfig", "ConfigValue", "proxy_holdout"]
+__all__ = ["RunConfig", "ConfigValue", "STUDENT_ARCHS", "proxy_holdout"]
 
 ConfigValue = bool | int | float | str
 
 #: Values of ``initial-model``: nodes build the first model from the run's seed (checked by
 #: digest), start from the all-zero model, or are sent it in full.
 INITIAL_MODELS = ("seeded", "zeros", "sent")
+#: Values of ``student-arch``: the student pruned and factored from the global model, or the small
+#: strided CNN distilled from scratch (fewer graph nodes: faster at batch 1).
+STUDENT_ARCHS = ("pruned", "strided")
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,9 @@ class RunConfig(Mapping[str, ConfigValue]):
     student_weight_bits: int = 0
     student_qat_epochs: int = 2
     student_prune_method: str = "norm"
+    # "pruned": pruned/factored from the global model by the student-* keys above; "strided": the four-node
+    # strided CNN of server/compact/fast.py, distilled from scratch (the student-*-rank/prune keys do not apply)
+    student_arch: str = "pruned"
     # After the first distillation, broadcast and train the FP32 student instead of the full model, at this
     # local learning rate (its factored layers diverge at the full model's 0.05: BENCHMARKS.md section 7)
     broadcast_compact: bool = False
@@ -115,6 +121,13 @@ class RunConfig(Mapping[str, ConfigValue]):
             )
         if not 0.0 <= self.server_momentum < 1.0:
             raise ValueError(f"run config 'server-momentum' must be in [0, 1), got {self.server_momentum!r}")
+        if self.student_arch not in STUDENT_ARCHS:
+            raise ValueError(f"run config 'student-arch' must be one of {STUDENT_ARCHS}, got {self.student_arch!r}")
+        if self.broadcast_compact and self.student_arch != "pruned":
+            raise ValueError(
+                "run config 'broadcast-compact' = true needs 'student-arch' = 'pruned' (nodes build only the pruned "
+                f"student from its architecture string), got {self.student_arch!r}"
+            )
         if self.broadcast_compact and self.distill_every <= 0:
             raise ValueError("run config 'broadcast-compact' = true needs a student: set 'distill-every' > 0")
         if not self.broadcast_compact_lr > 0:

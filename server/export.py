@@ -29,6 +29,7 @@ __all__ = [
     "LATENCY_KEY",
     "LATENCY_NO_ONEDNN_KEY",
     "ONNX_LATENCY_KEY",
+    "ONNX_PACKED_LATENCY_KEY",
     "batch1_latencies",
     "channel_normalisation",
     "export_and_measure",
@@ -53,6 +54,8 @@ LATENCY_KEY = "latency_us_batch1_1thread"
 LATENCY_NO_ONEDNN_KEY = "latency_us_batch1_1thread_no_onednn"
 #: Row key of the ONNX file's batch-1 latency in onnxruntime (one intra-op thread).
 ONNX_LATENCY_KEY = "onnx_latency_us_batch1_1thread"
+#: Row key of the packed ONNX file's batch-1 latency in onnxruntime (one intra-op thread).
+ONNX_PACKED_LATENCY_KEY = "onnx_packed_latency_us_batch1_1thread"
 
 _SUPPORTED_BITS = (8, 32)
 
@@ -866,9 +869,11 @@ def export_and_measure(
 
     Every file's test accuracy is measured on ``raw_x``; its batch-1 latency only when
     ``latency_runs`` > 0 (:func:`batch1_latencies`, on ``raw_x[:1]``), else nothing is timed
-    and the latency fields are None. With ``onnx`` each model is also written as ONNX
-    (:func:`~fedsqueeze.server.onnx_export.export_onnx`) and measured in onnxruntime (one
-    thread), timed interleaved with the TorchScript files.
+    and the latency fields are None. With ``onnx`` each model is also written as two ONNX files
+    (:func:`~fedsqueeze.server.onnx_export.export_onnx`): ``{stem}.onnx`` (int8 weights in Q/DQ form,
+    activation Q/DQ pairs for LSQ layers) and ``{stem}_packed.onnx`` (``fuse=True, packed=True``:
+    weight-only, packed at each layer's bit width), each measured in onnxruntime (one thread),
+    timed interleaved with the TorchScript files.
 
     Parameters
     ----------
@@ -894,7 +899,8 @@ def export_and_measure(
     dict of str to dict
         File stem -> :meth:`ExportInfo.as_dict` plus ``file_test_accuracy``, :data:`LATENCY_KEY`
         and :data:`LATENCY_NO_ONEDNN_KEY`, with ``onnx`` also ``onnx_path``, ``onnx_bytes``,
-        ``onnx_test_accuracy`` and ``onnx_latency_us_batch1_1thread``; each ``also_timed`` name
+        ``onnx_test_accuracy`` and :data:`ONNX_LATENCY_KEY`, and the same four ``onnx_packed_*``
+        (:data:`ONNX_PACKED_LATENCY_KEY`) for the packed file; each ``also_timed`` name
         -> the two latency keys.
     """
     if latency_runs < 0:
@@ -916,14 +922,16 @@ def export_and_measure(
     else:
         latency = {name: {LATENCY_KEY: None, LATENCY_NO_ONEDNN_KEY: None} for name in timed}
     for name in timed:
-        if name.endswith(_ONNX_SUFFIX):  # onnxruntime ignores the oneDNN switch: one figure
-            rows[name[: -len(_ONNX_SUFFIX)]][ONNX_LATENCY_KEY] = latency[name][LATENCY_KEY]
+        stem, _, suffix = name.rpartition("#")
+        if stem and suffix in _ONNX_LATENCY_KEYS:  # onnxruntime ignores the oneDNN switch: one figure
+            rows[stem][_ONNX_LATENCY_KEYS[suffix]] = latency[name][LATENCY_KEY]
         else:
             rows.setdefault(name, {}).update(latency[name])
     return rows
 
 
-_ONNX_SUFFIX = "#onnx"
+# Timed ONNX runtimes are keyed "stem#onnx" and "stem#onnx_packed"; the part after "#" names the latency key
+_ONNX_LATENCY_KEYS = {"onnx": ONNX_LATENCY_KEY, "onnx_packed": ONNX_PACKED_LATENCY_KEY}
 
 
 def _export_onnx_files(
@@ -935,22 +943,24 @@ def _export_onnx_files(
     std: float | Sequence[float],
     rows: dict[str, dict[str, Any]],
 ) -> dict[str, tuple[Any, np.ndarray]]:
-    """Write and measure the ONNX files into ``rows``; return them for timing, keyed ``stem#onnx``."""
+    """Write and measure the Q/DQ and packed ONNX files into ``rows``; return them for timing, keyed ``stem#kind``."""
     # onnx_export builds on this module (flatten_ops, quantize_per_channel), so it is imported here
     from fedsqueeze.server.onnx_export import OnnxRuntimeModel, export_onnx
 
     timed: dict[str, tuple[Any, np.ndarray]] = {}
     shape = tuple(raw_x.shape[1:])
     for name, (model, bits) in models.items():
-        info = export_onnx(model, out_dir, bits=bits, input_shape=shape, mean=mean, std=std, name=name)
-        runtime = OnnxRuntimeModel(info.onnx_path)
-        rows[name].update(
-            {
-                "onnx_path": str(info.onnx_path),
-                "onnx_bytes": info.onnx_bytes,
-                "onnx_test_accuracy": file_accuracy(runtime, raw_x, y),
-                ONNX_LATENCY_KEY: None,
-            }
-        )
-        timed[name + _ONNX_SUFFIX] = (runtime, raw_x[:1].float().numpy())
+        for kind, options in (("onnx", {}), ("onnx_packed", {"fuse": True, "packed": True})):
+            stem = name if kind == "onnx" else f"{name}_packed"
+            info = export_onnx(model, out_dir, bits=bits, input_shape=shape, mean=mean, std=std, name=stem, **options)
+            runtime = OnnxRuntimeModel(info.onnx_path)
+            rows[name].update(
+                {
+                    f"{kind}_path": str(info.onnx_path),
+                    f"{kind}_bytes": info.onnx_bytes,
+                    f"{kind}_test_accuracy": file_accuracy(runtime, raw_x, y),
+                    _ONNX_LATENCY_KEYS[kind]: None,
+                }
+            )
+            timed[f"{name}#{kind}"] = (runtime, raw_x[:1].float().numpy())
     return timed

@@ -15,7 +15,7 @@ from flwr.supercore import log
 from torch import nn
 
 from fedsqueeze.compact_arch import StudentArch
-from fedsqueeze.config import proxy_holdout
+from fedsqueeze.config import STUDENT_ARCHS, proxy_holdout
 from fedsqueeze.data import Dataset, normalisation
 from fedsqueeze.server.compact import (
     CompactConfig,
@@ -27,12 +27,14 @@ from fedsqueeze.server.compact import (
     quantize_student,
     sensitivity_ratios,
 )
+from fedsqueeze.server.compact.fast import strided_student
 from fedsqueeze.server.compact.lsq import weight_bits_of
 from fedsqueeze.server.distill import DistillConfig, distill, proxy_split
 from fedsqueeze.server.export import (
     LATENCY_KEY,
     LATENCY_NO_ONEDNN_KEY,
     ONNX_LATENCY_KEY,
+    ONNX_PACKED_LATENCY_KEY,
     export_and_measure,
     raw_pixels,
 )
@@ -40,6 +42,7 @@ from fedsqueeze.training import evaluate, set_weights
 
 __all__ = [
     "LATENCY_RUNS",
+    "STRIDED_WIDTHS",
     "QuantisationSettings",
     "ServerDistiller",
     "compact_config",
@@ -49,12 +52,16 @@ __all__ = [
     "prune_method",
     "quantisation_settings",
     "student_arch",
+    "student_kind",
 ]
 
 #: Optional run-config keys read here with defaults (LSQ fine-tuning and sensitivity pruning of the student).
 
 #: Timed batch-1 forward passes per exported model (interleaved blocks of 50), with ``distill-latency``.
 LATENCY_RUNS = 500
+
+#: Filters of the two convolutions of the ``student-arch = "strided"`` student (as compact_bench measured it).
+STRIDED_WIDTHS = (8, 16)
 
 
 def _rank(value: int, key: str) -> int | None:
@@ -120,6 +127,35 @@ def student_arch(run: Mapping[str, Any]) -> StudentArch:
         )
     except ValueError as err:
         raise ValueError(f"run config 'broadcast-compact': the student-* keys name no student: {err}") from err
+
+
+def student_kind(run: Mapping[str, Any]) -> str:
+    """The optional ``student-arch``: ``"pruned"`` (default) or ``"strided"``, checked against the keys it excludes.
+
+    The strided student (:func:`~fedsqueeze.server.compact.fast.strided_student`) is not derived
+    from the global model, so neither sensitivity pruning nor activation matching (whose hint layers
+    are named after the teacher's) applies to it.
+
+    Raises
+    ------
+    ValueError
+        If the value is not one of :data:`fedsqueeze.config.STUDENT_ARCHS`, or ``"strided"`` comes with
+        ``student-prune-method`` = ``"sensitivity"`` or ``distill-hint-weight`` > 0.
+    """
+    kind = run.get("student-arch", "pruned")
+    if kind not in STUDENT_ARCHS:
+        raise ValueError(f"run config 'student-arch' must be one of {STUDENT_ARCHS}, got {kind!r}")
+    if kind == "strided" and prune_method(run) != "norm":
+        raise ValueError(
+            "run config 'student-prune-method' must be 'norm' with 'student-arch' = 'strided' (the strided student "
+            f"is not pruned), got {run.get('student-prune-method')!r}"
+        )
+    if kind == "strided" and _optional_number(run, "distill-hint-weight", 0.0) > 0:
+        raise ValueError(
+            "run config 'distill-hint-weight' must be 0 with 'student-arch' = 'strided' (its layers have no "
+            f"counterpart in the teacher to match), got {run.get('distill-hint-weight')!r}"
+        )
+    return str(kind)
 
 
 def measure_latency(run: Mapping[str, Any]) -> bool:
@@ -261,7 +297,10 @@ class ServerDistiller:
       (:func:`~fedsqueeze.server.compact.build_student`: filter pruning and truncated SVD of
       the global's own weights), so the student's structure and starting point always come
       from the model it is distilled from and each distillation depends on the current round
-      only. The global model and the client models are never modified.
+      only. With ``student-arch`` = ``"strided"`` the fresh student is instead
+      :func:`~fedsqueeze.server.compact.fast.strided_student` (widths :data:`STRIDED_WIDTHS`, input
+      and classes of the dataset, weights from ``seed``), which learns everything by distillation.
+      The global model and the client models are never modified.
     - The student is trained to match the soft predictions of the global model or, with
       ``distill-ensemble``, the average logits of the global model and the client models
       received this round (FedDF-style, every teacher weighted equally).
@@ -298,6 +337,7 @@ class ServerDistiller:
         self.onnx = export_onnx_too(run)
         self.quantisation = quantisation_settings(run)
         self.prune_method = prune_method(run)
+        self.kind = student_kind(run)
         self.prune_ratios: dict[str, float] | None = None
         self.data = data
         self.make_model = make_model
@@ -451,7 +491,11 @@ class ServerDistiller:
         return self.last_row
 
     def _build(self, teacher: nn.Module) -> nn.Module:
-        """The student of ``teacher``: uniform norm pruning, or per-layer ratios by sensitivity at the same size."""
+        """The student of ``teacher``: uniform norm pruning, per-layer ratios by sensitivity at the same size,
+        or (``student-arch`` strided) a fresh strided student shaped by the dataset."""
+        if self.kind == "strided":
+            _, channels, side, _ = self.data.x_train.shape
+            return strided_student(channels, side, self.data.num_classes, STRIDED_WIDTHS, seed=self.seed)
         config = self.student_config
         if self.prune_method != "sensitivity" or config.prune_ratio == 0:
             return build_student(teacher, config)
@@ -474,7 +518,9 @@ class ServerDistiller:
         each TorchScript file back and measures its test accuracy and, with ``distill-latency``,
         its CPU latency for one image (1 thread, median of interleaved runs, with and without
         oneDNN; otherwise the latency fields are None and nothing is timed). With
-        ``distill-onnx`` it also writes ``{name}.onnx`` and measures it in onnxruntime.
+        ``distill-onnx`` it also writes ``{name}.onnx`` (int8 Q/DQ) and ``{name}_packed.onnx`` (weights
+        packed at their bit width, fused: the smallest and, at batch 1, fastest file) and measures both
+        in onnxruntime.
 
         Parameters
         ----------
@@ -528,6 +574,9 @@ class ServerDistiller:
             if self.onnx:
                 report[key]["onnx_file"] = str(Path(row["onnx_path"]).relative_to(results_dir))
                 report[key].update({k: row[k] for k in ("onnx_bytes", "onnx_test_accuracy", ONNX_LATENCY_KEY)})
+                report[key]["onnx_packed_file"] = str(Path(row["onnx_packed_path"]).relative_to(results_dir))
+                packed_keys = ("onnx_packed_bytes", "onnx_packed_test_accuracy", ONNX_PACKED_LATENCY_KEY)
+                report[key].update({k: row[k] for k in packed_keys})
         report["student"].update(self._student_details(self.student))
         report["distill"] = {
             **asdict(self.config),
@@ -539,6 +588,8 @@ class ServerDistiller:
         report["size_ratio"] = teacher["torchscript_bytes"] / student["torchscript_bytes"]
         report["params_ratio"] = teacher["params"] / student["params"]
         report["accuracy_drop_points"] = 100 * (teacher["file_test_accuracy"] - student["file_test_accuracy"])
+        if self.onnx:  # the file to ship for size and batch-1 speed, against the global model's FP32 ONNX file
+            report["onnx_packed_size_ratio"] = teacher["onnx_bytes"] / student["onnx_packed_bytes"]
         _log_export(out, report)
         return report
 
@@ -550,7 +601,8 @@ class ServerDistiller:
             "test_accuracy_before_distill": self.last_row["student_accuracy_before"],
             "teachers": self.last_row["teachers"],
             "distill_seconds": self.last_row["distill_seconds"],
-            "config": asdict(self.student_config),
+            "student_arch": self.kind,
+            "config": asdict(self.student_config) if self.kind == "pruned" else {"widths": list(STRIDED_WIDTHS)},
             "weight_bits": weight_bits_of(student) or None,
             "qat_epochs": self.quantisation.epochs if self.quantisation.weight_bits else None,
             "prune_method": self.prune_method,
