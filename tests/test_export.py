@@ -26,6 +26,7 @@ from fedsqueeze.server.export import (
     LATENCY_KEY,
     LATENCY_NO_ONEDNN_KEY,
     ONNX_LATENCY_KEY,
+    ONNX_PACKED_LATENCY_KEY,
     export_and_measure,
     export_compact,
     load_safetensors,
@@ -434,8 +435,15 @@ def test_export_and_measure_adds_onnx_files(onnxruntime: ModuleType, student: nn
     session_accuracy = float((_run_onnx(onnxruntime, Path(row["onnx_path"]), raw).argmax(1) == y).float().mean())
     assert row["onnx_test_accuracy"] == pytest.approx(session_accuracy) and row["onnx_test_accuracy"] >= AGREEMENT
     assert row[ONNX_LATENCY_KEY] > 0 and row[LATENCY_KEY] > 0
+    # The packed file beside it: its own file, measured and timed alike
+    packed = Path(row["onnx_packed_path"])
+    assert packed.name == "s8_packed.onnx" and packed.stat().st_size == row["onnx_packed_bytes"]
+    packed_accuracy = float((_run_onnx(onnxruntime, packed, raw).argmax(1) == y).float().mean())
+    assert row["onnx_packed_test_accuracy"] == pytest.approx(packed_accuracy) and packed_accuracy >= AGREEMENT
+    assert row[ONNX_PACKED_LATENCY_KEY] > 0
     untimed = export_and_measure(models, tmp_path / "b", raw_x=raw, y=y, mean=MEAN, std=STD, onnx=True)
     assert untimed["s8"][ONNX_LATENCY_KEY] is None and untimed["s8"]["onnx_test_accuracy"] == row["onnx_test_accuracy"]
+    assert untimed["s8"][ONNX_PACKED_LATENCY_KEY] is None
 
 
 def test_predict_accepts_onnx_and_torchscript_alike(
