@@ -110,8 +110,14 @@ def student_arch(run: Mapping[str, Any]) -> StudentArch:
     ------
     ValueError
         If ``student-prune-method`` is ``"sensitivity"`` (its per-layer ratios come from data, so the
-        string cannot name the student), or a value is out of range.
+        string cannot name the student), ``student-arch`` is not ``"pruned"`` (the string names pruned
+        students only), or a value is out of range.
     """
+    if student_kind(run) != "pruned":
+        raise ValueError(
+            "run config 'broadcast-compact' = true needs 'student-arch' = 'pruned' (nodes build only the pruned "
+            f"student from its architecture string), got {run.get('student-arch')!r}"
+        )
     if prune_method(run) != "norm":
         raise ValueError(
             "run config 'broadcast-compact' needs 'student-prune-method' = 'norm' (nodes build the student from "

@@ -36,6 +36,7 @@ from fedsqueeze.server.server_distiller import (
     distill_config,
     export_onnx_too,
     measure_latency,
+    student_arch,
     student_kind,
 )
 from fedsqueeze.server.strategy import CompressedStrategy
@@ -204,6 +205,8 @@ def test_student_arch_is_checked_where_it_is_read() -> None:
         RunConfig.from_mapping({"student-arch": 1})
     with pytest.raises(ValueError, match="'broadcast-compact' = true needs 'student-arch' = 'pruned'.*got 'strided'"):
         RunConfig.from_mapping({"student-arch": "strided", "broadcast-compact": True, "distill-every": 1})
+    with pytest.raises(ValueError, match="'broadcast-compact' = true needs 'student-arch' = 'pruned'.*got 'strided'"):
+        student_arch({"model": "lenet5", "dataset": "mnist", "student-arch": "strided"})
     with pytest.raises(ValueError, match="'student-prune-method' must be 'norm' with 'student-arch' = 'strided'"):
         student_kind({"student-arch": "strided", "student-prune-method": "sensitivity"})
     with pytest.raises(ValueError, match="'distill-hint-weight' must be 0 with 'student-arch' = 'strided'"):
