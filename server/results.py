@@ -78,8 +78,13 @@ it deletes ``distill.csv`` and ``compact.json`` left by an earlier run in the sa
       ``latency_us_batch1_1thread_no_onednn`` (median CPU time of one forward pass of the
       loaded file on one image, one thread). The student also has ``round``,
       ``test_accuracy_in_memory``, ``test_accuracy_before_distill``, ``teachers``,
-      ``distill_seconds``, ``config`` (the :class:`~fedsqueeze.server.compact.CompactConfig`)
-      and ``layers``.
+      ``distill_seconds``, ``student_arch`` (``pruned`` or ``strided``), ``config`` (the
+      :class:`~fedsqueeze.server.compact.CompactConfig`, or the strided student's ``widths``) and ``layers``.
+    - With ``distill-onnx``, ``teacher`` and ``student`` also have ``onnx_file``, ``onnx_bytes``,
+      ``onnx_test_accuracy`` and ``onnx_latency_us_batch1_1thread`` (``{name}.onnx``, int8 Q/DQ, in
+      onnxruntime) and the same four ``onnx_packed_*`` (``{name}_packed.onnx``: weights packed at
+      their bit width, fused), and ``onnx_packed_size_ratio`` is the teacher's ``.onnx`` bytes over
+      the student's packed file's.
     - ``distill``: the distillation settings; ``size_ratio`` (teacher over student TorchScript
       bytes), ``params_ratio``, ``accuracy_drop_points`` (teacher minus student file accuracy,
       in percentage points).
