@@ -578,11 +578,7 @@ class ServerDistiller:
                 LATENCY_NO_ONEDNN_KEY: row[LATENCY_NO_ONEDNN_KEY],
             }
             if self.onnx:
-                report[key]["onnx_file"] = str(Path(row["onnx_path"]).relative_to(results_dir))
-                report[key].update({k: row[k] for k in ("onnx_bytes", "onnx_test_accuracy", ONNX_LATENCY_KEY)})
-                report[key]["onnx_packed_file"] = str(Path(row["onnx_packed_path"]).relative_to(results_dir))
-                packed_keys = ("onnx_packed_bytes", "onnx_packed_test_accuracy", ONNX_PACKED_LATENCY_KEY)
-                report[key].update({k: row[k] for k in packed_keys})
+                report[key].update(_onnx_entry(row, results_dir))
         report["student"].update(self._student_details(self.student))
         report["distill"] = {
             **asdict(self.config),
@@ -617,6 +613,15 @@ class ServerDistiller:
             "broadcast_after_round": self.switched_round or None,
             "arch": str(self.arch) if self.switched_round else None,
         }
+
+
+def _onnx_entry(row: Mapping[str, Any], results_dir: Path) -> dict[str, Any]:
+    """The ``onnx_*`` and ``onnx_packed_*`` keys of a ``compact.json`` entry from its export row, paths relative."""
+    entry: dict[str, Any] = {}
+    for kind, latency_key in (("onnx", ONNX_LATENCY_KEY), ("onnx_packed", ONNX_PACKED_LATENCY_KEY)):
+        entry[f"{kind}_file"] = str(Path(row[f"{kind}_path"]).relative_to(results_dir))
+        entry.update({k: row[k] for k in (f"{kind}_bytes", f"{kind}_test_accuracy", latency_key)})
+    return entry
 
 
 def _latency_text(entry: Mapping[str, Any]) -> str:
