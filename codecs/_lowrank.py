@@ -81,6 +81,18 @@ def _decode_factors(stage: str, parts: list[torch.Tensor], shape: tuple[int, ...
     return product.reshape(shape)
 
 
+def _gram_eigh(m: torch.Tensor, wide: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending) and eigenvectors of ``m m^T`` if ``wide``, else of ``m^T m``."""
+    try:
+        return torch.linalg.eigh(m @ m.T if wide else m.T @ m)  # type: ignore[no-any-return]
+    except torch.linalg.LinAlgError:
+        # LAPACK's symmetric eigensolver can fail to converge on a Gram matrix with many repeated
+        # eigenvalues (a sparse update of a few quantized values: a catch-up over top-k steps);
+        # the SVD of m itself converges there, at a higher cost paid only in this case.
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        return (s * s).flip(0), (u if wide else vh.T).flip(1)
+
+
 def _gram_svd(m: torch.Tensor, rank: int | float, scale: float) -> Encoded | None:
     """Truncated SVD of ``m`` from the eigendecomposition of its smaller Gram matrix; factors times ``scale``.
 
@@ -92,7 +104,7 @@ def _gram_svd(m: torch.Tensor, rank: int | float, scale: float) -> Encoded | Non
     """
     rows, cols = m.shape
     wide = rows <= cols
-    w, v = torch.linalg.eigh(m @ m.T if wide else m.T @ m)  # ascending eigenvalues
+    w, v = _gram_eigh(m, wide)
     s = w.flip(0).clamp_min(0).sqrt()
     r = _rank_for_energy(s, rank) if isinstance(rank, float) else min(rank, s.numel())
     if not _low_rank_pays(rows, cols, r):
