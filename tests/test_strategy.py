@@ -318,6 +318,25 @@ def test_with_catch_up_memory_a_late_node_gets_a_low_rank_catch_up_and_the_serve
     assert version == 4 and torch.equal(held["w"], server_copy["w"])
 
 
+def test_catch_up_memory_changes_nothing_when_every_node_takes_part_in_every_round() -> None:
+    sent: list[list[bytes]] = []
+    for memory in (0, 10**7):
+        app, ctx = make_client(), contexts(NODES)
+        strategy = CompressedStrategy(
+            FedAvg(), uplink="identity", downlink="svd(rank=2) | quantize(bits=8) | zstd", catchup_memory_bytes=memory
+        )
+        arrays, blobs = tensors_to_arrays(global_model()), []
+        for server_round in range(1, 5):
+            messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), FakeGrid(NODES)))
+            blobs += [b for m in messages for b in Downlink.from_record(m.content[PAYLOAD_KEY]).blobs]
+            new, _ = strategy.aggregate_train(server_round, [app(m, ctx[m.metadata.dst_node_id]) for m in messages])
+            assert new is not None
+            arrays = new
+        assert strategy.downlink_state._held == {}  # noqa: SLF001 - nobody needed a catch-up of its own
+        sent.append(blobs)
+    assert sent[0] == sent[1]
+
+
 def test_traffic_records_match_message_sizes() -> None:
     app, ctx = make_client(), contexts(NODES)
     strategy = CompressedStrategy(FedAvg(), uplink="fp16", downlink="identity")
