@@ -65,7 +65,7 @@ class RunConfig(Mapping[str, ConfigValue]):
     # Catch-ups of nodes that missed rounds: the lossy delta codec ("": automatic, see CompressedStrategy) and the
     # server memory for per-node catch-up error feedback (0: off), see server/downlink.py
     catchup_codec: str = ""
-    catchup_memory_mb: float = 0.0
+    catchup_memory_mb: float = 256.0
     # Sparsity warm-up of the uplink's topk/randomk over this many rounds (0: off), see server/warmup.py
     uplink_warmup_rounds: int = 0
     initial_model: str = "seeded"
