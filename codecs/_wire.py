@@ -190,6 +190,11 @@ class Reader:
         data, pos, size = self._data, self.pos, self._size
         if pos >= size or data[pos] > MAX_NDIM:
             return None
+        if data[pos] == 1 and pos + 1 < size and data[pos + 1] < 0x80:  # one dimension below 128: most parts
+            if max(data[pos + 1], 1) > max_elements:
+                return None
+            self.pos = pos + 2
+            return (data[pos + 1],)
         dims = []
         pos += 1
         for _ in range(data[pos - 1]):
