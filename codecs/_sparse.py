@@ -92,7 +92,6 @@ class _IndexedSparse(Stage):
             expect(False, self.name, f"k={k} is more than the {n} elements of the tensor")
         return mode, k
 
-
     def decode_cost(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> DecodeCost:
         mode, k = self._header(parts, meta, shape)
         n = math.prod(shape)
