@@ -284,7 +284,7 @@ def _state_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
     out: dict[str, Array] = {}
     for name, t in tensors.items():
         array = np.ascontiguousarray(t.detach().cpu().numpy())
-        data = b"".join((_npy_header(array.dtype, array.shape), array))  # one copy of the values
+        data = b"".join((_npy_header(array.dtype, array.shape), array.data))  # one copy of the values
         out[name] = Array(dtype=str(array.dtype), shape=array.shape, stype=SType.NUMPY, data=data)
     return ArrayRecord(out)
 

@@ -98,8 +98,9 @@ def run_stages(codec: Codec, pending: list[_Pending]) -> list[_Raw]:
             children: list[_Pending | _Raw] = []
             for part in encoded.parts:
                 if not isinstance(part, EncodeFurther):
-                    children.append(_Raw(part, made_by))
-                    made.append(children[-1])
+                    raw = _Raw(part, made_by)
+                    children.append(raw)
+                    made.append(raw)
                     continue
                 x = part.tensor.to(torch.float32).contiguous()
                 child = _Pending(p.name, x, x, made_by)

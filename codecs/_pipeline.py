@@ -569,7 +569,7 @@ class _Decoder:
         self.budget.charge(NODE_BYTES + n * size, NODE_WORK + n, what)
         data = r.take_or_none(n * size)
         if data is None:
-            r.take(n * size, f"data of {what}")
+            data = r.take(n * size, f"data of {what}")  # raises, with the message
         if dtype == torch.bool and n and int(np.frombuffer(data, np.uint8).max()) > 1:
             raise CodecError(f"{what}: bool data holds a byte other than 0 or 1")
         return tensor_from_bytes(data, dtype, shape)
