@@ -195,8 +195,10 @@ def record_head(name: str, t: torch.Tensor) -> bytes:
     return varint(len(encoded)) + encoded + bytes((dtype_code(t.dtype),))
 
 
-def encode_body(codec: Codec, records: list[tuple[str, torch.Tensor]]) -> list[bytes | memoryview]:
-    """The body of the blob (tensor count, then the records) as pieces to join."""
+def encode_body(
+    codec: Codec, records: list[tuple[str, torch.Tensor]]
+) -> tuple[list[bytes | memoryview], list[_Pending | _Raw]]:
+    """The body of the blob (tensor count, then the records) as pieces to join, and each record's top node as sent."""
     tops: list[_Pending | _Raw] = []
     pending = []
     for name, t in records:
@@ -208,11 +210,39 @@ def encode_body(codec: Codec, records: list[tuple[str, torch.Tensor]]) -> list[b
             tops.append(pending[-1])
     check_finite(run_stages(codec, pending), tops)
     out: list[bytes | memoryview] = [varint(len(records))]
-    for (name, t), top in zip(records, tops, strict=True):
+    for i, ((name, t), top) in enumerate(zip(records, tops, strict=True)):
         out.append(record_head(name, t))
         mark = len(out)
         size = node_pieces(top, out)
         if isinstance(top, _Pending) and size > 2 + 5 * t.dim() + t.numel() * t.element_size():
             del out[mark:]  # compression would not pay: send as it is
-            node_pieces(_Raw(t), out)
+            tops[i] = _Raw(t)
+            node_pieces(tops[i], out)
+    return out, tops
+
+
+def rebuild(
+    codec: Codec, records: list[tuple[str, torch.Tensor]], tops: list[_Pending | _Raw]
+) -> dict[str, torch.Tensor]:
+    """What :func:`decode` returns for the blob of ``tops``, bit for bit, without reading the blob.
+
+    Each stage node is decoded by its stage from its parts as they are in memory: a raw part
+    reads back from the wire as the same dtype, shape and values, and a stage's decode is a
+    function of its parts. Raw tensors are returned as they are (not copied). Error feedback
+    uses this for its residual instead of parsing its own blob.
+    """
+    out = {}
+    for (name, t), top in zip(records, tops, strict=True):
+        decoded = _rebuild_node(codec, top)
+        out[name] = decoded if decoded.dtype == t.dtype else decoded.to(t.dtype)  # as decode's record
     return out
+
+
+def _rebuild_node(codec: Codec, node: _Pending | _Raw) -> torch.Tensor:
+    resolved = node.node if isinstance(node, _Pending) else node
+    if isinstance(resolved, _Raw):
+        return resolved.t
+    if resolved is None:
+        raise RuntimeError("a pending node left unresolved by run_stages")
+    parts = [_rebuild_node(codec, child) for child in resolved.children]
+    return codec.tensor_stages[resolved.index].decode(parts, resolved.meta, resolved.shape)

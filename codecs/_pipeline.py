@@ -15,7 +15,7 @@ import torch
 from ._bits import varint_bytes
 from ._errors import CodecError
 from ._fused import all_finite as _all_finite
-from ._fused import encode_body
+from ._fused import encode_body, rebuild
 from ._spec import MAX_SPEC_LENGTH, parse_stages
 from ._stage import EncodeContext, Encoded, EncodeFurther, Stage
 from ._wire import (
@@ -249,12 +249,28 @@ class Codec:
             float32, an empty tensor whose shape :func:`decode` would refuse, bad names or
             unsupported dtypes.
         """
+        return self.encode_rebuilt(update, fused=fused, rebuilt=False)[0]
+
+    def encode_rebuilt(
+        self, update: Mapping[str, TensorLike], *, fused: bool = True, rebuilt: bool = True
+    ) -> tuple[bytes, dict[str, torch.Tensor] | None]:
+        """:meth:`encode`, and with ``rebuilt`` what :func:`decode` will return for the blob, bit for bit.
+
+        The second item is built from the encoder's own parts without reading the blob (see
+        ``_fused.rebuild``); it is ``None`` where that is not available (the per-tensor path, an
+        allocating first stage such as ``budget``): decode the blob then. Raw tensors in it may
+        be the update's own tensors, not copies.
+        """
         records = self._records(update)
         first = self._tensor_stages[0] if self._tensor_stages else None
+        decoded = None
         if first is not None and first.allocates:
             blob = first.encode_update(self, records)  # e.g. `budget`: plans every tensor, then encodes
         elif fused:
-            blob = self._finish_pieces(encode_body(self, records))
+            pieces, tops = encode_body(self, records)
+            blob = self._finish_pieces(pieces)
+            if rebuilt:
+                decoded = rebuild(self, records, tops)
         else:
             body = Writer()
             body.varint(len(records))
@@ -262,7 +278,7 @@ class Codec:
                 body.extend(self.record(name, t, self._encode_tensor(name, t)))
             blob = self.finish(body)
         self._calls += 1
-        return blob
+        return blob, decoded
 
     def _finish_pieces(self, pieces: list[bytes | memoryview]) -> bytes:
         """:meth:`finish` for a body given as pieces: one join, then the bytes stages."""
