@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from collections.abc import Sequence
@@ -67,6 +68,18 @@ def scatter(values: torch.Tensor, idx: np.ndarray, shape: tuple[int, ...]) -> to
     return out.reshape(shape)
 
 
+@functools.lru_cache(maxsize=1024)
+def _index_header(stage: str, meta: bytes) -> tuple[int, int]:
+    """(index coding, k) of a sparse node's header (cached: decoding reads it twice per node).
+
+    Only well-formed headers (at most 11 bytes) are cached: a malformed one raises.
+    """
+    r = Reader(meta, f"{stage} header")
+    mode, k = r.u8("index coding"), r.varint("k")
+    r.expect_end()
+    return mode, k
+
+
 @dataclass(frozen=True)
 class _IndexedSparse(Stage):
     """Keeps the values at some indices; the indices travel as delta varints or a bitmap."""
@@ -84,9 +97,7 @@ class _IndexedSparse(Stage):
     def _header(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> tuple[int, int]:
         """(index coding, k) from the header, checked against ``shape``."""
         expect_parts(self.name, parts, 2)
-        r = Reader(meta, f"{self.name} header")
-        mode, k = r.u8("index coding"), r.varint("k")
-        r.expect_end()
+        mode, k = _index_header(self.name, meta)
         n = math.prod(shape)
         if k > n:  # the message is formatted only when raised: this runs twice per node
             expect(False, self.name, f"k={k} is more than the {n} elements of the tensor")
