@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
+from typing import Any
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common.constant import ErrorCode
+from flwr.common.constant import ErrorCode, SType
 from flwr.common.logger import log
 
 from fedsqueeze.client.state import STATE_DIR_KEY, NodeState, load_node_state, save_node_state
@@ -255,13 +259,56 @@ def _encode_reply(
     feedback = ErrorFeedback(codec)
     saved = state.get(STATE_FEEDBACK)
     if isinstance(saved, ArrayRecord) and not _feedback_too_old(state, down):
-        feedback.load_state_dict(arrays_to_tensors(saved))
+        feedback.load_state_dict(_state_tensors(saved))
     blob = feedback.encode(subtract_tensors(local, reference))
-    state[STATE_FEEDBACK] = tensors_to_arrays(feedback.state_dict())
+    state[STATE_FEEDBACK] = _state_record(feedback.state_dict())
     meta = state[STATE_META]
     assert isinstance(meta, ConfigRecord)  # written by _store_reference before the app ran
     meta["feedback-version"] = down.version
     return DELTA, blob
+
+
+@functools.lru_cache(maxsize=1024)
+def _npy_header(dtype: np.dtype[Any], shape: tuple[int, ...]) -> bytes:
+    """The header ``np.save`` writes before the data of a C-contiguous array of ``dtype`` and ``shape``."""
+    data = Array(np.zeros(shape, dtype)).data
+    return data[: len(data) - math.prod(shape) * dtype.itemsize]
+
+
+def _state_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """:func:`tensors_to_arrays` for the node's state, the same bytes without ``np.save`` per array.
+
+    ``np.save`` formats a header per array, which cost more than the error feedback's arithmetic on
+    a small model; the header depends only on dtype and shape, so it is made once per layout.
+    """
+    out: dict[str, Array] = {}
+    for name, t in tensors.items():
+        array = np.ascontiguousarray(t.detach().cpu().numpy())
+        data = b"".join((_npy_header(array.dtype, array.shape), array.data))  # one copy of the values
+        out[name] = Array(dtype=str(array.dtype), shape=array.shape, stype=SType.NUMPY, data=data)
+    return ArrayRecord(out)
+
+
+def _state_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """:func:`arrays_to_tensors` for the node's state: arrays written by :func:`_state_record` without ``np.load``.
+
+    An array whose bytes are not exactly a known header and its data is read by ``np.load``.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, array in record.items():
+        dtype = np.dtype(array.dtype) if array.stype == SType.NUMPY and array.dtype in _STATE_DTYPES else None
+        header = None if dtype is None else _npy_header(dtype, tuple(array.shape))
+        count = math.prod(array.shape)
+        if header is not None and dtype is not None and len(array.data) == len(header) + count * dtype.itemsize:
+            if array.data.startswith(header):
+                values = np.frombuffer(array.data, dtype, count=count, offset=len(header))
+                out[name] = torch.from_numpy(values.reshape(tuple(array.shape)).copy())
+                continue
+        out[name] = arrays_to_tensors(ArrayRecord({name: array}))[name]
+    return out
+
+
+_STATE_DTYPES = frozenset({"float32", "float64", "float16", "int64", "int32", "uint8", "bool"})
 
 
 def _feedback_too_old(state: RecordDict, down: Downlink) -> bool:

@@ -93,6 +93,8 @@ def varint_decode(data: np.ndarray, count: int) -> np.ndarray:
         raise CodecError(f"varint stream of {data.size} bytes does not hold exactly {count} values")
     if not count:
         return np.zeros(0, np.uint64)
+    if ends.size == data.size:  # every varint one byte (index gaps below 128): the bytes are the values
+        return data.astype(np.uint64)
     starts = np.empty_like(ends)
     starts[0] = 0
     starts[1:] = ends[:-1] + 1

@@ -65,12 +65,16 @@ def shape_bytes(shape: tuple[int, ...]) -> bytes:
     return bytes((len(shape),)) + b"".join(varint(d) for d in shape)
 
 
-def run_stages(codec: Codec, pending: list[_Pending]) -> None:
-    """Send ``pending`` through the codec's tensor stages, a batch per stage; set every ``node``."""
+def run_stages(codec: Codec, pending: list[_Pending]) -> list[_Raw]:
+    """Send ``pending`` through the codec's tensor stages, a batch per stage; set every ``node``.
+
+    Returns the raw parts the stages made (for the finiteness check), in the order made.
+    """
     waiting = pending
+    made: list[_Raw] = []
     for index, stage in enumerate(codec.tensor_stages):
         if not waiting:
-            return
+            return made
         states = codec._state.setdefault(index, {})
         ctxs = [
             EncodeContext(
@@ -94,7 +98,9 @@ def run_stages(codec: Codec, pending: list[_Pending]) -> None:
             children: list[_Pending | _Raw] = []
             for part in encoded.parts:
                 if not isinstance(part, EncodeFurther):
-                    children.append(_Raw(part, made_by))
+                    raw = _Raw(part, made_by)
+                    children.append(raw)
+                    made.append(raw)
                     continue
                 x = part.tensor.to(torch.float32).contiguous()
                 child = _Pending(p.name, x, x, made_by)
@@ -107,6 +113,9 @@ def run_stages(codec: Codec, pending: list[_Pending]) -> None:
         waiting = later
     for p in waiting:
         p.node = _Raw(p.raw, p.made_by)
+        if p.made_by:
+            made.append(p.node)
+    return made
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -115,12 +124,17 @@ def all_finite(t: torch.Tensor) -> bool:
     return math.isfinite(float(torch.sum(t))) or bool(torch.isfinite(t).all())
 
 
-def check_finite(nodes: list[_Pending | _Raw]) -> None:
-    """Raise for the first raw node made by a stage (depth first) that holds NaN or infinity.
+def check_finite(made: list[_Raw], nodes: list[_Pending | _Raw]) -> None:
+    """Raise for the first raw node made by a stage (depth first in ``nodes``) that holds NaN or infinity.
 
-    The float32 parts are checked together by one sum over their concatenation; only when
-    that sum is not finite are they checked one by one, to name the culprit.
+    ``made`` lists every raw node a stage made. Their float32 parts are checked together by one
+    sum over their concatenation; only when that sum is not finite is the tree walked, to name
+    the culprit.
     """
+    floats = [r.t for r in made if r.t.dtype in FLOAT_DTYPES]
+    if all(t.dtype == torch.float32 for t in floats):
+        if not floats or math.isfinite(float(torch.sum(torch.cat([t.reshape(-1) for t in floats])))):
+            return
     raws: list[_Raw] = []
     stack = list(reversed(nodes))
     while stack:
@@ -130,9 +144,6 @@ def check_finite(nodes: list[_Pending | _Raw]) -> None:
             stack.extend(reversed(resolved.children))
         elif resolved is not None and resolved.made_by and resolved.t.dtype in FLOAT_DTYPES:
             raws.append(resolved)
-    float32 = [r.t.reshape(-1) for r in raws if r.t.dtype == torch.float32]
-    if float32 and len(float32) == len(raws) and bool(torch.isfinite(torch.sum(torch.cat(float32)))):
-        return
     for r in raws:
         if not all_finite(r.t):
             raise ValueError(
@@ -141,27 +152,41 @@ def check_finite(nodes: list[_Pending | _Raw]) -> None:
             )
 
 
+@functools.lru_cache(maxsize=4096)
+def raw_head(dtype: torch.dtype, shape: tuple[int, ...]) -> bytes:
+    """Tag, dtype code and shape of a raw node."""
+    return bytes((TAG_RAW, dtype_code(dtype))) + shape_bytes(shape)
+
+
+@functools.lru_cache(maxsize=4096)
+def staged_head(index: int, shape: tuple[int, ...], meta: bytes, nparts: int) -> bytes:
+    """Tag, shape, header and part count of a node of tensor stage ``index``."""
+    return bytes((index + 1,)) + shape_bytes(shape) + varint(len(meta)) + meta + bytes((nparts,))
+
+
 def node_pieces(node: _Pending | _Raw, out: list[bytes | memoryview]) -> int:
-    """Append the wire form of ``node`` to ``out``; return its size in bytes."""
-    resolved = node.node if isinstance(node, _Pending) else node
-    if isinstance(resolved, _Raw):
-        t = resolved.t
-        head = bytes((TAG_RAW, dtype_code(t.dtype))) + shape_bytes(tuple(t.shape))
-        data = tensor_to_bytes(t)
-        out.append(head)
-        out.append(data)
-        return len(head) + len(data)
-    if resolved is None:
-        raise RuntimeError("a pending node left unresolved by run_stages")
-    head = (
-        bytes((resolved.index + 1,))
-        + shape_bytes(resolved.shape)
-        + varint(len(resolved.meta))
-        + resolved.meta
-        + bytes((len(resolved.children),))
-    )
-    out.append(head)
-    return len(head) + sum(node_pieces(child, out) for child in resolved.children)
+    """Append the wire form of ``node`` (depth first, iteratively) to ``out``; return its size in bytes."""
+    size = 0
+    stack: list[_Pending | _Raw | _Staged | None] = [node]
+    while stack:
+        resolved = stack.pop()
+        if isinstance(resolved, _Pending):
+            resolved = resolved.node
+        if isinstance(resolved, _Raw):
+            t = resolved.t
+            head = raw_head(t.dtype, tuple(t.shape))
+            data = tensor_to_bytes(t)
+            out.append(head)
+            out.append(data)
+            size += len(head) + len(data)
+        elif resolved is None:
+            raise RuntimeError("a pending node left unresolved by run_stages")
+        else:
+            head = staged_head(resolved.index, resolved.shape, resolved.meta, len(resolved.children))
+            out.append(head)
+            size += len(head)
+            stack.extend(reversed(resolved.children))
+    return size
 
 
 def record_head(name: str, t: torch.Tensor) -> bytes:
@@ -170,8 +195,10 @@ def record_head(name: str, t: torch.Tensor) -> bytes:
     return varint(len(encoded)) + encoded + bytes((dtype_code(t.dtype),))
 
 
-def encode_body(codec: Codec, records: list[tuple[str, torch.Tensor]]) -> list[bytes | memoryview]:
-    """The body of the blob (tensor count, then the records) as pieces to join."""
+def encode_body(
+    codec: Codec, records: list[tuple[str, torch.Tensor]]
+) -> tuple[list[bytes | memoryview], list[_Pending | _Raw]]:
+    """The body of the blob (tensor count, then the records) as pieces to join, and each record's top node as sent."""
     tops: list[_Pending | _Raw] = []
     pending = []
     for name, t in records:
@@ -181,14 +208,41 @@ def encode_body(codec: Codec, records: list[tuple[str, torch.Tensor]]) -> list[b
         else:
             pending.append(_Pending(name, x, t))
             tops.append(pending[-1])
-    run_stages(codec, pending)
-    check_finite(tops)
+    check_finite(run_stages(codec, pending), tops)
     out: list[bytes | memoryview] = [varint(len(records))]
-    for (name, t), top in zip(records, tops, strict=True):
+    for i, ((name, t), top) in enumerate(zip(records, tops, strict=True)):
         out.append(record_head(name, t))
         mark = len(out)
         size = node_pieces(top, out)
         if isinstance(top, _Pending) and size > 2 + 5 * t.dim() + t.numel() * t.element_size():
             del out[mark:]  # compression would not pay: send as it is
-            node_pieces(_Raw(t), out)
+            tops[i] = _Raw(t)
+            node_pieces(tops[i], out)
+    return out, tops
+
+
+def rebuild(
+    codec: Codec, records: list[tuple[str, torch.Tensor]], tops: list[_Pending | _Raw]
+) -> dict[str, torch.Tensor]:
+    """What :func:`decode` returns for the blob of ``tops``, bit for bit, without reading the blob.
+
+    Each stage node is decoded by its stage from its parts as they are in memory: a raw part
+    reads back from the wire as the same dtype, shape and values, and a stage's decode is a
+    function of its parts. Raw tensors are returned as they are (not copied). Error feedback
+    uses this for its residual instead of parsing its own blob.
+    """
+    out = {}
+    for (name, t), top in zip(records, tops, strict=True):
+        decoded = _rebuild_node(codec, top)
+        out[name] = decoded if decoded.dtype == t.dtype else decoded.to(t.dtype)  # as decode's record
     return out
+
+
+def _rebuild_node(codec: Codec, node: _Pending | _Raw) -> torch.Tensor:
+    resolved = node.node if isinstance(node, _Pending) else node
+    if isinstance(resolved, _Raw):
+        return resolved.t
+    if resolved is None:
+        raise RuntimeError("a pending node left unresolved by run_stages")
+    parts = [_rebuild_node(codec, child) for child in resolved.children]
+    return codec.tensor_stages[resolved.index].decode(parts, resolved.meta, resolved.shape)

@@ -30,6 +30,7 @@ def _check_rank(stage: str, param: str, rank: float) -> None:
 
 
 EXACT_SVD_MAX = 1024
+_SMALLEST_SUBNORMAL = float(torch.finfo(torch.float32).smallest_normal) * 2.0**-23
 
 
 def _rank_for_energy(s: torch.Tensor, fraction: float) -> int:
@@ -57,12 +58,14 @@ def _scale(x: torch.Tensor) -> float:
 def _factor_rank(stage: str, parts: list[torch.Tensor], shape: tuple[int, ...], transpose_q: bool) -> int:
     """Check P and Q against ``shape``; return their rank r (r (rows + cols) < rows * cols)."""
     expect_parts(stage, parts, 2)
-    expect(len(shape) >= 2, stage, f"factored tensors have >= 2 dimensions, found shape {shape}")
+    if len(shape) < 2:  # messages are formatted only when raised: this runs for every factored node
+        expect(False, stage, f"factored tensors have >= 2 dimensions, found shape {shape}")
     rows, cols = shape[0], math.prod(shape[1:])
     p, q = parts
     expect(p.dim() == 2 and q.dim() == 2, stage, "factors must be matrices")
     r = p.shape[1]
-    expect(r >= 1 and _low_rank_pays(rows, cols, r), stage, f"rank {r} does not shrink a {rows} x {cols} matrix")
+    if not (r >= 1 and _low_rank_pays(rows, cols, r)):
+        expect(False, stage, f"rank {r} does not shrink a {rows} x {cols} matrix")
     expect_part(stage, p, "P", dtype=torch.float32, shape=(rows, r))
     expect_part(stage, q, "Q", dtype=torch.float32, shape=(cols, r) if transpose_q else (r, cols))
     return r
@@ -104,16 +107,21 @@ def _gram_svd(m: torch.Tensor, rank: int | float, scale: float) -> Encoded | Non
     """
     rows, cols = m.shape
     wide = rows <= cols
+    if isinstance(rank, int) and not _low_rank_pays(rows, cols, min(rank, rows, cols)):
+        return None  # decided before the eigensolver, the costly part, for an integer rank
     w, v = _gram_eigh(m, wide)
-    s = w.flip(0).clamp_min(0).sqrt()
-    r = _rank_for_energy(s, rank) if isinstance(rank, float) else min(rank, s.numel())
-    if not _low_rank_pays(rows, cols, r):
-        return None
+    if isinstance(rank, float):
+        r = _rank_for_energy(w.flip(0).clamp_min(0).sqrt(), rank)
+        if not _low_rank_pays(rows, cols, r):
+            return None
+    else:
+        r = min(rank, w.numel())
     top = v[:, -r:].flip(1)
     if wide:
         b = top.T @ m  # S_r V_r^T: its rows have the singular values as norms
         norms = torch.linalg.vector_norm(b, dim=1)
-        q = b / torch.where(norms > 0, norms, torch.ones_like(norms))[:, None]
+        # a zero row stays zero whatever it is divided by; the smallest subnormal changes no other norm
+        q = b / norms.clamp_min(_SMALLEST_SUBNORMAL)[:, None]
         return Encoded([EncodeFurther(top * (norms * scale)), EncodeFurther(q)])
     return Encoded([EncodeFurther((m @ top) * scale), EncodeFurther(top.T.contiguous())])
 

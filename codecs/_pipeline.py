@@ -12,9 +12,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._bits import varint_bytes
 from ._errors import CodecError
 from ._fused import all_finite as _all_finite
-from ._fused import encode_body
+from ._fused import encode_body, rebuild
 from ._spec import MAX_SPEC_LENGTH, parse_stages
 from ._stage import EncodeContext, Encoded, EncodeFurther, Stage
 from ._wire import (
@@ -140,6 +141,7 @@ class Codec:
         self.seed = seed
         self._calls = 0
         self._state: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+        self._prefix: bytes | None = None
         if len(self.spec) > MAX_SPEC_LENGTH:
             raise ValueError(
                 f"codec spec is {len(self.spec)} characters; at most {MAX_SPEC_LENGTH} fit the wire format"
@@ -247,12 +249,28 @@ class Codec:
             float32, an empty tensor whose shape :func:`decode` would refuse, bad names or
             unsupported dtypes.
         """
+        return self.encode_rebuilt(update, fused=fused, rebuilt=False)[0]
+
+    def encode_rebuilt(
+        self, update: Mapping[str, TensorLike], *, fused: bool = True, rebuilt: bool = True
+    ) -> tuple[bytes, dict[str, torch.Tensor] | None]:
+        """:meth:`encode`, and with ``rebuilt`` what :func:`decode` will return for the blob, bit for bit.
+
+        The second item is built from the encoder's own parts without reading the blob (see
+        ``_fused.rebuild``); it is ``None`` where that is not available (the per-tensor path, an
+        allocating first stage such as ``budget``): decode the blob then. Raw tensors in it may
+        be the update's own tensors, not copies.
+        """
         records = self._records(update)
         first = self._tensor_stages[0] if self._tensor_stages else None
+        decoded = None
         if first is not None and first.allocates:
             blob = first.encode_update(self, records)  # e.g. `budget`: plans every tensor, then encodes
         elif fused:
-            blob = self._finish_pieces(encode_body(self, records))
+            pieces, tops = encode_body(self, records)
+            blob = self._finish_pieces(pieces)
+            if rebuilt:
+                decoded = rebuild(self, records, tops)
         else:
             body = Writer()
             body.varint(len(records))
@@ -260,7 +278,7 @@ class Codec:
                 body.extend(self.record(name, t, self._encode_tensor(name, t)))
             blob = self.finish(body)
         self._calls += 1
-        return blob
+        return blob, decoded
 
     def _finish_pieces(self, pieces: list[bytes | memoryview]) -> bytes:
         """:meth:`finish` for a body given as pieces: one join, then the bytes stages."""
@@ -268,12 +286,17 @@ class Codec:
         payload = body
         for stage in self._bytes_stages:
             payload = stage.encode_bytes(payload)
-        head = Writer()
-        head.raw(MAGIC)
-        head.u8(VERSION)
-        head.blob(self.spec.encode())
-        head.varint(len(body))
-        return head.getvalue() + payload
+        return b"".join((self._head_prefix(), varint_bytes(len(body)), payload))
+
+    def _head_prefix(self) -> bytes:
+        """Magic, version and spec: the header before the body length (the stages never change)."""
+        if self._prefix is None:
+            head = Writer()
+            head.raw(MAGIC)
+            head.u8(VERSION)
+            head.blob(self.spec.encode())
+            self._prefix = head.getvalue()
+        return self._prefix
 
     def _records(self, update: Mapping[str, TensorLike]) -> list[tuple[str, torch.Tensor]]:
         """The update as checked (name, CPU tensor) pairs, in order."""
@@ -355,7 +378,7 @@ class Codec:
         if not _all_finite(t):
             raise ValueError(f"update[{name!r}] contains NaN or infinite values; expected finite numbers")
         x = t.to(torch.float32).contiguous()
-        if not _all_finite(x):
+        if t.dtype != torch.float32 and not _all_finite(x):  # float64 beyond float32's range
             if all(s.passthrough for s in self._tensor_stages):
                 return None  # no stage computes in float32: send the float64 values as they are
             biggest = float(t.abs().max())
@@ -467,9 +490,14 @@ class _Budget:
         self.bytes_left = self.limits.scratch_factor * 4 * n + self.limits.scratch_bytes
         self.work_left = self.limits.work_factor * n + self.limits.work_constant
 
-    def charge(self, nbytes: int, work: int, what: str) -> None:
+    def charge(self, nbytes: int, work: int, what: str, stage: str | None = None) -> None:
+        """Spend ``nbytes`` and ``work``; raise naming ``what`` (and ``stage``) when over the limits."""
         self.bytes_left -= nbytes
         self.work_left -= work
+        if self.bytes_left >= 0 and self.work_left >= 0:
+            return
+        if stage is not None:  # formatted only when raised: decoding charges every node
+            what = f"{what}: stage {stage!r}"
         if self.bytes_left < 0:
             raise CodecError(
                 f"{what}: decoding needs more than DecodeLimits.scratch_factor ({self.limits.scratch_factor}) x "
@@ -489,7 +517,9 @@ class _Decoder:
         self.budget = _Budget(limits)
 
     def _shape(self, r: Reader, what: str, depth: int) -> tuple[int, ...]:
-        shape = r.shape(what, self.limits.max_elements)
+        shape = r.plain_shape(self.limits.max_elements)
+        if shape is None:
+            shape = r.shape(what, self.limits.max_elements)
         if depth == 0:
             self.budget.start_tensor(shape, what)
         return shape
@@ -499,7 +529,11 @@ class _Decoder:
     ) -> torch.Tensor:
         """Decode one node; ``stages`` are the tensor stages in force (set per tensor by ``budget``)."""
         stages = self.stages if stages is None else stages
-        tag = r.u8(f"tag of {what}")
+        # the fast reads below return -1 / None where the checked read would raise: it then runs,
+        # with its message (formatting messages up front cost more than reading a small node)
+        tag = r.next_u8()
+        if tag < 0:
+            r.u8(f"tag of {what}")
         if tag == TAG_RAW:
             return self._raw(r, what, depth)
         index = tag - 1
@@ -518,15 +552,19 @@ class _Decoder:
                 f"{what}: stage {stage.name!r} node of shape {shape} has no elements; empty tensors are raw"
             )
         self.budget.charge(NODE_BYTES + 4 * n, NODE_WORK, what)
-        meta = bytes(r.blob(f"header of {what}", MAX_META))
-        nparts = r.u8(f"part count of {what}")
+        meta = r.empty_blob()
+        if meta is None:
+            meta = bytes(r.blob(f"header of {what}", MAX_META))
+        nparts = r.next_u8()
+        if nparts < 0:
+            r.u8(f"part count of {what}")
         if nparts > MAX_PARTS:
             raise CodecError(f"{what}: {nparts} parts, at most {MAX_PARTS} are allowed")
         stages = stage.stages_for_parts(meta, stages, index)
         # children belong to later stages only, so the recursion is at most one level per stage
         parts = [self.node(r, index + 1, f"{what}/{stage.name}[{i}]", depth + 1, stages) for i in range(nparts)]
         cost = stage.decode_cost(parts, meta, shape)
-        self.budget.charge(cost.scratch_bytes, cost.work, f"{what}: stage {stage.name!r}")
+        self.budget.charge(cost.scratch_bytes, cost.work, what, stage.name)
         out = stage.decode(parts, meta, shape)
         if tuple(out.shape) != shape or out.dtype != torch.float32:
             raise CodecError(
@@ -535,15 +573,19 @@ class _Decoder:
         return out
 
     def _raw(self, r: Reader, what: str, depth: int) -> torch.Tensor:
-        code = r.u8(f"dtype of {what}")
-        if code not in DTYPES:
+        code = r.next_u8()
+        if code < 0:
+            r.u8(f"dtype of {what}")
+        dtype = DTYPES.get(code)
+        if dtype is None:
             raise CodecError(f"{what}: unknown dtype code {code}; expected one of {sorted(DTYPES)}")
-        dtype = DTYPES[code]
         shape = self._shape(r, what, depth)
         n = numel(shape)
         size = itemsize(dtype)
         self.budget.charge(NODE_BYTES + n * size, NODE_WORK + n, what)
-        data = r.take(n * size, f"data of {what}")
+        data = r.take_or_none(n * size)
+        if data is None:
+            data = r.take(n * size, f"data of {what}")  # raises, with the message
         if dtype == torch.bool and n and int(np.frombuffer(data, np.uint8).max()) > 1:
             raise CodecError(f"{what}: bool data holds a byte other than 0 or 1")
         return tensor_from_bytes(data, dtype, shape)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -198,24 +199,29 @@ class Quantize(Stage):
                 out[i] = self.encode(x, ctxs[i])
         if not fused:
             return out
+        # in numpy: a torch call costs several times a numpy call, and the arrays here are small;
+        # every operation is the same IEEE float32 operation as in encode (no fused multiply-add)
         sizes = [xs[i].numel() for i in fused]
-        flat = torch.cat([xs[i].reshape(-1) for i in fused])
-        starts = np.cumsum([0] + sizes[:-1])
-        values = flat.numpy()
-        lo = torch.from_numpy(np.minimum.reduceat(values, starts)) + 0.0
-        hi = torch.from_numpy(np.maximum.reduceat(values, starts)) + 0.0
-        step, inv = self._step(lo, hi)
-        counts = torch.tensor(sizes)
-        scaled = (flat - lo.repeat_interleave(counts, output_size=flat.numel())).mul_(
-            inv.repeat_interleave(counts, output_size=flat.numel())
-        )
-        codes = scaled.round_().clamp_(0, (1 << self.bits) - 1).to(torch.uint8).numpy()
+        values = torch.cat([xs[i].reshape(-1) for i in fused]).numpy()
+        starts = np.fromiter(itertools.accumulate(sizes[:-1], initial=0), np.int64, len(sizes))
+        lo = np.minimum.reduceat(values, starts)
+        lo += np.float32(0.0)  # -0.0 -> +0.0, as in encode
+        hi = np.maximum.reduceat(values, starts)
+        hi += np.float32(0.0)
+        levels = (1 << self.bits) - 1
+        step = ((hi.astype(np.float64) - lo.astype(np.float64)) / levels).astype(np.float32)
+        inv = np.zeros_like(step)
+        np.divide(np.float32(1.0), step, out=inv, where=step > 0)
+        scaled = values - np.repeat(lo, sizes)
+        scaled *= np.repeat(inv, sizes)
+        codes = np.clip(np.rint(scaled, out=scaled), 0, levels, out=scaled).astype(np.uint8)
+        lo_t, step_t = torch.from_numpy(lo), torch.from_numpy(step)
         for j, (i, start, n) in enumerate(zip(fused, starts.tolist(), sizes, strict=True)):
             granularity = self._granularity(n)
             meta = b"" if granularity == self.granularity else bytes((OUTLIER_BLOCKS,)) + varint_bytes(int(granularity))
             segment = codes[start : start + n]
             packed = torch.from_numpy(segment if self.bits == 8 else pack_bits(segment, self.bits))
-            out[i] = Encoded([packed, lo[j : j + 1].clone(), step[j : j + 1].clone()], meta)
+            out[i] = Encoded([packed, lo_t[j : j + 1], step_t[j : j + 1]], meta)
         return out
 
     def decode_cost(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> DecodeCost:
@@ -226,13 +232,14 @@ class Quantize(Stage):
     def decode(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> torch.Tensor:
         expect_parts(self.name, parts, 3)
         packed, lo, step = parts
-        granularity = self._meta_granularity(meta, math.prod(shape))
+        n = math.prod(shape)
+        granularity = self._meta_granularity(meta, n)
         g = _num_groups(shape, granularity)
-        expect(g >= 1, self.name, f"a tensor of shape {shape} has no elements to quantize")
+        if g < 1:  # formatted only when raised: this runs for every quantized node
+            expect(False, self.name, f"a tensor of shape {shape} has no elements to quantize")
         expect_part(self.name, packed, "the packed codes", dtype=torch.uint8)
         expect_part(self.name, lo, "the group minima", dtype=torch.float32, shape=(g,))
         expect_part(self.name, step, "the group steps", dtype=torch.float32, shape=(g,))
-        n = math.prod(shape)
         codes = torch.from_numpy(unpack_bits(as_numpy(packed).ravel(), self.bits, n))
         values = codes.to(torch.float32)
         if g == 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from collections.abc import Sequence
@@ -50,7 +51,8 @@ def decode_indices(stage: str, mode: int, data: np.ndarray, k: int, n: int) -> n
         gaps = varint_decode(data, k).astype(np.int64)
         expect(bool((gaps < n).all()), stage, "index gap past the end of the tensor")
         idx = np.cumsum(gaps + 1) - 1
-        expect(k == 0 or idx[-1] < n, stage, f"index {idx[-1] if k else 0} out of range for {n} elements")
+        if k and idx[-1] >= n:  # the message is formatted only when raised
+            expect(False, stage, f"index {idx[-1]} out of range for {n} elements")
         return idx
     if mode == INDEX_BITMAP:
         expect(data.size == (n + 7) // 8, stage, f"bitmap of {data.size} bytes, expected {(n + 7) // 8}")
@@ -64,6 +66,18 @@ def scatter(values: torch.Tensor, idx: np.ndarray, shape: tuple[int, ...]) -> to
     out = torch.zeros(math.prod(shape), dtype=torch.float32)
     out[torch.from_numpy(idx)] = values
     return out.reshape(shape)
+
+
+@functools.lru_cache(maxsize=1024)
+def _index_header(stage: str, meta: bytes) -> tuple[int, int]:
+    """(index coding, k) of a sparse node's header (cached: decoding reads it twice per node).
+
+    Only well-formed headers (at most 11 bytes) are cached: a malformed one raises.
+    """
+    r = Reader(meta, f"{stage} header")
+    mode, k = r.u8("index coding"), r.varint("k")
+    r.expect_end()
+    return mode, k
 
 
 @dataclass(frozen=True)
@@ -83,11 +97,10 @@ class _IndexedSparse(Stage):
     def _header(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> tuple[int, int]:
         """(index coding, k) from the header, checked against ``shape``."""
         expect_parts(self.name, parts, 2)
-        r = Reader(meta, f"{self.name} header")
-        mode, k = r.u8("index coding"), r.varint("k")
-        r.expect_end()
+        mode, k = _index_header(self.name, meta)
         n = math.prod(shape)
-        expect(k <= n, self.name, f"k={k} is more than the {n} elements of the tensor")
+        if k > n:  # the message is formatted only when raised: this runs twice per node
+            expect(False, self.name, f"k={k} is more than the {n} elements of the tensor")
         return mode, k
 
     def decode_cost(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> DecodeCost:

@@ -384,7 +384,8 @@ def expect(ok: bool, stage: str, what: str) -> None:
 
 def expect_parts(stage: str, parts: Sequence[torch.Tensor], count: int) -> None:
     """Raise CodecError unless there are exactly ``count`` parts."""
-    expect(len(parts) == count, stage, f"expected {count} parts, found {len(parts)}")
+    if len(parts) != count:  # the message is formatted only when it is raised: decoding calls this per node
+        expect(False, stage, f"expected {count} parts, found {len(parts)}")
 
 
 def expect_part(
@@ -397,12 +398,13 @@ def expect_part(
     numel: int | None = None,
 ) -> None:
     """Raise CodecError unless ``part`` has the given dtype, shape and element count (each if given)."""
-    if dtype is not None:
-        expect(part.dtype == dtype, stage, f"{what} must be {dtype}, found {part.dtype}")
-    if shape is not None:
-        expect(tuple(part.shape) == shape, stage, f"{what} must have shape {shape}, found {tuple(part.shape)}")
-    if numel is not None:
-        expect(part.numel() == numel, stage, f"{what} must have {numel} elements, found {part.numel()}")
+    # each message is formatted only when it is raised: decoding checks every part of every node
+    if dtype is not None and part.dtype != dtype:
+        expect(False, stage, f"{what} must be {dtype}, found {part.dtype}")
+    if shape is not None and part.shape != shape:
+        expect(False, stage, f"{what} must have shape {shape}, found {tuple(part.shape)}")
+    if numel is not None and part.numel() != numel:
+        expect(False, stage, f"{what} must have {numel} elements, found {part.numel()}")
 
 
 def as_numpy(t: torch.Tensor) -> np.ndarray:

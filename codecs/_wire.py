@@ -127,6 +127,31 @@ class Reader:
         self.pos = pos + 1
         return self._data[pos]
 
+    def next_u8(self) -> int:
+        """The next byte, or -1 at the end (nothing consumed; :meth:`u8` then raises with a message)."""
+        pos = self.pos
+        if pos >= self._size:
+            return -1
+        self.pos = pos + 1
+        return self._data[pos]
+
+    def take_or_none(self, n: int) -> memoryview | None:
+        """:meth:`take` without a message: None (nothing consumed) where :meth:`take` would raise."""
+        pos = self.pos
+        end = pos + n
+        if n < 0 or end > self._size:
+            return None
+        self.pos = end
+        return self._data[pos:end]
+
+    def empty_blob(self) -> bytes | None:
+        """``b""`` if a zero-length blob comes next (consumed), else None (nothing consumed)."""
+        pos = self.pos
+        if pos < self._size and self._data[pos] == 0:
+            self.pos = pos + 1
+            return b""
+        return None
+
     def varint(self, what: str, max_value: int = 2**63 - 1) -> int:
         result = 0
         for shift in range(0, 70, 7):
@@ -143,7 +168,7 @@ class Reader:
         return self.take(n, what)
 
     def shape(self, what: str, max_elements: int) -> tuple[int, ...]:
-        dims = self._plain_shape(max_elements)
+        dims = self.plain_shape(max_elements)
         if dims is not None:
             return dims
         ndim = self.u8(f"ndim of {what}")
@@ -159,12 +184,17 @@ class Reader:
             )
         return dims
 
-    def _plain_shape(self, max_elements: int) -> tuple[int, ...] | None:
+    def plain_shape(self, max_elements: int) -> tuple[int, ...] | None:
         """A well-formed shape read without formatting any message, or None (nothing consumed)
         for anything :meth:`shape` would refuse or read differently: it then reads it again, slowly."""
         data, pos, size = self._data, self.pos, self._size
         if pos >= size or data[pos] > MAX_NDIM:
             return None
+        if data[pos] == 1 and pos + 1 < size and data[pos + 1] < 0x80:  # one dimension below 128: most parts
+            if max(data[pos + 1], 1) > max_elements:
+                return None
+            self.pos = pos + 2
+            return (data[pos + 1],)
         dims = []
         pos += 1
         for _ in range(data[pos - 1]):
