@@ -34,7 +34,7 @@ from fedsqueeze.protocol import (
     model_digest,
     tensors_to_arrays,
 )
-from fedsqueeze.server.downlink import DownlinkState
+from fedsqueeze.server.downlink import DownlinkPlan, DownlinkState
 from fedsqueeze.server.replies import Accepted, Rejected, ReplyChecker
 from fedsqueeze.server.sampling import StableNodeOrder
 from fedsqueeze.server.traffic import DOWN, UP, TrafficMeter, TrafficRecord, fp32_reply_bytes
@@ -188,7 +188,8 @@ class CompressedStrategy(Strategy):
         self.node_order = StableNodeOrder()
         #: Every train reply dropped so far.
         self.rejections: list[Rejection] = []
-        #: Rounds whose aggregate was refused (node 0: the server itself), see :meth:`_guard_aggregate`.
+        #: Rounds whose aggregate was refused (node 0: the server itself), see :meth:`_guard_aggregate`,
+        #: and nodes sent the full model because their catch-up could not be encoded, see :meth:`_plan`.
         self.guard_events: list[Rejection] = []
         #: Per round: (seconds nodes spent encoding, seconds they spent training), summed over replies.
         self.client_seconds: dict[int, tuple[float, float]] = {}
@@ -357,7 +358,7 @@ class CompressedStrategy(Strategy):
         if key is None:  # nothing to compress
             self.meter.record(server_round, node_id, DOWN, msg, "plain", size=fp32, fp32_bytes=fp32)
             return
-        plan = self.downlink_state.plan(node_id)
+        plan = self._plan(server_round, node_id)
         payload = Downlink(
             plan.kind,
             plan.version,
@@ -387,6 +388,22 @@ class CompressedStrategy(Strategy):
             fp32_bytes=fp32,
             payload_bytes=plan.size,
         )
+
+    def _plan(self, server_round: int, node_id: int) -> DownlinkPlan:
+        """The node's payload; if encoding its own catch-up fails, the full model, and say so.
+
+        A codec failing on one node's catch-up delta (an eigensolver that does not converge) must
+        not end the run for every node: the node gets the lossless full model instead, and the
+        event is logged and kept in :attr:`guard_events`.
+        """
+        try:
+            return self.downlink_state.plan(node_id)
+        except (RuntimeError, ValueError) as err:
+            reason = f"encoding node {node_id}'s catch-up failed ({type(err).__name__}: {err}); sent the full model"
+            log(ERROR, "fedsqueeze: round %d: %s", server_round, reason)
+            self.guard_events.append(Rejection(server_round, node_id, reason))
+            self.downlink_state.forget(node_id)
+            return self.downlink_state.plan(node_id)
 
     def _accept(self, server_round: int, reply: Message) -> Accepted | None:
         """Check one reply; on success turn it into the plain reply the inner strategy expects."""

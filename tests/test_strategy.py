@@ -284,7 +284,16 @@ def test_a_node_that_missed_rounds_catches_up_with_a_chain_of_deltas() -> None:
     assert torch.equal(held["w"], strategy.downlink_state.reference["w"])  # noqa: SLF001
 
 
-def late_catch_up(catchup_memory_bytes: int) -> tuple[Downlink, CompressedStrategy, dict[int, Context]]:
+class FailingCodec:
+    """A catch-up codec whose eigensolver does not converge."""
+
+    def encode(self, update: object) -> bytes:
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+
+
+def late_catch_up(
+    catchup_memory_bytes: int, failing: bool = False
+) -> tuple[Downlink, CompressedStrategy, dict[int, Context]]:
     """Node 103 misses rounds 2-3 of a low-rank downlink; its round-4 payload, the strategy, the nodes."""
     app, ctx = make_client(), contexts(NODES)
     big = {"w": torch.randn(200, 100, generator=torch.Generator().manual_seed(3))}
@@ -297,6 +306,8 @@ def late_catch_up(catchup_memory_bytes: int) -> tuple[Downlink, CompressedStrate
     arrays = tensors_to_arrays(big)
     payloads: dict[int, Downlink] = {}
     for server_round, sampled in enumerate([NODES, [101, 102], [101, 102], NODES], start=1):
+        if failing and server_round == 4:
+            strategy.downlink_state.node_delta_codec = FailingCodec()  # type: ignore[assignment]
         messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), FakeGrid(sampled)))
         payloads = {m.metadata.dst_node_id: Downlink.from_record(m.content[PAYLOAD_KEY]) for m in messages}
         new, _ = strategy.aggregate_train(server_round, [app(m, ctx[m.metadata.dst_node_id]) for m in messages])
@@ -304,6 +315,18 @@ def late_catch_up(catchup_memory_bytes: int) -> tuple[Downlink, CompressedStrate
         arrays = new
     assert strategy.rejections == []
     return payloads[103], strategy, ctx
+
+
+def test_a_catch_up_that_cannot_be_encoded_sends_the_full_model_and_is_reported(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    late, strategy, ctx = late_catch_up(10**7, failing=True)
+    assert late.kind == FULL
+    assert [(g.round, g.node_id) for g in strategy.guard_events] == [(4, 103)]
+    assert "LinAlgError" in strategy.guard_events[0].reason and "full model" in caplog.text
+    held = arrays_to_tensors(ctx[103].state[STATE_REFERENCE])
+    assert strategy.downlink_state.reference is not None
+    assert torch.equal(held["w"], strategy.downlink_state.reference["w"])
 
 
 def test_with_catch_up_memory_a_late_node_gets_a_low_rank_catch_up_and_the_server_knows_its_model() -> None:
