@@ -30,7 +30,9 @@ first model (version 0), at most ``max_snapshots`` snapshots of ``R``, step blob
 most the model's FP32 size, one cached catch-up blob per version asked for in the round, and one
 integer per node: about ``(max_snapshots + 3)`` times the model in FP32 plus 16 bytes per node;
 plus at most ``catchup_memory_bytes`` of per-node models. When no more fit, further nodes are
-caught up as without memory (dense catch-up deltas, never worse than memory off). A node's model
+caught up as without memory (dense catch-up deltas, never worse than memory off). A node whose
+last payload was not acknowledged may hold that payload's version or the one before, so it gets
+the exact chain, which serves both, or the full model (a tracked error is then given up). A node's model
 is dropped when it gets the full model or is forgotten; one that never comes back keeps its slot.
 """
 
@@ -109,6 +111,7 @@ class DownlinkState:
     _held: dict[int, tuple[int, Tensors]] = field(default_factory=dict)  # node -> (version, model it holds)
     _pending: dict[int, tuple[int, Tensors]] = field(default_factory=dict)  # sent, not yet acknowledged
     _node_catchup_cache: dict[int, bytes] = field(default_factory=dict)
+    _unanswered: dict[int, int] = field(default_factory=dict)  # node -> version of a payload not acknowledged
 
     def advance(self, global_model: Mapping[str, torch.Tensor]) -> None:
         """Start a new version: move the reference toward ``global_model`` by one downlink step."""
@@ -135,11 +138,22 @@ class DownlinkState:
     def plan(self, node_id: int) -> DownlinkPlan:
         """The cheapest payload that brings ``node_id`` to the current version."""
         self._pending.pop(node_id, None)
+        unanswered = self._unanswered.pop(node_id, None) is not None
+        plan = self._choose(node_id, unanswered)
+        self._unanswered[node_id] = plan.version
+        return plan
+
+    def _choose(self, node_id: int, unanswered: bool) -> DownlinkPlan:
         held = self.node_versions.get(node_id)
         if held is None and self.initial is not None:
             held = ZERO_VERSION
         if self.codec.lossless or held is None or not 0 <= held < self.version:
             return self._full_plan()
+        if unanswered:
+            # Its last payload was not acknowledged, so it may hold that payload's version or the one
+            # before: the exact chain of steps serves both (the node takes its tail), a catch-up does not.
+            chain, full = self._chain(held), self._full_plan()
+            return chain if chain is not None and chain.size < full.size else full
         if self.catchup_memory_bytes > 0:
             return self._plan_with_memory(node_id, held)
         return self._plan_without_memory(held)
@@ -147,6 +161,7 @@ class DownlinkState:
     def acknowledge(self, node_id: int, version: int) -> None:
         """``node_id`` replied having applied ``version``: later payloads start from there."""
         self.node_versions[node_id] = version
+        self._unanswered.pop(node_id, None)
         pending = self._pending.pop(node_id, None)
         self._held.pop(node_id, None)
         if pending is not None and pending[0] == version:
@@ -161,7 +176,7 @@ class DownlinkState:
         """
         self.initial, self.reference, self._global = None, None, {}
         self.node_versions = {}
-        self._held, self._pending = {}, {}
+        self._held, self._pending, self._unanswered = {}, {}, {}
         self._steps, self._snapshots = {}, OrderedDict()
         self._full_blob, self._catchup_cache, self._digest = None, {}, None
 
@@ -177,12 +192,14 @@ class DownlinkState:
         self.node_versions[node_id] = -1
         self._held.pop(node_id, None)
         self._pending.pop(node_id, None)
+        self._unanswered.pop(node_id, None)
 
     def forget_all(self) -> None:
         """Forget what every node holds (e.g. after a server restart): nodes start from version 0 or in full."""
         self.node_versions.clear()
         self._held.clear()
         self._pending.clear()
+        self._unanswered.clear()
 
     # ------------------------------------------------------------------ payload options
     def _full_plan(self) -> DownlinkPlan:

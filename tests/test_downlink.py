@@ -52,7 +52,7 @@ def test_a_stale_node_gets_one_catch_up_delta_far_smaller_than_the_model() -> No
     model_bytes = sum(4 * t.numel() for t in model(0).values())
     assert plan.size < model_bytes / 3
     # The node ends near the server's reference: one quantization error of the 9-round delta
-    held = apply(model(0), s.plan(999_999).blobs)
+    held = apply(model(0), full.blobs)
     assert s.reference is not None
     err = max(float((held[k] - s.reference[k]).abs().max()) for k in held)
     span = max(float((s.reference[k] - model(0)[k]).abs().max()) for k in held)
@@ -188,3 +188,20 @@ def test_node_memory_is_bounded_and_nodes_beyond_it_get_the_dense_catch_up() -> 
     s.advance(drifting(4))
     assert s.plan(0).blobs != [s._steps[4]]  # noqa: SLF001 - a tracked node: its own catch-up
     assert s.plan(4).blobs == [s._steps[4]]  # noqa: SLF001 - it holds the reference exactly
+
+
+def test_with_node_memory_a_node_whose_payload_was_not_acknowledged_gets_the_chain() -> None:
+    """It may hold the unacknowledged version or the one before (a reply lost, or rejected): the chain serves both."""
+    s = tracked_state(10**8)
+    s.advance(drifting(1))
+    assert s.plan(5).blobs == [s._steps[1]]  # noqa: SLF001 - sent, and its reply never accepted
+    for version in (2, 3):
+        s.advance(drifting(version))
+    plan = s.plan(5)
+    assert plan.base == 0 and plan.blobs == [s._steps[v] for v in (1, 2, 3)]  # noqa: SLF001
+    held = apply(apply(drifting(0), [s._steps[1]]), plan.blobs[1:])  # noqa: SLF001 - it held version 1
+    assert s.reference is not None and all(torch.equal(held[k], s.reference[k]) for k in held)
+    s.acknowledge(5, 3)
+    for version in (4, 5):
+        s.advance(drifting(version))
+    assert len(s.plan(5).blobs) == 1  # acknowledged again: a catch-up of its own
