@@ -110,7 +110,7 @@ class DownlinkState:
     _digest: str | None = None  # of the full payload's model, this version
     _held: dict[int, tuple[int, Tensors]] = field(default_factory=dict)  # node -> (version, model it holds)
     _pending: dict[int, tuple[int, Tensors]] = field(default_factory=dict)  # sent, not yet acknowledged
-    _node_catchup_cache: dict[int, bytes] = field(default_factory=dict)
+    _node_catchup_cache: dict[int, tuple[bytes, Tensors]] = field(default_factory=dict)
     _unanswered: dict[int, int] = field(default_factory=dict)  # node -> version of a payload not acknowledged
 
     def advance(self, global_model: Mapping[str, torch.Tensor]) -> None:
@@ -234,17 +234,23 @@ class DownlinkState:
         untracked = held == self.version - 1 or not self._has_room()  # the exact step / no room
         if base is None or self.reference is None or (tracked is None and untracked):
             return self._plan_without_memory(held)
-        delta = subtract_tensors(self.reference, base)
-        if tracked is None:  # nodes that hold the same exact version share one blob
-            blob = self._node_catchup_cache.get(held) or self._node_codec.encode(delta)
-            self._node_catchup_cache[held] = blob
+        if tracked is None:  # nodes that hold the same exact version share one blob and one result
+            if held not in self._node_catchup_cache:
+                self._node_catchup_cache[held] = self._node_catchup(base)
+            blob, result = self._node_catchup_cache[held]
         else:
-            blob = self._node_codec.encode(delta)
+            blob, result = self._node_catchup(base)
         plan, full = DownlinkPlan(DELTA, self.version, held, [blob]), self._full_plan()
         if plan.size >= full.size:
             return full
-        self._pending[node_id] = (self.version, add_tensors(base, decode(blob)))
+        self._pending[node_id] = (self.version, result)
         return plan
+
+    def _node_catchup(self, base: Tensors) -> tuple[bytes, Tensors]:
+        """The catch-up blob from ``base`` and the model a node holding ``base`` ends with."""
+        assert self.reference is not None
+        blob, decoded = self._node_codec.encode_rebuilt(subtract_tensors(self.reference, base))
+        return blob, add_tensors(base, decoded if decoded is not None else decode(blob))
 
     def _plan_without_memory(self, held: int) -> DownlinkPlan:
         options = [p for p in (self._chain(held), self._catchup_delta(held)) if p is not None]

@@ -290,6 +290,9 @@ class FailingCodec:
     def encode(self, update: object) -> bytes:
         raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
 
+    def encode_rebuilt(self, update: object) -> tuple[bytes, None]:
+        return self.encode(update), None
+
 
 def late_catch_up(
     catchup_memory_bytes: int, failing: bool = False
