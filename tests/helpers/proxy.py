@@ -132,11 +132,13 @@ class CountingProxy:
         splitter = _HttpSplitter()
         try:
             while data := src.recv(65536):
-                dst.sendall(data)
+                # Record before forwarding: once a request is forwarded its response may arrive on the
+                # other thread at once, and a response with no recorded request would go uncounted
                 splitter.feed(data)
                 with self._lock:
                     self.raw[direction] += len(data)
                     self._record(splitter, direction, pending)
+                dst.sendall(data)
         except OSError:
             pass
         finally:
