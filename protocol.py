@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -32,7 +33,12 @@ __all__ = [
     "add_tensors",
     "subtract_tensors",
     "layout_difference",
-    "FOLDED_FIELD",
+    "PACKED_FIELD",
+    "PAYLOAD_FORMAT",
+    "WIRE_NAMES",
+    "unpack_fields",
+    "edit_payload",
+    "edit_metric",
     "fold_records",
     "unfold_records",
     "all_finite",
@@ -41,7 +47,7 @@ __all__ = [
 ]
 
 #: Name of the ConfigRecord that carries fedsqueeze's blob and bookkeeping, in both directions.
-PAYLOAD_KEY = "fedsqueeze"
+PAYLOAD_KEY = "fsq"
 #: Flower's conventional names of the model, metrics and config records in a message.
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
@@ -67,18 +73,155 @@ class ProtocolError(ValueError):
     """A fedsqueeze payload record is missing fields or holds values of the wrong type."""
 
 
-def _field(record: ConfigRecord, name: str, kind: type | tuple[type, ...]) -> Any:
-    if name not in record:
-        raise ProtocolError(f"fedsqueeze payload lacks the field {name!r}")
-    value = record[name]
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
-        raise ProtocolError(f"fedsqueeze payload field {name!r} has type {type(value).__name__}")
-    return value
+#: The payload record's one field: the payload packed as a msgpack array, ``[PAYLOAD_FORMAT, *fields]``.
+PACKED_FIELD = "p"
+#: Version of that layout; a node and a server of different layouts refuse each other's payloads.
+PAYLOAD_FORMAT = 2
+#: Strings that travel as their index in this tuple (one byte) instead of their characters: payload
+#: kinds, record names and the metric and config keys that fedsqueeze's own apps send every round.
+#: Append only: an index is part of the wire format.
+WIRE_NAMES = (
+    FULL,
+    DELTA,
+    ARRAYS_KEY,
+    METRICS_KEY,
+    CONFIG_KEY,
+    "num-examples",
+    "train-loss",
+    TRAIN_TIME_METRIC,
+    ENCODE_TIME_METRIC,
+    "local-epochs",
+    "batch-size",
+    "lr",
+    "momentum",
+    "server-round",
+    ARCH_CONFIG_KEY,
+)
+_WIRE_INDEX = {name: i for i, name in enumerate(WIRE_NAMES)}
+_NAME = (int, str)  # a string, or its index in WIRE_NAMES
+_DOWNLINK_FIELDS: tuple[tuple[str, type | tuple[type, ...]], ...] = (
+    ("kind", _NAME),
+    ("version", int),
+    ("base", int),
+    ("blobs", list),
+    ("uplink", str),
+    ("arrays-key", _NAME),
+    ("error-feedback", bool),
+    ("max-feedback-staleness", int),
+    ("base-digest", bytes),
+    ("arch", str),
+    ("digest", bytes),
+    ("folded", list),
+)
+_UPLINK_FIELDS: tuple[tuple[str, type | tuple[type, ...]], ...] = (
+    ("kind", _NAME),
+    ("version", int),
+    ("blob", bytes),
+    ("folded", list),
+)
+FoldedRecords = dict[str, ConfigRecord | MetricRecord]
+
+
+def _to_wire(name: str) -> int | str:
+    return _WIRE_INDEX.get(name, name)
+
+
+def _from_wire(name: Any, what: str) -> str:
+    if isinstance(name, int) and not isinstance(name, bool) and 0 <= name < len(WIRE_NAMES):
+        return WIRE_NAMES[name]
+    if isinstance(name, str):
+        return name
+    raise ProtocolError(f"fedsqueeze payload {what} must be a string or a known name's index, got {name!r}")
+
+
+def _pack(fields: tuple[tuple[str, type | tuple[type, ...]], ...], values: list[Any]) -> ConfigRecord:
+    assert len(values) == len(fields)
+    return ConfigRecord({PACKED_FIELD: msgpack.packb([PAYLOAD_FORMAT, *values], use_bin_type=True)})
+
+
+def unpack_fields(record: ConfigRecord, fields: tuple[tuple[str, type | tuple[type, ...]], ...]) -> dict[str, Any]:
+    """The raw fields of a packed payload record, by name, with their types checked.
+
+    Raises
+    ------
+    ProtocolError
+        If the record is not one packed field, not msgpack of this format, or a field has the wrong type.
+    """
+    if set(record) != {PACKED_FIELD} or not isinstance(record[PACKED_FIELD], bytes):
+        raise ProtocolError(
+            f"fedsqueeze payload must hold one bytes field {PACKED_FIELD!r}, got fields {sorted(record)} "
+            "(a node or server from before payload format 2?)"
+        )
+    try:  # msgpack builds only plain values (no code runs); nesting and sizes are bounded by the data
+        items = msgpack.unpackb(record[PACKED_FIELD], raw=False, strict_map_key=False, use_list=True)
+    except Exception as err:  # msgpack raises several unrelated types for malformed input
+        raise ProtocolError(f"fedsqueeze payload is not valid msgpack: {type(err).__name__}: {err}") from err
+    if not isinstance(items, list) or not items or items[0] != PAYLOAD_FORMAT:
+        found = items[0] if isinstance(items, list) and items else type(items).__name__
+        raise ProtocolError(f"fedsqueeze payload format must be {PAYLOAD_FORMAT}, got {found!r}")
+    if len(items) != len(fields) + 1:
+        raise ProtocolError(f"fedsqueeze payload must hold {len(fields)} fields, got {len(items) - 1}")
+    out = {}
+    for (name, kind), value in zip(fields, items[1:], strict=True):
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+            expected = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            raise ProtocolError(
+                f"fedsqueeze payload field {name!r} has type {type(value).__name__}, expected {expected}"
+            )
+        out[name] = value
+    return out
+
+
+def edit_payload(record: ConfigRecord, **changes: Any) -> ConfigRecord:
+    """A copy of a packed uplink or downlink payload record with raw fields replaced by any value.
+
+    For tests and fault injection (a hostile node). Field names take ``_`` for ``-``.
+    """
+    values = msgpack.unpackb(record[PACKED_FIELD], raw=False, strict_map_key=False)[1:]
+    fields = _UPLINK_FIELDS if len(values) == len(_UPLINK_FIELDS) else _DOWNLINK_FIELDS
+    names = [name.replace("-", "_") for name, _ in fields]
+    unknown = set(changes) - set(names)
+    if unknown:
+        raise KeyError(f"no payload fields {sorted(unknown)}; the fields are {names}")
+    return _pack(fields, [changes.get(n, v) for n, v in zip(names, values, strict=True)])
+
+
+def edit_metric(record: ConfigRecord, name: str, value: Any) -> ConfigRecord:
+    """A copy of an uplink payload record whose first folded record has ``name`` set to any value.
+
+    For tests and fault injection, as :func:`edit_payload`.
+    """
+    first, *rest = fold_records(Uplink.from_record(record).folded)
+    first[2] = {k: v for k, v in first[2].items() if k != _to_wire(name)} | {name: value}
+    return edit_payload(record, folded=[first, *rest])
+
+
+def _kind(value: Any) -> str:
+    kind = _from_wire(value, "kind")
+    if kind not in (FULL, DELTA):
+        raise ProtocolError(f"fedsqueeze payload kind must be {FULL!r} or {DELTA!r}, got {kind!r}")
+    return kind
+
+
+def _digest_to_wire(digest: str) -> bytes:
+    return bytes.fromhex(digest)
+
+
+def _digest_from_wire(raw: bytes, name: str) -> str:
+    if len(raw) not in (0, 32):
+        raise ProtocolError(
+            f"fedsqueeze payload field {name!r} must be a 32-byte SHA-256 or empty, got {len(raw)} bytes"
+        )
+    return raw.hex()
 
 
 @dataclass
 class Downlink:
     """What the server sends a node: the model as one full blob or a chain of delta blobs.
+
+    On the wire it is one record of one field (see :data:`PACKED_FIELD`), with the small records
+    of the message (``folded``) inside it: every record costs its own object on the wire (a
+    64-character id in the message's object tree, a header and a body).
 
     Parameters
     ----------
@@ -110,7 +253,9 @@ class Downlink:
         another architecture gets it in full, and drops what it kept of the old one.
     digest : str
         With a full payload: :func:`model_digest` of the model it decodes to, which the node
-        checks; empty: no check. On the wire only when not empty, as ``arch``.
+        checks; empty: no check.
+    folded : dict
+        The message's other small records (the train config), which the node hands its app.
     """
 
     kind: str
@@ -124,56 +269,62 @@ class Downlink:
     base_digest: str = ""
     arch: str = ""
     digest: str = ""
+    folded: FoldedRecords = field(default_factory=dict)
 
     def to_record(self) -> ConfigRecord:
-        """Pack into the ConfigRecord that travels under :data:`PAYLOAD_KEY`."""
-        record = ConfigRecord(
-            {
-                "kind": self.kind,
-                "version": self.version,
-                "base": self.base,
-                "blobs": list(self.blobs),
-                "uplink": self.uplink,
-                "arrays-key": self.arrays_key,
-                "error-feedback": self.error_feedback,
-                "max-feedback-staleness": self.max_feedback_staleness,
-                "base-digest": self.base_digest,
-            }
-        )
-        for name, value in (("arch", self.arch), ("digest", self.digest)):
-            if value:  # absent from the records of runs that never switch models
-                record[name] = value
-        return record
+        """Pack into the ConfigRecord that travels under :data:`PAYLOAD_KEY`.
+
+        Raises
+        ------
+        ProtocolError
+            If a folded record cannot travel (see :func:`fold_records`).
+        """
+        values = [
+            _to_wire(self.kind),
+            self.version,
+            self.base,
+            list(self.blobs),
+            self.uplink,
+            _to_wire(self.arrays_key),
+            self.error_feedback,
+            self.max_feedback_staleness,
+            _digest_to_wire(self.base_digest),
+            self.arch,
+            _digest_to_wire(self.digest),
+            fold_records(self.folded),
+        ]
+        return _pack(_DOWNLINK_FIELDS, values)
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> Downlink:
         """Unpack and check a received record; :class:`ProtocolError` if it is malformed."""
-        kind = _field(record, "kind", str)
-        if kind not in (FULL, DELTA):
-            raise ProtocolError(f"fedsqueeze payload kind must be {FULL!r} or {DELTA!r}, got {kind!r}")
-        blobs = _field(record, "blobs", list)
+        f = unpack_fields(record, _DOWNLINK_FIELDS)
+        kind, blobs = _kind(f["kind"]), f["blobs"]
         if not blobs or not all(isinstance(b, bytes) for b in blobs):
             raise ProtocolError("fedsqueeze payload field 'blobs' must be a non-empty list of bytes")
         if kind == FULL and len(blobs) != 1:
             raise ProtocolError(f"a full fedsqueeze payload holds exactly one blob, got {len(blobs)}")
         return cls(
             kind=kind,
-            version=_field(record, "version", int),
-            base=_field(record, "base", int),
+            version=f["version"],
+            base=f["base"],
             blobs=blobs,
-            uplink=_field(record, "uplink", str),
-            arrays_key=_field(record, "arrays-key", str),
-            error_feedback=_field(record, "error-feedback", bool),
-            max_feedback_staleness=_field(record, "max-feedback-staleness", int),
-            base_digest=_field(record, "base-digest", str),
-            arch=_field(record, "arch", str) if "arch" in record else "",
-            digest=_field(record, "digest", str) if "digest" in record else "",
+            uplink=f["uplink"],
+            arrays_key=_from_wire(f["arrays-key"], "arrays key"),
+            error_feedback=f["error-feedback"],
+            max_feedback_staleness=f["max-feedback-staleness"],
+            base_digest=_digest_from_wire(f["base-digest"], "base-digest"),
+            arch=f["arch"],
+            digest=_digest_from_wire(f["digest"], "digest"),
+            folded=unfold_records(f["folded"]),
         )
 
 
 @dataclass
 class Uplink:
     """What a node replies: its local model (lossless codec) or its update against ``version``.
+
+    On the wire it is one record of one field, as :class:`Downlink`, with the reply's metrics inside.
 
     Parameters
     ----------
@@ -183,27 +334,24 @@ class Uplink:
         Version of the reference the node trained from (and still holds).
     blob : bytes
         Codec blob.
+    folded : dict
+        The reply's other small records (its metrics), which the server hands its strategy.
     """
 
     kind: str
     version: int
     blob: bytes
+    folded: FoldedRecords = field(default_factory=dict)
 
     def to_record(self) -> ConfigRecord:
         """Pack into the ConfigRecord that travels under :data:`PAYLOAD_KEY`."""
-        return ConfigRecord({"kind": self.kind, "version": self.version, "blob": self.blob})
+        return _pack(_UPLINK_FIELDS, [_to_wire(self.kind), self.version, self.blob, fold_records(self.folded)])
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> Uplink:
         """Unpack and check a received record; :class:`ProtocolError` if it is malformed."""
-        kind = _field(record, "kind", str)
-        if kind not in (FULL, DELTA):
-            raise ProtocolError(f"fedsqueeze payload kind must be {FULL!r} or {DELTA!r}, got {kind!r}")
-        return cls(
-            kind=kind,
-            version=_field(record, "version", int),
-            blob=_field(record, "blob", bytes),
-        )
+        f = unpack_fields(record, _UPLINK_FIELDS)
+        return cls(_kind(f["kind"]), f["version"], f["blob"], unfold_records(f["folded"]))
 
 
 def stable_key_of(reply: Message) -> int | None:
@@ -288,58 +436,49 @@ def all_finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
     return None
 
 
-#: Payload field listing the records folded into it, in order, as ``"<name>:m"`` (a MetricRecord)
-#: or ``"<name>:c"`` (a ConfigRecord).
-FOLDED_FIELD = "folded"
-
-
-def fold_records(payload: ConfigRecord, records: Mapping[str, ConfigRecord | MetricRecord]) -> None:
-    """Move small records into the payload record, as ``"<i>/<key>"`` fields for the i-th record.
-
-    Every record costs its own object on the wire (a 64-character id in the message's object
-    tree, a header and a body), so a message with one record instead of two is ~250 B smaller.
-    :func:`unfold_records` restores them.
+def fold_records(records: Mapping[str, ConfigRecord | MetricRecord]) -> list[list[Any]]:
+    """Small records as payload values: ``[name, is_metric, {key: value}]`` each, known names as indices.
 
     Raises
     ------
     ProtocolError
-        If a record name holds ``"/"`` or ``":"``, or a record is neither a ConfigRecord nor a MetricRecord.
+        If a record is neither a ConfigRecord nor a MetricRecord.
     """
-    folded = []
-    for index, (name, record) in enumerate(records.items()):
-        if "/" in name or ":" in name:
-            raise ProtocolError(f"cannot fold record {name!r}: its name holds '/' or ':'")
+    out = []
+    for name, record in records.items():
         if not isinstance(record, (ConfigRecord, MetricRecord)):
             raise ProtocolError(f"cannot fold record {name!r} of type {type(record).__name__}")
-        folded.append(f"{name}:{'m' if isinstance(record, MetricRecord) else 'c'}")
-        for key, value in record.items():
-            payload[f"{index}/{key}"] = value
-    payload[FOLDED_FIELD] = folded
+        values = {_to_wire(key): value for key, value in record.items()}
+        out.append([_to_wire(name), isinstance(record, MetricRecord), values])
+    return out
 
 
-def unfold_records(payload: ConfigRecord) -> dict[str, ConfigRecord | MetricRecord]:
-    """The records that :func:`fold_records` moved into ``payload`` (none if it folded nothing).
+def unfold_records(folded: list[Any]) -> FoldedRecords:
+    """The records that :func:`fold_records` packed.
 
     Raises
     ------
     ProtocolError
-        If the folded list is malformed or a metric is not a number or a list of numbers.
+        If an entry is malformed, a metric is not a number or a list of numbers, or a config value
+        is not one a ConfigRecord holds.
     """
-    entries = payload.get(FOLDED_FIELD, [])
-    if not isinstance(entries, list) or not all(isinstance(e, str) and e.count(":") == 1 for e in entries):
-        raise ProtocolError(f"fedsqueeze payload field {FOLDED_FIELD!r} must be a list of 'name:kind' strings")
-    out: dict[str, ConfigRecord | MetricRecord] = {}
-    for index, entry in enumerate(entries):
-        name, kind = str(entry).split(":")
-        prefix = f"{index}/"
-        values = {k[len(prefix) :]: v for k, v in payload.items() if k.startswith(prefix)}
-        if kind == "c":
-            out[name] = ConfigRecord(values)
-        elif kind == "m":
-            out[name] = _metric_record(name, values)
-        else:
-            raise ProtocolError(f"folded record {name!r} has kind {kind!r}, expected 'm' (metrics) or 'c' (config)")
+    out: FoldedRecords = {}
+    for entry in folded:
+        if not (
+            isinstance(entry, list) and len(entry) == 3 and isinstance(entry[1], bool) and isinstance(entry[2], dict)
+        ):
+            raise ProtocolError(f"a folded record must be [name, is_metric, {{key: value}}], got {entry!r:.200}")
+        name = _from_wire(entry[0], "record name")
+        values = {_from_wire(k, f"key in record {name!r}"): v for k, v in entry[2].items()}
+        out[name] = _metric_record(name, values) if entry[1] else _config_record(name, values)
     return out
+
+
+def _config_record(name: str, values: dict[str, Any]) -> ConfigRecord:
+    try:
+        return ConfigRecord(values)
+    except (TypeError, ValueError) as err:
+        raise ProtocolError(f"folded config record {name!r} holds a value a ConfigRecord cannot: {err}") from err
 
 
 def _metric_record(name: str, values: dict[str, Any]) -> MetricRecord:

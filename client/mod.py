@@ -35,13 +35,11 @@ from fedsqueeze.protocol import (
     add_tensors,
     all_finite,
     arrays_to_tensors,
-    fold_records,
     has_payload,
     layout_difference,
     model_digest,
     subtract_tensors,
     tensors_to_arrays,
-    unfold_records,
 )
 
 __all__ = ["CompressionMod", "compression_mod", "STATE_REFERENCE", "STATE_META", "STATE_FEEDBACK", "ARCH_CONFIG_KEY"]
@@ -102,7 +100,6 @@ class CompressionMod:
             return call_next(msg, context)
         try:
             down = Downlink.from_record(msg.content[PAYLOAD_KEY])  # type: ignore[arg-type]
-            folded = unfold_records(msg.content[PAYLOAD_KEY])  # type: ignore[arg-type]
             parse(down.uplink)  # fail before training if the uplink codec is unknown here
             if down.arch:
                 parse_arch(down.arch)
@@ -112,7 +109,7 @@ class CompressionMod:
             return _error_reply(msg, err)
         _store_reference(context.state, received, down)
         plain = RecordDict({n: r for n, r in msg.content.items() if n != PAYLOAD_KEY})
-        for name, record in folded.items():
+        for name, record in down.folded.items():
             plain[name] = record
         if down.arch:
             config = plain.config_records.get(CONFIG_KEY, ConfigRecord())
@@ -351,8 +348,7 @@ def _compress_reply(reply: Message, down: Downlink, received: Tensors, state: Re
     metrics = dict(reply.content.metric_records) or {"metrics": MetricRecord()}
     name, target = next(iter(metrics.items()))
     target[ENCODE_TIME_METRIC] = seconds
-    payload = Uplink(kind=kind, version=down.version, blob=blob).to_record()
-    fold_records(payload, metrics)  # one record on the wire instead of two
+    payload = Uplink(kind, down.version, blob, folded=metrics).to_record()  # one record on the wire, not two
     content = RecordDict({n: r for n, r in reply.content.items() if n != key and n not in metrics})
     content[PAYLOAD_KEY] = payload
     reply.content = content

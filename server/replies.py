@@ -30,7 +30,6 @@ from fedsqueeze.protocol import (
     add_tensors,
     all_finite,
     layout_difference,
-    unfold_records,
 )
 
 __all__ = ["Rejected", "Accepted", "ReplyChecker", "decode_limits_for", "read_plain_array"]
@@ -108,10 +107,10 @@ class ReplyChecker:
         record = content.config_records[PAYLOAD_KEY]
         try:
             up = Uplink.from_record(record)
-            folded = unfold_records(record)
         except ProtocolError as err:
             raise Rejected(str(err)) from err
-        metric_records = {k: v for k, v in {**content.metric_records, **folded}.items() if isinstance(v, MetricRecord)}
+        everything = {**content.metric_records, **up.folded}
+        metric_records = {k: v for k, v in everything.items() if isinstance(v, MetricRecord)}
         if content.array_records:
             raise Rejected("it sent ArrayRecords next to the fedsqueeze payload")
         if up.version != expected_version:

@@ -30,7 +30,6 @@ from fedsqueeze.protocol import (
     Downlink,
     all_finite,
     arrays_to_tensors,
-    fold_records,
     model_digest,
     tensors_to_arrays,
 )
@@ -359,6 +358,7 @@ class CompressedStrategy(Strategy):
             self.meter.record(server_round, node_id, DOWN, msg, "plain", size=fp32, fp32_bytes=fp32)
             return
         plan = self._plan(server_round, node_id)
+        foldable = {n: r for n, r in msg.content.items() if n == CONFIG_KEY and isinstance(r, ConfigRecord)}
         payload = Downlink(
             plan.kind,
             plan.version,
@@ -371,9 +371,8 @@ class CompressedStrategy(Strategy):
             self._initial_digest if plan.base == ZERO_VERSION else "",
             self.arch,
             self.downlink_state.full_digest() if self.arch and plan.kind == FULL else "",
+            folded=foldable,
         ).to_record()
-        foldable = {n: r for n, r in msg.content.items() if n == CONFIG_KEY and isinstance(r, ConfigRecord)}
-        fold_records(payload, foldable)
         content = RecordDict({n: r for n, r in msg.content.items() if n != key and n not in foldable})
         content[PAYLOAD_KEY] = payload
         msg.content = content  # the inner strategy shares one RecordDict among its messages

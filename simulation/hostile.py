@@ -16,7 +16,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedsqueeze.client.mod import STATE_REFERENCE
-from fedsqueeze.protocol import PAYLOAD_KEY
+from fedsqueeze.protocol import PAYLOAD_KEY, edit_metric, edit_payload
 
 __all__ = ["HOSTILE_KINDS", "hostile_mod"]
 
@@ -34,17 +34,17 @@ def _raw_blob(spec: bytes, body: bytes) -> bytes:
     return b"FSQZ\x01" + bytes([len(spec)]) + spec + bytes([len(body)]) + body
 
 
-def _set_blob(blob: bytes) -> Corrupt:
+def _set_field(name: str, value: object) -> Corrupt:
     def corrupt(reply: Message, request: Message, context: Context) -> Message:
-        _payload(reply)["blob"] = blob
+        reply.content[PAYLOAD_KEY] = edit_payload(_payload(reply), **{name: value})  # any value: that is the attack
         return reply
 
     return corrupt
 
 
-def _set_field(name: str, value: object) -> Corrupt:
+def _set_metric(name: str, value: object) -> Corrupt:
     def corrupt(reply: Message, request: Message, context: Context) -> Message:
-        _payload(reply)[name] = value  # type: ignore[assignment]  # any value: that is the attack
+        reply.content[PAYLOAD_KEY] = edit_metric(_payload(reply), name, value)
         return reply
 
     return corrupt
@@ -79,13 +79,13 @@ _D1_BODY = b"\x01\x01w\x01\x01\x01\x00\x00\x03" + b"\x00\x05\x01\x00" + b"\x00\x
 
 #: Name -> how the reply is corrupted.
 HOSTILE_KINDS: dict[str, Corrupt] = {
-    "d1-quantize-blob": _set_blob(_raw_blob(b"quantize(granularity=8)", _D1_BODY)),
-    "d3-bad-spec": _set_blob(_raw_blob(b"topk(ratio=0.5) < quantize(bits=4)", b"")),
-    "foreign-pipeline": _set_blob(_raw_blob(b"tucker(ranks=4)", b"\x00")),
+    "d1-quantize-blob": _set_field("blob", _raw_blob(b"quantize(granularity=8)", _D1_BODY)),
+    "d3-bad-spec": _set_field("blob", _raw_blob(b"topk(ratio=0.5) < quantize(bits=4)", b"")),
+    "foreign-pipeline": _set_field("blob", _raw_blob(b"tucker(ranks=4)", b"\x00")),
     "empty-npy": _plain_array(b""),
     "huge-npy-header": _plain_array(_huge_npy_header()),
-    "list-metric": _set_field("0/fsq-encode-s", [1.0, 2.0]),
-    "nan-num-examples": _set_field("0/num-examples", float("nan")),
+    "list-metric": _set_metric("fsq-encode-s", [1.0, 2.0]),
+    "nan-num-examples": _set_metric("num-examples", float("nan")),
     "wrong-version": _set_field("version", 10_000),
     "error": _error,
 }

@@ -31,7 +31,6 @@ from fedsqueeze.protocol import (
     arrays_to_tensors,
     model_digest,
     tensors_to_arrays,
-    unfold_records,
 )
 from fedsqueeze.server.compact import LowRankLinear
 from fedsqueeze.server.server_distiller import ServerDistiller, compact_config, student_arch
@@ -290,7 +289,7 @@ def test_the_strategy_switches_every_node_and_a_late_node_too(initial: str) -> N
     for msg in sent:
         down = Downlink.from_record(msg.content[PAYLOAD_KEY])  # type: ignore[arg-type]
         assert down.kind == FULL and down.arch == ARCH and down.digest == model_digest(student)
-        assert unfold_records(msg.content[PAYLOAD_KEY])["config"]["lr"] == 0.02  # type: ignore[arg-type]
+        assert Downlink.from_record(msg.content[PAYLOAD_KEY]).folded["config"]["lr"] == 0.02  # type: ignore[arg-type]
     assert inner.momentum_vector is not None and len(inner.momentum_vector) == len(student)  # started over
     new = arrays_to_tensors(arrays)  # type: ignore[arg-type]
     assert {k: v.shape for k, v in new.items()} == {k: v.shape for k, v in student.items()}

@@ -17,7 +17,7 @@ from test_strategy import FakeGrid, contexts
 from fedsqueeze.client import CompressionMod
 from fedsqueeze.framing import message_bytes
 from fedsqueeze.models import first_model
-from fedsqueeze.protocol import arrays_to_tensors, tensors_to_arrays
+from fedsqueeze.protocol import PAYLOAD_KEY, Uplink, arrays_to_tensors, tensors_to_arrays
 from fedsqueeze.server.strategy import CompressedStrategy
 
 # 19-digit node ids, as Flower draws them: their varints are part of the framing
@@ -58,7 +58,7 @@ def lenet_rounds(rounds: int = 2) -> tuple[CompressedStrategy, set[int]]:
             msg.metadata.__dict__["_message_id"] = msg.object_id  # and the reply names it in reply_to
         replies = [app(m, ctx[m.metadata.dst_node_id]) for m in messages]
         # Flower's message framing of each reply, before the strategy turns it into a plain one
-        reply_framing = {message_bytes(r) - len(r.content["fedsqueeze"]["blob"]) for r in replies}  # type: ignore[index,arg-type]
+        reply_framing = {message_bytes(r) - len(Uplink.from_record(r.content[PAYLOAD_KEY]).blob) for r in replies}  # type: ignore[arg-type]
         arrays, _ = strategy.aggregate_train(server_round, replies)
     assert strategy.rejections == []
     return strategy, reply_framing
@@ -78,9 +78,9 @@ def test_flower_message_framing_of_a_lenet5_train_reply_is_pinned() -> None:
     """The message's own pieces (message_bytes: envelope, object tree, object bodies), without the
     per-request ids that wire_bytes adds: the measure of issue 8's target of 800 B (was ~1,150 B).
 
-    Of the 929 B, 728 are Flower's for any one-record reply (envelope with two 64-hex ids, the tree
-    of 3 object ids, the Message and RecordDict bodies naming their children); 201 are the payload
-    record's fields other than the blob (kind, version, four folded metrics, the folded list).
+    Of the 798 B, 728 are Flower's for any one-record reply (envelope with two 64-hex ids, the tree
+    of 3 object ids, the Message and RecordDict bodies naming their children); 70 are fedsqueeze's
+    (the record's name and field, and the packed kind, version and four metrics besides the blob).
     """
     assert lenet_rounds()[1] == {PINNED_REPLY_MESSAGE_FRAMING}
 
@@ -101,8 +101,10 @@ def test_message_bytes_of_a_fixed_message_are_pinned() -> None:
 #: (the push/pull request bodies, with their per-object ids), flwr 1.42.0. The reply's pin was 820 B
 #: until the test gave the sent messages ids as the SuperLink does: without a reply-to id, wire_bytes
 #: counted the replies as if they were pulled (no per-object push requests), 500 B short.
-PINNED_REPLY_FRAMING = 1320
-PINNED_REPLY_MESSAGE_FRAMING = 929
-PINNED_DOWN_FRAMING = 899
+#: Payload format 2 (one msgpack field, known names as indices, record "fsq") cut them from 1,320 /
+#: 929 / 899 B.
+PINNED_REPLY_FRAMING = 1189
+PINNED_REPLY_MESSAGE_FRAMING = 798
+PINNED_DOWN_FRAMING = 700
 #: Measured with flwr 1.42.0: envelope with a 64-hex message id, object tree of 5 objects, their bodies.
 PINNED_FIXED_MESSAGE_BYTES = 1499

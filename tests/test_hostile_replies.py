@@ -16,7 +16,15 @@ from flwr.supercore.task_identity import TaskIdentity
 from test_strategy import FakeGrid, contexts, global_model, make_client
 
 from fedsqueeze.codecs import parse
-from fedsqueeze.protocol import DELTA, PAYLOAD_KEY, Downlink, arrays_to_tensors, tensors_to_arrays
+from fedsqueeze.protocol import (
+    DELTA,
+    PAYLOAD_KEY,
+    Downlink,
+    arrays_to_tensors,
+    edit_metric,
+    edit_payload,
+    tensors_to_arrays,
+)
 from fedsqueeze.server.strategy import CompressedStrategy
 
 NODES = [101, 102, 103, 104]
@@ -36,15 +44,19 @@ def raw_blob(spec: bytes, body: bytes) -> bytes:
 
 
 def set_blob(blob: bytes) -> Callable[[Message], None]:
-    def mutate(reply: Message) -> None:
-        reply.content[PAYLOAD_KEY]["blob"] = blob
-
-    return mutate
+    return set_field("blob", blob)
 
 
 def set_field(name: str, value: object) -> Callable[[Message], None]:
     def mutate(reply: Message) -> None:
-        reply.content[PAYLOAD_KEY][name] = value
+        reply.content[PAYLOAD_KEY] = edit_payload(reply.content[PAYLOAD_KEY], **{name: value})  # type: ignore[arg-type]
+
+    return mutate
+
+
+def set_metric(name: str, value: object) -> Callable[[Message], None]:
+    def mutate(reply: Message) -> None:
+        reply.content[PAYLOAD_KEY] = edit_metric(reply.content[PAYLOAD_KEY], name, value)  # type: ignore[arg-type]
 
     return mutate
 
@@ -113,14 +125,14 @@ HOSTILE_REPLIES: dict[str, tuple[Callable[[Message], None], str]] = {
         "serialisation type",
     ),
     # S3: metrics of the wrong type
-    "S3 list encode seconds": (set_field("0/fsq-encode-s", [1.0, 2.0]), "metrics"),
-    "metric is a string": (set_field("0/train-loss", "high"), "expected a number"),
+    "S3 list encode seconds": (set_metric("fsq-encode-s", [1.0, 2.0]), "metrics"),
+    "metric is a string": (set_metric("train-loss", "high"), "expected a number"),
     # S4: replies that would break the inner strategy
     "S4 wrong arrays key": (plain_reply_named("weights"), "expected exactly one named 'arrays'"),
-    "S4 NaN num-examples": (set_field("0/num-examples", float("nan")), "'num-examples'"),
-    "zero num-examples": (set_field("0/num-examples", 0), "positive integer"),
-    "fractional num-examples": (set_field("0/num-examples", 2.5), "positive integer"),
-    "inf train-loss": (set_field("0/train-loss", float("inf")), "finite"),
+    "S4 NaN num-examples": (set_metric("num-examples", float("nan")), "'num-examples'"),
+    "zero num-examples": (set_metric("num-examples", 0), "positive integer"),
+    "fractional num-examples": (set_metric("num-examples", 2.5), "positive integer"),
+    "inf train-loss": (set_metric("train-loss", float("inf")), "finite"),
     "wrong version": (set_field("version", 7), "version 7"),
     "version of wrong type": (set_field("version", "1"), "'version'"),
     "folded list malformed": (set_field("folded", ["metrics"]), "folded"),
@@ -161,7 +173,7 @@ def run_round(mutate: Callable[[Message], None] | None, strategy: CompressedStra
 
 def test_a_reply_with_extra_metrics_is_dropped_not_the_round(caplog: pytest.LogCaptureFixture) -> None:
     strategy = CompressedStrategy(FedAvg(), uplink=UPLINK, downlink="identity", seed=0)
-    got = run_round(set_field("0/extra", 1.0), strategy)
+    got = run_round(set_metric("extra", 1.0), strategy)
     assert [r.node_id for r in strategy.rejections] == [HOSTILE] and "differ" in strategy.rejections[0].reason
     honest = run_round(None)
     assert all(torch.equal(got[k], honest[k]) for k in got)
@@ -190,11 +202,12 @@ def test_a_corrupt_broadcast_gives_the_client_an_error_reply(how: str) -> None:
     payload = msg.content[PAYLOAD_KEY]
     assert Downlink.from_record(payload).kind == DELTA
     if how == "garbage blob":
-        payload["blobs"] = [b"FSQZ\x01\x05zstd!\x00"]
+        msg.content[PAYLOAD_KEY] = edit_payload(payload, blobs=[b"FSQZ\x01\x05zstd!\x00"])  # type: ignore[arg-type]
     elif how == "wrong layout":
-        payload["blobs"] = [parse("identity").encode({"other": torch.zeros(3)})]
+        blob = parse("identity").encode({"other": torch.zeros(3)})
+        msg.content[PAYLOAD_KEY] = edit_payload(payload, blobs=[blob])  # type: ignore[arg-type]
     else:
-        payload["blobs"] = "not a list"
+        msg.content[PAYLOAD_KEY] = edit_payload(payload, blobs="not a list")  # type: ignore[arg-type]
     reply = app(msg, ctx[101])
     assert reply.has_error() and reply.error.reason.startswith("fedsqueeze: ")
     expected = {"garbage blob": "cannot decode", "wrong layout": "does not fit", "bad record": "'blobs'"}[how]

@@ -20,8 +20,8 @@ from fedsqueeze.protocol import (
     Downlink,
     Uplink,
     arrays_to_tensors,
+    edit_payload,
     tensors_to_arrays,
-    unfold_records,
 )
 
 NODE = 42
@@ -96,7 +96,7 @@ def test_a_plain_clientapp_gets_plain_arrays_and_replies_compressed() -> None:
     assert up.kind == FULL and up.version == 1
     local = decode(up.blob)
     assert all(torch.equal(local[k], model[k] + 1) for k in model)
-    metrics = unfold_records(reply.content[PAYLOAD_KEY])["metrics"]
+    metrics = up.folded["metrics"]
     assert metrics["num-examples"] == 3
     assert 0 <= metrics[ENCODE_TIME_METRIC] < 10
 
@@ -180,7 +180,7 @@ def test_unusable_payloads_give_an_error_reply_without_calling_the_app(make, rea
 
 def test_a_malformed_payload_record_gives_an_error_reply() -> None:
     msg = train_message(full(weights()))
-    del msg.content[PAYLOAD_KEY]["version"]
+    msg.content[PAYLOAD_KEY] = edit_payload(msg.content[PAYLOAD_KEY], version="7")  # type: ignore[arg-type]
     client = PlusOneApp(mods=[compression_mod])
     reply = client.app(msg, context())
     assert reply.has_error() and "version" in (reply.error.reason or "")
@@ -215,7 +215,7 @@ def test_the_server_chosen_arrays_key_and_a_reply_without_metrics() -> None:
     assert keys == [{"config", "weights"}]
     up = Uplink.from_record(reply.content[PAYLOAD_KEY])
     assert up.kind == FULL and len(up.blob) > 0
-    assert ENCODE_TIME_METRIC in unfold_records(reply.content[PAYLOAD_KEY])["metrics"]
+    assert ENCODE_TIME_METRIC in up.folded["metrics"]
 
 
 def test_a_fresh_node_applies_deltas_from_the_all_zero_model() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import msgpack
 import numpy as np
 import pytest
 import torch
@@ -13,16 +14,22 @@ from flwr.common.serde import message_to_proto
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents, push_objects
 from flwr.supercore.task_identity import TaskIdentity
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedsqueeze.framing import message_bytes
 from fedsqueeze.protocol import (
     DELTA,
     FULL,
+    PACKED_FIELD,
+    PAYLOAD_FORMAT,
+    WIRE_NAMES,
     Downlink,
     ProtocolError,
     Uplink,
     add_tensors,
     arrays_to_tensors,
+    edit_payload,
     subtract_tensors,
     tensors_to_arrays,
 )
@@ -107,30 +114,66 @@ def test_a_configrecord_carries_a_blob_more_cheaply_than_an_array() -> None:
 
 
 def test_payload_records_round_trip_and_refuse_bad_fields() -> None:
-    down = Downlink(DELTA, 4, 2, [b"a", b"bc"], "quantize | zstd", "weights")
+    folded = {"config": ConfigRecord({"lr": 0.1, "my-key": [1, 2], "flag": True, "raw": b"\x00"})}
+    down = Downlink(DELTA, 4, 2, [b"a", b"bc"], "quantize | zstd", "weights", base_digest="ab" * 32, folded=folded)
     assert Downlink.from_record(down.to_record()) == down
-    up = Uplink(FULL, 4, b"xyz")
+    metrics = {"metrics": MetricRecord({"num-examples": 3, "train-loss": 0.25, "custom": [1.5, 2.0]})}
+    up = Uplink(FULL, 4, b"xyz", folded=metrics)
     assert Uplink.from_record(up.to_record()) == up
 
-    record = down.to_record()
-    record["kind"] = "half"
-    with pytest.raises(ProtocolError, match="kind"):
-        Downlink.from_record(record)
-    record = down.to_record()
-    del record["blobs"]
-    with pytest.raises(ProtocolError, match="blobs"):
-        Downlink.from_record(record)
-    record = Downlink(FULL, 1, -1, [b"a", b"b"], "identity").to_record()
-    with pytest.raises(ProtocolError, match="exactly one blob"):
-        Downlink.from_record(record)
-    record = up.to_record()
-    record["version"] = "4"
-    with pytest.raises(ProtocolError, match="version"):
-        Uplink.from_record(record)
-    record = up.to_record()
-    record["version"] = True
-    with pytest.raises(ProtocolError, match="version"):
-        Uplink.from_record(record)
+    cases: list[tuple[ConfigRecord, str]] = [
+        (edit_payload(down.to_record(), kind="half"), "kind must be 'full' or 'delta'"),
+        (edit_payload(down.to_record(), kind=99), "known name's index"),
+        (edit_payload(down.to_record(), blobs=[]), "non-empty list of bytes"),
+        (edit_payload(down.to_record(), blobs=["a"]), "non-empty list of bytes"),
+        (edit_payload(down.to_record(), base_digest=b"short"), "32-byte"),
+        (Downlink(FULL, 1, -1, [b"a", b"b"], "identity").to_record(), "exactly one blob"),
+        (edit_payload(up.to_record(), version="4"), "'version' has type str, expected int"),
+        (edit_payload(up.to_record(), version=True), "'version' has type bool"),
+        (edit_payload(up.to_record(), folded=[["m", True, {"x": "text"}]]), "expected a number"),
+        (edit_payload(up.to_record(), folded=[["c", False, {"x": {"nested": 1}}]]), "ConfigRecord cannot"),
+        (edit_payload(up.to_record(), folded=[["c", 1, {}]]), "is_metric"),
+    ]
+    for record, reason in cases:
+        parse_as = Uplink if len(msgpack.unpackb(record[PACKED_FIELD], strict_map_key=False)) == 5 else Downlink
+        with pytest.raises(ProtocolError, match=reason):
+            parse_as.from_record(record)
+
+
+def test_a_payload_record_that_is_not_this_format_is_refused_by_name() -> None:
+    good = Uplink(DELTA, 1, b"blob").to_record()
+    cases: list[tuple[ConfigRecord, str]] = [
+        (ConfigRecord({"kind": "delta", "version": 1, "blob": b"blob"}), "one bytes field 'p'.*format 2"),
+        (ConfigRecord({**good, "extra": 1}), "one bytes field 'p'"),
+        (ConfigRecord({PACKED_FIELD: "text"}), "one bytes field 'p'"),
+        (ConfigRecord({PACKED_FIELD: b"\xc1"}), "not valid msgpack"),
+        (ConfigRecord({PACKED_FIELD: good[PACKED_FIELD] + b"\x00"}), "not valid msgpack"),
+        (ConfigRecord({PACKED_FIELD: msgpack.packb([1, 1, 1, b"", []])}), "format must be 2, got 1"),
+        (ConfigRecord({PACKED_FIELD: msgpack.packb({"a": 1})}), "format must be 2"),
+        (ConfigRecord({PACKED_FIELD: msgpack.packb([PAYLOAD_FORMAT, 1, 1])}), "must hold 4 fields, got 2"),
+    ]
+    for record, reason in cases:
+        with pytest.raises(ProtocolError, match=reason):
+            Uplink.from_record(record)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=200), prefix=st.booleans())
+def test_any_bytes_in_the_payload_field_give_a_protocol_error_or_a_payload(data: bytes, prefix: bool) -> None:
+    raw = msgpack.packb([PAYLOAD_FORMAT])[:-1] + data if prefix else data  # often a valid start
+    for parse_as in (Uplink, Downlink):
+        try:
+            parse_as.from_record(ConfigRecord({PACKED_FIELD: raw}))
+        except ProtocolError:
+            pass
+
+
+def test_known_names_travel_as_one_byte_and_others_as_text() -> None:
+    known = Uplink(DELTA, 1, b"", folded={"metrics": MetricRecord({"num-examples": 1, "train-loss": 0.5})})
+    other = Uplink(DELTA, 1, b"", folded={"metrics": MetricRecord({"num-exampleZ": 1, "train-losZ": 0.5})})
+    assert len(other.to_record()[PACKED_FIELD]) - len(known.to_record()[PACKED_FIELD]) == 2 * 11  # type: ignore[arg-type]
+    assert Uplink.from_record(other.to_record()) == other
+    assert len(set(WIRE_NAMES)) == len(WIRE_NAMES)
 
 
 def test_tensor_helpers_keep_names_order_and_exact_values() -> None:

@@ -22,6 +22,7 @@ from fedsqueeze.protocol import (
     Downlink,
     Uplink,
     arrays_to_tensors,
+    edit_payload,
     tensors_to_arrays,
 )
 from fedsqueeze.server.strategy import DOWN, UP, CompressedStrategy
@@ -164,22 +165,22 @@ def test_lossy_aggregate_is_close_to_plain_fedavg() -> None:
 
 
 def corrupt(reply: Message, how: str) -> Message:
-    payload = reply.content[PAYLOAD_KEY]
-    blob = payload["blob"]
+    blob = Uplink.from_record(reply.content[PAYLOAD_KEY]).blob  # type: ignore[arg-type]
     if how == "flipped":
-        payload["blob"] = blob[:20] + bytes(b ^ 0xA5 for b in blob[20:40]) + blob[40:]
+        blob = blob[:20] + bytes(b ^ 0xA5 for b in blob[20:40]) + blob[40:]
     elif how == "truncated":
-        payload["blob"] = blob[: len(blob) // 2]
+        blob = blob[: len(blob) // 2]
     elif how == "wrong-shape":
-        payload["blob"] = parse("identity").encode(
+        blob = parse("identity").encode(
             {"conv.weight": torch.zeros(4, 1, 3, 4), "fc.weight": torch.zeros(10, 36), "fc.bias": torch.zeros(10)}
         )
     elif how == "nan":  # the encoder refuses NaN, so write one into the raw float32 bytes
         raw = bytearray(parse("identity").encode({k: torch.zeros_like(v) for k, v in global_model().items()}))
         raw[-4:] = bytes.fromhex("0000c07f")  # float32 NaN as the last value of the last tensor
-        payload["blob"] = bytes(raw)
+        blob = bytes(raw)
     elif how == "missing":
-        payload["blob"] = parse("identity").encode({"fc.weight": torch.zeros(10, 36)})
+        blob = parse("identity").encode({"fc.weight": torch.zeros(10, 36)})
+    reply.content[PAYLOAD_KEY] = edit_payload(reply.content[PAYLOAD_KEY], blob=blob)  # type: ignore[arg-type]
     return reply
 
 
@@ -426,8 +427,9 @@ def test_a_blob_that_decodes_far_larger_than_the_model_is_refused(caplog: pytest
     messages = list(strategy.configure_train(1, tensors_to_arrays(global_model()), ConfigRecord(), FakeGrid(NODES)))
     replies = [app(m, ctx[m.metadata.dst_node_id]) for m in messages]
     huge = {**global_model(), "fc.weight": torch.zeros(3000, 1000)}  # 3M zeros, a few kB after zstd
-    replies[0].content[PAYLOAD_KEY]["blob"] = parse("zstd").encode(huge)
-    assert len(replies[0].content[PAYLOAD_KEY]["blob"]) < 100_000
+    blob = parse("zstd").encode(huge)
+    assert len(blob) < 100_000
+    replies[0].content[PAYLOAD_KEY] = edit_payload(replies[0].content[PAYLOAD_KEY], blob=blob)  # type: ignore[arg-type]
     with caplog.at_level(logging.WARNING):
         got, _ = strategy.aggregate_train(1, replies)
     assert got is not None

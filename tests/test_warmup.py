@@ -16,7 +16,7 @@ from fedsqueeze.client import compression_mod
 from fedsqueeze.client.mod import STATE_FEEDBACK, STATE_REFERENCE
 from fedsqueeze.codecs import blob_spec, decode, parse
 from fedsqueeze.config import RunConfig
-from fedsqueeze.protocol import DELTA, PAYLOAD_KEY, Downlink, Uplink, arrays_to_tensors, tensors_to_arrays
+from fedsqueeze.protocol import DELTA, PAYLOAD_KEY, Downlink, Uplink, arrays_to_tensors, edit_payload, tensors_to_arrays
 from fedsqueeze.server.app import make_compressed_strategy
 from fedsqueeze.server.strategy import CompressedStrategy
 from fedsqueeze.server.warmup import warmup_codec, warmup_ratio
@@ -104,7 +104,7 @@ def test_a_reply_encoded_with_another_spec_than_the_rounds_is_rejected(caplog: p
     strategy = CompressedStrategy(FedAvg(), uplink=UPLINK, downlink="quantize(bits=8) | zstd", uplink_warmup_rounds=3)
     messages = list(strategy.configure_train(1, tensors_to_arrays(global_model()), ConfigRecord(), FakeGrid(NODES)))
     stale = messages[0]  # this node is told the configured spec, as a node ignoring the warm-up would use
-    stale.content.config_records[PAYLOAD_KEY]["uplink"] = parse(UPLINK).spec
+    stale.content[PAYLOAD_KEY] = edit_payload(stale.content.config_records[PAYLOAD_KEY], uplink=parse(UPLINK).spec)
     replies = [app(m, ctx[m.metadata.dst_node_id]) for m in messages]
     with caplog.at_level(logging.WARNING):
         strategy.aggregate_train(1, replies)
