@@ -17,7 +17,7 @@ from test_strategy import FakeGrid, contexts
 from fedsqueeze.client import CompressionMod
 from fedsqueeze.framing import message_bytes
 from fedsqueeze.models import first_model
-from fedsqueeze.protocol import PAYLOAD_KEY, Uplink, arrays_to_tensors, tensors_to_arrays
+from fedsqueeze.protocol import PAYLOAD_KEY, Downlink, Uplink, arrays_to_tensors, tensors_to_arrays
 from fedsqueeze.server.strategy import CompressedStrategy
 
 # 19-digit node ids, as Flower draws them: their varints are part of the framing
@@ -28,8 +28,12 @@ def setup_function() -> None:
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1
 
 
-def lenet_rounds(rounds: int = 2) -> tuple[CompressedStrategy, set[int]]:
-    """Two rounds of fedsqueeze's defaults on LeNet-5, with 'training' a small random step."""
+def lenet_rounds(rounds: int = 2) -> tuple[CompressedStrategy, set[int], set[int]]:
+    """Two rounds of fedsqueeze's defaults on LeNet-5, with 'training' a small random step.
+
+    Returns the strategy and the message pieces (:func:`message_bytes`) that are not blobs, of the
+    last round's replies and of its train messages.
+    """
     weights = first_model("lenet5", "mnist", 0)
     app = ClientApp(mods=[CompressionMod(lambda context: weights)])
 
@@ -56,12 +60,15 @@ def lenet_rounds(rounds: int = 2) -> tuple[CompressedStrategy, set[int]]:
         messages = strategy.configure_train(server_round, arrays, config, FakeGrid(NODES))
         for msg in messages:  # as the SuperLink does when it takes a message: it is named by its object id,
             msg.metadata.__dict__["_message_id"] = msg.object_id  # and the reply names it in reply_to
+        down_framing = {
+            message_bytes(m) - sum(map(len, Downlink.from_record(m.content[PAYLOAD_KEY]).blobs)) for m in messages
+        }  # type: ignore[arg-type]
         replies = [app(m, ctx[m.metadata.dst_node_id]) for m in messages]
         # Flower's message framing of each reply, before the strategy turns it into a plain one
         reply_framing = {message_bytes(r) - len(Uplink.from_record(r.content[PAYLOAD_KEY]).blob) for r in replies}  # type: ignore[arg-type]
         arrays, _ = strategy.aggregate_train(server_round, replies)
     assert strategy.rejections == []
-    return strategy, reply_framing
+    return strategy, reply_framing, down_framing
 
 
 def test_wire_framing_of_lenet5_train_messages_is_pinned() -> None:
@@ -82,7 +89,9 @@ def test_flower_message_framing_of_a_lenet5_train_reply_is_pinned() -> None:
     of 3 object ids, the Message and RecordDict bodies naming their children); 70 are fedsqueeze's
     (the record's name and field, and the packed kind, version and four metrics besides the blob).
     """
-    assert lenet_rounds()[1] == {PINNED_REPLY_MESSAGE_FRAMING}
+    _, reply_framing, down_framing = lenet_rounds()
+    assert reply_framing == {PINNED_REPLY_MESSAGE_FRAMING}
+    assert down_framing == {PINNED_DOWN_MESSAGE_FRAMING}
 
 
 def test_message_bytes_of_a_fixed_message_are_pinned() -> None:
@@ -106,5 +115,6 @@ def test_message_bytes_of_a_fixed_message_are_pinned() -> None:
 PINNED_REPLY_FRAMING = 1189
 PINNED_REPLY_MESSAGE_FRAMING = 798
 PINNED_DOWN_FRAMING = 700
+PINNED_DOWN_MESSAGE_FRAMING = 675
 #: Measured with flwr 1.42.0: envelope with a 64-hex message id, object tree of 5 objects, their bodies.
 PINNED_FIXED_MESSAGE_BYTES = 1499
