@@ -36,7 +36,6 @@ __all__ = [
     "PACKED_FIELD",
     "PAYLOAD_FORMAT",
     "WIRE_NAMES",
-    "unpack_fields",
     "edit_payload",
     "edit_metric",
     "fold_records",
@@ -99,7 +98,9 @@ WIRE_NAMES = (
 )
 _WIRE_INDEX = {name: i for i, name in enumerate(WIRE_NAMES)}
 _NAME = (int, str)  # a string, or its index in WIRE_NAMES
-_DOWNLINK_FIELDS: tuple[tuple[str, type | tuple[type, ...]], ...] = (
+#: (name, type or types) of each packed field, in order
+Fields = tuple[tuple[str, type | tuple[type, ...]], ...]
+_DOWNLINK_FIELDS: Fields = (
     ("kind", _NAME),
     ("version", int),
     ("base", int),
@@ -113,13 +114,14 @@ _DOWNLINK_FIELDS: tuple[tuple[str, type | tuple[type, ...]], ...] = (
     ("digest", bytes),
     ("folded", list),
 )
-_UPLINK_FIELDS: tuple[tuple[str, type | tuple[type, ...]], ...] = (
+_UPLINK_FIELDS: Fields = (
     ("kind", _NAME),
     ("version", int),
     ("blob", bytes),
     ("folded", list),
 )
-FoldedRecords = dict[str, ConfigRecord | MetricRecord]
+#: Small records that travel inside the payload (the train config down, the reply's metrics up)
+FoldedRecords = Mapping[str, ConfigRecord | MetricRecord]
 
 
 def _to_wire(name: str) -> int | str:
@@ -134,12 +136,12 @@ def _from_wire(name: Any, what: str) -> str:
     raise ProtocolError(f"fedsqueeze payload {what} must be a string or a known name's index, got {name!r}")
 
 
-def _pack(fields: tuple[tuple[str, type | tuple[type, ...]], ...], values: list[Any]) -> ConfigRecord:
+def _pack(fields: Fields, values: list[Any]) -> ConfigRecord:
     assert len(values) == len(fields)
     return ConfigRecord({PACKED_FIELD: msgpack.packb([PAYLOAD_FORMAT, *values], use_bin_type=True)})
 
 
-def unpack_fields(record: ConfigRecord, fields: tuple[tuple[str, type | tuple[type, ...]], ...]) -> dict[str, Any]:
+def _unpack(record: ConfigRecord, fields: Fields) -> dict[str, Any]:
     """The raw fields of a packed payload record, by name, with their types checked.
 
     Raises
@@ -298,7 +300,7 @@ class Downlink:
     @classmethod
     def from_record(cls, record: ConfigRecord) -> Downlink:
         """Unpack and check a received record; :class:`ProtocolError` if it is malformed."""
-        f = unpack_fields(record, _DOWNLINK_FIELDS)
+        f = _unpack(record, _DOWNLINK_FIELDS)
         kind, blobs = _kind(f["kind"]), f["blobs"]
         if not blobs or not all(isinstance(b, bytes) for b in blobs):
             raise ProtocolError("fedsqueeze payload field 'blobs' must be a non-empty list of bytes")
@@ -350,7 +352,7 @@ class Uplink:
     @classmethod
     def from_record(cls, record: ConfigRecord) -> Uplink:
         """Unpack and check a received record; :class:`ProtocolError` if it is malformed."""
-        f = unpack_fields(record, _UPLINK_FIELDS)
+        f = _unpack(record, _UPLINK_FIELDS)
         return cls(_kind(f["kind"]), f["version"], f["blob"], unfold_records(f["folded"]))
 
 
@@ -453,7 +455,7 @@ def fold_records(records: Mapping[str, ConfigRecord | MetricRecord]) -> list[lis
     return out
 
 
-def unfold_records(folded: list[Any]) -> FoldedRecords:
+def unfold_records(folded: list[Any]) -> dict[str, ConfigRecord | MetricRecord]:
     """The records that :func:`fold_records` packed.
 
     Raises
@@ -462,7 +464,7 @@ def unfold_records(folded: list[Any]) -> FoldedRecords:
         If an entry is malformed, a metric is not a number or a list of numbers, or a config value
         is not one a ConfigRecord holds.
     """
-    out: FoldedRecords = {}
+    out: dict[str, ConfigRecord | MetricRecord] = {}
     for entry in folded:
         if not (
             isinstance(entry, list) and len(entry) == 3 and isinstance(entry[1], bool) and isinstance(entry[2], dict)
