@@ -42,6 +42,15 @@ def _set_field(name: str, value: object) -> Corrupt:
     return corrupt
 
 
+def _replace_payload(record: ConfigRecord) -> Corrupt:
+    def corrupt(reply: Message, request: Message, context: Context) -> Message:
+        _payload(reply)  # the compression mod ran inside this mod
+        reply.content[PAYLOAD_KEY] = record
+        return reply
+
+    return corrupt
+
+
 def _set_metric(name: str, value: object) -> Corrupt:
     def corrupt(reply: Message, request: Message, context: Context) -> Message:
         reply.content[PAYLOAD_KEY] = edit_metric(_payload(reply), name, value)
@@ -87,6 +96,7 @@ HOSTILE_KINDS: dict[str, Corrupt] = {
     "list-metric": _set_metric("fsq-encode-s", [1.0, 2.0]),
     "nan-num-examples": _set_metric("num-examples", float("nan")),
     "wrong-version": _set_field("version", 10_000),
+    "not-msgpack": _replace_payload(ConfigRecord({"p": b"\xc1" * 64})),
     "error": _error,
 }
 

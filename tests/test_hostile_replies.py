@@ -54,6 +54,13 @@ def set_field(name: str, value: object) -> Callable[[Message], None]:
     return mutate
 
 
+def set_payload(record: ConfigRecord) -> Callable[[Message], None]:
+    def mutate(reply: Message) -> None:
+        reply.content[PAYLOAD_KEY] = record
+
+    return mutate
+
+
 def set_metric(name: str, value: object) -> Callable[[Message], None]:
     def mutate(reply: Message) -> None:
         reply.content[PAYLOAD_KEY] = edit_metric(reply.content[PAYLOAD_KEY], name, value)  # type: ignore[arg-type]
@@ -136,6 +143,11 @@ HOSTILE_REPLIES: dict[str, tuple[Callable[[Message], None], str]] = {
     "wrong version": (set_field("version", 7), "version 7"),
     "version of wrong type": (set_field("version", "1"), "'version'"),
     "folded list malformed": (set_field("folded", ["metrics"]), "folded"),
+    # Payload format 2: the record's one field is msgpack, which is parsed, never evaluated
+    "payload not msgpack": (set_payload(ConfigRecord({"p": b"\xc1\x00"})), "not valid msgpack"),
+    "payload of format 1": (set_payload(ConfigRecord({"kind": "delta", "version": 1, "blob": b""})), "format 2"),
+    "payload nested deeply": (set_payload(ConfigRecord({"p": b"\x91" * 100_000 + b"\x00"})), "not valid msgpack"),
+    "folded metric key unknown index": (set_field("folded", [[3, True, {200: 1.0}]]), "known name's index"),
 }
 
 

@@ -42,4 +42,4 @@ def test_each_hostile_reply_is_dropped_and_the_honest_run_is_unchanged(tmp_path:
         baseline = list(csv.DictReader(f))
     assert len(rounds) == len(KINDS) and all(math.isfinite(float(r["loss"])) for r in rounds)
     assert [r["accuracy"] for r in rounds] == [r["accuracy"] for r in baseline]
-    assert float(rounds[-1]["accuracy"]) > 0.2  # learning (chance is 0.1) from 3 x 150 samples in 8 rounds
+    assert float(rounds[-1]["accuracy"]) > 0.2  # learning (chance is 0.1) from 3 x 150 samples in 9 rounds
