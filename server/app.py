@@ -197,6 +197,7 @@ def main(grid: Grid, context: Context) -> None:
                 replies,
                 rejected,
                 strategy.client_seconds.get(server_round, (0.0, 0.0)),
+                strategy.downlink_state.lag,
             )
             if distiller is not None and distiller.due(server_round):
                 model = _distil_or_adopt(run, distiller, strategy, server_round, model, accuracy, results)

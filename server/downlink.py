@@ -101,6 +101,7 @@ class DownlinkState:
     node_delta_codec: Codec | None = None
     version: int = 0
     reference: Tensors | None = None
+    lag: float = 0.0  # ||global - R|| / ||global|| after the last advance: what the downlink has yet to carry
     node_versions: dict[int, int] = field(default_factory=dict)
     _steps: dict[int, bytes] = field(default_factory=dict)  # version v -> blob taking v-1 to v
     _snapshots: OrderedDict[int, Tensors] = field(default_factory=OrderedDict)
@@ -119,18 +120,20 @@ class DownlinkState:
         self._full_blob, self._catchup_cache, self._node_catchup_cache, self._digest = None, {}, {}, None
         self.version += 1
         if self.codec.lossless:
-            self.reference = None
+            self.reference, self.lag = None, 0.0
             return
         if self.reference is None or not _same_layout(self.reference, self._global):
             self._steps, self._snapshots = {}, OrderedDict()
             if self.initial is None or not _same_layout(self.initial, self._global) or self.version != 1:
                 self.reference = {k: v.clone() for k, v in self._global.items()}
                 self._snapshot(self.version, self.reference)  # nodes get this version in full
+                self.lag = 0.0
                 return
             self.reference = {k: v.clone() for k, v in self.initial.items()}
             self._snapshot(ZERO_VERSION, self.reference)
         blob = self.codec.encode(subtract_tensors(self._global, self.reference))
         self.reference = add_tensors(self.reference, decode(blob))
+        self.lag = _relative_distance(self._global, self.reference)
         self._steps[self.version] = blob
         self._snapshot(self.version, self.reference)
         self._trim_steps()
@@ -292,3 +295,10 @@ def _same_layout(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -
 
 def _nbytes(model: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in model.values())
+
+
+def _relative_distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
+    """||a - b|| / ||a|| over all floating-point tensors (0 when a is all zeros)."""
+    diff = sum(float((a[k].double() - b[k].double()).square().sum()) for k in a if a[k].is_floating_point())
+    norm = sum(float(a[k].double().square().sum()) for k in a if a[k].is_floating_point())
+    return (diff / norm) ** 0.5 if norm > 0 else 0.0

@@ -20,6 +20,10 @@ Files in ``results-dir`` (overwritten by each run):
     - ``cumulative_uplink_bytes``, ``cumulative_downlink_bytes``, ``cumulative_bytes``,
       ``cumulative_fp32_bytes``: running totals up to and including the round.
     - ``replies``, ``rejected``: train replies received, and how many of them were dropped.
+    - ``downlink_lag``: ||global - R|| / ||global||, how far the reference ``R`` that up-to-date
+      nodes hold (and train from) trails the server's model after the round's downlink step;
+      0 with a lossless downlink. A lag that keeps growing means the downlink codec carries less
+      than the aggregated updates move the model (see :mod:`fedsqueeze.server.downlink`).
     - ``client_encode_seconds``, ``client_train_seconds``: seconds the nodes spent encoding
       their update and training, summed over the accepted replies (as they reported them).
     - ``round_seconds``, ``elapsed_seconds``: wall time of the round, and since the start.
@@ -130,6 +134,7 @@ ROUND_COLUMNS = [
     "cumulative_fp32_bytes",
     "replies",
     "rejected",
+    "downlink_lag",
     "client_encode_seconds",
     "client_train_seconds",
     "round_seconds",
@@ -195,7 +200,8 @@ class ResultsWriter:
         with open(self.dir / "rounds.csv", "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(ROUND_COLUMNS)
-            writer.writerows([row[c] for c in ROUND_COLUMNS] for row in self.rounds)
+            # rows from an older checkpoint may lack newer columns
+            writer.writerows([row.get(c, "") for c in ROUND_COLUMNS] for row in self.rounds)
         with open(self.dir / "messages.csv", "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(MESSAGE_COLUMNS)
@@ -222,6 +228,7 @@ class ResultsWriter:
         replies: int,
         rejected: int,
         client_seconds: tuple[float, float] = (0.0, 0.0),
+        downlink_lag: float = 0.0,
     ) -> dict[str, Any]:
         """Append the round's messages and its summary row, print one line, return the row."""
         now = time.perf_counter()
@@ -241,6 +248,7 @@ class ResultsWriter:
             "downlink_payload_bytes": sum(t.payload_bytes for t in down),
             "replies": replies,
             "rejected": rejected,
+            "downlink_lag": float(f"{downlink_lag:.4g}"),
             "client_encode_seconds": round(client_seconds[0], 4),
             "client_train_seconds": round(client_seconds[1], 4),
             "round_seconds": round(now - self._last, 3),

@@ -205,3 +205,21 @@ def test_with_node_memory_a_node_whose_payload_was_not_acknowledged_gets_the_cha
     for version in (4, 5):
         s.advance(drifting(version))
     assert len(s.plan(5).blobs) == 1  # acknowledged again: a catch-up of its own
+
+
+def test_lag_is_how_far_the_reference_trails_the_servers_model() -> None:
+    exact = DownlinkState(parse("zstd"), parse("zstd"), initial=model(0))
+    sparse = DownlinkState(parse("topk(ratio=0.01) | zstd", seed=0), parse("zstd"), initial=model(0))
+    lags = []
+    for version in range(1, 4):
+        exact.advance(model(version))
+        sparse.advance(model(version))
+        assert sparse.reference is not None
+        gap = sum(float((model(version)[k] - sparse.reference[k]).square().sum()) for k in ("w", "b"))
+        norm = sum(float(model(version)[k].square().sum()) for k in ("w", "b"))
+        assert abs(sparse.lag - (gap / norm) ** 0.5) < 1e-6
+        lags.append(sparse.lag)
+        assert exact.lag == 0.0  # a lossless downlink sends the model itself
+    start = sum(float((model(1)[k] - model(0)[k]).square().sum()) for k in ("w", "b")) ** 0.5
+    start /= sum(float(model(1)[k].square().sum()) for k in ("w", "b")) ** 0.5
+    assert 0.9 * start < lags[0] < start  # a step of 1 % of the entries leaves most of the way behind
