@@ -77,6 +77,15 @@ def _codes(
     return codes
 
 
+def _group_sizes(shape: tuple[int, ...], granularity: str | int) -> list[int]:
+    """How many values each group of :func:`_groups` holds, without its padding."""
+    n, g = math.prod(shape), _num_groups(shape, granularity)
+    if g <= 1:
+        return [n]
+    size = int(granularity) if isinstance(granularity, int) else n // g
+    return [size] * (g - 1) + [n - size * (g - 1)]
+
+
 def _num_groups(shape: tuple[int, ...], granularity: str | int) -> int:
     n = math.prod(shape)
     if granularity == "tensor" or (granularity == "channel" and len(shape) < 2):
@@ -183,25 +192,25 @@ class Quantize(Stage):
         return step, torch.where(step > 0, 1.0 / step, torch.zeros_like(step))
 
     def encode_batch(self, xs: Sequence[torch.Tensor], ctxs: Sequence[EncodeContext]) -> list[Encoded | None]:
-        """Tensors of one range and at most CHUNK values in one pass over their concatenation.
+        """Tensors of at most CHUNK values in one pass over their concatenation.
 
-        One min and one max per tensor (segmented reductions), one rounding pass with each
-        tensor's own range; bit-identical to :meth:`encode`. Stochastic rounding, several ranges
-        per tensor and large tensors take :meth:`encode`.
+        One min and one max per group (segmented reductions over every tensor's ranges: the
+        whole tensor, its channels or its blocks), one rounding pass with each group's own
+        range; bit-identical to :meth:`encode`. Stochastic rounding and large tensors take
+        :meth:`encode`.
         """
         out: list[Encoded | None] = [None] * len(xs)
-        fused = []
+        fused = [i for i, x in enumerate(xs) if not self.stochastic and x.numel() <= CHUNK]
         for i, x in enumerate(xs):
-            one_range = _num_groups(tuple(x.shape), self._granularity(x.numel())) == 1
-            if one_range and not self.stochastic and x.numel() <= CHUNK:
-                fused.append(i)
-            else:
+            if self.stochastic or x.numel() > CHUNK:
                 out[i] = self.encode(x, ctxs[i])
         if not fused:
             return out
         # in numpy: a torch call costs several times a numpy call, and the arrays here are small;
         # every operation is the same IEEE float32 operation as in encode (no fused multiply-add)
-        sizes = [xs[i].numel() for i in fused]
+        granularities = [self._granularity(xs[i].numel()) for i in fused]
+        groups = [_group_sizes(tuple(xs[i].shape), g) for i, g in zip(fused, granularities, strict=True)]
+        sizes = [size for tensor in groups for size in tensor]
         values = torch.cat([xs[i].reshape(-1) for i in fused]).numpy()
         starts = np.fromiter(itertools.accumulate(sizes[:-1], initial=0), np.int64, len(sizes))
         lo = np.minimum.reduceat(values, starts)
@@ -216,12 +225,14 @@ class Quantize(Stage):
         scaled *= np.repeat(inv, sizes)
         codes = np.clip(np.rint(scaled, out=scaled), 0, levels, out=scaled).astype(np.uint8)
         lo_t, step_t = torch.from_numpy(lo), torch.from_numpy(step)
-        for j, (i, start, n) in enumerate(zip(fused, starts.tolist(), sizes, strict=True)):
-            granularity = self._granularity(n)
+        start, group = 0, 0
+        for i, granularity, tensor in zip(fused, granularities, groups, strict=True):
+            n, g = xs[i].numel(), len(tensor)
             meta = b"" if granularity == self.granularity else bytes((OUTLIER_BLOCKS,)) + varint_bytes(int(granularity))
             segment = codes[start : start + n]
             packed = torch.from_numpy(segment if self.bits == 8 else pack_bits(segment, self.bits))
-            out[i] = Encoded([packed, lo_t[j : j + 1], step_t[j : j + 1]], meta)
+            out[i] = Encoded([packed, lo_t[group : group + g], step_t[group : group + g]], meta)
+            start, group = start + n, group + g
         return out
 
     def decode_cost(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> DecodeCost:
