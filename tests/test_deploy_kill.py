@@ -5,10 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from helpers.deployment import BackgroundRun, deploy_settings, load_deploy_script, read_rows, run_config
@@ -91,59 +91,57 @@ def _accepted_up(messages: list[dict[str, str]], node: str, server_round: int) -
     )
 
 
-def _kill_and_restart(tmp_path: Path, mnist_path: Path, node_state: bool) -> dict[str, Any]:
-    """TLS + auth, 2 SuperNodes, 5 rounds; SuperNode 1 is killed in round 2 and restarted with the same key
-    (hence the same node id) and, with ``node_state``, the same ``state-dir``. What the server recorded."""
+def _down_train(messages: list[dict[str, str]], node: str) -> dict[int, dict[str, str]]:
+    return {
+        int(m["round"]): m
+        for m in messages
+        if m["node_id"] == node and m["direction"] == "down" and m["message_type"] == "train"
+    }
+
+
+@pytest.mark.slow  # TLS + auth, 3 SuperNodes, 5 rounds, two nodes refused for about a minute: ~4.5 minutes
+def test_restarted_supernodes_rejoin_by_a_delta_with_their_state_and_in_full_without(
+    tmp_path: Path, mnist_path: Path
+) -> None:
+    """SuperNodes 1 and 2 are killed in round 2 and restarted with the same keys (hence the same node ids);
+    node 1 keeps its ``state-dir``, node 2's is wiped first (a node that lost its disk)."""
     results = tmp_path / "results"
     # A round timeout well above a round on a loaded machine (45 s was not, at a load of 25 on 2 cores). The
-    # dead node's round ends at the timeout: the message it had pulled before the kill is not sent again
+    # dead nodes' round ends at the timeout: the message each had pulled before the kill is not sent again
     config = run_config(results, mnist_path, num_server_rounds=5, max_samples_per_client=150, round_timeout=90)
-    deployment = local.start(deploy_settings(tmp_path, config, nodes=2, secure=True, node_state=node_state))
+    deployment = local.start(deploy_settings(tmp_path, config, nodes=3, secure=True, node_state=True))
     try:
         run = BackgroundRun(deployment, timeout=900)
         run.wait_for_rounds(results, 1, timeout=240)
-        time.sleep(4)  # round 2's messages are out; the node has pulled its own (3 s polling)
+        time.sleep(4)  # round 2's messages are out; the nodes have pulled their own (3 s polling)
         deployment.kill_supernode(1)
-        starts = deployment.restart_supernode(1, timeout=240)  # refused while the SuperLink lists it online
+        deployment.kill_supernode(2)
+        shutil.rmtree(deployment.node_state_dir(2))
+        # refused while the SuperLink lists them online; by node 1's acceptance node 2's heartbeat has timed out too
+        starts = [deployment.restart_supernode(i, timeout=240) for i in (1, 2)]
         done = run.join(timeout=800)
     finally:
         deployment.stop()
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     messages = read_rows(results, "messages.csv")
-    nodes = {m["node_id"] for m in messages}
-    killed = [n for n in nodes if not _accepted_up(messages, n, 2)]
-    assert len(nodes) == 2 and len(killed) == 1, messages
-    down = {
-        int(m["round"]): m
-        for m in messages
-        if m["node_id"] == killed[0] and m["direction"] == "down" and m["message_type"] == "train"
-    }
-    back = [r for r in range(3, 6) if _accepted_up(messages, killed[0], r)]
     summary = json.loads((results / "summary.json").read_text())
-    outcome = {"starts": starts, "accepted_rounds": back, "down": down, "rejected": summary["rejected"]}
-    print(json.dumps({**outcome, "rounds": read_rows(results, "rounds.csv")}))
-    assert back and back[-1] == 5, f"the restarted node's accepted rounds: {back}"
-    assert summary["num_nodes"] == 2, summary["per_node"]
-    return {**outcome, "state": deployment.node_state_dir(1) / "state.json"}
+    killed = sorted({m["node_id"] for m in messages if not _accepted_up(messages, m["node_id"], 2)})
+    back = {n: [r for r in range(3, 6) if _accepted_up(messages, n, r)] for n in killed}
+    print(json.dumps({"starts": starts, "accepted_rounds": back, "rejected": summary["rejected"]}))
+    assert summary["num_nodes"] == 3 and len(killed) == 2, summary["per_node"]
+    assert all(rounds and rounds[-1] == 5 for rounds in back.values()), back
+    lost = [r for r in summary["rejected"] if "holds none" in r["reason"]]
+    assert len(lost) == 1, summary["rejected"]  # the wiped node answered its catch-up with "I hold nothing"
+    wiped = str(lost[0]["node_id"])
+    kept = next(n for n in killed if n != wiped)
 
-
-@pytest.mark.slow  # TLS + auth, 2 SuperNodes, 5 rounds, one node refused for about a minute: ~3.5 minutes
-def test_a_restarted_supernode_with_its_state_dir_rejoins_with_a_delta_catch_up(
-    tmp_path: Path, mnist_path: Path
-) -> None:
-    got = _kill_and_restart(tmp_path, mnist_path, node_state=True)
-    catch_up = got["down"][got["accepted_rounds"][0]]
+    # with its state: a delta catch-up far below the model, never the full model
+    down = _down_train(messages, kept)
+    catch_up = down[back[kept][0]]
     assert catch_up["kind"] == "delta" and int(catch_up["bytes"]) < int(catch_up["fp32_bytes"]) / 10, catch_up
-    assert all(m["kind"] == "delta" for r, m in got["down"].items() if r > 1), got["down"]  # never the full model
-    assert not any("holds none" in r["reason"] for r in got["rejected"]), got["rejected"]
-    assert json.loads(got["state"].read_text())["versions"][-1]["version"] == 5
+    assert all(m["kind"] == "delta" for r, m in down.items() if r > 1), down
+    assert json.loads((deployment.node_state_dir(1) / "state.json").read_text())["versions"][-1]["version"] == 5
 
-
-@pytest.mark.slow  # as above: ~3.5 minutes
-def test_a_restarted_supernode_without_a_state_dir_is_sent_the_full_model(tmp_path: Path, mnist_path: Path) -> None:
-    got = _kill_and_restart(tmp_path, mnist_path, node_state=False)
-    lost = [r for r in got["rejected"] if "holds none" in r["reason"]]
-    assert len(lost) == 1, got["rejected"]  # it answered the catch-up with "I hold nothing"
-    full = got["down"][lost[0]["round"] + 1]
-    assert full["kind"] == "full" and int(full["bytes"]) > int(full["fp32_bytes"]) / 2, got["down"]
-    assert not got["state"].exists()
+    # without: the round after its "holds none" brings the full model
+    full = _down_train(messages, wiped)[lost[0]["round"] + 1]
+    assert full["kind"] == "full" and int(full["bytes"]) > int(full["fp32_bytes"]) / 2, full
