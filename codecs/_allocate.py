@@ -283,9 +283,10 @@ def _squared_singular_values(m: torch.Tensor) -> torch.Tensor:
     """
     gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
     try:
-        w = torch.linalg.eigvalsh(gram)
+        w: torch.Tensor = torch.linalg.eigvalsh(gram)
     except torch.linalg.LinAlgError:  # see _lowrank._gram_eigh: the SVD converges where this may not
-        return torch.linalg.svdvals(m).double().pow(2)
+        s: torch.Tensor = torch.linalg.svdvals(m)
+        return s.double().pow(2)
     return w.double().clamp_min(0).flip(0)
 
 

@@ -296,3 +296,18 @@ def test_top_k_menu_prices_codes_with_the_outlier_blocks() -> None:
         errors.append(abs(c.value_bits - measured) / measured)
     # one range: 2.48 bits for 3.20 at k = 1224, a mean error of about 25 %; scaled by the measured blocks: 9 %
     assert float(np.mean(errors)) <= 0.12, [f"{e:.3f}" for e in errors]
+
+
+def test_rank_menu_energies_match_the_svd_and_survive_an_eigensolver_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedsqueeze.codecs._allocate import _squared_singular_values
+
+    m = torch.randn(30, 70, generator=torch.Generator().manual_seed(0))
+    exact = torch.linalg.svdvals(m.double()).pow(2)
+    for matrix in (m, m.T):  # the smaller Gram matrix of a wide and of a tall matrix
+        assert torch.allclose(_squared_singular_values(matrix), exact, rtol=1e-4, atol=1e-3)
+
+    def fail(_: torch.Tensor) -> torch.Tensor:
+        raise torch.linalg.LinAlgError("did not converge")
+
+    monkeypatch.setattr(torch.linalg, "eigvalsh", fail)
+    assert torch.allclose(_squared_singular_values(m), exact, rtol=1e-4, atol=1e-3)
