@@ -267,7 +267,8 @@ def collect_results(out: Path) -> Path:
         cfg = {**marker["config"], **json.loads((cell_dir / "summary.json").read_text()).get("config", {})}
         with open(cell_dir / "rounds.csv", newline="") as f:
             reader = csv.DictReader(f)
-            round_columns = round_columns or list(reader.fieldnames or [])
+            # cells of an older fedsqueeze (a resumed sweep) may lack newer columns: the union, blank where absent
+            round_columns += [c for c in reader.fieldnames or [] if c not in round_columns]
             for row in reader:
                 rows.append(
                     {

@@ -428,3 +428,17 @@ def test_load_rows_falls_back_on_grid_json_without_cell_folders(tmp_path: Path) 
     rows = load_rows(tmp_path)
     assert {r["config.fraction-train"] for r in rows} == {"0.1", "0.2"}
     assert len({s.setting for s in summarize(rows)}) == 2
+
+
+def test_cells_written_before_a_new_round_column_are_collected_with_it_blank(tmp_path: Path) -> None:
+    """A sweep resumed with a newer fedsqueeze: finished cells lack a column that the new ones write."""
+    _fake_cell(tmp_path, "a0", "fp32", 0, "identity", "identity", [0.5, 0.9], [4000, 4000])
+    _fake_cell(tmp_path, "b0", "top", 0, "topk", "identity", [0.4, 0.88], [100, 60])
+    newer = tmp_path / "cells" / "b0" / "rounds.csv"
+    lines = newer.read_text().splitlines()
+    newer.write_text("\n".join([lines[0] + ",downlink_lag", *(line + ",0.25" for line in lines[1:])]) + "\n")
+    collect_results(tmp_path)
+    with open(tmp_path / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["cell"], r["downlink_lag"]) for r in rows] == [("a0", ""), ("a0", ""), ("b0", "0.25"), ("b0", "0.25")]
+    assert {s["codec"] for s in write_report(tmp_path)["summaries"]} == {"fp32", "top"}
