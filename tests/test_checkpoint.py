@@ -31,3 +31,19 @@ def test_records_that_flower_has_hashed_are_checkpointed(tmp_path: Path) -> None
         got = arrays_to_tensors(restored)
         assert got.keys() == weights.keys()
         assert all(torch.equal(got[k], weights[k]) for k in weights)
+
+
+def test_resumed_rows_from_an_older_checkpoint_are_written_with_newer_columns_blank(tmp_path: Path) -> None:
+    import csv
+
+    from fedsqueeze.server.results import ROUND_COLUMNS
+
+    results = ResultsWriter(tmp_path, {})
+    row = results.log_round(1, 0.5, 1.0, [], replies=2, rejected=0, downlink_lag=0.125)
+    older = {k: v for k, v in row.items() if k != "downlink_lag"}  # as a checkpoint from before the column
+    results.rounds = [older, row]
+    results.resume_files()
+    with open(tmp_path / "rounds.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ROUND_COLUMNS
+    assert [r["downlink_lag"] for r in rows] == ["", "0.125"]
