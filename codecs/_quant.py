@@ -251,16 +251,23 @@ class Quantize(Stage):
         expect_part(self.name, packed, "the packed codes", dtype=torch.uint8)
         expect_part(self.name, lo, "the group minima", dtype=torch.float32, shape=(g,))
         expect_part(self.name, step, "the group steps", dtype=torch.float32, shape=(g,))
-        codes = torch.from_numpy(unpack_bits(as_numpy(packed).ravel(), self.bits, n))
-        values = codes.to(torch.float32)
+        # in numpy, in place: the same float32 multiply, then add, as a torch mul_ and add_
+        values = unpack_bits(as_numpy(packed).ravel(), self.bits, n).astype(np.float32)
+        lo_, step_ = as_numpy(lo), as_numpy(step)
         if g == 1:
-            return values.mul_(step).add_(lo).reshape(shape)
-        # blocks hold `granularity` values (the last one fewer); channels split n evenly
+            values *= step_[0]
+            values += lo_[0]
+            return torch.from_numpy(values).reshape(shape)
+        # blocks hold `granularity` values (the last one may hold fewer); channels split n evenly
         size = granularity if isinstance(granularity, int) else n // g
-        if g * size != n:  # last block is short
-            values = torch.cat([values, values.new_zeros(g * size - n)])
-        out = values.reshape(g, size).mul_(step[:, None]).add_(lo[:, None])
-        return out.reshape(-1)[:n].reshape(shape)
+        whole = n // size
+        body = values[: whole * size].reshape(whole, size)
+        body *= step_[:whole, None]
+        body += lo_[:whole, None]
+        if whole < g:  # the short last block
+            values[whole * size :] *= step_[-1]
+            values[whole * size :] += lo_[-1]
+        return torch.from_numpy(values).reshape(shape)
 
 
 @register_stage
