@@ -20,6 +20,7 @@ PIPELINES = [
     "topk(ratio=0.01) | quantize(bits=8) | zstd",
     "topk(ratio=0.01, dense_below=1000) | quantize(bits=8) | zstd",
     "svd(rank=4) | quantize(bits=8) | zstd",
+    "svd(rank=6) | quantize(bits=4) | zstd",  # the default codecs: factors in 256-value blocks
     "topk(ratio=0.3) | quantize(bits=2) | zstd",
     "topk(ratio=0.05) | ternary | zstd",
     "randomk(ratio=0.1, seed=3) | fp16",
