@@ -49,6 +49,8 @@ INITIAL_MODES = ("sent", "zeros", "shared")
 _DENSE_STAGES = frozenset({"identity", "fp16", "bf16", "quantize", "zstd"})
 #: Catch-up deltas when the downlink codec sparsifies.
 _DENSE_CATCHUP_DELTA = "quantize(bits=8) | zstd"
+#: Stages that drop entries: a downlink with one of them gets dense catch-ups, with node memory or without.
+_SPARSE_STAGES = frozenset({"topk", "randomk", "threshold"})
 
 
 @dataclass(frozen=True)
@@ -106,9 +108,9 @@ class CompressedStrategy(Strategy):
         Past references kept for catch-up deltas (default: 32).
     catchup_delta : str or Codec or None
         Lossy codec of the catch-up deltas sent to nodes that missed rounds; None: the downlink
-        codec with ``catchup_memory_bytes`` > 0, else the downlink codec if it is dense, else
-        ``"quantize(bits=8) | zstd"`` (without memory a sparse catch-up would leave a node far
-        from the reference for good).
+        codec if it is dense, or low-rank with ``catchup_memory_bytes`` > 0, else
+        ``"quantize(bits=8) | zstd"`` (a sparse catch-up of many missed steps leaves a node far
+        from the reference: for good without memory, and by 14-18 points in S3 with it).
     catchup_memory_bytes : int
         Server memory for the models nodes hold after a catch-up, so that their next catch-up
         corrects its error (per-node downlink error feedback, see :mod:`fedsqueeze.server.downlink`;
@@ -172,7 +174,10 @@ class CompressedStrategy(Strategy):
             raise ValueError(f"catchup_memory_bytes must be >= 0 (0: off), got {catchup_memory_bytes!r}")
         dense_delta = self.downlink if dense else _as_codec(_DENSE_CATCHUP_DELTA, "catch-up delta", seed)
         if catchup_delta is None:
-            catchup_delta = self.downlink if catchup_memory_bytes > 0 else dense_delta
+            # With node memory a catch-up may be as lossy as a step, but not sparse: a top-1 % catch-up of ten
+            # missed steps left S3 nodes 14-18 points down (BENCHMARKS.md section 4); dense int8 ones do not
+            sparse = any(stage.name in _SPARSE_STAGES for stage in self.downlink.stages)
+            catchup_delta = self.downlink if catchup_memory_bytes > 0 and not sparse else dense_delta
         #: Codec of the catch-up deltas (with memory: those of the nodes whose model the server keeps).
         self.catchup_delta = _as_codec(catchup_delta, "catch-up delta", seed)
         self.downlink_state = DownlinkState(

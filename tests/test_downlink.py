@@ -107,6 +107,13 @@ def test_the_strategy_picks_a_dense_catch_up_for_a_sparse_downlink() -> None:
     assert sparse.catchup_delta.spec == parse("quantize(bits=8) | zstd").spec
     dense = CompressedStrategy(FedAvg(), downlink="quantize(bits=4) | zstd")
     assert dense.catchup_delta.spec == dense.downlink.spec
+    # with node memory too: a sparse catch-up of many missed steps loses what the memory would correct too late
+    remembered = CompressedStrategy(
+        FedAvg(), downlink="budget(bpp=0.2) | topk | quantize | zstd", catchup_memory_bytes=2**26
+    )
+    assert remembered.catchup_delta.spec == parse("quantize(bits=8) | zstd").spec
+    low_rank = CompressedStrategy(FedAvg(), downlink=LOW_RANK, catchup_memory_bytes=2**26)
+    assert low_rank.catchup_delta.spec == low_rank.downlink.spec
 
 
 # ---------------------------------------------------------------- per-node catch-up error feedback
