@@ -108,7 +108,8 @@ class CompressedStrategy(Strategy):
         Past references kept for catch-up deltas (default: 32).
     catchup_delta : str or Codec or None
         Lossy codec of the catch-up deltas sent to nodes that missed rounds; None: the downlink
-        codec if it is dense, or low-rank with ``catchup_memory_bytes`` > 0, else
+        codec if it is dense, or with ``catchup_memory_bytes`` > 0 if it drops no entries (no
+        topk, randomk or threshold: e.g. low rank), else
         ``"quantize(bits=8) | zstd"`` (a sparse catch-up of many missed steps leaves a node far
         from the reference: for good without memory, and by 14-18 points in S3 with it).
     catchup_memory_bytes : int
