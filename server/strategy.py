@@ -175,8 +175,8 @@ class CompressedStrategy(Strategy):
             raise ValueError(f"catchup_memory_bytes must be >= 0 (0: off), got {catchup_memory_bytes!r}")
         dense_delta = self.downlink if dense else _as_codec(_DENSE_CATCHUP_DELTA, "catch-up delta", seed)
         if catchup_delta is None:
-            # With node memory a catch-up may be as lossy as a step, but not sparse: a top-1 % catch-up of ten
-            # missed steps left S3 nodes 14-18 points down (BENCHMARKS.md section 4); dense int8 ones do not
+            # With node memory a catch-up may be as lossy as a step, but not sparse: top-1 % catch-ups of ten
+            # missed steps left S3 runs 14-18 points down; dense int8 ones cut that loss (BENCHMARKS.md section 4)
             sparse = any(stage.name in _SPARSE_STAGES for stage in self.downlink.stages)
             catchup_delta = self.downlink if catchup_memory_bytes > 0 and not sparse else dense_delta
         #: Codec of the catch-up deltas (with memory: those of the nodes whose model the server keeps).
