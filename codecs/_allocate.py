@@ -564,9 +564,11 @@ def _encode_plan(
         nodes[item.name] = cache[key]
     body = Writer()
     body.varint(len(records))
+    starts = []
     for name, t in records:
+        starts.append(body.size)
         body.extend(codec.record(name, t, nodes[name]))
-    blob = codec.finish(body)
+    blob = codec.finish(body, starts)
     return blob, len(blob) - codec.header_size(body.size)
 
 

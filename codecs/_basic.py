@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -109,6 +110,26 @@ class Zstd(Stage):
     def encode_bytes(self, data: bytes) -> bytes:
         return _compressor(self.level).compress(data)
 
+    def encode_bytes_split(self, data: bytes, starts: Sequence[int]) -> bytes:
+        """One frame, with a block boundary before and after each record of >= SPLIT_RECORD_BYTES.
+
+        zstd codes the literals of a block with one Huffman table, so a block that mixes, say,
+        8-bit codes of one tensor with 4-bit factors of another codes both worse: on the McMahan
+        CNN a budgeted update (dense 8-bit conv2, 4-bit rank-32 fc1) took 10 % more bytes than its
+        records compressed apart. Flushing a block at those boundaries gives each large record
+        its own tables; small records stay together, where a new table would cost more than it saves.
+        """
+        cuts = _block_cuts(len(data), starts)
+        if not cuts:
+            return self.encode_bytes(data)
+        stream = _compressor(self.level).compressobj(size=len(data))
+        view, out, done = memoryview(data), [], 0
+        for cut in cuts:
+            out += [stream.compress(view[done:cut]), stream.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)]
+            done = cut
+        out += [stream.compress(view[done:]), stream.flush()]
+        return b"".join(out)
+
     def decode_bytes(self, data: bytes | memoryview, max_size: int) -> bytes:
         data = bytes(data)
         try:
@@ -130,6 +151,18 @@ class Zstd(Stage):
         if len(out) != size:
             raise CodecError(f"stage 'zstd': frame declared {size} bytes but held {len(out)}")
         return out
+
+
+SPLIT_RECORD_BYTES = 4096
+"""Records at least this long get zstd blocks of their own (smaller ones: -3 to +10 % when split alone)."""
+
+
+def _block_cuts(size: int, starts: Sequence[int]) -> list[int]:
+    """Offsets strictly inside ``(0, size)`` around every record of >= SPLIT_RECORD_BYTES, ascending."""
+    ends = [*starts[1:], size]
+    large = [(start, end) for start, end in zip(starts, ends, strict=True) if end - start >= SPLIT_RECORD_BYTES]
+    cuts = {edge for record in large for edge in record}
+    return sorted(c for c in cuts if 0 < c < size)
 
 
 _CONTEXTS = threading.local()  # zstd contexts are not thread-safe: one set per thread

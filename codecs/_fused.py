@@ -197,8 +197,9 @@ def record_head(name: str, t: torch.Tensor) -> bytes:
 
 def encode_body(
     codec: Codec, records: list[tuple[str, torch.Tensor]]
-) -> tuple[list[bytes | memoryview], list[_Pending | _Raw]]:
-    """The body of the blob (tensor count, then the records) as pieces to join, and each record's top node as sent."""
+) -> tuple[list[bytes | memoryview], list[_Pending | _Raw], list[int]]:
+    """The body of the blob (tensor count, then the records) as pieces to join, each record's top node as sent,
+    and the offset in the body where each record begins."""
     tops: list[_Pending | _Raw] = []
     pending = []
     for name, t in records:
@@ -210,7 +211,10 @@ def encode_body(
             tops.append(pending[-1])
     check_finite(run_stages(codec, pending), tops)
     out: list[bytes | memoryview] = [varint(len(records))]
+    starts, offset = [], len(out[0])
     for i, ((name, t), top) in enumerate(zip(records, tops, strict=True)):
+        starts.append(offset)
+        first = len(out)
         out.append(record_head(name, t))
         mark = len(out)
         size = node_pieces(top, out)
@@ -218,7 +222,8 @@ def encode_body(
             del out[mark:]  # compression would not pay: send as it is
             tops[i] = _Raw(t)
             node_pieces(tops[i], out)
-    return out, tops
+        offset += sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in out[first:])
+    return out, tops, starts
 
 
 def rebuild(

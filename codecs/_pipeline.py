@@ -267,26 +267,32 @@ class Codec:
         if first is not None and first.allocates:
             blob = first.encode_update(self, records)  # e.g. `budget`: plans every tensor, then encodes
         elif fused:
-            pieces, tops = encode_body(self, records)
-            blob = self._finish_pieces(pieces)
+            pieces, tops, starts = encode_body(self, records)
+            blob = self._finish_pieces(pieces, starts)
             if rebuilt:
                 decoded = rebuild(self, records, tops)
         else:
             body = Writer()
             body.varint(len(records))
+            starts = []
             for name, t in records:
+                starts.append(body.size)
                 body.extend(self.record(name, t, self._encode_tensor(name, t)))
-            blob = self.finish(body)
+            blob = self.finish(body, starts)
         self._calls += 1
         return blob, decoded
 
-    def _finish_pieces(self, pieces: list[bytes | memoryview]) -> bytes:
+    def _finish_pieces(self, pieces: list[bytes | memoryview], starts: Sequence[int]) -> bytes:
         """:meth:`finish` for a body given as pieces: one join, then the bytes stages."""
         body = b"".join(pieces)
+        return b"".join((self._head_prefix(), varint_bytes(len(body)), self._bytes_coded(body, starts)))
+
+    def _bytes_coded(self, body: bytes, starts: Sequence[int]) -> bytes:
+        """The body through the bytes stages; the first is told where the records start."""
         payload = body
-        for stage in self._bytes_stages:
-            payload = stage.encode_bytes(payload)
-        return b"".join((self._head_prefix(), varint_bytes(len(body)), payload))
+        for i, stage in enumerate(self._bytes_stages):
+            payload = stage.encode_bytes_split(payload, starts) if i == 0 else stage.encode_bytes(payload)
+        return payload
 
     def _head_prefix(self) -> bytes:
         """Magic, version and spec: the header before the body length (the stages never change)."""
@@ -320,14 +326,10 @@ class Codec:
         out.extend(node)
         return out
 
-    def finish(self, body: Writer) -> bytes:
-        """The blob: header, then the body after the bytes stages."""
+    def finish(self, body: Writer, starts: Sequence[int] = ()) -> bytes:
+        """The blob: header, then the body after the bytes stages (``starts``: where its records begin)."""
         body_len = body.size
-        payload = b""
-        if self._bytes_stages:
-            payload = body.getvalue()
-            for stage in self._bytes_stages:
-                payload = stage.encode_bytes(payload)
+        payload = self._bytes_coded(body.getvalue(), starts) if self._bytes_stages else b""
         out = Writer()
         out.raw(MAGIC)
         out.u8(VERSION)

@@ -257,6 +257,15 @@ class Stage:
         """
         raise NotImplementedError
 
+    def encode_bytes_split(self, data: bytes, starts: Sequence[int]) -> bytes:
+        """:meth:`encode_bytes`, told where the body's tensor records begin (ascending offsets into ``data``).
+
+        A stage may code records of different statistics apart (``zstd`` starts a new block
+        around each large one); the output must still be what :meth:`decode_bytes` reads. The
+        default ignores ``starts``. Only the first bytes stage is told.
+        """
+        return self.encode_bytes(data)
+
     def decode_bytes(self, data: bytes | memoryview, max_size: int) -> bytes:
         """Undo :meth:`encode_bytes` on untrusted input without exceeding ``max_size``.
 
