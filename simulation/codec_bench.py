@@ -457,6 +457,29 @@ def budget_comparison(updates: Mapping[str, Update], bpps: Sequence[float], *, s
     return "\n".join(lines) + "\n"
 
 
+def budget_precision(updates: Mapping[str, Update], bpps: Sequence[float], tails: Sequence[str], *, seed: int) -> str:
+    """Markdown table: payload / target of ``budget(bpp) | tail`` (payload: the blob less its header)."""
+    from fedsqueeze.codecs._pipeline import read_header
+
+    lines = [
+        "| update | pipeline after budget | bpp | target payload | payload | payload / target | error |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, update in updates.items():
+        n = sum(t.numel() for t in update.values())
+        for tail in tails:
+            for bpp in bpps:
+                blob = parse(f"budget(bpp={bpp}) | {tail}", seed=seed).encode(update)
+                payload = len(blob) - read_header(blob)[2].pos
+                target = bpp * n / 8
+                error = relative_l2_error(update, decode(blob))
+                lines.append(
+                    f"| {name} | `{tail.replace('|', chr(92) + '|')}` | {bpp:g} | {target:,.0f} | {payload:,} | {payload / target:.3f} | {error:.4f} |"
+                )
+                print(lines[-1], file=sys.stderr, flush=True)
+    return "\n".join(lines) + "\n"
+
+
 def _zero_aligned(x: torch.Tensor, bits: int) -> torch.Tensor:
     """Symmetric grid through zero: 2**(bits-1) - 1 steps of max|x| / (2**(bits-1) - 1) each side."""
     levels = (1 << (bits - 1)) - 1
@@ -494,6 +517,9 @@ def _issue12_sections(args: argparse.Namespace, updates: Mapping[str, Update]) -
     if args.budget_bpp:
         text += "\n## Budget against uniform top-k at equal bytes (relative L2 error)\n\n"
         text += budget_comparison(updates, args.budget_bpp, seed=args.seed)
+    if args.budget_tails:
+        text += "\n## How close the budget comes to its target\n\n"
+        text += budget_precision(updates, args.budget_bpp or [0.05, 0.2, 1.0], args.budget_tails, seed=args.seed)
     return text
 
 
@@ -747,6 +773,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BPP",
         help="also compare budget(bpp) | topk | quantize | zstd with uniform top-k at equal bytes "
         "on every update, for each BPP",
+    )
+    p.add_argument(
+        "--budget-tails",
+        nargs="+",
+        default=None,
+        metavar="TAIL",
+        help="also report payload / target of budget(bpp) | TAIL on every update, for each --budget-bpp "
+        "(default bpps: 0.05 0.2 1), e.g. 'svd | quantize | zstd'",
     )
     p.add_argument(
         "--small-bits",

@@ -122,6 +122,18 @@ def test_budget_comparison_and_small_width_table_report_every_update() -> None:
     assert zero_aligned < one_range  # 2-bit, heavy tails: one range is the worst grid
 
 
+def test_budget_precision_reports_payload_over_target() -> None:
+    updates = {"a": codec_bench.synthetic_update(20_000, seed=1)}
+    table = codec_bench.budget_precision(updates, [0.5], ["topk | quantize | zstd", "svd | quantize | zstd"], seed=0)
+    rows = [line.split(" | ") for line in table.splitlines()[2:]]
+    assert [r[1] for r in rows] == [r"`topk \| quantize \| zstd`", r"`svd \| quantize \| zstd`"]
+    for r in rows:
+        target, payload, ratio = float(r[3].replace(",", "")), int(r[4].replace(",", "")), float(r[5])
+        assert target == 0.5 * 20_000 / 8
+        assert ratio == pytest.approx(payload / target, abs=1e-3)
+        assert 0.9 < ratio < 1.1
+
+
 def test_both_paths_on_two_sizes_give_equal_blobs_and_a_comparison_table(tmp_path: Path) -> None:
     spec = "topk(ratio=0.01) | quantize(bits=8) | zstd"
     argv = ["--quick", "--synthetic-params", "3000", "20000", "--codecs", spec, "--paths", "fused", "per-tensor"]
