@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import zstandard
 
@@ -53,3 +54,13 @@ def _payload_start(blob: bytes) -> int:
     from fedsqueeze.codecs._pipeline import read_header
 
     return read_header(blob)[2].pos
+
+
+def test_bodies_over_the_split_limit_use_the_one_shot_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedsqueeze.codecs import _basic
+
+    monkeypatch.setattr(_basic, "SPLIT_MAX_BODY", 1000)  # the mixed update's body is ~80 kB
+    codec = parse("quantize(bits=8) | zstd")
+    blob = codec.encode(mixed_update())
+    body = zstandard.ZstdDecompressor().decompress(blob[_payload_start(blob) :])
+    assert blob[_payload_start(blob) :] == Zstd().encode_bytes(body)
