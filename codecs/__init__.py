@@ -18,7 +18,7 @@ import importlib
 import pkgutil
 
 from ._basic import BF16, FP16, Identity, Zstd
-from ._budget import Budget
+from ._budget import Budget, BudgetMissWarning
 from ._errors import CodecError
 from ._feedback import ErrorFeedback
 from ._lowrank import CP, SVD, PowerSGD, Tucker
@@ -52,6 +52,7 @@ __all__ = [
     "FP16",
     "SVD",
     "Budget",
+    "BudgetMissWarning",
     "Codec",
     "CodecError",
     "CompressionStats",

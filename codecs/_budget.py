@@ -57,6 +57,10 @@ BITS_CHOICES = (2, 4, 8)
 """Quantizer widths the budget may give a tensor (1 bit min-max wastes the sign)."""
 
 
+class BudgetMissWarning(UserWarning):
+    """A ``budget`` blob missed its byte target by more than the stated tolerance (issued once per codec)."""
+
+
 @register_stage
 @dataclass(frozen=True)
 class Budget(Stage):

@@ -473,9 +473,9 @@ def budget_precision(updates: Mapping[str, Update], bpps: Sequence[float], tails
                 payload = len(blob) - read_header(blob)[2].pos
                 target = bpp * n / 8
                 error = relative_l2_error(update, decode(blob))
-                lines.append(
-                    f"| {name} | `{tail.replace('|', chr(92) + '|')}` | {bpp:g} | {target:,.0f} | {payload:,} | {payload / target:.3f} | {error:.4f} |"
-                )
+                cells = [name, f"`{tail.replace('|', chr(92) + '|')}`", f"{bpp:g}", f"{target:,.0f}", f"{payload:,}"]
+                cells += [f"{payload / target:.3f}", f"{error:.4f}"]
+                lines.append("| " + " | ".join(cells) + " |")
                 print(lines[-1], file=sys.stderr, flush=True)
     return "\n".join(lines) + "\n"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import pathlib
 import tempfile
+import warnings
 
 import numpy as np
 import pytest
@@ -362,3 +363,17 @@ def test_rank_menu_energies_match_the_svd_and_survive_an_eigensolver_failure(mon
 
     monkeypatch.setattr(torch.linalg, "eigvalsh", fail)
     assert torch.allclose(_squared_singular_values(m), exact, rtol=1e-4, atol=1e-3)
+
+
+def test_a_missed_target_warns_once_per_codec(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedsqueeze.codecs import BudgetMissWarning, _allocate
+
+    monkeypatch.setattr(_allocate, "_WARNED", set())
+    update = update_of("lenet5")
+    with pytest.warns(BudgetMissWarning, match=r"payload is 1\d\d bytes for a target of 77") as caught:
+        for _ in range(2):  # 0.01 bpp of LeNet-5 is below its smallest blob (names and shapes)
+            parse("budget(bpp=0.01) | topk | quantize | zstd").encode(update)
+    assert len([w for w in caught if w.category is BudgetMissWarning]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BudgetMissWarning)
+        parse("budget(bpp=0.2) | topk | quantize | zstd").encode(update)  # within 3 %: silent
