@@ -273,8 +273,8 @@ def test_menu_hull_keeps_exactly_the_points_some_price_can_pick() -> None:
         assert sorted(_lower_hull(sizes, errors).tolist()) == expected
 
 
-def _encodes_and_first_payload(monkeypatch: pytest.MonkeyPatch, spec: str, update: Update) -> tuple[int, int]:
-    """(whole-update encodes one ``encode`` call made, payload bytes of the first), counted at the planner."""
+def _planned_payloads(monkeypatch: pytest.MonkeyPatch, spec: str, update: Update) -> tuple[list[int], bytes]:
+    """Payload bytes of every whole-update encode one ``encode`` call made (counted at the planner), and its blob."""
     from fedsqueeze.codecs import _allocate
 
     payloads: list[int] = []
@@ -286,7 +286,12 @@ def _encodes_and_first_payload(monkeypatch: pytest.MonkeyPatch, spec: str, updat
         return blob, payload
 
     monkeypatch.setattr(_allocate, "_encode_plan", counted)
-    parse(spec, seed=0).encode(update)
+    return payloads, parse(spec, seed=0).encode(update)
+
+
+def _encodes_and_first_payload(monkeypatch: pytest.MonkeyPatch, spec: str, update: Update) -> tuple[int, int]:
+    """(whole-update encodes one ``encode`` call made, payload bytes of the first)."""
+    payloads, _ = _planned_payloads(monkeypatch, spec, update)
     return len(payloads), payloads[0]
 
 
@@ -300,21 +305,11 @@ def test_a_plan_met_again_is_not_encoded_again(monkeypatch: pytest.MonkeyPatch, 
 
 @pytest.mark.parametrize("model", ["synthetic", "lenet5", "mcmahan-cnn"])
 def test_rank_plans_stop_at_the_first_payload_within_tolerance(monkeypatch: pytest.MonkeyPatch, model: str) -> None:
-    from fedsqueeze.codecs import _allocate
     from fedsqueeze.codecs._budget import TOLERANCE
 
-    payloads: list[int] = []
-    real = _allocate._encode_plan
-
-    def counted(*args: object, **kwargs: object) -> tuple[bytes, int]:
-        blob, payload = real(*args, **kwargs)  # type: ignore[arg-type]
-        payloads.append(payload)
-        return blob, payload
-
-    monkeypatch.setattr(_allocate, "_encode_plan", counted)
     update = update_of(model)
     target = 0.2 * num_params(update) / 8
-    blob = parse("budget(bpp=0.2, passes=6) | svd | quantize | zstd", seed=0).encode(update)
+    payloads, blob = _planned_payloads(monkeypatch, "budget(bpp=0.2, passes=6) | svd | quantize | zstd", update)
     assert len(payloads) <= 6
     within = [abs(p - target) <= TOLERANCE * target for p in payloads]
     if any(within):
