@@ -63,6 +63,8 @@ class RunConfig(Mapping[str, ConfigValue]):
     downlink_codec: str = "svd(rank=6) | quantize(bits=4) | zstd"
     error_feedback: bool = True
     max_feedback_staleness: int = 20
+    # A reply whose update is over this many times the round's median update (by L2 norm) is dropped (0: off)
+    max_update_norm_ratio: float = 10.0
     # Catch-ups of nodes that missed rounds: the lossy delta codec ("": automatic, see CompressedStrategy) and the
     # server memory for per-node catch-up error feedback (0: off), see server/downlink.py
     catchup_codec: str = ""
@@ -113,6 +115,10 @@ class RunConfig(Mapping[str, ConfigValue]):
         if self.max_feedback_staleness < 0:
             raise ValueError(
                 f"run config 'max-feedback-staleness' must be >= 0 (0: never), got {self.max_feedback_staleness}"
+            )
+        if not self.max_update_norm_ratio >= 0:
+            raise ValueError(
+                f"run config 'max-update-norm-ratio' must be >= 0 (0: off), got {self.max_update_norm_ratio!r}"
             )
         if not self.catchup_memory_mb >= 0:
             raise ValueError(f"run config 'catchup-memory-mb' must be >= 0 (0: off), got {self.catchup_memory_mb!r}")

@@ -243,7 +243,8 @@ class Downlink:
         (default: ``"arrays"``).
     error_feedback : bool
         Whether the node carries what its lossy uplink codec dropped over to its next update
-        (default: True).
+        (default: True). Without, the node also drops the residual it kept: the server sends
+        False for one round to a node whose update it dropped as an outlier.
     max_feedback_staleness : int
         A residual from more than this many versions ago is dropped, not added (0: never).
     base_digest : str

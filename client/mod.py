@@ -252,6 +252,10 @@ def _encode_reply(
     if codec.lossless:
         return FULL, codec.encode(local)
     if not down.error_feedback:
+        # a residual is carried only from one error-feedback update to the next: the server turns
+        # error feedback off for one round to empty the residual of a node whose update it dropped
+        if STATE_FEEDBACK in state:
+            del state[STATE_FEEDBACK]
         return DELTA, codec.encode(subtract_tensors(local, reference))
     feedback = ErrorFeedback(codec)
     saved = state.get(STATE_FEEDBACK)

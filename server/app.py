@@ -99,6 +99,7 @@ def make_compressed_strategy(run: RunConfig, keep_client_models: bool = False) -
         seed=run.seed,
         keep_client_models=keep_client_models,
         uplink_warmup_rounds=run.uplink_warmup_rounds,
+        max_update_norm_ratio=run.max_update_norm_ratio,
     )
 
 

@@ -34,6 +34,7 @@ from fedsqueeze.protocol import (
     tensors_to_arrays,
 )
 from fedsqueeze.server.downlink import DownlinkPlan, DownlinkState
+from fedsqueeze.server.outliers import outliers, update_norm
 from fedsqueeze.server.replies import Accepted, Rejected, ReplyChecker
 from fedsqueeze.server.sampling import StableNodeOrder
 from fedsqueeze.server.traffic import DOWN, UP, TrafficMeter, TrafficRecord, fp32_reply_bytes
@@ -123,6 +124,11 @@ class CompressedStrategy(Strategy):
         Sparsity warm-up: in rounds 1..W the uplink's ``topk``/``randomk`` keep exponentially
         more (see :mod:`fedsqueeze.server.warmup`); each round's spec is sent to the nodes and
         replies must be encoded with it (default: 0, off).
+    max_update_norm_ratio : float
+        A reply whose update (its model less the round's global model) has a norm over this many
+        times the median of the round's replies is dropped before aggregation, and the drop is
+        logged and kept in :attr:`rejections` (at least 3 replies; default: 10.0; 0: off). One
+        diverged node otherwise takes the average with it (see :mod:`fedsqueeze.server.outliers`).
     """
 
     def __init__(
@@ -141,6 +147,7 @@ class CompressedStrategy(Strategy):
         catchup_memory_bytes: int = 0,
         keep_client_models: bool = False,
         uplink_warmup_rounds: int = 0,
+        max_update_norm_ratio: float = 10.0,
     ) -> None:
         if not isinstance(inner, Strategy):
             raise TypeError(f"inner must be a flwr Strategy, got {type(inner).__name__}")
@@ -170,6 +177,10 @@ class CompressedStrategy(Strategy):
         self.max_feedback_staleness = int(max_feedback_staleness)
         self.seed = seed
         self.keep_client_models = bool(keep_client_models)
+        if not max_update_norm_ratio >= 0:
+            raise ValueError(f"max_update_norm_ratio must be >= 0 (0: off), got {max_update_norm_ratio!r}")
+        self.max_update_norm_ratio = float(max_update_norm_ratio)
+        self._drop_feedback: set[int] = set()  # nodes whose next update goes without error feedback
         self.arrays_key: str = getattr(inner, "arrayrecord_key", ARRAYS_KEY)
         if catchup_memory_bytes < 0:
             raise ValueError(f"catchup_memory_bytes must be >= 0 (0: off), got {catchup_memory_bytes!r}")
@@ -312,6 +323,7 @@ class CompressedStrategy(Strategy):
             if result is not None:
                 accepted.append((_content_digest(result.weights), result, reply))
         accepted = self._same_metric_layout(server_round, accepted)
+        accepted = self._bounded_updates(server_round, accepted)
         self.client_seconds[server_round] = _client_seconds(a.metrics for _, a, _ in accepted)
         # Aggregate in an order fixed by the replies' content, not by arrival or by node ids
         # (random in simulation): float sums then come out the same in every run.
@@ -372,7 +384,7 @@ class CompressedStrategy(Strategy):
             plan.blobs,
             self.round_uplink.spec,
             key,
-            self.error_feedback,
+            self.error_feedback and node_id not in self._drop_feedback,
             self.max_feedback_staleness,
             self._initial_digest if plan.base == ZERO_VERSION else "",
             self.arch,
@@ -383,6 +395,7 @@ class CompressedStrategy(Strategy):
         content[PAYLOAD_KEY] = payload
         msg.content = content  # the inner strategy shares one RecordDict among its messages
         self._expected[node_id] = plan.version
+        self._drop_feedback.discard(node_id)
         self.meter.record(
             server_round,
             node_id,
@@ -447,6 +460,26 @@ class CompressedStrategy(Strategy):
             payload_bytes=result.payload_bytes,
         )
         return result
+
+    def _bounded_updates(
+        self, server_round: int, accepted: list[tuple[bytes, Accepted, Message]]
+    ) -> list[tuple[bytes, Accepted, Message]]:
+        """Drop replies whose update is over ``max_update_norm_ratio`` x the round's median (see :mod:`outliers`)."""
+        assert self._checker is not None, "configure_train runs before aggregate_train"
+        norms = [update_norm(a.weights, self._checker.global_model) for _, a, _ in accepted]
+        kept = []
+        for entry, reason in zip(accepted, outliers(norms, self.max_update_norm_ratio), strict=True):
+            if reason is None:
+                kept.append(entry)
+                continue
+            node_id = entry[2].metadata.src_node_id
+            log(WARNING, "fedsqueeze: round %d: dropped the reply of node %d: %s", server_round, node_id, reason)
+            self.rejections.append(Rejection(server_round, node_id, reason))
+            # Its error-feedback residual now holds the dropped update's compression error (as large as
+            # the update): carried on, every later reply of the node would be dropped too. Its next
+            # message asks for one update without error feedback, which empties the residual.
+            self._drop_feedback.add(node_id)
+        return kept
 
     def _same_metric_layout(
         self, server_round: int, accepted: list[tuple[bytes, Accepted, Message]]
