@@ -3,7 +3,8 @@
 Put it outermost, before the compression mod, so that it corrupts what would go on the wire:
 ``ClientApp(mods=[hostile_mod({3}, HOSTILE_KINDS), compression_mod])``. In round r a chosen node
 sends the kind ``kinds[(r - 1) % len(kinds)]``. Each kind is one of the bad replies of issue 9
-(broken or foreign codec blobs, malformed numpy arrays, metrics of the wrong type or value).
+(broken or foreign codec blobs, malformed numpy arrays, metrics of the wrong type or value), or a
+well-formed, finite update far larger than any honest one (``huge-update``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedsqueeze.client.mod import STATE_REFERENCE
-from fedsqueeze.protocol import PAYLOAD_KEY, edit_metric, edit_payload
+from fedsqueeze.codecs import blob_spec, decode, parse
+from fedsqueeze.protocol import PAYLOAD_KEY, Uplink, edit_metric, edit_payload
 
 __all__ = ["HOSTILE_KINDS", "hostile_mod"]
 
@@ -74,6 +76,15 @@ def _plain_array(data: bytes) -> Corrupt:
     return corrupt
 
 
+def _huge_update(reply: Message, request: Message, context: Context) -> Message:
+    """The node's own update, every value 1e6 off, re-encoded with its codec: well-formed, finite, ruinous."""
+    payload = _payload(reply)
+    blob = Uplink.from_record(payload).blob
+    huge = {name: t + 1e6 for name, t in decode(blob).items()}
+    reply.content[PAYLOAD_KEY] = edit_payload(payload, blob=parse(blob_spec(blob)).encode(huge))
+    return reply
+
+
 def _huge_npy_header() -> bytes:
     buffer = io.BytesIO()
     np.lib.format.write_array_header_1_0(buffer, {"descr": "<f4", "fortran_order": False, "shape": (2**40,)})
@@ -97,6 +108,7 @@ HOSTILE_KINDS: dict[str, Corrupt] = {
     "nan-num-examples": _set_metric("num-examples", float("nan")),
     "wrong-version": _set_field("version", 10_000),
     "not-msgpack": _replace_payload(ConfigRecord({"p": b"\xc1" * 64})),
+    "huge-update": _huge_update,
     "error": _error,
 }
 
