@@ -6,12 +6,12 @@ import logging
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
 from test_strategy import NODES, FakeGrid, _task_identity, contexts, global_model, local_model
+from test_strategy import make_client as strategy_client
 
-from fedsqueeze.client import compression_mod
 from fedsqueeze.client.mod import STATE_FEEDBACK
 from fedsqueeze.protocol import PAYLOAD_KEY, Downlink, arrays_to_tensors, tensors_to_arrays
 from fedsqueeze.server.outliers import outliers, update_norm
@@ -39,19 +39,14 @@ DIVERGED = 103
 
 def make_client(diverged_round: int) -> ClientApp:
     """Nodes as in test_strategy; node 103's training diverges in ``diverged_round`` (a huge, finite step)."""
-    app = ClientApp(mods=[compression_mod])
 
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        received = arrays_to_tensors(msg.content["arrays"])
-        server_round = int(msg.content["config"]["server-round"])
-        local = local_model(received, context.node_id, server_round)
-        if context.node_id == DIVERGED and server_round == diverged_round:
+    def train_step(received: dict[str, torch.Tensor], node_id: int, server_round: int) -> dict[str, torch.Tensor]:
+        local = local_model(received, node_id, server_round)
+        if node_id == DIVERGED and server_round == diverged_round:
             local = {k: v + 1e6 for k, v in local.items()}
-        metrics = MetricRecord({"num-examples": 10, "train-loss": 1.0})
-        return Message(RecordDict({"arrays": tensors_to_arrays(local), "metrics": metrics}), reply_to=msg)
+        return local
 
-    return app
+    return strategy_client(train_step)
 
 
 def test_a_diverged_update_is_dropped_and_its_node_rejoins_the_next_round(caplog: pytest.LogCaptureFixture) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -66,14 +67,18 @@ def local_model(received: dict[str, torch.Tensor], node_id: int, server_round: i
     return {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in received.items()}
 
 
-def make_client() -> ClientApp:
+TrainStep = Callable[[dict[str, torch.Tensor], int, int], dict[str, torch.Tensor]]
+
+
+def make_client(train_step: TrainStep = local_model) -> ClientApp:
+    """A ClientApp with the compression mod whose 'training' is ``train_step(received, node_id, server_round)``."""
     app = ClientApp(mods=[compression_mod])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         received = arrays_to_tensors(msg.content["arrays"])
         server_round = int(msg.content["config"]["server-round"])
-        local = local_model(received, context.node_id, server_round)
+        local = train_step(received, context.node_id, server_round)
         metrics = MetricRecord({"num-examples": context.node_id - 90, "train-loss": float(context.node_id)})
         return Message(RecordDict({"arrays": tensors_to_arrays(local), "metrics": metrics}), reply_to=msg)
 
