@@ -34,7 +34,7 @@ from fedsqueeze.protocol import (
     tensors_to_arrays,
 )
 from fedsqueeze.server.downlink import DownlinkPlan, DownlinkState
-from fedsqueeze.server.outliers import outliers, update_norm
+from fedsqueeze.server.outliers import MIN_REPLIES, outliers, update_norm
 from fedsqueeze.server.replies import Accepted, Rejected, ReplyChecker
 from fedsqueeze.server.sampling import StableNodeOrder
 from fedsqueeze.server.traffic import DOWN, UP, TrafficMeter, TrafficRecord, fp32_reply_bytes
@@ -466,6 +466,8 @@ class CompressedStrategy(Strategy):
     ) -> list[tuple[bytes, Accepted, Message]]:
         """Drop replies whose update is over ``max_update_norm_ratio`` x the round's median (see :mod:`outliers`)."""
         assert self._checker is not None, "configure_train runs before aggregate_train"
+        if self.max_update_norm_ratio <= 0 or len(accepted) < MIN_REPLIES:
+            return accepted  # off, or no typical size to compare with: no norms to compute
         norms = [update_norm(a.weights, self._checker.global_model) for _, a, _ in accepted]
         kept = []
         for entry, reason in zip(accepted, outliers(norms, self.max_update_norm_ratio), strict=True):
