@@ -9,7 +9,7 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedsqueeze.client import compression_mod
@@ -126,7 +126,7 @@ def test_identity_codec_then_fedavg_equals_plain_fedavg_exactly() -> None:
     assert strategy.rejections == []
 
 
-@pytest.mark.parametrize("inner", [FedAvg(), FedProx(proximal_mu=0.1), FedMedian(), FedAdam()])
+@pytest.mark.parametrize("inner", [FedAvg(), FedProx(proximal_mu=0.1), FedMedian(), FedAdam(), FedTrimmedAvg(), Krum()])
 def test_lossy_codecs_track_the_reference_bit_for_bit(inner: object) -> None:
     """Over rounds the nodes' reference equals the server's, and the aggregate stays near plain."""
     app, ctx = make_client(), contexts(NODES)
