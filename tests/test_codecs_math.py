@@ -71,6 +71,45 @@ def test_svd_error_equals_energy_of_discarded_singular_values(rank: int) -> None
     assert float(((x - y).double() ** 2).sum()) == pytest.approx(float((s[rank:] ** 2).sum()), rel=1e-4)
 
 
+def _spectrum_decaying(rows: int, cols: int, g: torch.Generator) -> torch.Tensor:
+    """A matrix whose singular values fall like 1 / i, as a trained layer's update's do."""
+    k = min(rows, cols)
+    u = torch.linalg.qr(torch.randn(rows, k, generator=g)).Q
+    v = torch.linalg.qr(torch.randn(cols, k, generator=g)).Q
+    return (u / torch.arange(1, k + 1)) @ v.T
+
+
+@pytest.mark.parametrize(("shape", "kind", "tolerance"), [((120, 400), "flat", 0.02), ((400, 84), "decaying", 1e-4)])
+@pytest.mark.parametrize("rank", [1, 6])
+def test_sketched_svd_error_is_near_eckart_young(
+    shape: tuple[int, int], kind: str, tolerance: float, rank: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Integer ranks of matrices >= 65 on a side are sketched; their error stays near the optimum."""
+    from fedsqueeze.codecs import _lowrank
+
+    calls = []
+    sketch = _lowrank._sketched_basis
+
+    def counted(a: torch.Tensor, rank: int, seed: int) -> torch.Tensor:
+        calls.append(rank)
+        return sketch(a, rank, seed)
+
+    monkeypatch.setattr(_lowrank, "_sketched_basis", counted)
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(*shape, generator=g) if kind == "flat" else _spectrum_decaying(*shape, g)
+    y = decode(parse(f"svd(rank={rank})", seed=0).encode({"x": x}))["x"]
+    s = torch.linalg.svdvals(x.double())
+    optimal = float((s[rank:] ** 2).sum().sqrt())
+    assert len(calls) == 1
+    assert optimal <= float((x - y).double().norm()) <= (1 + tolerance) * optimal
+
+
+def test_sketched_svd_is_reproducible_from_the_codec_seed() -> None:
+    x = {"x": torch.randn(120, 400, generator=torch.Generator().manual_seed(0))}
+    assert parse("svd(rank=6)", seed=1).encode(x) == parse("svd(rank=6)", seed=1).encode(x)
+    assert parse("svd(rank=6)", seed=1).encode(x) != parse("svd(rank=6)", seed=2).encode(x)
+
+
 def test_svd_energy_fraction_picks_the_smallest_sufficient_rank() -> None:
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(64, 3, generator=g) @ torch.randn(3, 80, generator=g)) + 0.01 * torch.randn(64, 80, generator=g)
