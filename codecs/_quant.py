@@ -251,23 +251,30 @@ class Quantize(Stage):
         expect_part(self.name, packed, "the packed codes", dtype=torch.uint8)
         expect_part(self.name, lo, "the group minima", dtype=torch.float32, shape=(g,))
         expect_part(self.name, step, "the group steps", dtype=torch.float32, shape=(g,))
-        # in numpy, in place: the same float32 multiply, then add, as a torch mul_ and add_
         values = unpack_bits(as_numpy(packed).ravel(), self.bits, n).astype(np.float32)
-        lo_, step_ = as_numpy(lo), as_numpy(step)
-        if g == 1:
-            values *= step_[0]
-            values += lo_[0]
-            return torch.from_numpy(values).reshape(shape)
-        # blocks hold `granularity` values (the last one may hold fewer); channels split n evenly
-        size = granularity if isinstance(granularity, int) else n // g
-        whole = n // size
-        body = values[: whole * size].reshape(whole, size)
-        body *= step_[:whole, None]
-        body += lo_[:whole, None]
-        if whole < g:  # the short last block
-            values[whole * size :] *= step_[-1]
-            values[whole * size :] += lo_[-1]
+        # a hostile range can overflow float32: the result is inf, as with torch, and receivers
+        # check finiteness; numpy would also warn (an exception where warnings are errors)
+        with np.errstate(over="ignore", invalid="ignore"):
+            _dequantize(values, as_numpy(lo), as_numpy(step), granularity, n)
         return torch.from_numpy(values).reshape(shape)
+
+
+def _dequantize(values: np.ndarray, lo: np.ndarray, step: np.ndarray, granularity: int | str, n: int) -> None:
+    """``values = lo + step * codes`` per group, in place: the same float32 multiply, then add, as torch's."""
+    g = lo.size
+    if g == 1:
+        values *= step[0]
+        values += lo[0]
+        return
+    # blocks hold `granularity` values (the last one may hold fewer); channels split n evenly
+    size = granularity if isinstance(granularity, int) else n // g
+    whole = n // size
+    body = values[: whole * size].reshape(whole, size)
+    body *= step[:whole, None]
+    body += lo[:whole, None]
+    if whole < g:  # the short last block
+        values[whole * size :] *= step[-1]
+        values[whole * size :] += lo[-1]
 
 
 @register_stage

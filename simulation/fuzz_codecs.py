@@ -32,6 +32,7 @@ import signal
 import sys
 import time
 import traceback
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -573,12 +574,18 @@ def seed_blobs() -> list[bytes]:
 
 
 def run_one(target: str, data: bytes | str, limits: DecodeLimits) -> str:
-    """Run one input; return its outcome: 'ok' or the expected error type (others propagate)."""
+    """Run one input; return its outcome: 'ok' or the expected error type (others propagate).
+
+    Warnings are raised as errors: where a user runs with warnings as errors, a warning that
+    bad input provokes (numpy's overflow, say) escapes as an exception other than CodecError.
+    """
     try:
-        if isinstance(data, str):
-            parse(data)
-        else:
-            decode(data, limits=limits)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            if isinstance(data, str):
+                parse(data)
+            else:
+                decode(data, limits=limits)
     except CodecError:
         return "CodecError"
     except ValueError:

@@ -9,7 +9,9 @@ import ctypes
 import gc
 import math
 import pathlib
+import struct
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -86,6 +88,21 @@ def test_quantize_blocks_decode_with_the_encoders_block_size() -> None:
     x = torch.tensor([0.0, 1, 2, 3, 4, 5, 6, 7, 100, 101])
     y = decode(parse("quantize(bits=8, granularity=8)").encode({"x": x}))["x"]
     assert float((y - x).abs().max()) <= 7 / 255 / 2 + 1e-5
+
+
+@pytest.mark.parametrize("granularity", ["tensor", 64])
+def test_a_quantize_range_overflowing_float32_decodes_without_a_numpy_warning(granularity: str | int) -> None:
+    # found by the fuzzing campaign: decoding in numpy warned (overflow, invalid value) on a hostile
+    # step, and with warnings as errors decode raised RuntimeWarning instead of returning or CodecError
+    x = torch.tensor([0.0, 255.0] * 128)  # every group spans 0..255: its step is 1.0
+    blob = parse(f"quantize(bits=8, granularity={granularity})").encode({"x": x})
+    one = struct.pack("<f", 1.0)
+    assert one in blob
+    hostile = blob.replace(one, struct.pack("<f", 3e38))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = decode(hostile)["x"]
+    assert not bool(torch.isfinite(y).all())  # the receiver's finiteness check refuses it, as before
 
 
 # --------------------------------------------------------------------------- D2, D3, parse(None)
