@@ -219,7 +219,13 @@ def test_quantize_sends_a_positive_zero_minimum_whichever_zero_comes_first() -> 
 def test_low_rank_of_rank_deficient_and_tall_matrices_is_finite_and_exact() -> None:
     g = torch.Generator().manual_seed(2)
     rank1 = torch.randn(30, 1, generator=g) @ torch.randn(1, 50, generator=g)
+    sketched = torch.randn(100, 1, generator=g) @ torch.randn(1, 300, generator=g)  # >= 65 a side
     update = {"wide": rank1, "tall": rank1.T.contiguous(), "zero": torch.zeros(20, 40)}
+    update |= {
+        "sketched-wide": sketched,
+        "sketched-tall": sketched.T.contiguous(),
+        "sketched-zero": torch.zeros(100, 300),
+    }
     out = decode(parse("svd(rank=4)").encode(update))
     for name, x in update.items():
         assert bool(torch.isfinite(out[name]).all())
