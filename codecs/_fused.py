@@ -16,11 +16,12 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from ._bits import varint_bytes as varint
-from ._stage import EncodeContext, EncodeFurther
-from ._wire import FLOAT_DTYPES, MAX_NDIM, dtype_code, tensor_to_bytes
+from ._stage import ArrayNode, EncodeContext, EncodeFurther, as_numpy
+from ._wire import DTYPE_CODES, FLOAT_DTYPES, MAX_NDIM, dtype_code, tensor_to_bytes
 
 if TYPE_CHECKING:
     from ._pipeline import Codec
@@ -249,5 +250,23 @@ def _rebuild_node(codec: Codec, node: _Pending | _Raw) -> torch.Tensor:
         return resolved.t
     if resolved is None:
         raise RuntimeError("a pending node left unresolved by run_stages")
+    stage = codec.tensor_stages[resolved.index]
+    array_node = stage.array_node(resolved.meta, resolved.shape)
+    arrays = None if array_node is None else _raw_arrays(array_node, resolved.children)
+    if array_node is not None and arrays is not None:  # the decoder's fast path, the same function
+        return torch.from_numpy(array_node.decode(arrays)).reshape(resolved.shape)
     parts = [_rebuild_node(codec, child) for child in resolved.children]
-    return codec.tensor_stages[resolved.index].decode(parts, resolved.meta, resolved.shape)
+    return stage.decode(parts, resolved.meta, resolved.shape)
+
+
+def _raw_arrays(node: ArrayNode, children: list[_Pending | _Raw]) -> list[np.ndarray] | None:
+    """Flat numpy views of ``children`` if they are raw parts of the layout ``node`` declares, else None."""
+    if len(children) != len(node.parts):
+        return None
+    arrays = []
+    for child, (code, count) in zip(children, node.parts, strict=True):
+        raw = child.node if isinstance(child, _Pending) else child
+        if not isinstance(raw, _Raw) or raw.t.numel() != count or DTYPE_CODES.get(raw.t.dtype) != code:
+            return None
+        arrays.append(as_numpy(raw.t).reshape(-1))
+    return arrays

@@ -17,12 +17,13 @@ from ._errors import CodecError
 from ._fused import all_finite as _all_finite
 from ._fused import encode_body, rebuild
 from ._spec import MAX_SPEC_LENGTH, parse_stages
-from ._stage import EncodeContext, Encoded, EncodeFurther, Stage
+from ._stage import ArrayNode, EncodeContext, Encoded, EncodeFurther, Stage
 from ._wire import (
     DTYPES,
     FLOAT_DTYPES,
     MAGIC,
     VERSION,
+    WIRE_NUMPY_DTYPES,
     Reader,
     Writer,
     dtype_code,
@@ -563,6 +564,11 @@ class _Decoder:
         if nparts > MAX_PARTS:
             raise CodecError(f"{what}: {nparts} parts, at most {MAX_PARTS} are allowed")
         stages = stage.stages_for_parts(meta, stages, index)
+        array_node = stage.array_node(meta, shape)
+        if array_node is not None and len(array_node.parts) == nparts:
+            arrays = self._raw_arrays(r, array_node)
+            if arrays is not None:
+                return torch.from_numpy(array_node.decode(arrays)).reshape(shape)
         # children belong to later stages only, so the recursion is at most one level per stage
         parts = [self.node(r, index + 1, f"{what}/{stage.name}[{i}]", depth + 1, stages) for i in range(nparts)]
         cost = stage.decode_cost(parts, meta, shape)
@@ -573,6 +579,34 @@ class _Decoder:
                 f"{what}: stage {stage.name!r} produced {tuple(out.shape)} {out.dtype}, expected {shape} float32"
             )
         return out
+
+    def _raw_arrays(self, r: Reader, node: ArrayNode) -> list[np.ndarray] | None:
+        """Read-only views of the raw 1-D parts ``node`` expects, charged as :meth:`_raw` charges them.
+
+        None, with nothing read or charged, where the blob holds anything else or the charges go
+        over the limits: the general path then reads the same bytes and raises, naming the part.
+        """
+        start, budget = r.pos, self.budget
+        nbytes, work = node.cost.scratch_bytes, node.cost.work
+        arrays = []
+        for code, count in node.parts:
+            if r.next_u8() != TAG_RAW or r.next_u8() != code or r.plain_shape(self.limits.max_elements) != (count,):
+                r.pos = start
+                return None
+            wire = WIRE_NUMPY_DTYPES[code]
+            data = r.take_or_none(count * wire.itemsize)
+            if data is None:
+                r.pos = start
+                return None
+            arrays.append(np.frombuffer(data, wire))
+            nbytes += NODE_BYTES + count * wire.itemsize
+            work += NODE_WORK + count
+        if nbytes > budget.bytes_left or work > budget.work_left:
+            r.pos = start
+            return None
+        budget.bytes_left -= nbytes
+        budget.work_left -= work
+        return arrays
 
     def _raw(self, r: Reader, what: str, depth: int) -> torch.Tensor:
         code = r.next_u8()

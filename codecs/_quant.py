@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -13,7 +14,9 @@ import numpy as np
 import torch
 
 from ._bits import pack_bits, unpack_bits, varint_bytes
+from ._errors import CodecError
 from ._stage import (
+    ArrayNode,
     DecodeCost,
     EncodeContext,
     Encoded,
@@ -27,7 +30,10 @@ from ._stage import (
     is_number,
     register_stage,
 )
-from ._wire import Reader
+from ._wire import DTYPE_CODES, Reader
+
+UINT8_CODE = DTYPE_CODES[torch.uint8]
+FLOAT32_CODE = DTYPE_CODES[torch.float32]
 
 CHUNK = 65_536
 OUTLIER_BLOCKS = 1
@@ -251,12 +257,44 @@ class Quantize(Stage):
         expect_part(self.name, packed, "the packed codes", dtype=torch.uint8)
         expect_part(self.name, lo, "the group minima", dtype=torch.float32, shape=(g,))
         expect_part(self.name, step, "the group steps", dtype=torch.float32, shape=(g,))
-        values = unpack_bits(as_numpy(packed).ravel(), self.bits, n).astype(np.float32)
-        # a hostile range can overflow float32: the result is inf, as with torch, and receivers
-        # check finiteness; numpy would also warn (an exception where warnings are errors)
-        with np.errstate(over="ignore", invalid="ignore"):
-            _dequantize(values, as_numpy(lo), as_numpy(step), granularity, n)
+        values = _values(as_numpy(packed).ravel(), as_numpy(lo), as_numpy(step), self.bits, granularity, n)
         return torch.from_numpy(values).reshape(shape)
+
+    def array_node(self, meta: bytes, shape: tuple[int, ...]) -> ArrayNode | None:
+        return _array_node(self, meta, shape)
+
+
+@functools.lru_cache(maxsize=1024)
+def _array_node(stage: Quantize, meta: bytes, shape: tuple[int, ...]) -> ArrayNode | None:
+    """Quantize's fast-path layout: packed uint8 codes, then g float32 minima and g steps."""
+    n = math.prod(shape)
+    try:
+        granularity = stage._meta_granularity(meta, n)
+    except CodecError:
+        return None  # the general path raises, with the blob's context
+    g = _num_groups(shape, granularity)
+    if g < 1:
+        return None
+    layout = ((UINT8_CODE, -(-n * stage.bits // 8)), (FLOAT32_CODE, g), (FLOAT32_CODE, g))
+    cost = stage.decode_cost([], meta, shape)
+
+    def decode(arrays: list[np.ndarray]) -> np.ndarray:
+        packed, lo, step = arrays
+        return _values(packed, lo, step, stage.bits, granularity, n)
+
+    return ArrayNode(layout, cost, decode)
+
+
+def _values(
+    packed: np.ndarray, lo: np.ndarray, step: np.ndarray, bits: int, granularity: int | str, n: int
+) -> np.ndarray:
+    """The n float32 values of packed codes, dequantized with each group's lo and step (a new array)."""
+    values = unpack_bits(packed, bits, n).astype(np.float32)
+    # a hostile range can overflow float32: the result is inf, as with torch, and receivers
+    # check finiteness; numpy would also warn (an exception where warnings are errors)
+    with np.errstate(over="ignore", invalid="ignore"):
+        _dequantize(values, lo, step, granularity, n)
+    return values
 
 
 def _dequantize(values: np.ndarray, lo: np.ndarray, step: np.ndarray, granularity: int | str, n: int) -> None:

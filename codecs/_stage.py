@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
@@ -71,6 +71,30 @@ class DecodeCost:
 
     scratch_bytes: int
     work: int
+
+
+@dataclass(frozen=True)
+class ArrayNode:
+    """A node whose parts are all raw 1-D arrays, decoded without a torch tensor per part.
+
+    The decoder's fast path for built-in stages (:meth:`Stage.array_node`): when the parts in the
+    blob are exactly ``parts``, it reads them as numpy views of the body, charges ``cost`` and
+    calls ``decode``. Anything else (another layout, a hostile one) takes the general path, which
+    checks each part and says what was wrong.
+
+    Attributes
+    ----------
+    parts : tuple[tuple[int, int], ...]
+        (wire dtype code, element count) of each part, as :meth:`Stage.encode` writes them.
+    cost : DecodeCost
+        What :meth:`Stage.decode_cost` charges for such a node.
+    decode : Callable[[list[np.ndarray]], np.ndarray]
+        The float32 values of the node, flat, from read-only views of the parts.
+    """
+
+    parts: tuple[tuple[int, int], ...]
+    cost: DecodeCost
+    decode: Callable[[list[np.ndarray]], np.ndarray]
 
 
 def parts_size(parts: Sequence[torch.Tensor]) -> tuple[int, int]:
@@ -201,6 +225,17 @@ class Stage:
         part_bytes, part_elements = parts_size(parts)
         n = math.prod(shape)
         return DecodeCost(scratch_bytes=2 * (4 * n + part_bytes), work=n + part_elements)
+
+    def array_node(self, meta: bytes, shape: tuple[int, ...]) -> ArrayNode | None:
+        """How a node of this stage with ``meta`` and ``shape`` decodes from raw 1-D parts, or None.
+
+        An optional fast path for stages whose parts are small raw arrays (``quantize``): a
+        LeNet-5 blob has ~40 such parts, and a torch tensor per part costs more than the
+        arithmetic. The result must decode exactly as :meth:`decode` does. Return None for
+        a ``meta`` or ``shape`` this stage cannot have written (the general path then raises).
+        The default, None, always takes :meth:`decode`.
+        """
+        return None
 
     def check_state(self, entry: str, value: torch.Tensor) -> None:
         """Validate one entry of this stage's per-tensor state before it is loaded.

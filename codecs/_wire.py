@@ -256,6 +256,8 @@ def _numpy_dtypes(dtype: torch.dtype) -> tuple[np.dtype[Any], np.dtype[Any]]:
 
 
 _NUMPY_DTYPES: Final = {dtype: _numpy_dtypes(dtype) for dtype in DTYPES.values()}
+WIRE_NUMPY_DTYPES: Final = {code: _NUMPY_DTYPES[dtype][0] for code, dtype in DTYPES.items() if dtype != torch.bool}
+"""Little-endian numpy dtype of each wire dtype code whose every byte pattern is valid (all but bool)."""
 
 
 def tensor_from_bytes(data: memoryview | bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
