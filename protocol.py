@@ -383,11 +383,11 @@ def arrays_to_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
 
 def tensors_to_arrays(tensors: Mapping[str, torch.Tensor | np.ndarray]) -> ArrayRecord:
     """Convert tensors (or arrays) to a plain ArrayRecord, keeping names and order."""
-    out: dict[str, Array] = {}
+    out = ArrayRecord()  # filled in place: ArrayRecord(dict) copies every Array once more
     for name, value in tensors.items():
         array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
         out[name] = Array(np.ascontiguousarray(array))
-    return ArrayRecord(out)
+    return out
 
 
 def layout_difference(tensors: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> str | None:

@@ -282,12 +282,12 @@ def _state_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
     ``np.save`` formats a header per array, which cost more than the error feedback's arithmetic on
     a small model; the header depends only on dtype and shape, so it is made once per layout.
     """
-    out: dict[str, Array] = {}
+    out = ArrayRecord()  # filled in place: ArrayRecord(dict) copies every Array once more
     for name, t in tensors.items():
         array = np.ascontiguousarray(t.detach().cpu().numpy())
         data = b"".join((_npy_header(array.dtype, array.shape), array.data))  # one copy of the values
         out[name] = Array(dtype=str(array.dtype), shape=array.shape, stype=SType.NUMPY, data=data)
-    return ArrayRecord(out)
+    return out
 
 
 def _state_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
