@@ -111,8 +111,8 @@ def _sketch_pays(rank: int | float, side: int) -> bool:
     return side >= SKETCH_MIN_SIDE and 3 * (rank + SKETCH_OVERSAMPLE) <= side
 
 
-def _sketched_basis(a: torch.Tensor, rank: int, seed: int) -> torch.Tensor:
-    """Approximate leading left singular vectors (rows x rank, descending) of a wide ``a``.
+def _sketched_basis(a: torch.Tensor, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Approximate leading left singular vectors U_r (rows x rank, descending) of a wide ``a``, and U_r^T a.
 
     Randomized subspace iteration (Halko, Martinsson and Tropp 2011, algorithm 4.4): a Gaussian
     test matrix of rank + SKETCH_OVERSAMPLE columns drawn from ``seed``, SKETCH_POWER_ITERATIONS
@@ -127,8 +127,11 @@ def _sketched_basis(a: torch.Tensor, rank: int, seed: int) -> torch.Tensor:
     for _ in range(SKETCH_POWER_ITERATIONS):
         y = a @ (a.T @ torch.linalg.qr(y).Q)
     basis: torch.Tensor = torch.linalg.qr(y).Q
-    _, v = _gram_eigh(basis.T @ a, wide=True)
-    return basis @ v[:, -rank:].flip(1)
+    projected = basis.T @ a
+    _, v = _gram_eigh(projected, wide=True)
+    top = v[:, -rank:].flip(1)
+    # U_r^T a from the projection already made: (rank + 10) x rows times fewer operations than from a
+    return basis @ top, top.T @ projected
 
 
 def _truncated_svd(m: torch.Tensor, rank: int | float, scale: float, seed: int) -> Encoded | None:
@@ -148,24 +151,29 @@ def _truncated_svd(m: torch.Tensor, rank: int | float, scale: float, seed: int) 
     if isinstance(rank, int) and not _low_rank_pays(rows, cols, min(rank, rows, cols)):
         return None  # decided before the eigensolver, the costly part, for an integer rank
     if _sketch_pays(rank, min(rows, cols)):
-        top = _sketched_basis(m if wide else m.T, int(rank), seed)
+        top, projected = _sketched_basis(m if wide else m.T, int(rank), seed)
+        return _factors(top, projected, scale, wide)
+    w, v = _gram_eigh(m, wide)
+    if isinstance(rank, float):
+        r = _rank_for_energy(w.flip(0).clamp_min(0).sqrt(), rank)
+        if not _low_rank_pays(rows, cols, r):
+            return None
     else:
-        w, v = _gram_eigh(m, wide)
-        if isinstance(rank, float):
-            r = _rank_for_energy(w.flip(0).clamp_min(0).sqrt(), rank)
-            if not _low_rank_pays(rows, cols, r):
-                return None
-        else:
-            r = min(rank, w.numel())
-        top = v[:, -r:].flip(1)
-    if wide:  # top = U_r
-        b = top.T @ m  # S_r V_r^T: its rows have the singular values as norms
-        norms = torch.linalg.vector_norm(b, dim=1)
+        r = min(rank, w.numel())
+    top = v[:, -r:].flip(1)
+    return _factors(top, top.T @ (m if wide else m.T), scale, wide)
+
+
+def _factors(top: torch.Tensor, projected: torch.Tensor, scale: float, wide: bool) -> Encoded:
+    """P and Q from the leading singular vectors ``top`` of m (wide) or of m^T (tall), and ``projected`` = top^T m
+    (wide) or top^T m^T (tall)."""
+    if wide:  # top = U_r, projected = S_r V_r^T: its rows have the singular values as norms
+        norms = torch.linalg.vector_norm(projected, dim=1)
         # a zero row stays zero whatever it is divided by; the smallest subnormal changes no other norm
-        q = b / norms.clamp_min(_SMALLEST_SUBNORMAL)[:, None]
+        q = projected / norms.clamp_min(_SMALLEST_SUBNORMAL)[:, None]
         return Encoded([EncodeFurther(top * (norms * scale)), EncodeFurther(q)])
-    # top = V_r
-    return Encoded([EncodeFurther((m @ top) * scale), EncodeFurther(top.T.contiguous())])
+    # top = V_r, projected = (m V_r)^T
+    return Encoded([EncodeFurther(projected.T * scale), EncodeFurther(top.T.contiguous())])
 
 
 @register_stage

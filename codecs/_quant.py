@@ -83,6 +83,22 @@ def _codes(
     return codes
 
 
+def _pack_segments(codes: np.ndarray, counts: Sequence[int], bits: int) -> tuple[np.ndarray, list[int]]:
+    """:func:`pack_bits` of each segment of ``codes`` (``counts`` values each), in one call: (bytes, bytes per segment).
+
+    Each segment is padded with zero codes to a whole byte, as packing it alone pads its end.
+    """
+    per = 8 // bits
+    padded = [-(-n // per) * per for n in counts]
+    aligned = codes
+    if padded != list(counts):
+        # each code moves right by the padding of the segments before it
+        shift = np.repeat(np.cumsum([0, *padded[:-1]]) - np.cumsum([0, *counts[:-1]]), counts)
+        aligned = np.zeros(sum(padded), np.uint8)
+        aligned[np.arange(codes.size) + shift] = codes
+    return pack_bits(aligned, bits), [n // per for n in padded]
+
+
 def _group_sizes(shape: tuple[int, ...], granularity: str | int) -> list[int]:
     """How many values each group of :func:`_groups` holds, without its padding."""
     n, g = math.prod(shape), _num_groups(shape, granularity)
@@ -231,14 +247,15 @@ class Quantize(Stage):
         scaled *= np.repeat(inv, sizes)
         codes = np.clip(np.rint(scaled, out=scaled), 0, levels, out=scaled).astype(np.uint8)
         lo_t, step_t = torch.from_numpy(lo), torch.from_numpy(step)
+        counts = [xs[i].numel() for i in fused]
+        packed, byte_counts = _pack_segments(codes, counts, self.bits)
+        packed_t = torch.from_numpy(packed)
         start, group = 0, 0
-        for i, granularity, tensor in zip(fused, granularities, groups, strict=True):
-            n, g = xs[i].numel(), len(tensor)
+        for i, granularity, tensor, nbytes in zip(fused, granularities, groups, byte_counts, strict=True):
+            g = len(tensor)
             meta = b"" if granularity == self.granularity else bytes((OUTLIER_BLOCKS,)) + varint_bytes(int(granularity))
-            segment = codes[start : start + n]
-            packed = torch.from_numpy(segment if self.bits == 8 else pack_bits(segment, self.bits))
-            out[i] = Encoded([packed, lo_t[group : group + g], step_t[group : group + g]], meta)
-            start, group = start + n, group + g
+            out[i] = Encoded([packed_t[start : start + nbytes], lo_t[group : group + g], step_t[group : group + g]], meta)
+            start, group = start + nbytes, group + g
         return out
 
     def decode_cost(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> DecodeCost:

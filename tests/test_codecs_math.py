@@ -90,7 +90,7 @@ def test_sketched_svd_error_is_near_eckart_young(
     calls = []
     sketch = _lowrank._sketched_basis
 
-    def counted(a: torch.Tensor, rank: int, seed: int) -> torch.Tensor:
+    def counted(a: torch.Tensor, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         calls.append(rank)
         return sketch(a, rank, seed)
 
