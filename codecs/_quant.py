@@ -20,6 +20,7 @@ from ._stage import (
     DecodeCost,
     EncodeContext,
     Encoded,
+    Part,
     Stage,
     as_numpy,
     check_param,
@@ -254,7 +255,8 @@ class Quantize(Stage):
         for i, granularity, tensor, nbytes in zip(fused, granularities, groups, byte_counts, strict=True):
             g = len(tensor)
             meta = b"" if granularity == self.granularity else bytes((OUTLIER_BLOCKS,)) + varint_bytes(int(granularity))
-            out[i] = Encoded([packed_t[start : start + nbytes], lo_t[group : group + g], step_t[group : group + g]], meta)
+            parts: list[Part] = [packed_t[start : start + nbytes], lo_t[group : group + g], step_t[group : group + g]]
+            out[i] = Encoded(parts, meta)
             start, group = start + nbytes, group + g
         return out
 

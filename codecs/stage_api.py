@@ -36,11 +36,15 @@ tests. Sketch::
 Override :meth:`Stage.decode_cost` when decoding needs more than a few passes over the output
 and parts, :meth:`Stage.check_state` when ``encode`` keeps state in ``ctx.state``, and
 :meth:`Stage.encode_batch` when one pass over many small tensors beats a call per tensor (its
-result must equal ``encode``'s bit for bit; ``tests/test_codecs_fused.py`` checks it).
+result must equal ``encode``'s bit for bit; ``tests/test_codecs_fused.py`` checks it), and
+:meth:`Stage.array_node` when a node's parts are a few small raw arrays that numpy decodes
+faster than one torch tensor each (its result must equal ``decode``'s bit for bit;
+``tests/test_codecs_decode_fast.py`` checks it).
 """
 
 from ._errors import CodecError
 from ._stage import (
+    ArrayNode,
     DecodeCost,
     EncodeContext,
     Encoded,
@@ -61,6 +65,7 @@ from ._stage import (
 )
 
 __all__ = [
+    "ArrayNode",
     "CodecError",
     "DecodeCost",
     "EncodeContext",
