@@ -45,6 +45,7 @@ class _Staged:
     shape: tuple[int, ...]
     meta: bytes
     children: list[_Pending | _Raw]
+    decoded: torch.Tensor | None = None  # the stage's own Encoded.decoded
 
 
 @dataclass
@@ -110,7 +111,8 @@ def run_stages(codec: Codec, pending: list[_Pending]) -> list[_Raw]:
                 else:
                     later.append(child)
                 children.append(child)
-            p.node = _Staged(index, tuple(p.x.shape), encoded.meta, children)
+            decoded = encoded.decoded if all(isinstance(c, _Raw) for c in children) else None
+            p.node = _Staged(index, tuple(p.x.shape), encoded.meta, children, decoded)
         waiting = later
     for p in waiting:
         p.node = _Raw(p.raw, p.made_by)
@@ -250,6 +252,8 @@ def _rebuild_node(codec: Codec, node: _Pending | _Raw) -> torch.Tensor:
         return resolved.t
     if resolved is None:
         raise RuntimeError("a pending node left unresolved by run_stages")
+    if resolved.decoded is not None:
+        return resolved.decoded.reshape(resolved.shape)
     stage = codec.tensor_stages[resolved.index]
     array_node = stage.array_node(resolved.meta, resolved.shape)
     arrays = None if array_node is None else _raw_arrays(array_node, resolved.children)

@@ -247,17 +247,23 @@ class Quantize(Stage):
         scaled = values - np.repeat(lo, sizes)
         scaled *= np.repeat(inv, sizes)
         codes = np.clip(np.rint(scaled, out=scaled), 0, levels, out=scaled).astype(np.uint8)
+        # what decode returns, for error feedback: the same float32 multiply, then add, as _dequantize's
+        decoded = codes.astype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            decoded *= np.repeat(step, sizes)
+            decoded += np.repeat(lo, sizes)
+        decoded_t = torch.from_numpy(decoded)
         lo_t, step_t = torch.from_numpy(lo), torch.from_numpy(step)
         counts = [xs[i].numel() for i in fused]
         packed, byte_counts = _pack_segments(codes, counts, self.bits)
         packed_t = torch.from_numpy(packed)
-        start, group = 0, 0
-        for i, granularity, tensor, nbytes in zip(fused, granularities, groups, byte_counts, strict=True):
+        start, group, value = 0, 0, 0
+        for i, granularity, tensor, n, nbytes in zip(fused, granularities, groups, counts, byte_counts, strict=True):
             g = len(tensor)
             meta = b"" if granularity == self.granularity else bytes((OUTLIER_BLOCKS,)) + varint_bytes(int(granularity))
             parts: list[Part] = [packed_t[start : start + nbytes], lo_t[group : group + g], step_t[group : group + g]]
-            out[i] = Encoded(parts, meta)
-            start, group = start + nbytes, group + g
+            out[i] = Encoded(parts, meta, decoded_t[value : value + n])
+            start, group, value = start + nbytes, group + g, value + n
         return out
 
     def decode_cost(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> DecodeCost:

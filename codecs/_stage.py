@@ -51,10 +51,16 @@ class Encoded:
     meta : bytes
         A stage-specific header of at most 4096 bytes (e.g. ``k`` and the index coding),
         handed back to :meth:`Stage.decode` unchanged (default: empty).
+    decoded : torch.Tensor | None
+        Optional: what :meth:`Stage.decode` returns for these parts and ``meta``, bit for bit,
+        when the stage has it at hand for less than decoding costs (``quantize``'s batch). Only
+        for parts that no later stage encodes further. Error feedback then takes it instead of
+        decoding (default: None).
     """
 
     parts: list[Part]
     meta: bytes = b""
+    decoded: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
