@@ -244,14 +244,18 @@ class Quantize(Stage):
         step = ((hi.astype(np.float64) - lo.astype(np.float64)) / levels).astype(np.float32)
         inv = np.zeros_like(step)
         np.divide(np.float32(1.0), step, out=inv, where=step > 0)
-        scaled = values - np.repeat(lo, sizes)
-        scaled *= np.repeat(inv, sizes)
-        codes = np.clip(np.rint(scaled, out=scaled), 0, levels, out=scaled).astype(np.uint8)
-        # what decode returns, for error feedback: the same float32 multiply, then add, as _dequantize's
-        decoded = codes.astype(np.float32)
+        sizes_np = np.array(sizes)
+        lo_each = np.repeat(lo, sizes_np)
+        # a range wider than float32's overflows to inf here, as in torch's encode (the codes clip to
+        # the top level); numpy would also warn, an exception where warnings are errors
         with np.errstate(over="ignore", invalid="ignore"):
-            decoded *= np.repeat(step, sizes)
-            decoded += np.repeat(lo, sizes)
+            scaled = values - lo_each
+            scaled *= np.repeat(inv, sizes_np)
+            codes = np.clip(np.rint(scaled, out=scaled), 0, levels, out=scaled)
+            # what decode returns, for error feedback: the same float32 multiply, then add, as _dequantize's
+            decoded = codes * np.repeat(step, sizes_np)
+            decoded += lo_each
+        codes = codes.astype(np.uint8)
         decoded_t = torch.from_numpy(decoded)
         lo_t, step_t = torch.from_numpy(lo), torch.from_numpy(step)
         counts = [xs[i].numel() for i in fused]

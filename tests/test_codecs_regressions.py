@@ -105,6 +105,22 @@ def test_a_quantize_range_overflowing_float32_decodes_without_a_numpy_warning(gr
     assert not bool(torch.isfinite(y).all())  # the receiver's finiteness check refuses it, as before
 
 
+@pytest.mark.parametrize("granularity", ["tensor", 8])
+def test_a_range_wider_than_float32_encodes_without_a_numpy_warning(granularity: str | int) -> None:
+    # found while measuring the error-feedback path: quantize's batch (numpy) warned on a group whose
+    # max - min overflows float32, and with warnings as errors encode raised RuntimeWarning; torch's
+    # per-tensor encode never warned. Both paths clip the overflowed values to the top code.
+    x = {"w": torch.tensor([-3e38, 3e38] * 20)}
+    codec = f"quantize(bits=4, granularity={granularity})"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        blob, rebuilt = parse(codec).encode_rebuilt(x)
+        assert blob == parse(codec).encode(x, fused=False)
+        decoded = decode(blob)["w"]
+    assert rebuilt is not None
+    assert torch.equal(rebuilt["w"], decoded)  # inf where the range overflowed, on both sides
+
+
 # --------------------------------------------------------------------------- D2, D3, parse(None)
 @pytest.mark.parametrize(
     "spec",
