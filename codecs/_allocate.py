@@ -516,6 +516,14 @@ def _descending_magnitudes(x: torch.Tensor) -> np.ndarray:
 
 def encode_with_budget(budget: Budget, codec: Codec, records: list[tuple[str, torch.Tensor]]) -> bytes:
     """Plan, encode, measure, correct: the blob whose payload is closest to ``bpp * n / 8`` bytes."""
+    # a tensor with values near float32's limits gives inf or NaN estimates (its squares overflow);
+    # its plans are still encoded and checked like any other, and numpy must not warn (an exception
+    # where warnings are errors)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        return _encode_with_budget(budget, codec, records)
+
+
+def _encode_with_budget(budget: Budget, codec: Codec, records: list[tuple[str, torch.Tensor]]) -> bytes:
     n = sum(t.numel() for _, t in records)
     target = budget.bpp * n / 8
     fixed = Writer()

@@ -33,6 +33,9 @@ from ._stage import (
 )
 from ._wire import DTYPE_CODES, Reader
 
+FLOAT32_MAX = np.float32(np.finfo(np.float32).max)
+"""Cap of 1 / step: a subnormal step's inverse overflows, and 0 * inf would make a NaN code of the
+group's minimum; capped, every code stays in range (the error is at most the subnormal range)."""
 UINT8_CODE = DTYPE_CODES[torch.uint8]
 FLOAT32_CODE = DTYPE_CODES[torch.float32]
 
@@ -212,7 +215,7 @@ class Quantize(Stage):
         """(step, 1 / step or 0) of each group, float32."""
         levels = (1 << self.bits) - 1
         step = ((hi.double() - lo.double()) / levels).to(torch.float32)  # hi - lo may overflow float32
-        return step, torch.where(step > 0, 1.0 / step, torch.zeros_like(step))
+        return step, torch.where(step > 0, (1.0 / step).clamp_max(FLOAT32_MAX), torch.zeros_like(step))
 
     def encode_batch(self, xs: Sequence[torch.Tensor], ctxs: Sequence[EncodeContext]) -> list[Encoded | None]:
         """Tensors of at most CHUNK values in one pass over their concatenation.
@@ -243,11 +246,14 @@ class Quantize(Stage):
         levels = (1 << self.bits) - 1
         step = ((hi.astype(np.float64) - lo.astype(np.float64)) / levels).astype(np.float32)
         inv = np.zeros_like(step)
-        np.divide(np.float32(1.0), step, out=inv, where=step > 0)
+        with np.errstate(over="ignore"):  # a subnormal step: capped below, as in _step
+            np.divide(np.float32(1.0), step, out=inv, where=step > 0)
+        np.minimum(inv, FLOAT32_MAX, out=inv)
         sizes_np = np.array(sizes)
         lo_each = np.repeat(lo, sizes_np)
         # a range wider than float32's overflows to inf here, as in torch's encode (the codes clip to
-        # the top level); numpy would also warn, an exception where warnings are errors
+        # the top level; at 1 bit the step itself is inf, and the blob is refused for it below);
+        # numpy would also warn, an exception where warnings are errors
         with np.errstate(over="ignore", invalid="ignore"):
             scaled = values - lo_each
             scaled *= np.repeat(inv, sizes_np)
@@ -255,7 +261,7 @@ class Quantize(Stage):
             # what decode returns, for error feedback: the same float32 multiply, then add, as _dequantize's
             decoded = codes * np.repeat(step, sizes_np)
             decoded += lo_each
-        codes = codes.astype(np.uint8)
+            codes = codes.astype(np.uint8)
         decoded_t = torch.from_numpy(decoded)
         lo_t, step_t = torch.from_numpy(lo), torch.from_numpy(step)
         counts = [xs[i].numel() for i in fused]

@@ -16,8 +16,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from test_codecs_fused import SPECS
 
-from fedsqueeze.codecs import CodecError, DecodeLimits, ErrorFeedback, decode, parse
+from fedsqueeze.codecs import BudgetMissWarning, CodecError, DecodeLimits, ErrorFeedback, decode, parse
+from fedsqueeze.codecs._wire import tensor_to_bytes
 
 F32, U8, BOOL = 1, 5, 10
 
@@ -119,6 +121,36 @@ def test_a_range_wider_than_float32_encodes_without_a_numpy_warning(granularity:
         decoded = decode(blob)["w"]
     assert rebuilt is not None
     assert torch.equal(rebuilt["w"], decoded)  # inf where the range overflowed, on both sides
+
+
+def _extreme_updates() -> dict[str, dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "range over float32's": {"w": torch.tensor([-3e38, 3e38, 0.0, 1.0] * 75).reshape(12, 25)},
+        "subnormal": {"w": torch.tensor([1e-45, 0.0, -1e-45, 3e-45] * 75).reshape(12, 25)},
+        "huge": {"w": torch.randn(12, 25, generator=g) * 1e37},
+        "one huge value": {"w": torch.cat([torch.tensor([3e38]), torch.zeros(299)]).reshape(12, 25)},
+    }
+
+
+@pytest.mark.filterwarnings("ignore::fedsqueeze.codecs.BudgetMissWarning")  # tiny targets; not the point here
+@pytest.mark.parametrize("spec", SPECS + ["budget(bpp=0.5) | svd | quantize(bits=4) | zstd", "budget(bpp=0.2) | topk"])
+def test_values_near_float32_limits_encode_or_raise_value_error_without_numpy_warnings(spec: str) -> None:
+    # found by an encode-side fuzz run: quantize's batch warned (1 / a subnormal step overflowed, and
+    # 0 * inf made NaN codes), `budget`'s planner warned (squares overflowed), so that with warnings as
+    # errors encode raised RuntimeWarning instead of returning or raising ValueError
+    for what, update in _extreme_updates().items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            warnings.simplefilter("ignore", BudgetMissWarning)
+            try:
+                blob, rebuilt = parse(spec, seed=1).encode_rebuilt(update)
+            except ValueError as err:
+                assert "overflows float32" in str(err), (what, str(err))
+                continue
+            decoded = decode(blob)["w"]
+        if rebuilt is not None:
+            assert bytes(tensor_to_bytes(rebuilt["w"])) == bytes(tensor_to_bytes(decoded)), what
 
 
 # --------------------------------------------------------------------------- D2, D3, parse(None)
