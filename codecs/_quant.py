@@ -215,7 +215,7 @@ class Quantize(Stage):
         """(step, 1 / step or 0) of each group, float32."""
         levels = (1 << self.bits) - 1
         step = ((hi.double() - lo.double()) / levels).to(torch.float32)  # hi - lo may overflow float32
-        return step, torch.where(step > 0, (1.0 / step).clamp_max(FLOAT32_MAX), torch.zeros_like(step))
+        return step, torch.where(step > 0, (1.0 / step).clamp_max(float(FLOAT32_MAX)), torch.zeros_like(step))
 
     def encode_batch(self, xs: Sequence[torch.Tensor], ctxs: Sequence[EncodeContext]) -> list[Encoded | None]:
         """Tensors of at most CHUNK values in one pass over their concatenation.
