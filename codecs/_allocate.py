@@ -600,6 +600,8 @@ def _warn_if_missed(codec: Codec, payload: int, target: float) -> None:
     blob or above dense, ``powersgd``'s own rank as a cap), but the user asked for other bytes.
     """
     allowed = 0.03 if target >= 2048 else 0.10
+    if target <= 0:
+        return  # an update without elements: there was nothing to allocate
     if abs(payload - target) <= allowed * target or codec.spec in _WARNED:
         return
     _WARNED.add(codec.spec)

@@ -30,26 +30,34 @@ class ErrorFeedback:
         self.residual: dict[str, torch.Tensor] = {}
 
     def encode(self, update: Mapping[str, TensorLike]) -> bytes:
-        """Encode ``update`` plus the carried residual; update the residual."""
+        """Encode ``update`` plus the carried residual; update the residual.
+
+        Each tensor is sent in its own dtype; the residual is kept in float32 (what a float16
+        tensor loses to its own rounding is carried over too).
+        """
         tensors = {name: _to_tensor(name, v) for name, v in update.items()}
-        corrected = {}
+        corrected, sent = {}, {}
         for name, t in tensors.items():
             res = self.residual.get(name)
             if t.dtype in FLOAT_DTYPES and res is not None and res.shape == t.shape:
                 corrected[name] = t.to(torch.float32) + res
+                sent[name] = corrected[name].to(t.dtype)
             else:
-                corrected[name] = t
+                sent[name] = t
         if self.codec.lossless:
             self.residual = {}
-            return self.codec.encode(corrected)
-        # what the receiver will decode, from the encoder's parts: parsing the own blob cost more
-        # than the residual arithmetic on small models (the same tensors bit for bit, tested)
-        blob, decoded = self.codec.encode_rebuilt(corrected)
+            return self.codec.encode(sent)
+        try:
+            # what the receiver will decode, from the encoder's parts: parsing the own blob cost more
+            # than the residual arithmetic on small models (the same tensors bit for bit, tested)
+            blob, decoded = self.codec.encode_rebuilt(sent)
+        except ValueError as err:
+            raise _residual_overflow(tensors, sent) or err from None
         if decoded is None:
             decoded = decode(blob)
         self.residual = {
-            name: (c.to(torch.float32) - decoded[name].to(torch.float32))
-            for name, c in corrected.items()
+            name: corrected.get(name, c).to(torch.float32) - decoded[name].to(torch.float32)
+            for name, c in sent.items()
             if c.dtype in FLOAT_DTYPES
         }
         return blob
@@ -82,6 +90,17 @@ class ErrorFeedback:
                 raise ValueError(f"unexpected error-feedback state key {key!r}; expected 'residual/...' or 'codec/...'")
         self.codec.load_state_dict(codec_state)
         self.residual = residual
+
+
+def _residual_overflow(given: Mapping[str, torch.Tensor], sent: Mapping[str, torch.Tensor]) -> ValueError | None:
+    """The error naming a tensor that is finite but not with the residual added, if there is one."""
+    for name, t in given.items():
+        if t.dtype in FLOAT_DTYPES and all_finite(t) and not all_finite(sent[name]):
+            return ValueError(
+                f"update[{name!r}] plus the error-feedback residual carried over from the last encode holds "
+                f"values beyond {sent[name].dtype}'s range; scale the updates down or reset the residual"
+            )
+    return None
 
 
 def _checked_residual(key: str, value: object) -> torch.Tensor:

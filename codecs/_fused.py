@@ -91,6 +91,7 @@ def run_stages(codec: Codec, pending: list[_Pending]) -> list[_Raw]:
             if not states.get(p.name, True):
                 del states[p.name]
         later: list[_Pending] = []
+        further: list[_Pending] = []
         made_by_stage = f"with stage {stage.name!r}"
         for p, encoded in zip(waiting, results, strict=True):
             if encoded is None:
@@ -110,15 +111,38 @@ def run_stages(codec: Codec, pending: list[_Pending]) -> list[_Raw]:
                     child.node = _Raw(x, made_by)
                 else:
                     later.append(child)
+                    further.append(child)
                 children.append(child)
             decoded = encoded.decoded if all(isinstance(c, _Raw) for c in children) else None
             p.node = _Staged(index, tuple(p.x.shape), encoded.meta, children, decoded)
+        check_further(further)
         waiting = later
     for p in waiting:
         p.node = _Raw(p.raw, p.made_by)
         if p.made_by:
             made.append(p.node)
     return made
+
+
+def overflow_error(made_by: str) -> ValueError:
+    """The error for a stage output that holds NaN or infinity; ``made_by`` names the tensor and stage."""
+    return ValueError(
+        f"{made_by} overflows float32 (its output holds NaN or infinite values); scale the update "
+        "down or choose another codec"
+    )
+
+
+def check_further(children: list[_Pending]) -> None:
+    """Raise for the first part that a stage hands on to later stages and that holds NaN or infinity.
+
+    A later stage must not see them: an eigensolver fails on them with its own exception, and top-k
+    keeps no index of a NaN. One sum over all parts; only when it is not finite are they checked apart.
+    """
+    if not children or math.isfinite(float(torch.sum(torch.cat([c.x.reshape(-1) for c in children])))):
+        return
+    for child in children:
+        if not all_finite(child.x):
+            raise overflow_error(child.made_by)
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -149,10 +173,7 @@ def check_finite(made: list[_Raw], nodes: list[_Pending | _Raw]) -> None:
             raws.append(resolved)
     for r in raws:
         if not all_finite(r.t):
-            raise ValueError(
-                f"{r.made_by} overflows float32 (its output holds NaN or infinite values); scale the update "
-                "down or choose another codec"
-            )
+            raise overflow_error(r.made_by)
 
 
 @functools.lru_cache(maxsize=4096)

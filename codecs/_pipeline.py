@@ -15,7 +15,7 @@ import torch
 from ._bits import varint_bytes
 from ._errors import CodecError
 from ._fused import all_finite as _all_finite
-from ._fused import encode_body, rebuild
+from ._fused import encode_body, overflow_error, rebuild
 from ._spec import MAX_SPEC_LENGTH, parse_stages
 from ._stage import ArrayNode, EncodeContext, Encoded, EncodeFurther, Stage
 from ._wire import (
@@ -396,10 +396,7 @@ class Codec:
     def raw_node(t: torch.Tensor, made_by: str = "") -> Writer:
         """A raw node; ``made_by`` names the stage whose part ``t`` is, for the finiteness check."""
         if made_by and t.dtype in FLOAT_DTYPES and not _all_finite(t):
-            raise ValueError(
-                f"{made_by} overflows float32 (its output holds NaN or infinite values); scale the update "
-                "down or choose another codec"
-            )
+            raise overflow_error(made_by)
         node = Writer()
         node.u8(TAG_RAW)
         node.u8(dtype_code(t.dtype))
@@ -459,6 +456,8 @@ class Codec:
         for part in encoded.parts:
             if isinstance(part, EncodeFurther):
                 x = part.tensor.to(torch.float32).contiguous()
+                if not _all_finite(x):  # later stages must not see NaN or infinity (see check_further)
+                    raise overflow_error(made_by)
                 child = self._encode_node(x, name, index + 1, made_by, stages=stages)
             else:
                 child = self.raw_node(part, made_by)

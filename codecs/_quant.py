@@ -87,6 +87,32 @@ def _codes(
     return codes
 
 
+def _batch_codes(values: np.ndarray, sizes: list[int], bits: int) -> tuple[np.ndarray, ...]:
+    """(lo, step, uint8 codes, decoded values) of consecutive groups of ``sizes`` values each.
+
+    The same IEEE float32 operations, in the same order, as :meth:`Quantize.encode` and decoding.
+    """
+    starts = np.fromiter(itertools.accumulate(sizes[:-1], initial=0), np.int64, len(sizes))
+    lo = np.minimum.reduceat(values, starts)
+    lo += np.float32(0.0)  # -0.0 -> +0.0, as in encode
+    hi = np.maximum.reduceat(values, starts)
+    hi += np.float32(0.0)
+    levels = (1 << bits) - 1
+    step = ((hi.astype(np.float64) - lo.astype(np.float64)) / levels).astype(np.float32)
+    inv = np.zeros_like(step)
+    np.divide(np.float32(1.0), step, out=inv, where=step > 0)
+    np.minimum(inv, FLOAT32_MAX, out=inv)  # a subnormal step's inverse overflows: capped, as in _step
+    sizes_np = np.array(sizes)
+    lo_each = np.repeat(lo, sizes_np)
+    scaled = values - lo_each
+    scaled *= np.repeat(inv, sizes_np)
+    codes = np.clip(np.rint(scaled, out=scaled), 0, levels, out=scaled)
+    # what decode returns, for error feedback: the same float32 multiply, then add, as _dequantize's
+    decoded = codes * np.repeat(step, sizes_np)
+    decoded += lo_each
+    return lo, step, codes.astype(np.uint8), decoded
+
+
 def _pack_segments(codes: np.ndarray, counts: Sequence[int], bits: int) -> tuple[np.ndarray, list[int]]:
     """:func:`pack_bits` of each segment of ``codes`` (``counts`` values each), in one call: (bytes, bytes per segment).
 
@@ -238,30 +264,11 @@ class Quantize(Stage):
         groups = [_group_sizes(tuple(xs[i].shape), g) for i, g in zip(fused, granularities, strict=True)]
         sizes = [size for tensor in groups for size in tensor]
         values = torch.cat([xs[i].reshape(-1) for i in fused]).numpy()
-        starts = np.fromiter(itertools.accumulate(sizes[:-1], initial=0), np.int64, len(sizes))
-        lo = np.minimum.reduceat(values, starts)
-        lo += np.float32(0.0)  # -0.0 -> +0.0, as in encode
-        hi = np.maximum.reduceat(values, starts)
-        hi += np.float32(0.0)
-        levels = (1 << self.bits) - 1
-        step = ((hi.astype(np.float64) - lo.astype(np.float64)) / levels).astype(np.float32)
-        inv = np.zeros_like(step)
-        with np.errstate(over="ignore"):  # a subnormal step: capped below, as in _step
-            np.divide(np.float32(1.0), step, out=inv, where=step > 0)
-        np.minimum(inv, FLOAT32_MAX, out=inv)
-        sizes_np = np.array(sizes)
-        lo_each = np.repeat(lo, sizes_np)
-        # a range wider than float32's overflows to inf here, as in torch's encode (the codes clip to
-        # the top level; at 1 bit the step itself is inf, and the blob is refused for it below);
-        # numpy would also warn, an exception where warnings are errors
+        # every value outside float32's range (a group wider than it, an inf from an earlier stage)
+        # overflows as in torch's encode, and the blob is refused for its inf step or values when it
+        # is checked; numpy would also warn, an exception where warnings are errors
         with np.errstate(over="ignore", invalid="ignore"):
-            scaled = values - lo_each
-            scaled *= np.repeat(inv, sizes_np)
-            codes = np.clip(np.rint(scaled, out=scaled), 0, levels, out=scaled)
-            # what decode returns, for error feedback: the same float32 multiply, then add, as _dequantize's
-            decoded = codes * np.repeat(step, sizes_np)
-            decoded += lo_each
-            codes = codes.astype(np.uint8)
+            lo, step, codes, decoded = _batch_codes(values, sizes, self.bits)
         decoded_t = torch.from_numpy(decoded)
         lo_t, step_t = torch.from_numpy(lo), torch.from_numpy(step)
         counts = [xs[i].numel() for i in fused]

@@ -125,32 +125,89 @@ def test_a_range_wider_than_float32_encodes_without_a_numpy_warning(granularity:
 
 def _extreme_updates() -> dict[str, dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
+    row_of_huge = torch.zeros(6, 20)
+    row_of_huge[0] = 1e38
     return {
         "range over float32's": {"w": torch.tensor([-3e38, 3e38, 0.0, 1.0] * 75).reshape(12, 25)},
         "subnormal": {"w": torch.tensor([1e-45, 0.0, -1e-45, 3e-45] * 75).reshape(12, 25)},
         "huge": {"w": torch.randn(12, 25, generator=g) * 1e37},
         "one huge value": {"w": torch.cat([torch.tensor([3e38]), torch.zeros(299)]).reshape(12, 25)},
+        "all float32's max": {"w": torch.full((4, 6, 5, 5), 3.4e38)},
+        "all -1e38": {"w": torch.full((3, 20), -1e38)},
+        "a row of 1e38": {"w": row_of_huge},
     }
 
 
+EXTREME_SPECS = [
+    "budget(bpp=0.5) | svd | quantize(bits=4) | zstd",
+    "budget(bpp=0.2) | topk",
+    "quantize(bits=1)",
+    "svd(rank=1) | quantize",
+    "tucker | cp",
+    "powersgd(rank=8) | svd(rank=1)",
+    "svd | topk(ratio=0.01)",
+]
+
+
 @pytest.mark.filterwarnings("ignore::fedsqueeze.codecs.BudgetMissWarning")  # tiny targets; not the point here
-@pytest.mark.parametrize("spec", SPECS + ["budget(bpp=0.5) | svd | quantize(bits=4) | zstd", "budget(bpp=0.2) | topk"])
+@pytest.mark.parametrize("spec", SPECS + EXTREME_SPECS)
 def test_values_near_float32_limits_encode_or_raise_value_error_without_numpy_warnings(spec: str) -> None:
-    # found by an encode-side fuzz run: quantize's batch warned (1 / a subnormal step overflowed, and
-    # 0 * inf made NaN codes), `budget`'s planner warned (squares overflowed), so that with warnings as
-    # errors encode raised RuntimeWarning instead of returning or raising ValueError
+    # found by encode-side fuzz runs: with warnings as errors, quantize's batch raised RuntimeWarning
+    # (1 / a subnormal step overflowed, 0 * inf made NaN codes, a 1-bit step overflowed the cast),
+    # `budget`'s planner too (squares overflowed); an earlier stage's inf output reached the next
+    # stage, whose eigensolver raised LinAlgError (tucker | cp, powersgd | svd) or whose top-k kept
+    # no index of a NaN and wrote a blob that decode refused (svd | topk). Now: a blob that decodes
+    # the same on both paths, or ValueError naming the stage that overflowed.
     for what, update in _extreme_updates().items():
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            warnings.simplefilter("ignore", BudgetMissWarning)
-            try:
-                blob, rebuilt = parse(spec, seed=1).encode_rebuilt(update)
-            except ValueError as err:
-                assert "overflows float32" in str(err), (what, str(err))
-                continue
-            decoded = decode(blob)["w"]
-        if rebuilt is not None:
-            assert bytes(tensor_to_bytes(rebuilt["w"])) == bytes(tensor_to_bytes(decoded)), what
+        outcomes = []
+        for fused in (True, False):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                warnings.simplefilter("ignore", BudgetMissWarning)
+                try:
+                    blob, rebuilt = parse(spec, seed=1).encode_rebuilt(update, fused=fused)
+                except ValueError as err:
+                    assert "overflows float32" in str(err), (what, str(err))
+                    outcomes.append("refused")
+                    continue
+                decoded = decode(blob)["w"]
+            outcomes.append("encoded")
+            if rebuilt is not None:
+                assert bytes(tensor_to_bytes(rebuilt["w"])) == bytes(tensor_to_bytes(decoded)), what
+        assert outcomes[0] == outcomes[1], (what, outcomes)  # the fused and per-tensor paths agree
+
+
+@pytest.mark.parametrize("spec", SPECS + EXTREME_SPECS[:2])
+@pytest.mark.parametrize("update", [{}, {"w": torch.zeros(0, 3)}], ids=["no tensors", "no elements"])
+def test_an_update_without_elements_round_trips(spec: str, update: dict[str, torch.Tensor]) -> None:
+    # found by the encode-side fuzz run: `budget` divided by its zero target (ZeroDivisionError), and
+    # zstd's record splitting failed on a body without records (a ValueError about zip())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        decoded = decode(parse(spec, seed=1).encode(update))
+    assert {k: tuple(v.shape) for k, v in decoded.items()} == {k: tuple(v.shape) for k, v in update.items()}
+
+
+def test_error_feedback_names_the_residual_when_update_plus_residual_overflows() -> None:
+    # found by the encode-side fuzz run: the message blamed the update ("contains NaN or infinite
+    # values") although the update was finite and only its sum with the residual overflowed
+    feedback = ErrorFeedback(parse("topk(ratio=0.1)"))
+    update = {"w": torch.full((10,), 3e38)}
+    feedback.encode(update)  # keeps 1 of 10 values: the residual holds the other nine
+    with pytest.raises(ValueError, match=r"update\['w'\] plus the error-feedback residual"):
+        feedback.encode(update)
+
+
+def test_error_feedback_sends_each_tensor_in_its_own_dtype_every_round() -> None:
+    # found by the encode-side fuzz run: from the second round on, float16 and float64 tensors came
+    # back as float32 (the update plus the residual was sent as it was computed, in float32)
+    g = torch.Generator().manual_seed(0)
+    update = {"h": torch.randn(20, 30, generator=g).half(), "d": torch.randn(7, generator=g).double()}
+    feedback = ErrorFeedback(parse("svd(rank=1) | quantize(bits=4)", seed=0))
+    for _ in range(3):
+        decoded = decode(feedback.encode(update))
+        assert {k: v.dtype for k, v in decoded.items()} == {"h": torch.float16, "d": torch.float64}
+    assert all(r.dtype == torch.float32 for r in feedback.residual.values())
 
 
 # --------------------------------------------------------------------------- D2, D3, parse(None)
