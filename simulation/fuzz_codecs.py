@@ -11,13 +11,25 @@ memory, whatever they are given. Three kinds of input:
 - **bytes**: bit flips, byte edits, insertions, deletions, truncations and random bytes;
 - **atheris**: coverage-guided fuzzing with atheris (libFuzzer), when it is installed.
 
+``--mode encode`` fuzzes the encoder instead: seeded random specs (every stage alone, fixed and
+random pipelines, ``budget`` among them) on small updates of hostile but finite values (float32's
+extremes, subnormals, signed zeros, constants, one huge value among zeros, other dtypes), now and
+then with NaN or infinity. Each input must either encode (fused and per-tensor blobs equal, the
+blob decodes to the update's names, dtypes and shapes, ``encode_rebuilt``'s tensors equal the
+decoded ones bit for bit, two rounds of ``ErrorFeedback`` encode and decode to the update's
+names, dtypes and shapes) or be refused, on both paths, with a ``ValueError`` or ``TypeError``
+that says why; warnings other than ``BudgetMissWarning`` are errors. A blob that decodes to NaN
+or infinity from a finite update is counted apart (not yet prevented; receivers refuse it).
+
 Run::
 
     python -m fedsqueeze.simulation.fuzz_codecs --inputs 1000000 --out fuzz-out
+    python -m fedsqueeze.simulation.fuzz_codecs --mode encode --inputs 30000 --out fuzz-encode
 
 The report (``DIR/report.json``, rewritten as the run goes) holds the inputs run, the outcomes
 per target and exception type, the slowest decodes and the largest growths of peak resident
-memory; inputs that raised anything else are saved under ``DIR/failures/``.
+memory; inputs that raised anything else are saved under ``DIR/failures/`` (in encode mode a
+``.pt`` file with the spec, the codec seed and the update, replayed by :func:`check_encode`).
 """
 
 from __future__ import annotations
@@ -25,8 +37,10 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import math
 import os
 import random
+import re
 import resource
 import signal
 import sys
@@ -42,7 +56,15 @@ from typing import Any
 import torch
 import zstandard
 
-from fedsqueeze.codecs import CodecError, DecodeLimits, decode, parse
+from fedsqueeze.codecs import (
+    BudgetMissWarning,
+    CodecError,
+    DecodeLimits,
+    ErrorFeedback,
+    decode,
+    parse,
+    registered_stages,
+)
 
 SEED_SPECS = [
     "identity",
@@ -533,10 +555,15 @@ class Report:
     wall_s_max: float = 0.0
     started: float = field(default_factory=time.time)
 
-    def note(self, kind: str, key: str, value: float, data: bytes, outcome: str, keep: int = 5) -> None:
+    def note(self, kind: str, key: str, value: float, data: bytes | str, outcome: str, keep: int = 5) -> None:
+        """Keep the input on the board of ``kind`` if it is among the ``keep`` largest by ``key``.
+
+        ``data`` is the input's bytes, or a description of it (encode mode).
+        """
         board = self.slowest if kind == "slowest" else self.largest_growth
         if len(board) < keep or value > board[-1][key]:
-            board.append({key: value, "outcome": outcome, "size": len(data), "input_hex": data[:200].hex()})
+            shown = {"input": data} if isinstance(data, str) else {"size": len(data), "input_hex": data[:200].hex()}
+            board.append({key: value, "outcome": outcome, **shown})
             board.sort(key=lambda e: -e[key])
             del board[keep:]
 
@@ -644,6 +671,329 @@ def inputs(rng: random.Random, seeds: list[bytes]) -> Iterator[tuple[str, bytes]
             yield "parse", spec.encode("utf-8", "surrogatepass")
 
 
+# ------------------------------------------------------------------------------- encoder campaign
+ENCODE_PIPELINES = [
+    # tests/test_codecs_fused.py's PIPELINES (copied: the package does not import its tests)
+    "topk(ratio=0.01) | quantize(bits=8) | zstd",
+    "topk(ratio=0.01, dense_below=1000) | quantize(bits=8) | zstd",
+    "svd(rank=4) | quantize(bits=8) | zstd",
+    "svd(rank=6) | quantize(bits=4) | zstd",
+    "topk(ratio=0.3) | quantize(bits=2) | zstd",
+    "topk(ratio=0.05) | ternary | zstd",
+    "randomk(ratio=0.1, seed=3) | fp16",
+    "svd(rank=0.9) | quantize(bits=4, outlier_block=16) | zstd",
+    "powersgd(rank=2, iters=2) | quantize | zstd",
+    "tucker(ranks=(2, 3)) | quantize(bits=8, granularity=channel)",
+    "cp(rank=2, iters=5) | fp16 | zstd",
+    "threshold(value=0.5) | sign",
+    "quantize(bits=2, stochastic=true, granularity=64) | zstd",
+    "quantize(bits=4, granularity=channel) | zstd",
+    "identity | zstd",
+    # the planner
+    "budget(bpp=0.5) | svd | quantize(bits=4) | zstd",
+    "budget(bpp=0.2) | topk | quantize(bits=4) | zstd",
+    "budget(bpp=1) | powersgd(rank=8) | quantize | zstd",
+    "budget(bpp=4) | topk | quantize(bits=4) | zstd",
+    "budget(bpp=2) | tucker | fp16 | zstd",
+]
+PARAM_CHOICES: dict[str, dict[str, list[Any]]] = {
+    "topk": {"ratio": [0.001, 0.01, 0.1, 0.5, 1], "dense_below": [0, 16, 1000]},
+    "randomk": {"ratio": [0.01, 0.1, 0.5, 1], "seed": [0, 1, 2**62]},
+    "threshold": {"value": [0, 1e-40, 1e-3, 0.5, 1e30, 1e38]},
+    "svd": {"rank": [1, 2, 4, 8, 0.5, 0.9, 0.999, 1.0]},
+    "powersgd": {"rank": [1, 2, 4, 8], "iters": [1, 2, 3]},
+    "tucker": {"ranks": [1, 2, 4, 0.5, (1, 3), (2, 0.9)], "iters": [0, 1, 2]},
+    "cp": {"rank": [1, 2, 3], "iters": [1, 3, 10]},
+    "quantize": {
+        "bits": [1, 2, 4, 8],
+        "stochastic": ["true", "false"],
+        "granularity": ["tensor", "channel", 8, 64],
+        "outlier_block": [0, 8, 16, 256],
+    },
+    "ternary": {"delta": [0, 0.5, 1, 10]},
+    "zstd": {"level": [1, 3, 10, 19]},
+    "budget": {"bpp": [0.05, 0.2, 0.5, 1, 2, 8, 32], "passes": [1, 2, 6]},
+}
+REDUCERS = ["topk", "randomk", "threshold", "svd", "powersgd", "tucker", "cp"]
+CODERS = ["quantize", "ternary", "sign", "fp16", "bf16", "identity"]
+HOSTILE = [3.4e38, -3.4e38, 1e38, -1e38, 1e-45, -1e-45, 1e-40, -1e-40, 0.0, -0.0, 65504.0, 6e-8]
+BEYOND_FLOAT32 = [1e300, -1e300, 5e-324]  # float64 only
+NON_FINITE = [math.nan, math.inf, -math.inf]
+ENCODE_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.bool]
+DTYPE_WEIGHTS = [70, 8, 8, 8, 4, 2]
+MAX_TENSOR_ELEMENTS = 5000  # enough for svd's randomized path (>= 65 a side), small enough to be quick
+NON_FINITE_RATE = 0.04
+
+
+@dataclass
+class EncodeCase:
+    """One encoder input: a spec, the codec seed and the update (``finite``: no NaN or infinity in it)."""
+
+    spec: str
+    seed: int
+    update: dict[str, torch.Tensor]
+    finite: bool = True
+
+
+class EncodeCheckError(AssertionError):
+    """A broken encoder promise: blobs that differ, a rebuilt tensor unlike the decoded one, ..."""
+
+
+def _stage_text(rng: random.Random, name: str) -> str:
+    """``name`` with each of its parameters (in PARAM_CHOICES) set at random half the time."""
+    params = [f"{k}={rng.choice(v)}" for k, v in PARAM_CHOICES.get(name, {}).items() if rng.random() < 0.5]
+    return f"{name}({', '.join(params)})" if params else name
+
+
+def random_pipeline(rng: random.Random) -> str:
+    """An optional budget, 0-2 reducers, 0-2 value coders and an optional zstd, with random parameters."""
+    names = ["budget"] if rng.random() < 0.25 else []
+    names += rng.sample(REDUCERS, rng.choice([0, 1, 1, 1, 2]))
+    names += rng.sample(CODERS, rng.choice([0, 1, 1, 1, 2]))
+    names += ["zstd"] if rng.random() < 0.6 else []
+    return " | ".join(_stage_text(rng, n) for n in names or ["identity"])
+
+
+def random_spec(rng: random.Random) -> str:
+    """Every registered stage alone, the fixed pipelines, or a random pipeline."""
+    roll = rng.random()
+    if roll < 0.25:
+        return _stage_text(rng, rng.choice(sorted(registered_stages())))
+    if roll < 0.6:
+        return rng.choice(ENCODE_PIPELINES)
+    return random_pipeline(rng)
+
+
+def random_shape(rng: random.Random) -> tuple[int, ...]:
+    """1-D to 4-D (now and then 0-D), at most MAX_TENSOR_ELEMENTS; some dimensions 1, a few 0."""
+    ndim = rng.choice([0, 1, 1, 2, 2, 2, 3, 4])
+    shape = [rng.choice([0] + [1] * 6 + [rng.randint(2, 8)] * 6 + [rng.randint(2, 80)] * 12) for _ in range(ndim)]
+    while math.prod(shape) > MAX_TENSOR_ELEMENTS:
+        i = shape.index(max(shape))
+        shape[i] = max(1, shape[i] // 2)
+    return tuple(shape)
+
+
+def hostile_values(
+    rng: random.Random, g: torch.Generator, shape: tuple[int, ...], extremes: list[float]
+) -> torch.Tensor:
+    """Finite float64 values of one of several hostile patterns, in ``shape``."""
+    n = math.prod(shape)
+    pool = torch.tensor(extremes, dtype=torch.float64)
+    scaled = torch.randn(n, generator=g, dtype=torch.float64) * 10.0 ** rng.uniform(-40, 37)
+    pattern = rng.choice(["extremes", "scaled", "constant", "spike", "mixed", "zeros", "rank1", "plain"])
+    if pattern == "extremes":
+        values = pool[torch.randint(len(extremes), (n,), generator=g)]
+    elif pattern == "scaled":
+        values = scaled
+    elif pattern == "constant":
+        values = torch.full((n,), rng.choice([*extremes, 1.0, -2.5]), dtype=torch.float64)
+    elif pattern == "spike":
+        values = torch.full((n,), rng.choice([0.0, -0.0]), dtype=torch.float64)
+        if n:
+            values[rng.randrange(n)] = rng.choice([3.4e38, -3.4e38, 1e38, -1e38, 1e-45])
+    elif pattern == "mixed":
+        picks = pool[torch.randint(len(extremes), (n,), generator=g)]
+        values = torch.where(torch.rand(n, generator=g, dtype=torch.float64) < 0.1, picks, scaled)
+    elif pattern == "zeros":
+        values = torch.where(torch.rand(n, generator=g) < 0.5, 0.0, -0.0).to(torch.float64)
+    elif pattern == "rank1" and len(shape) >= 2:
+        u = torch.randn(shape[0], 1, generator=g, dtype=torch.float64)
+        values = (u @ scaled[: n // shape[0]].reshape(1, -1)).reshape(-1) if shape[0] else scaled
+    else:
+        values = torch.randn(n, generator=g, dtype=torch.float64) * 1e-3
+    return values.reshape(shape)
+
+
+def hostile_tensor(rng: random.Random, g: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    """A small tensor of ``dtype`` with hostile but finite contents."""
+    shape = random_shape(rng)
+    if dtype == torch.bool:
+        return torch.rand(shape, generator=g) < 0.5
+    if dtype == torch.int64:
+        pool = torch.tensor([0, 1, -1, 2**63 - 1, -(2**63), 2**31], dtype=torch.int64)
+        picks = pool[torch.randint(len(pool), shape, generator=g)]
+        return torch.where(torch.rand(shape, generator=g) < 0.5, picks, torch.randint(-1000, 1000, shape, generator=g))
+    extremes = HOSTILE + (BEYOND_FLOAT32 if dtype == torch.float64 and rng.random() < 0.3 else [])
+    t = hostile_values(rng, g, shape, extremes).to(dtype)
+    largest = torch.full_like(t, torch.finfo(dtype).max)
+    return torch.where(torch.isfinite(t), t, torch.copysign(largest, t))  # what overflowed: the dtype's largest
+
+
+def _poison(rng: random.Random, update: dict[str, torch.Tensor]) -> bool:
+    """Put NaN or an infinity into one non-empty float tensor; False when there is none."""
+    floats = [t for t in update.values() if t.is_floating_point() and t.numel()]
+    if not floats:
+        return False
+    t = rng.choice(floats)
+    t.view(-1)[rng.randrange(t.numel())] = rng.choice(NON_FINITE)
+    return True
+
+
+def encode_case(campaign_seed: int, index: int) -> EncodeCase:
+    """Input ``index`` of the encoder campaign with ``--seed campaign_seed`` (the same every time)."""
+    rng = random.Random(f"encode/{campaign_seed}/{index}")
+    g = torch.Generator().manual_seed(rng.getrandbits(63))
+    spec = random_spec(rng)
+    dtypes = rng.choices(ENCODE_DTYPES, weights=DTYPE_WEIGHTS, k=rng.randint(1, 4))
+    update = {f"t{i}": hostile_tensor(rng, g, dtype) for i, dtype in enumerate(dtypes)}
+    finite = not (rng.random() < NON_FINITE_RATE and _poison(rng, update))
+    return EncodeCase(spec, rng.randrange(2**32), update, finite)
+
+
+def _refusal(exc: ValueError | TypeError) -> str:
+    """The outcome of a refused encode: its type and message's start, tensor names and numbers masked."""
+    message = str(exc)
+    if isinstance(exc, CodecError):  # the encoder's own blob refused by decode (error feedback decodes it)
+        raise EncodeCheckError(f"encoding raised CodecError: {message}") from exc
+    if not message.strip():
+        raise EncodeCheckError(f"{type(exc).__name__} without a message") from exc
+    message = re.sub(r"update\[[^\]]*\]", "update[...]", message)
+    message = re.sub(r"(?<![\w.])[-+]?\d[\d.]*(e[-+]?\d+)?", "#", message)
+    return f"{type(exc).__name__}: {message[:60]}"
+
+
+def _expect(ok: bool, what: str) -> None:
+    if not ok:
+        raise EncodeCheckError(what)
+
+
+def _raw_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of ``t``'s values (a fresh 1-D copy: a 0-D tensor's view has stride 0)."""
+    return torch.empty(t.numel(), dtype=t.dtype).copy_(t.detach().reshape(-1)).view(torch.uint8)
+
+
+def _expect_layout(
+    update: dict[str, torch.Tensor], decoded: dict[str, torch.Tensor], what: str, dtypes: bool = True
+) -> None:
+    """``decoded`` has the update's names (in order), shapes and (with ``dtypes``) dtypes."""
+    _expect(list(decoded) == list(update), f"{what}: names {list(decoded)} instead of {list(update)}")
+    for name, t in update.items():
+        got = decoded[name]
+        same = got.shape == t.shape and (got.dtype == t.dtype or not dtypes)
+        _expect(same, f"{what}: {name} is {got.dtype} {tuple(got.shape)}, given {t.dtype} {tuple(t.shape)}")
+
+
+def _all_finite(decoded: dict[str, torch.Tensor]) -> bool:
+    """Whether the decoded float tensors are finite.
+
+    Not a promise yet: a finite update whose reconstruction overflows (a quantize range wider than
+    float32's, a low-rank product, float16's range) decodes to infinity, and the receiver's
+    finiteness check refuses it. Counted as its own outcome.
+    """
+    return all(bool(torch.isfinite(t).all()) for t in decoded.values() if t.is_floating_point())
+
+
+def _expect_bitwise(rebuilt: dict[str, torch.Tensor], decoded: dict[str, torch.Tensor]) -> None:
+    """``rebuilt`` holds the decoded tensors bit for bit (-0.0 included)."""
+    _expect(list(rebuilt) == list(decoded), f"rebuilt names {list(rebuilt)}, decoded {list(decoded)}")
+    for name, t in decoded.items():
+        got = rebuilt[name]
+        same = got.dtype == t.dtype and got.shape == t.shape and torch.equal(_raw_bytes(got), _raw_bytes(t))
+        _expect(same, f"rebuilt {name} differs from the decoded one")
+
+
+def _check_plain(case: EncodeCase) -> str:
+    """Fused encode (rebuilt), per-tensor encode and decode agree, or both encodes refuse."""
+    try:
+        blob, rebuilt = parse(case.spec, seed=case.seed).encode_rebuilt(case.update)
+    except (ValueError, TypeError) as exc:
+        outcome = _refusal(exc)
+        try:
+            parse(case.spec, seed=case.seed).encode(case.update, fused=False)
+        except (ValueError, TypeError):
+            return outcome
+        raise EncodeCheckError(f"the fused encode refused ({outcome}), the per-tensor one did not") from exc
+    _expect(case.finite, "encoded an update holding NaN or infinity")
+    try:
+        per_tensor = parse(case.spec, seed=case.seed).encode(case.update, fused=False)
+    except (ValueError, TypeError) as exc:
+        raise EncodeCheckError(f"the fused encode succeeded, the per-tensor one refused: {exc}") from exc
+    _expect(per_tensor == blob, "the fused and per-tensor blobs differ")
+    decoded = decode(blob)
+    _expect_layout(case.update, decoded, "decode")
+    if rebuilt is not None:
+        _expect_bitwise(rebuilt, decoded)
+    return "ok" if _all_finite(decoded) else "ok, decodes to NaN or infinity"
+
+
+def _check_feedback(case: EncodeCase) -> str:
+    """Two rounds of ErrorFeedback: each blob decodes to the update's names, dtypes and shapes, or refuses.
+
+    Told apart in the outcome, not counted as failures: a refusal in round 2 (the update plus the
+    residual overflowed), a blob that decodes to NaN or infinity (see :func:`_all_finite`) and a
+    residual left non-finite.
+    """
+    feedback = ErrorFeedback(parse(case.spec, seed=case.seed))
+    non_finite = False
+    for round_ in (1, 2):
+        try:
+            blob = feedback.encode(case.update)
+        except (ValueError, TypeError) as exc:
+            return f"round {round_}: {_refusal(exc)}" if round_ > 1 else _refusal(exc)
+        _expect(case.finite, "error feedback encoded an update holding NaN or infinity")
+        decoded = decode(blob)
+        _expect_layout(case.update, decoded, f"error feedback round {round_}")
+        non_finite |= not _all_finite(decoded)
+    finite = all(bool(torch.isfinite(r).all()) for r in feedback.residual.values())
+    notes = [("decodes to NaN or infinity", non_finite), ("residual not finite", not finite)]
+    return ", ".join(["ok", *(note for note, seen in notes if seen)])
+
+
+def check_encode(case: EncodeCase) -> tuple[str, str]:
+    """Run every encoder check on ``case``; return the outcomes of the plain and error-feedback encodes.
+
+    Warnings are errors, except ``BudgetMissWarning`` (``budget`` warns on purpose). Raises
+    :class:`EncodeCheckError` for a broken promise; any exception other than a ``ValueError`` or
+    ``TypeError`` from an encode escapes as it is.
+
+    Examples
+    --------
+    Replay a saved failure::
+
+        case = EncodeCase(**torch.load("fuzz-encode/failures/encode-EncodeCheckError-17.pt"))
+        check_encode(case)
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.simplefilter("ignore", BudgetMissWarning)
+        return _check_plain(case), _check_feedback(case)
+
+
+def _record_encode_failure(out: Path, report: Report, case: EncodeCase, exc: BaseException) -> str:
+    """Save ``case`` (``.pt``) and the traceback (``.txt``) under ``out/failures``; return the exception's name."""
+    name = type(exc).__name__
+    report.failures += 1
+    folder = out / "failures"
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = folder / f"encode-{name}-{report.inputs}"
+    torch.save({"spec": case.spec, "seed": case.seed, "update": case.update, "finite": case.finite}, f"{stem}.pt")
+    replay = f"check_encode(EncodeCase(**torch.load({str(stem) + '.pt'!r})))"
+    head = f"spec: {case.spec}\ncodec seed: {case.seed}\nreplay: {replay}\n\n"
+    Path(f"{stem}.txt").write_text(head + "".join(traceback.format_exception(exc)))
+    return name
+
+
+def measured_encode(case: EncodeCase, report: Report, out: Path) -> None:
+    """Check one encoder input under the alarm, timing it; tally its outcomes."""
+    target = "encode" if case.finite else "encode non-finite"
+    start, cpu_start = time.perf_counter(), time.process_time()
+    signal.setitimer(signal.ITIMER_REAL, TIMEOUT_S)
+    try:
+        plain, feedback = check_encode(case)
+        outcomes = [f"{target}: {plain}", f"{target} error feedback: {feedback}"]
+    except Exception as exc:  # noqa: BLE001 - the point of the campaign: record whatever else escapes
+        outcomes = [f"{target}: failure: {_record_encode_failure(out, report, case, exc)}"]
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+    cpu_seconds, seconds = time.process_time() - cpu_start, time.perf_counter() - start
+    about = f"input {report.inputs}: {case.spec} (codec seed {case.seed})"
+    report.inputs += 1
+    report.outcomes.update(outcomes)
+    report.wall_s_max = max(report.wall_s_max, seconds)
+    report.note("slowest", "cpu_seconds", round(cpu_seconds, 4), about, outcomes[0])
+
+
 class Campaign:
     """Runs inputs one at a time in this process, with progress lines and a report file."""
 
@@ -662,6 +1012,10 @@ class Campaign:
 
     def step(self, target: str, data: bytes) -> None:
         measured_run(target, data, self.limits, self.report, self.probe, self.out)
+        self.progress()
+
+    def progress(self) -> None:
+        """Every ``--progress`` inputs: rewrite the report and print a line."""
         if self.report.inputs % self.args.progress == 0:
             self.write(finished=False)
             r = self.report.to_json(False)
@@ -683,6 +1037,13 @@ class Campaign:
             if self.report.inputs >= self.args.inputs:
                 break
             self.step(target, data)
+        self.write(finished=True)
+
+    def run_encode(self) -> None:
+        """The encoder campaign: input ``i`` is ``encode_case(--seed, i)``."""
+        for index in range(self.args.inputs):
+            measured_encode(encode_case(self.args.seed, index), self.report, self.out)
+            self.progress()
         self.write(finished=True)
 
     def run_atheris(self) -> None:
@@ -737,9 +1098,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder for report.json and failing inputs")
     parser.add_argument(
         "--mode",
-        choices=["mixed", "atheris"],
+        choices=["mixed", "atheris", "encode"],
         default="mixed",
-        help="mixed: structure-aware + byte mutations + specs; atheris: coverage-guided (default: mixed)",
+        help="mixed: structure-aware + byte mutations + specs; atheris: coverage-guided; "
+        "encode: the encoder on hostile updates (default: mixed)",
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed of the mutations (default: 0)")
     parser.add_argument(
@@ -756,6 +1118,8 @@ def main(argv: list[str] | None = None) -> int:
     campaign = Campaign(args)
     if args.mode == "atheris":
         campaign.run_atheris()
+    elif args.mode == "encode":
+        campaign.run_encode()
     else:
         campaign.run_mixed()
     report = campaign.report.to_json(True)

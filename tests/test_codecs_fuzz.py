@@ -1,4 +1,8 @@
-"""A short run of the fuzzing campaign (simulation/fuzz_codecs.py): nothing but CodecError may escape."""
+"""Short runs of the fuzzing campaigns (simulation/fuzz_codecs.py).
+
+Decoder: nothing but CodecError may escape. Encoder: every input encodes consistently or is
+refused with a ValueError or TypeError.
+"""
 
 from __future__ import annotations
 
@@ -58,3 +62,16 @@ def test_short_coverage_guided_campaign_sees_only_codec_errors(tmp_path: pathlib
     # libFuzzer decides how it counts its initial corpus: the report is rewritten every 500 inputs
     assert isinstance(report["inputs"], int) and report["inputs"] >= 2500, report
     assert report["non_codec_error_outcomes"] == 0, report
+
+
+def test_short_encoder_campaign_keeps_every_promise(tmp_path: pathlib.Path) -> None:
+    report = run_campaign(tmp_path, "--mode", "encode", "--inputs", "300", "--progress", "100", "--seed", "5")
+    assert report["inputs"] == 300 and report["finished"] is True
+    assert report["non_codec_error_outcomes"] == 0, report
+    outcomes = report["outcomes"]
+    assert isinstance(outcomes, dict)
+    assert not any("failure" in key for key in outcomes), outcomes
+    feedback_ok = sum(n for key, n in outcomes.items() if key.startswith("encode error feedback: ok"))
+    assert outcomes["encode: ok"] > 150 and feedback_ok > 150  # most inputs encode
+    assert any(key.startswith("encode non-finite: ValueError") for key in outcomes)  # NaN/inf is refused
+    assert not (tmp_path / "failures").exists()
