@@ -672,12 +672,12 @@ def inputs(rng: random.Random, seeds: list[bytes]) -> Iterator[tuple[str, bytes]
 
 
 # ------------------------------------------------------------------------------- encoder campaign
-ENCODE_PIPELINES = [
-    # tests/test_codecs_fused.py's PIPELINES (copied: the package does not import its tests)
+PIPELINES = [
+    # one of each kind of pipeline; tests/test_codecs_fused.py runs its bit-for-bit checks on them too
     "topk(ratio=0.01) | quantize(bits=8) | zstd",
     "topk(ratio=0.01, dense_below=1000) | quantize(bits=8) | zstd",
     "svd(rank=4) | quantize(bits=8) | zstd",
-    "svd(rank=6) | quantize(bits=4) | zstd",
+    "svd(rank=6) | quantize(bits=4) | zstd",  # the default codecs: factors in 256-value blocks
     "topk(ratio=0.3) | quantize(bits=2) | zstd",
     "topk(ratio=0.05) | ternary | zstd",
     "randomk(ratio=0.1, seed=3) | fp16",
@@ -689,6 +689,9 @@ ENCODE_PIPELINES = [
     "quantize(bits=2, stochastic=true, granularity=64) | zstd",
     "quantize(bits=4, granularity=channel) | zstd",
     "identity | zstd",
+]
+ENCODE_PIPELINES = [
+    *PIPELINES,
     # the planner
     "budget(bpp=0.5) | svd | quantize(bits=4) | zstd",
     "budget(bpp=0.2) | topk | quantize(bits=4) | zstd",

@@ -15,24 +15,8 @@ from fedsqueeze.codecs._sparse import SAMPLE, topk_indices
 from fedsqueeze.codecs._spec import parse_stages
 from fedsqueeze.codecs._wire import tensor_to_bytes
 from fedsqueeze.codecs.stage_api import EncodeFurther
+from fedsqueeze.simulation.fuzz_codecs import PIPELINES
 
-PIPELINES = [
-    "topk(ratio=0.01) | quantize(bits=8) | zstd",
-    "topk(ratio=0.01, dense_below=1000) | quantize(bits=8) | zstd",
-    "svd(rank=4) | quantize(bits=8) | zstd",
-    "svd(rank=6) | quantize(bits=4) | zstd",  # the default codecs: factors in 256-value blocks
-    "topk(ratio=0.3) | quantize(bits=2) | zstd",
-    "topk(ratio=0.05) | ternary | zstd",
-    "randomk(ratio=0.1, seed=3) | fp16",
-    "svd(rank=0.9) | quantize(bits=4, outlier_block=16) | zstd",
-    "powersgd(rank=2, iters=2) | quantize | zstd",
-    "tucker(ranks=(2, 3)) | quantize(bits=8, granularity=channel)",
-    "cp(rank=2, iters=5) | fp16 | zstd",
-    "threshold(value=0.5) | sign",
-    "quantize(bits=2, stochastic=true, granularity=64) | zstd",
-    "quantize(bits=4, granularity=channel) | zstd",
-    "identity | zstd",
-]
 SPECS = sorted(registered_stages()) + PIPELINES
 
 
