@@ -238,15 +238,15 @@ def encode_body(
     starts, offset = [], len(out[0])
     for i, ((name, t), top) in enumerate(zip(records, tops, strict=True)):
         starts.append(offset)
-        first = len(out)
-        out.append(record_head(name, t))
+        head = record_head(name, t)
+        out.append(head)
         mark = len(out)
         size = node_pieces(top, out)
         if isinstance(top, _Pending) and size > 2 + 5 * t.dim() + t.numel() * t.element_size():
             del out[mark:]  # compression would not pay: send as it is
             tops[i] = _Raw(t)
-            node_pieces(tops[i], out)
-        offset += sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in out[first:])
+            size = node_pieces(tops[i], out)
+        offset += len(head) + size
     return out, tops, starts
 
 

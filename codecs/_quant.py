@@ -20,7 +20,6 @@ from ._stage import (
     DecodeCost,
     EncodeContext,
     Encoded,
-    Part,
     Stage,
     as_numpy,
     check_param,
@@ -147,6 +146,23 @@ def _num_groups(shape: tuple[int, ...], granularity: str | int) -> int:
     return -(-n // int(granularity))
 
 
+@dataclass(frozen=True)
+class _BatchPlan:
+    """What quantize's batch needs to know of one tensor shape: its values, its group sizes and the node header."""
+
+    numel: int
+    sizes: tuple[int, ...]
+    meta: bytes
+
+
+@functools.lru_cache(maxsize=4096)
+def _batch_plan(stage: Quantize, shape: tuple[int, ...]) -> _BatchPlan:
+    numel = math.prod(shape)
+    granularity = stage._granularity(numel)
+    meta = b"" if granularity == stage.granularity else bytes((OUTLIER_BLOCKS,)) + varint_bytes(int(granularity))
+    return _BatchPlan(numel, tuple(_group_sizes(shape, granularity)), meta)
+
+
 @register_stage
 @dataclass(frozen=True)
 class Quantize(Stage):
@@ -260,27 +276,23 @@ class Quantize(Stage):
             return out
         # in numpy: a torch call costs several times a numpy call, and the arrays here are small;
         # every operation is the same IEEE float32 operation as in encode (no fused multiply-add)
-        granularities = [self._granularity(xs[i].numel()) for i in fused]
-        groups = [_group_sizes(tuple(xs[i].shape), g) for i, g in zip(fused, granularities, strict=True)]
-        sizes = [size for tensor in groups for size in tensor]
+        plans = [_batch_plan(self, tuple(xs[i].shape)) for i in fused]
+        sizes = [size for plan in plans for size in plan.sizes]
         values = torch.cat([xs[i].reshape(-1) for i in fused]).numpy()
         # every value outside float32's range (a group wider than it, an inf from an earlier stage)
         # overflows as in torch's encode, and the blob is refused for its inf step or values when it
         # is checked; numpy would also warn, an exception where warnings are errors
         with np.errstate(over="ignore", invalid="ignore"):
             lo, step, codes, decoded = _batch_codes(values, sizes, self.bits)
-        decoded_t = torch.from_numpy(decoded)
-        lo_t, step_t = torch.from_numpy(lo), torch.from_numpy(step)
-        counts = [xs[i].numel() for i in fused]
+        counts = [plan.numel for plan in plans]
         packed, byte_counts = _pack_segments(codes, counts, self.bits)
-        packed_t = torch.from_numpy(packed)
-        start, group, value = 0, 0, 0
-        for i, granularity, tensor, n, nbytes in zip(fused, granularities, groups, counts, byte_counts, strict=True):
-            g = len(tensor)
-            meta = b"" if granularity == self.granularity else bytes((OUTLIER_BLOCKS,)) + varint_bytes(int(granularity))
-            parts: list[Part] = [packed_t[start : start + nbytes], lo_t[group : group + g], step_t[group : group + g]]
-            out[i] = Encoded(parts, meta, decoded_t[value : value + n])
-            start, group, value = start + nbytes, group + g, value + n
+        # one split per array (views, one call each) instead of a slice per tensor and part
+        groups = [len(plan.sizes) for plan in plans]
+        split = torch.split_with_sizes
+        lo_t, step_t = split(torch.from_numpy(lo), groups), split(torch.from_numpy(step), groups)
+        packed_t, decoded_t = split(torch.from_numpy(packed), byte_counts), split(torch.from_numpy(decoded), counts)
+        for j, (i, plan) in enumerate(zip(fused, plans, strict=True)):
+            out[i] = Encoded([packed_t[j], lo_t[j], step_t[j]], plan.meta, decoded_t[j])
         return out
 
     def decode_cost(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> DecodeCost:
