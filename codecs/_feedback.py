@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 
 from ._fused import all_finite
-from ._pipeline import Codec, TensorLike, _to_tensor, decode
+from ._pipeline import Codec, TensorLike, _to_tensor
 from ._wire import FLOAT_DTYPES
 
 
@@ -33,7 +33,9 @@ class ErrorFeedback:
         """Encode ``update`` plus the carried residual; update the residual.
 
         Each tensor is sent in its own dtype; the residual is kept in float32 (what a float16
-        tensor loses to its own rounding is carried over too).
+        tensor loses to its own rounding is carried over too). Every blob sent decodes to finite
+        values; one that would not is refused (see :meth:`Codec.encode_rebuilt`) and the residual
+        is left as it was.
         """
         tensors = {name: _to_tensor(name, v) for name, v in update.items()}
         corrected, sent = {}, {}
@@ -53,8 +55,6 @@ class ErrorFeedback:
             blob, decoded = self.codec.encode_rebuilt(sent)
         except ValueError as err:
             raise _residual_overflow(tensors, sent) or err from None
-        if decoded is None:
-            decoded = decode(blob)
         self.residual = {
             name: corrected.get(name, c).to(torch.float32) - decoded[name].to(torch.float32)
             for name, c in sent.items()

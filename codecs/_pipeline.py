@@ -7,7 +7,7 @@ import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 import torch
@@ -106,6 +106,22 @@ def _check_pipeline(stages: tuple[Stage, ...]) -> None:
             raise ValueError(
                 f"stage {s.name!r} works on tensors but follows a bytes stage; "
                 "entropy coding stages (zstd) must come last"
+            )
+
+
+def _check_rebuilt(records: list[tuple[str, torch.Tensor]], decoded: Mapping[str, torch.Tensor], spec: str) -> None:
+    """Raise for the first float tensor of ``records`` (finite, as encode checked) that rebuilds to NaN or infinity."""
+    for name, t in records:
+        got = decoded[name]
+        if got.is_floating_point() and not _all_finite(got):
+            biggest = float(t.abs().max()) if t.numel() else 0.0
+            # the stages rebuild in float32, then cast to the tensor's dtype: the narrower range holds
+            limit = min((t.dtype, torch.float32), key=lambda d: torch.finfo(d).max)
+            raise ValueError(
+                f"update[{name!r}] ({t.dtype}, largest magnitude {biggest:.4g}) rebuilds from the blob of "
+                f"{spec!r} to values beyond {limit}'s range (largest finite: {torch.finfo(limit).max:.4g}): "
+                "the codec's error carries values near that limit past it; scale the update down or choose "
+                "another codec"
             )
 
 
@@ -246,7 +262,9 @@ class Codec:
 
         Float tensors go through the tensor stages as float32 and come back in their own
         dtype; other dtypes (e.g. BatchNorm counters) are sent losslessly. The blob never holds
-        NaN or infinity: what a stage cannot represent is refused.
+        NaN or infinity: what a stage cannot represent is refused. Its reconstruction is not
+        checked: values near float32's largest (or float16's) can decode past it, to infinity;
+        :meth:`encode_rebuilt` refuses those.
 
         ``fused=True`` hands each stage all tensors at once (see ``_fused``); ``fused=False``
         encodes tensor by tensor. Both give the same blob bit for bit.
@@ -261,15 +279,34 @@ class Codec:
         """
         return self.encode_rebuilt(update, fused=fused, rebuilt=False)[0]
 
+    @overload
+    def encode_rebuilt(
+        self, update: Mapping[str, TensorLike], *, fused: bool = True, rebuilt: Literal[True] = True
+    ) -> tuple[bytes, dict[str, torch.Tensor]]: ...
+
+    @overload
+    def encode_rebuilt(
+        self, update: Mapping[str, TensorLike], *, fused: bool = True, rebuilt: bool
+    ) -> tuple[bytes, dict[str, torch.Tensor] | None]: ...
+
     def encode_rebuilt(
         self, update: Mapping[str, TensorLike], *, fused: bool = True, rebuilt: bool = True
     ) -> tuple[bytes, dict[str, torch.Tensor] | None]:
         """:meth:`encode`, and with ``rebuilt`` what :func:`decode` will return for the blob, bit for bit.
 
         The second item is built from the encoder's own parts without reading the blob (see
-        ``_fused.rebuild``); it is ``None`` where that is not available (the per-tensor path, an
-        allocating first stage such as ``budget``): decode the blob then. Raw tensors in it may
-        be the update's own tensors, not copies.
+        ``_fused.rebuild``); where that is not available (the per-tensor path, an allocating first
+        stage such as ``budget``) the blob is decoded. It is ``None`` only with ``rebuilt=False``.
+        Raw tensors in it may be the update's own tensors, not copies.
+
+        Raises
+        ------
+        ValueError
+            As :meth:`encode`; and with ``rebuilt``, for a finite tensor whose reconstruction is
+            not finite: values near the limit of float32 (or of the tensor's own dtype, e.g.
+            float16's 65,504) that the codec's error carries past it, such as a ``quantize``
+            range wider than float32's. :meth:`encode` does not decode what it wrote and
+            returns such a blob; its receiver's finiteness check refuses it.
         """
         records = self._records(update)
         first = self._tensor_stages[0] if self._tensor_stages else None
@@ -290,6 +327,9 @@ class Codec:
                 body.extend(self.record(name, t, self._encode_tensor(name, t)))
             blob = self.finish(body, starts)
         self._calls += 1
+        if rebuilt:
+            decoded = decoded if decoded is not None else decode(blob)
+            _check_rebuilt(records, decoded, self.spec)
         return blob, decoded
 
     def _finish_pieces(self, pieces: list[bytes | memoryview], starts: Sequence[int]) -> bytes:

@@ -18,8 +18,9 @@ then with NaN or infinity. Each input must either encode (fused and per-tensor b
 blob decodes to the update's names, dtypes and shapes, ``encode_rebuilt``'s tensors equal the
 decoded ones bit for bit, two rounds of ``ErrorFeedback`` encode and decode to the update's
 names, dtypes and shapes) or be refused, on both paths, with a ``ValueError`` or ``TypeError``
-that says why; warnings other than ``BudgetMissWarning`` are errors. A blob that decodes to NaN
-or infinity from a finite update is counted apart (not yet prevented; receivers refuse it).
+that says why; warnings other than ``BudgetMissWarning`` are errors. A finite update whose blob
+from :meth:`Codec.encode` decodes to NaN or infinity is counted apart (``encode`` does not decode
+what it wrote; receivers refuse such a blob); ``encode_rebuilt`` and error feedback must refuse it.
 
 Run::
 
@@ -880,9 +881,10 @@ def _expect_layout(
 def _all_finite(decoded: dict[str, torch.Tensor]) -> bool:
     """Whether the decoded float tensors are finite.
 
-    Not a promise yet: a finite update whose reconstruction overflows (a quantize range wider than
-    float32's, a low-rank product, float16's range) decodes to infinity, and the receiver's
-    finiteness check refuses it. Counted as its own outcome.
+    Not a promise of :meth:`Codec.encode`: a finite update whose reconstruction overflows (a
+    quantize range wider than float32's, a low-rank product, float16's range) decodes to infinity,
+    and the receiver's finiteness check refuses it. ``encode_rebuilt`` (error feedback's path)
+    refuses it itself. Counted as its own outcome.
     """
     return all(bool(torch.isfinite(t).all()) for t in decoded.values() if t.is_floating_point())
 
@@ -897,9 +899,10 @@ def _expect_bitwise(rebuilt: dict[str, torch.Tensor], decoded: dict[str, torch.T
 
 
 def _check_plain(case: EncodeCase) -> str:
-    """Fused encode (rebuilt), per-tensor encode and decode agree, or both encodes refuse."""
+    """Fused encode, per-tensor encode and decode agree, or both encodes refuse; ``encode_rebuilt``
+    gives decode's tensors bit for bit, or refuses exactly when they are not finite."""
     try:
-        blob, rebuilt = parse(case.spec, seed=case.seed).encode_rebuilt(case.update)
+        blob = parse(case.spec, seed=case.seed).encode(case.update)
     except (ValueError, TypeError) as exc:
         outcome = _refusal(exc)
         try:
@@ -915,20 +918,26 @@ def _check_plain(case: EncodeCase) -> str:
     _expect(per_tensor == blob, "the fused and per-tensor blobs differ")
     decoded = decode(blob)
     _expect_layout(case.update, decoded, "decode")
-    if rebuilt is not None:
-        _expect_bitwise(rebuilt, decoded)
-    return "ok" if _all_finite(decoded) else "ok, decodes to NaN or infinity"
+    finite = _all_finite(decoded)
+    try:
+        rebuilt_blob, rebuilt = parse(case.spec, seed=case.seed).encode_rebuilt(case.update)
+    except ValueError as exc:
+        _expect(not finite and "rebuilds from the blob" in str(exc), f"encode_rebuilt refused: {exc}")
+        return "ok, decodes to NaN or infinity, encode_rebuilt refuses"
+    _expect(finite, "encode_rebuilt returned a blob that decodes to NaN or infinity")
+    _expect(rebuilt_blob == blob, "encode and encode_rebuilt wrote different blobs")
+    _expect_bitwise(rebuilt, decoded)
+    return "ok"
 
 
 def _check_feedback(case: EncodeCase) -> str:
     """Two rounds of ErrorFeedback: each blob decodes to the update's names, dtypes and shapes, or refuses.
 
-    Told apart in the outcome, not counted as failures: a refusal in round 2 (the update plus the
-    residual overflowed), a blob that decodes to NaN or infinity (see :func:`_all_finite`) and a
-    residual left non-finite.
+    Every blob sent decodes to finite values: one that would not is refused. Told apart in the
+    outcome, not counted as failures: a refusal in round 2 (the update plus the residual overflowed)
+    and a residual left non-finite (a finite update minus its finite reconstruction can overflow).
     """
     feedback = ErrorFeedback(parse(case.spec, seed=case.seed))
-    non_finite = False
     for round_ in (1, 2):
         try:
             blob = feedback.encode(case.update)
@@ -937,10 +946,9 @@ def _check_feedback(case: EncodeCase) -> str:
         _expect(case.finite, "error feedback encoded an update holding NaN or infinity")
         decoded = decode(blob)
         _expect_layout(case.update, decoded, f"error feedback round {round_}")
-        non_finite |= not _all_finite(decoded)
+        _expect(_all_finite(decoded), f"error feedback round {round_} sent a blob that decodes to NaN or infinity")
     finite = all(bool(torch.isfinite(r).all()) for r in feedback.residual.values())
-    notes = [("decodes to NaN or infinity", non_finite), ("residual not finite", not finite)]
-    return ", ".join(["ok", *(note for note, seen in notes if seen)])
+    return "ok" if finite else "ok, residual not finite"
 
 
 def check_encode(case: EncodeCase) -> tuple[str, str]:
