@@ -38,16 +38,19 @@ is dropped when it gets the full model or is forgotten; one that never comes bac
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 
-from fedsqueeze.codecs import Codec, decode
+from fedsqueeze.codecs import Codec
 from fedsqueeze.protocol import DELTA, FULL, ZERO_VERSION, add_tensors, model_digest, subtract_tensors
 
 __all__ = ["DownlinkPlan", "DownlinkState", "model_digest"]  # model_digest: re-exported from protocol
+
+_LOG = logging.getLogger(__name__)
 
 Tensors = dict[str, torch.Tensor]
 
@@ -107,11 +110,11 @@ class DownlinkState:
     _snapshots: OrderedDict[int, Tensors] = field(default_factory=OrderedDict)
     _global: Tensors = field(default_factory=dict)
     _full_blob: bytes | None = None
-    _catchup_cache: dict[int, bytes] = field(default_factory=dict)
+    _catchup_cache: dict[int, bytes | None] = field(default_factory=dict)  # None: the delta cannot be sent
     _digest: str | None = None  # of the full payload's model, this version
     _held: dict[int, tuple[int, Tensors]] = field(default_factory=dict)  # node -> (version, model it holds)
     _pending: dict[int, tuple[int, Tensors]] = field(default_factory=dict)  # sent, not yet acknowledged
-    _node_catchup_cache: dict[int, tuple[bytes, Tensors]] = field(default_factory=dict)
+    _node_catchup_cache: dict[int, tuple[bytes, Tensors] | None] = field(default_factory=dict)
     _unanswered: dict[int, int] = field(default_factory=dict)  # node -> version of a payload not acknowledged
 
     def advance(self, global_model: Mapping[str, torch.Tensor]) -> None:
@@ -123,20 +126,31 @@ class DownlinkState:
             self.reference, self.lag = None, 0.0
             return
         if self.reference is None or not _same_layout(self.reference, self._global):
-            self._steps, self._snapshots = {}, OrderedDict()
             if self.initial is None or not _same_layout(self.initial, self._global) or self.version != 1:
-                self.reference = {k: v.clone() for k, v in self._global.items()}
-                self._snapshot(self.version, self.reference)  # nodes get this version in full
-                self.lag = 0.0
+                self._restart_in_full()
                 return
+            self._steps, self._snapshots = {}, OrderedDict()
             self.reference = {k: v.clone() for k, v in self.initial.items()}
             self._snapshot(ZERO_VERSION, self.reference)
-        blob = self.codec.encode(subtract_tensors(self._global, self.reference))
-        self.reference = add_tensors(self.reference, decode(blob))
+        encoded = _encoded(
+            self.codec, subtract_tensors(self._global, self.reference), f"the step to version {self.version}"
+        )
+        if encoded is None:  # every node gets this version whole
+            self._restart_in_full()
+            return
+        blob, decoded = encoded
+        self.reference = add_tensors(self.reference, decoded)
         self.lag = _relative_distance(self._global, self.reference)
         self._steps[self.version] = blob
         self._snapshot(self.version, self.reference)
         self._trim_steps()
+
+    def _restart_in_full(self) -> None:
+        """Make the global model the reference: every node gets this version in full (no steps before it)."""
+        self._steps, self._snapshots = {}, OrderedDict()
+        self.reference = {k: v.clone() for k, v in self._global.items()}
+        self._snapshot(self.version, self.reference)
+        self.lag = 0.0
 
     def plan(self, node_id: int) -> DownlinkPlan:
         """The cheapest payload that brings ``node_id`` to the current version."""
@@ -224,8 +238,10 @@ class DownlinkState:
             return None  # a chain of one step is already the catch-up delta
         if held not in self._catchup_cache:
             delta = subtract_tensors(self.reference, base)
-            self._catchup_cache[held] = (self.delta_codec or self.codec).encode(delta)
-        return DownlinkPlan(DELTA, self.version, held, [self._catchup_cache[held]])
+            encoded = _encoded(self.delta_codec or self.codec, delta, f"the catch-up delta from version {held}")
+            self._catchup_cache[held] = None if encoded is None else encoded[0]
+        blob = self._catchup_cache[held]
+        return None if blob is None else DownlinkPlan(DELTA, self.version, held, [blob])
 
     def _plan_with_memory(self, node_id: int, held: int) -> DownlinkPlan:
         """A catch-up of its own for a node off the reference or behind, if memory allows; else as without."""
@@ -239,21 +255,24 @@ class DownlinkState:
             return self._plan_without_memory(held)
         if tracked is None:  # nodes that hold the same exact version share one blob and one result
             if held not in self._node_catchup_cache:
-                self._node_catchup_cache[held] = self._node_catchup(base)
-            blob, result = self._node_catchup_cache[held]
+                self._node_catchup_cache[held] = self._node_catchup(base, f"the catch-up from version {held}")
+            catchup = self._node_catchup_cache[held]
         else:
-            blob, result = self._node_catchup(base)
+            catchup = self._node_catchup(base, f"node {node_id}'s own catch-up")
+        if catchup is None:
+            return self._plan_without_memory(held)
+        blob, result = catchup
         plan, full = DownlinkPlan(DELTA, self.version, held, [blob]), self._full_plan()
         if plan.size >= full.size:
             return full
         self._pending[node_id] = (self.version, result)
         return plan
 
-    def _node_catchup(self, base: Tensors) -> tuple[bytes, Tensors]:
-        """The catch-up blob from ``base`` and the model a node holding ``base`` ends with."""
+    def _node_catchup(self, base: Tensors, what: str) -> tuple[bytes, Tensors] | None:
+        """The catch-up blob from ``base`` and the model a node holding ``base`` ends with (None: see _encoded)."""
         assert self.reference is not None
-        blob, decoded = self._node_codec.encode_rebuilt(subtract_tensors(self.reference, base))
-        return blob, add_tensors(base, decoded if decoded is not None else decode(blob))
+        encoded = _encoded(self._node_codec, subtract_tensors(self.reference, base), what)
+        return None if encoded is None else (encoded[0], add_tensors(base, encoded[1]))
 
     def _plan_without_memory(self, held: int) -> DownlinkPlan:
         options = [p for p in (self._chain(held), self._catchup_delta(held)) if p is not None]
@@ -302,3 +321,16 @@ def _relative_distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tens
     diff = sum(float((a[k].double() - b[k].double()).square().sum()) for k in a if a[k].is_floating_point())
     norm = sum(float(a[k].double().square().sum()) for k in a if a[k].is_floating_point())
     return (diff / norm) ** 0.5 if norm > 0 else 0.0
+
+
+def _encoded(codec: Codec, delta: Tensors, what: str) -> tuple[bytes, Tensors] | None:
+    """``codec.encode_rebuilt(delta)``: the blob and what it decodes to; None, logged, for a delta it refuses.
+
+    It refuses a delta that is not finite or that rebuilds beyond float32 (a model near float32's
+    limits): sent, it would give nodes infinite weights. The caller sends something else.
+    """
+    try:
+        return codec.encode_rebuilt(delta)
+    except ValueError as err:
+        _LOG.warning("%s is not sent: %s", what, err)
+        return None

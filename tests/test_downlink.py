@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fedsqueeze.codecs import decode, parse
@@ -230,3 +231,41 @@ def test_lag_is_how_far_the_reference_trails_the_servers_model() -> None:
     start = sum(float((model(1)[k] - model(0)[k]).square().sum()) for k in ("w", "b")) ** 0.5
     start /= sum(float(model(1)[k].square().sum()) for k in ("w", "b")) ** 0.5
     assert 0.9 * start < lags[0] < start  # a step of 1 % of the entries leaves most of the way behind
+
+
+def near_float32_limits(step: int) -> dict[str, torch.Tensor]:
+    """A model whose weights sit near float32's largest, in both signs: a delta of it spans more than float32."""
+    return {"w": torch.tensor([-3e38, 3e38] * 20) * (1 - 0.01 * step)}
+
+
+def test_a_downlink_step_that_rebuilds_beyond_float32_sends_the_model_whole() -> None:
+    # found by the encode-side fuzz run: a finite delta whose quantized reconstruction overflows
+    # float32 (a range wider than float32's) encoded to a blob that decodes to infinity; the
+    # server's reference became infinite, and so did every node's model
+    s = DownlinkState(parse("quantize(bits=8) | zstd", seed=0), parse("zstd"), initial={"w": torch.zeros(40)})
+    s.advance(near_float32_limits(0))
+    assert s.reference is not None and all(bool(torch.isfinite(t).all()) for t in s.reference.values())
+    assert torch.equal(s.reference["w"], near_float32_limits(0)["w"]) and s.lag == 0.0
+    plan = s.plan(3)
+    assert plan.kind == FULL  # no step before this version: the node gets the model itself
+
+
+@pytest.mark.parametrize("memory_bytes", [0, 10**6], ids=["shared catch-up", "node memory"])
+def test_a_catch_up_that_rebuilds_beyond_float32_is_not_sent(memory_bytes: int) -> None:
+    # the same overflow in a catch-up delta: each step spans half of float32's range, the catch-up
+    # from version 0 all of it; the node gets the chain of steps instead
+    g = torch.Generator().manual_seed(0)
+    half = {"w": torch.cat([torch.tensor([-1.5e38, 1.5e38]), (torch.rand(4000, generator=g) - 0.5) * 3e38])}
+    s = DownlinkState(
+        parse("quantize(bits=8) | zstd", seed=0),
+        parse("zstd"),
+        initial={"w": torch.zeros(4002)},
+        catchup_memory_bytes=memory_bytes,
+    )
+    s.advance(half)
+    s.advance({"w": 2 * half["w"]})
+    plan = s.plan(5)  # a node never seen holds version 0
+    assert plan.kind == DELTA and plan.base == 0 and len(plan.blobs) == 2  # the chain, not one catch-up
+    held = apply({"w": torch.zeros(4002)}, plan.blobs)
+    assert s.reference is not None and torch.equal(held["w"], s.reference["w"])
+    assert bool(torch.isfinite(held["w"]).all())
