@@ -207,6 +207,9 @@ class SVD(Stage):
     def encode(self, x: torch.Tensor, ctx: EncodeContext) -> Encoded | None:
         if x.dim() < 2:
             return None
+        rows, cols = x.shape[0], x.numel() // x.shape[0]
+        if isinstance(self.rank, int) and not _low_rank_pays(rows, cols, min(self.rank, rows, cols)):
+            return None  # decided before any arithmetic on x: small tensors (conv1 of LeNet-5) end here
         scale = _scale(x)
         return _truncated_svd(_matrix(x) / scale, self.rank, scale, ctx.seed)
 
@@ -250,11 +253,12 @@ class PowerSGD(Stage):
     def encode(self, x: torch.Tensor, ctx: EncodeContext) -> Encoded | None:
         if x.dim() < 2:
             return None
+        rows, cols = x.shape[0], x.numel() // x.shape[0]
+        r = min(self.rank, rows, cols)
+        if not _low_rank_pays(rows, cols, r):
+            return None  # decided before any arithmetic on x
         scale = _scale(x)
         m = _matrix(x) / scale
-        r = min(self.rank, *m.shape)
-        if not _low_rank_pays(m.shape[0], m.shape[1], r):
-            return None
         q = ctx.state.get("q")
         if q is None or q.shape != (m.shape[1], r):
             q = torch.randn(m.shape[1], r, generator=ctx.generator())
