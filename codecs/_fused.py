@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ._bits import varint_bytes as varint
-from ._stage import ArrayNode, EncodeContext, EncodeFurther, as_numpy
+from ._stage import ArrayNode, EncodeContext, EncodeFurther, as_float32, as_numpy, flat
 from ._wire import DTYPE_CODES, FLOAT_DTYPES, MAX_NDIM, dtype_code, tensor_to_bytes
 
 if TYPE_CHECKING:
@@ -105,7 +105,7 @@ def run_stages(codec: Codec, pending: list[_Pending]) -> list[_Raw]:
                     children.append(raw)
                     made.append(raw)
                     continue
-                x = part.tensor.to(torch.float32).contiguous()
+                x = as_float32(part.tensor)
                 child = _Pending(p.name, x, x, made_by)
                 if x.numel() == 0:
                     child.node = _Raw(x, made_by)
@@ -138,7 +138,7 @@ def check_further(children: list[_Pending]) -> None:
     A later stage must not see them: an eigensolver fails on them with its own exception, and top-k
     keeps no index of a NaN. One sum over all parts; only when it is not finite are they checked apart.
     """
-    if not children or math.isfinite(float(torch.sum(torch.cat([c.x.reshape(-1) for c in children])))):
+    if not children or math.isfinite(float(torch.sum(torch.cat([flat(c.x) for c in children])))):
         return
     for child in children:
         if not all_finite(child.x):
@@ -160,7 +160,7 @@ def check_finite(made: list[_Raw], nodes: list[_Pending | _Raw]) -> None:
     """
     floats = [r.t for r in made if r.t.dtype in FLOAT_DTYPES]
     if all(t.dtype == torch.float32 for t in floats):
-        if not floats or math.isfinite(float(torch.sum(torch.cat([t.reshape(-1) for t in floats])))):
+        if not floats or math.isfinite(float(torch.sum(torch.cat([flat(t) for t in floats])))):
             return
     raws: list[_Raw] = []
     stack = list(reversed(nodes))

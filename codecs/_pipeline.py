@@ -17,7 +17,7 @@ from ._errors import CodecError
 from ._fused import all_finite as _all_finite
 from ._fused import encode_body, overflow_error, rebuild
 from ._spec import MAX_SPEC_LENGTH, parse_stages
-from ._stage import ArrayNode, EncodeContext, Encoded, EncodeFurther, Stage
+from ._stage import ArrayNode, EncodeContext, Encoded, EncodeFurther, Stage, as_float32
 from ._wire import (
     DTYPES,
     FLOAT_DTYPES,
@@ -82,7 +82,8 @@ def _to_tensor(name: str, value: Any) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"update[{name!r}] must be a torch.Tensor or numpy.ndarray, found {type(value).__name__}")
     dtype_code(value.dtype)  # raises for unsupported dtypes
-    return value.detach().cpu()
+    # detach and cpu each make a new tensor object; most updates need neither
+    return value if value.is_cpu and not value.requires_grad else value.detach().cpu()
 
 
 def _check_pipeline(stages: tuple[Stage, ...]) -> None:
@@ -429,7 +430,7 @@ class Codec:
             return None
         if not _all_finite(t):
             raise ValueError(f"update[{name!r}] contains NaN or infinite values; expected finite numbers")
-        x = t.to(torch.float32).contiguous()
+        x = as_float32(t)
         if t.dtype != torch.float32 and not _all_finite(x):  # float64 beyond float32's range
             if all(s.passthrough for s in self._tensor_stages):
                 return None  # no stage computes in float32: send the float64 values as they are

@@ -26,6 +26,7 @@ from ._stage import (
     expect,
     expect_part,
     expect_parts,
+    flat,
     is_int,
     is_number,
     register_stage,
@@ -278,7 +279,7 @@ class Quantize(Stage):
         # every operation is the same IEEE float32 operation as in encode (no fused multiply-add)
         plans = [_batch_plan(self, tuple(xs[i].shape)) for i in fused]
         sizes = [size for plan in plans for size in plan.sizes]
-        values = torch.cat([xs[i].reshape(-1) for i in fused]).numpy()
+        values = torch.cat([flat(xs[i]) for i in fused]).numpy()
         # every value outside float32's range (a group wider than it, an inf from an earlier stage)
         # overflows as in torch's encode, and the blob is refused for its inf step or values when it
         # is checked; numpy would also warn, an exception where warnings are errors

@@ -457,6 +457,16 @@ def expect_part(
         expect(False, stage, f"{what} must have {numel} elements, found {part.numel()}")
 
 
+def flat(t: torch.Tensor) -> torch.Tensor:
+    """``t.reshape(-1)``, without the call for a tensor already 1-D (a torch call costs ~1 us; encodes make dozens)."""
+    return t if t.dim() == 1 else t.reshape(-1)
+
+
+def as_float32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as contiguous float32: ``t`` itself when it already is, without a torch call."""
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.to(torch.float32).contiguous()
+
+
 def as_numpy(t: torch.Tensor) -> np.ndarray:
     """A numpy view of a CPU tensor (a copy only if it is not contiguous)."""
-    return t.detach().contiguous().numpy()
+    return t.numpy() if t.is_contiguous() and not t.requires_grad else t.detach().contiguous().numpy()
