@@ -35,7 +35,10 @@ SKETCH_MIN_SIDE = 65
 """Below this smaller side the exact eigensolver is the cheaper (one thread: LeNet-5's 64 x 800 conv2
 delta, 212-235 us exact against 310-350 us sketched; its 84 x 120 fc2, 240 against ~100)."""
 SKETCH_OVERSAMPLE = 10
-SKETCH_POWER_ITERATIONS = 2
+SKETCH_POWER_ITERATIONS = 1
+"""One product with a a^T: 2 cost 8 % more of a LeNet-5 encode and 25 % more of a 1.66M-parameter one,
+for no accuracy measured in the default run, S1 or S3 (BENCHMARKS.md, "svd's sketch with one power
+iteration")."""
 _SMALLEST_SUBNORMAL = float(torch.finfo(torch.float32).smallest_normal) * 2.0**-23
 
 
@@ -118,8 +121,8 @@ def _sketched_basis(a: torch.Tensor, rank: int, seed: int) -> tuple[torch.Tensor
     test matrix of rank + SKETCH_OVERSAMPLE columns drawn from ``seed``, SKETCH_POWER_ITERATIONS
     products with a a^T, re-orthonormalized between them so that the smaller directions are not
     rounded away, then Rayleigh-Ritz on the basis found. Measured on real LeNet-5 and McMahan
-    CNN deltas, the rank-4 and rank-6 errors are within 0.1 % of Eckart-Young's; on a flat
-    spectrum (a Gaussian matrix) within 1.3 % (``tests/test_codecs_math.py``).
+    CNN deltas, the rank-4 and rank-6 errors are within 0.7 % of Eckart-Young's (0.1-0.4 % on the
+    larger matrices); on a flat spectrum (a Gaussian matrix) within 1 % (``tests/test_codecs_math.py``).
     """
     columns = min(rank + SKETCH_OVERSAMPLE, a.shape[0])
     test = torch.randn(a.shape[1], columns, generator=torch.Generator().manual_seed(seed))
@@ -184,8 +187,8 @@ class SVD(Stage):
     Math: M = U S V^T; send P = U_r S_r (out x r) and Q = V_r^T (r x in*kh*kw); M_r = P Q, the
     best rank-r approximation: ||M - M_r||_F^2 = sum_{i>r} s_i^2 (Eckart-Young). Cost: for an
     integer rank on matrices whose smaller side is >= 65 and >= 3 (r + 10), a randomized SVD
-    (10 oversamples, 2 power iterations, its test matrix drawn from the encode's seed;
-    O(out * in * (r + 10))), whose error is within ~1 % of Eckart-Young's (0.1 % on real
+    (10 oversamples, 1 power iteration, its test matrix drawn from the encode's seed;
+    O(out * in * (r + 10))), whose error is within ~1 % of Eckart-Young's (0.1-0.7 % on real
     updates); otherwise an exact SVD (O(out * in * min(out, in)), from the eigendecomposition
     of the smaller Gram matrix). See ``_truncated_svd``. Sends r (out + in) values.
     Pays: where updates are close to low rank (large fully connected layers); a tensor that

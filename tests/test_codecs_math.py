@@ -79,7 +79,8 @@ def _spectrum_decaying(rows: int, cols: int, g: torch.Generator) -> torch.Tensor
     return (u / torch.arange(1, k + 1)) @ v.T
 
 
-@pytest.mark.parametrize(("shape", "kind", "tolerance"), [((120, 400), "flat", 0.02), ((400, 84), "decaying", 1e-4)])
+# one power iteration: +0.1-0.9 % over the optimum measured on these; 2 would give 0.3-0.5 % and 0.01 %
+@pytest.mark.parametrize(("shape", "kind", "tolerance"), [((120, 400), "flat", 0.02), ((400, 84), "decaying", 2e-3)])
 @pytest.mark.parametrize("rank", [1, 6])
 def test_sketched_svd_error_is_near_eckart_young(
     shape: tuple[int, int], kind: str, tolerance: float, rank: int, monkeypatch: pytest.MonkeyPatch
