@@ -39,6 +39,13 @@ SKETCH_POWER_ITERATIONS = 1
 """One product with a a^T: 2 cost 8 % more of a LeNet-5 encode and 25 % more of a 1.66M-parameter one,
 for no accuracy measured in the default run, S1 or S3 (BENCHMARKS.md, "svd's sketch with one power
 iteration")."""
+UNSCALED_MIN, UNSCALED_MAX = 2.0**-30, 2.0**30
+"""svd factors a matrix whose largest magnitude lies in this range as it is, others divided by it.
+
+Float32's relative precision does not depend on scale; what scaling prevents is over- and underflow
+in the products: with |x| <= 2^30 and at most 2^40 elements, a Gram matrix or a a^T y holds values
+up to (2^30 * 2^20)^2 = 2^100 < 2^127, and the leading squared singular values kept are at least
+(2^-30)^2 = 2^-60, far above float32's smallest normal (2^-126)."""
 _SMALLEST_SUBNORMAL = float(torch.finfo(torch.float32).smallest_normal) * 2.0**-23
 
 
@@ -60,7 +67,8 @@ def _low_rank_pays(rows: int, cols: int, r: int) -> bool:
 
 def _scale(x: torch.Tensor) -> float:
     """max |x| (1 for an all-zero x): factoring x / scale keeps every intermediate far from overflow."""
-    biggest = float(x.abs().amax())  # amax: ~half the time of max() on LeNet-5's fc1
+    lo, hi = x.aminmax()  # not x.abs().amax(): a temporary as large as x, in fresh pages each encode
+    biggest = max(-float(lo), float(hi))
     return biggest if biggest > 0 else 1.0
 
 
@@ -214,6 +222,8 @@ class SVD(Stage):
         if isinstance(self.rank, int) and not _low_rank_pays(rows, cols, min(self.rank, rows, cols)):
             return None  # decided before any arithmetic on x: small tensors (conv1 of LeNet-5) end here
         scale = _scale(x)
+        if UNSCALED_MIN <= scale <= UNSCALED_MAX:  # no x / scale: a copy of x in fresh pages, each encode
+            return _truncated_svd(_matrix(x), self.rank, 1.0, ctx.seed)
         return _truncated_svd(_matrix(x) / scale, self.rank, scale, ctx.seed)
 
     def decode_cost(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> DecodeCost:

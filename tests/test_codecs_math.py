@@ -105,6 +105,19 @@ def test_sketched_svd_error_is_near_eckart_young(
     assert optimal <= float((x - y).double().norm()) <= (1 + tolerance) * optimal
 
 
+@pytest.mark.parametrize("exponent", [-100, -60, -31, -20, 0, 20, 31, 60, 100])
+@pytest.mark.parametrize("shape", [(120, 400), (16, 150)], ids=["sketched", "exact"])
+def test_svd_error_is_near_eckart_young_at_any_magnitude(exponent: int, shape: tuple[int, int]) -> None:
+    # magnitudes in 2^-30..2^30 are factored as they are, others divided by their largest first
+    # (codecs/_lowrank.py, UNSCALED_MIN/MAX): neither may overflow, underflow or lose accuracy
+    g = torch.Generator().manual_seed(0)
+    x = _spectrum_decaying(*shape, g) * 2.0**exponent
+    y = decode(parse("svd(rank=6)", seed=0).encode({"x": x}))["x"]
+    s = torch.linalg.svdvals(x.double())
+    optimal = float((s[6:] ** 2).sum().sqrt())
+    assert optimal <= float((x - y).double().norm()) <= 1.002 * optimal
+
+
 def test_sketched_svd_is_reproducible_from_the_codec_seed() -> None:
     x = {"x": torch.randn(120, 400, generator=torch.Generator().manual_seed(0))}
     assert parse("svd(rank=6)", seed=1).encode(x) == parse("svd(rank=6)", seed=1).encode(x)
