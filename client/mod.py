@@ -260,9 +260,9 @@ def _encode_reply(
     feedback = ErrorFeedback(codec)
     saved = state.get(STATE_FEEDBACK)
     if isinstance(saved, ArrayRecord) and not _feedback_too_old(state, down):
-        feedback.load_state_dict(_state_tensors(saved))
+        feedback.load_state_dict(_state_tensors(saved), copy=False)  # fresh tensors, made for it alone
     blob = feedback.encode(subtract_tensors(local, reference))
-    state[STATE_FEEDBACK] = _state_record(feedback.state_dict())
+    state[STATE_FEEDBACK] = _state_record(feedback.state_dict(copy=False))  # serialized here, not kept
     meta = state[STATE_META]
     assert isinstance(meta, ConfigRecord)  # written by _store_reference before the app ran
     meta["feedback-version"] = down.version

@@ -56,20 +56,25 @@ class ErrorFeedback:
         except ValueError as err:
             raise _residual_overflow(tensors, sent) or err from None
         self.residual = {
-            name: corrected.get(name, c).to(torch.float32) - decoded[name].to(torch.float32)
-            for name, c in sent.items()
-            if c.dtype in FLOAT_DTYPES
+            name: _minus(corrected.get(name), c, decoded[name]) for name, c in sent.items() if c.dtype in FLOAT_DTYPES
         }
         return blob
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Residuals (``residual/<name>``) and the codec's state (``codec/<key>``), flat."""
-        out = {f"residual/{k}": v.clone() for k, v in self.residual.items()}
+    def state_dict(self, *, copy: bool = True) -> dict[str, torch.Tensor]:
+        """Residuals (``residual/<name>``) and the codec's state (``codec/<key>``), flat.
+
+        With ``copy=False`` the residuals are this object's own tensors, for a caller that
+        serializes them at once (the next :meth:`encode` replaces them, it does not change them).
+        """
+        out = {f"residual/{k}": v.clone() if copy else v for k, v in self.residual.items()}
         out.update({f"codec/{k}": v for k, v in self.codec.state_dict().items()})
         return out
 
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+    def load_state_dict(self, state: Mapping[str, torch.Tensor], *, copy: bool = True) -> None:
         """Restore what :meth:`state_dict` returned.
+
+        With ``copy=False`` the residual tensors are taken as they are, for a caller that made them
+        for this object alone (from serialized state) and does not change them afterwards.
 
         Raises
         ------
@@ -83,7 +88,7 @@ class ErrorFeedback:
         for key, value in state.items():
             head, _, rest = key.partition("/")
             if head == "residual" and rest:
-                residual[rest] = _checked_residual(key, value)
+                residual[rest] = _checked_residual(key, value, copy)
             elif head == "codec" and rest:
                 codec_state[rest] = value
             else:
@@ -103,11 +108,23 @@ def _residual_overflow(given: Mapping[str, torch.Tensor], sent: Mapping[str, tor
     return None
 
 
-def _checked_residual(key: str, value: object) -> torch.Tensor:
+def _checked_residual(key: str, value: object, copy: bool) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"error-feedback state {key!r} must be a torch.Tensor, found {type(value).__name__}")
     if value.dtype != torch.float32:
         raise ValueError(f"error-feedback state {key!r} must be float32, found {value.dtype}")
     if not all_finite(value):
         raise ValueError(f"error-feedback state {key!r} holds NaN or infinite values")
-    return value.clone()
+    return value.clone() if copy else value
+
+
+def _minus(corrected: torch.Tensor | None, sent: torch.Tensor, decoded: torch.Tensor) -> torch.Tensor:
+    """The new residual, float32: ``corrected`` (or ``sent`` where no residual was added) minus ``decoded``.
+
+    ``corrected`` is a tensor of this encode's own (update + residual), so the difference is
+    written into it: one allocation of the model's size less per round. ``decoded`` may be that
+    very tensor (sent raw); the difference is then zero, as it should be.
+    """
+    if corrected is None:
+        return sent.to(torch.float32) - decoded.to(torch.float32)
+    return corrected.sub_(decoded.to(torch.float32))

@@ -119,6 +119,29 @@ def test_error_feedback_state_round_trips(spec: str) -> None:
     assert ef.encode(nxt) == restored.encode(nxt)
 
 
+@pytest.mark.parametrize("spec", all_specs())
+def test_error_feedback_state_without_copies_gives_the_same_rounds(spec: str) -> None:
+    # client/mod.py hands error feedback fresh state and serializes what it returns at once
+    # (copy=False); three rounds must send the same blobs and keep the same residuals as with copies
+    copying, sharing = ErrorFeedback(parse(spec, seed=2)), ErrorFeedback(parse(spec, seed=2))
+    saved: dict[str, torch.Tensor] = {}
+    for round_ in range(3):
+        update = make_update(round_)
+        blob = copying.encode(update)
+        fresh = ErrorFeedback(parse(spec, seed=2))
+        given = {k: v.clone() for k, v in saved.items()}
+        fresh.load_state_dict(given, copy=False)
+        assert fresh.encode(update) == blob, (spec, round_)
+        assert all(torch.equal(v, saved[k]) for k, v in given.items())  # the state it took is not edited
+        saved = fresh.state_dict(copy=False)
+        for key, value in copying.state_dict().items():
+            assert torch.equal(saved[key], value), (spec, round_, key)
+    sharing.load_state_dict(saved, copy=False)
+    before = {k: v.clone() for k, v in saved.items()}
+    sharing.encode(make_update(9))
+    assert all(torch.equal(saved[k], before[k]) for k in saved)  # an encode replaces the residual, never edits it
+
+
 def test_stage_objects_and_spec_strings_build_the_same_codec() -> None:
     from fedsqueeze.codecs import Quantize, TopK, Zstd
 
