@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 TAG_RAW = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class _Raw:
     """A tensor sent as it is; ``made_by`` (a stage's output) asks for the finiteness check."""
 
@@ -37,7 +37,7 @@ class _Raw:
     made_by: str = ""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Staged:
     """A node of tensor stage ``index``."""
 
@@ -48,7 +48,7 @@ class _Staged:
     decoded: torch.Tensor | None = None  # the stage's own Encoded.decoded
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     """A float32 tensor on its way through the stages; ``node`` is set once one takes it (or none does)."""
 

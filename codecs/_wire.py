@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Final
 
 import numpy as np
@@ -237,8 +238,13 @@ def extent(shape: tuple[int, ...]) -> int:
     return n
 
 
+_LITTLE_ENDIAN: Final = sys.byteorder == "little"
+
+
 def tensor_to_bytes(t: torch.Tensor) -> memoryview:
     """Little-endian bytes of a CPU tensor (bfloat16 and bool included), without a copy if contiguous."""
+    if _LITTLE_ENDIAN and t.dtype is not torch.bfloat16 and t.is_contiguous() and not t.requires_grad and t.is_cpu:
+        return t.numpy().reshape(-1).data.cast("B")  # the common case, without the checks below: ~40 per encode
     if t.requires_grad or not t.is_contiguous() or not t.is_cpu:
         t = t.detach().contiguous().cpu()
     if t.dtype == torch.bfloat16:
