@@ -20,13 +20,11 @@ import numpy as np
 import torch
 
 from ._bits import varint_bytes as varint
-from ._stage import ArrayNode, EncodeContext, EncodeFurther, as_float32, as_numpy, flat
-from ._wire import DTYPE_CODES, FLOAT_DTYPES, MAX_NDIM, dtype_code, tensor_to_bytes
+from ._stage import ArrayNode, EncodeContext, Encoded, EncodeFurther, as_float32, as_numpy, flat
+from ._wire import DTYPE_CODES, FLOAT_DTYPES, dtype_code, raw_node_head, shape_bytes, tensor_to_bytes
 
 if TYPE_CHECKING:
     from ._pipeline import Codec
-
-TAG_RAW = 0
 
 
 @dataclass(slots=True)
@@ -46,6 +44,7 @@ class _Staged:
     meta: bytes
     children: list[_Pending | _Raw]
     decoded: torch.Tensor | None = None  # the stage's own Encoded.decoded
+    wire: bytes | None = None  # its Encoded.wire: the children as they are written
 
 
 @dataclass(slots=True)
@@ -57,14 +56,6 @@ class _Pending:
     raw: torch.Tensor
     made_by: str = ""
     node: _Raw | _Staged | None = field(default=None)
-
-
-@functools.lru_cache(maxsize=4096)
-def shape_bytes(shape: tuple[int, ...]) -> bytes:
-    """The wire form of a shape: ndim, then each dimension as a varint."""
-    if len(shape) > MAX_NDIM:
-        raise ValueError(f"tensors may have at most {MAX_NDIM} dimensions, got {len(shape)}")
-    return bytes((len(shape),)) + b"".join(varint(d) for d in shape)
 
 
 def run_stages(codec: Codec, pending: list[_Pending]) -> list[_Raw]:
@@ -97,6 +88,9 @@ def run_stages(codec: Codec, pending: list[_Pending]) -> list[_Raw]:
             if encoded is None:
                 later.append(p)
                 continue
+            if encoded.wire is not None:
+                p.node = _wired(index, p, encoded, stage.name)
+                continue
             made_by = f"encoding update[{p.name!r}] {made_by_stage}"
             children: list[_Pending | _Raw] = []
             for part in encoded.parts:
@@ -122,6 +116,16 @@ def run_stages(codec: Codec, pending: list[_Pending]) -> list[_Raw]:
         if p.made_by:
             made.append(p.node)
     return made
+
+
+def _wired(index: int, p: _Pending, encoded: Encoded, stage: str) -> _Staged:
+    """The node of a stage output that comes with its wire form: its parts are raw and already checked."""
+    children: list[_Pending | _Raw] = []
+    for part in encoded.parts:
+        if isinstance(part, EncodeFurther):
+            raise RuntimeError(f"stage {stage!r} gave the wire form of parts that later stages encode further")
+        children.append(_Raw(part))
+    return _Staged(index, tuple(p.x.shape), encoded.meta, children, encoded.decoded, encoded.wire)
 
 
 def overflow_error(made_by: str) -> ValueError:
@@ -179,7 +183,7 @@ def check_finite(made: list[_Raw], nodes: list[_Pending | _Raw]) -> None:
 @functools.lru_cache(maxsize=4096)
 def raw_head(dtype: torch.dtype, shape: tuple[int, ...]) -> bytes:
     """Tag, dtype code and shape of a raw node."""
-    return bytes((TAG_RAW, dtype_code(dtype))) + shape_bytes(shape)
+    return raw_node_head(dtype_code(dtype), shape)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -209,7 +213,11 @@ def node_pieces(node: _Pending | _Raw, out: list[bytes | memoryview]) -> int:
             head = staged_head(resolved.index, resolved.shape, resolved.meta, len(resolved.children))
             out.append(head)
             size += len(head)
-            stack.extend(reversed(resolved.children))
+            if resolved.wire is None:
+                stack.extend(reversed(resolved.children))
+            else:
+                out.append(resolved.wire)
+                size += len(resolved.wire)
     return size
 
 

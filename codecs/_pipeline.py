@@ -22,6 +22,7 @@ from ._wire import (
     DTYPES,
     FLOAT_DTYPES,
     MAGIC,
+    TAG_RAW,
     VERSION,
     WIRE_NUMPY_DTYPES,
     Reader,
@@ -39,7 +40,6 @@ MAX_NAME_LENGTH = 1024
 MAX_PARTS = 16
 MAX_META = 4096
 MAX_STAGES = 8
-TAG_RAW = 0
 
 
 @dataclass(frozen=True)

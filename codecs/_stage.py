@@ -56,11 +56,18 @@ class Encoded:
         when the stage has it at hand for less than decoding costs (``quantize``'s batch). Only
         for parts that no later stage encodes further. Error feedback then takes it instead of
         decoding (default: None).
+    wire : bytes | None
+        Optional: ``parts`` as they go on the wire, one raw node after the other (tag 0, dtype
+        code, shape, little-endian data; ``FORMAT.md``), when a stage's batch has them at hand
+        for less than the encoder's walk costs (``quantize``'s: ~40 parts per LeNet-5 update).
+        Only when every part is stored as is; its float parts must be finite, as the encoder
+        does not check them again. The fused encoder writes it instead of ``parts`` (default: None).
     """
 
     parts: list[Part]
     meta: bytes = b""
     decoded: torch.Tensor | None = None
+    wire: bytes | None = None
 
 
 @dataclass(frozen=True)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Any, Final
 
 import numpy as np
 import torch
 
+from ._bits import varint_bytes
 from ._errors import CodecError
 
 MAGIC: Final = b"FSQZ"
@@ -38,6 +40,24 @@ def dtype_code(dtype: torch.dtype) -> int:
     except KeyError:
         allowed = ", ".join(str(d).removeprefix("torch.") for d in DTYPE_CODES)
         raise ValueError(f"unsupported dtype {dtype}; expected one of: {allowed}") from None
+
+
+TAG_RAW: Final = 0
+"""The tag of a raw node (a tensor sent as it is); tag i + 1 is a node of tensor stage i."""
+
+
+@functools.lru_cache(maxsize=4096)
+def shape_bytes(shape: tuple[int, ...]) -> bytes:
+    """The wire form of a shape: ndim, then each dimension as a varint."""
+    if len(shape) > MAX_NDIM:
+        raise ValueError(f"tensors may have at most {MAX_NDIM} dimensions, got {len(shape)}")
+    return bytes((len(shape),)) + b"".join(varint_bytes(d) for d in shape)
+
+
+@functools.lru_cache(maxsize=4096)
+def raw_node_head(code: int, shape: tuple[int, ...]) -> bytes:
+    """Tag, dtype code and shape of a raw node of wire dtype ``code``: what precedes its data."""
+    return bytes((TAG_RAW, code)) + shape_bytes(shape)
 
 
 def itemsize(dtype: torch.dtype) -> int:
@@ -238,12 +258,12 @@ def extent(shape: tuple[int, ...]) -> int:
     return n
 
 
-_LITTLE_ENDIAN: Final = sys.byteorder == "little"
+LITTLE_ENDIAN: Final = sys.byteorder == "little"
 
 
 def tensor_to_bytes(t: torch.Tensor) -> memoryview:
     """Little-endian bytes of a CPU tensor (bfloat16 and bool included), without a copy if contiguous."""
-    if _LITTLE_ENDIAN and t.dtype is not torch.bfloat16 and t.is_contiguous() and not t.requires_grad and t.is_cpu:
+    if LITTLE_ENDIAN and t.dtype is not torch.bfloat16 and t.is_contiguous() and not t.requires_grad and t.is_cpu:
         return t.numpy().reshape(-1).data.cast("B")  # the common case, without the checks below: ~40 per encode
     if t.requires_grad or not t.is_contiguous() or not t.is_cpu:
         t = t.detach().contiguous().cpu()

@@ -84,6 +84,10 @@ def test_encode_batch_equals_encode_for_every_stage(name: str) -> None:
             tb = b.tensor if isinstance(b, EncodeFurther) else b
             assert ta.dtype == tb.dtype and ta.shape == tb.shape
             assert bytes(tensor_to_bytes(ta)) == bytes(tensor_to_bytes(tb)), name
+        if got.wire is not None:  # the parts as raw nodes, as the per-tensor encoder writes them
+            assert not any(isinstance(part, EncodeFurther) for part in got.parts)
+            written = b"".join(Codec.raw_node(part).getvalue() for part in got.parts)  # type: ignore[arg-type]
+            assert got.wire == written, name
 
 
 finite = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, width=32)

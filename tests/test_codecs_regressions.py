@@ -124,6 +124,16 @@ def test_a_range_wider_than_float32_encodes_without_a_numpy_warning(granularity:
     assert not bool(torch.isfinite(decoded).all())  # inf where the range overflowed
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_quantize_step_beyond_float32_is_refused_by_both_encoders(fused: bool) -> None:
+    # quantize's batch now writes its parts' wire form itself (Encoded.wire) and the encoder does not
+    # check those parts again: a 1-bit step of 6e38 is infinite in float32, so the batch must leave
+    # that tensor's parts to the encoder's check, which names it, as the per-tensor path does
+    x = {"v": torch.randn(30), "w": torch.tensor([-3e38, 3e38] * 20)}
+    with pytest.raises(ValueError, match=r"update\['w'\] with stage 'quantize' overflows float32"):
+        parse("quantize(bits=1)").encode(x, fused=fused)
+
+
 def _extreme_updates() -> dict[str, dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
     row_of_huge = torch.zeros(6, 20)
