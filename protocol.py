@@ -386,7 +386,7 @@ def tensors_to_arrays(tensors: Mapping[str, torch.Tensor | np.ndarray]) -> Array
     out = ArrayRecord()  # filled in place: ArrayRecord(dict) copies every Array once more
     for name, value in tensors.items():
         array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-        out[name] = Array(np.ascontiguousarray(array))
+        out[name] = Array(np.require(array, requirements="C"))  # not ascontiguousarray: it makes 0-d arrays 1-d
     return out
 
 

@@ -78,7 +78,7 @@ class DecodeLimits:
 
 def _to_tensor(name: str, value: Any) -> torch.Tensor:
     if isinstance(value, np.ndarray):
-        value = torch.from_numpy(np.ascontiguousarray(value))
+        value = torch.from_numpy(np.require(value, requirements="C"))  # not ascontiguousarray: it makes 0-d 1-d
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"update[{name!r}] must be a torch.Tensor or numpy.ndarray, found {type(value).__name__}")
     dtype_code(value.dtype)  # raises for unsupported dtypes

@@ -531,3 +531,11 @@ def test_svd_falls_back_to_the_svd_when_the_eigensolver_fails(
 
     monkeypatch.setattr(torch.linalg, "eigh", fails)
     assert low_rank_error(delta) == pytest.approx(expected, abs=1e-3)
+
+
+def test_a_zero_dimensional_numpy_array_decodes_with_its_shape() -> None:
+    # np.ascontiguousarray returns at least 1-D: a 0-d numpy value was encoded, and decoded, as shape (1,)
+    update = {"scalar": np.array(2.5, np.float32), "counter": np.array(7, np.int64), "w": np.ones((3, 2)).T}
+    decoded = decode(parse("quantize(bits=8)").encode(update))
+    assert {name: tuple(t.shape) for name, t in decoded.items()} == {"scalar": (), "counter": (), "w": (2, 3)}
+    assert float(decoded["scalar"]) == 2.5 and int(decoded["counter"]) == 7

@@ -192,3 +192,14 @@ def test_tensor_helpers_keep_names_order_and_exact_values() -> None:
         add_tensors(a, {"z": torch.zeros(2, 3), "a": torch.zeros(4)})
     with pytest.raises(TypeError):
         arrays_to_tensors(ArrayRecord({"x": Array(dtype="uint8", shape=(1,), stype="other", data=b"1")}))
+
+
+def test_zero_dimensional_tensors_keep_their_shape_as_arrays() -> None:
+    # found while packing the node state: np.ascontiguousarray returns at least 1-D, so a 0-d tensor
+    # (BatchNorm's num_batches_tracked) reached the ClientApp as shape (1,) instead of ()
+    tensors = {"bn.num_batches_tracked": torch.tensor(7), "w": torch.arange(6.0).reshape(2, 3).T}
+    record = tensors_to_arrays(tensors)
+    assert record["bn.num_batches_tracked"].shape == ()
+    back = arrays_to_tensors(record)
+    for name, t in tensors.items():
+        assert back[name].shape == t.shape and torch.equal(back[name], t), name
