@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import functools
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from typing import Any
 
-import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common.constant import ErrorCode, SType
+from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 
 from fedsqueeze.client.state import STATE_DIR_KEY, NodeState, load_node_state, save_node_state
+from fedsqueeze.client.state_record import state_record, state_tensors
 from fedsqueeze.codecs import Codec, CodecError, ErrorFeedback, decode, parse
 from fedsqueeze.compact_arch import parse_arch
 from fedsqueeze.protocol import (
@@ -231,10 +228,15 @@ def _keep_residual_only(state: RecordDict, before: object, now: str) -> None:
         same_stages = isinstance(before, str) and _stage_names(before) == _stage_names(now)
     except ValueError:
         same_stages = False
-    if not same_stages or not isinstance(saved, ArrayRecord):
+    try:
+        tensors = state_tensors(saved) if same_stages and isinstance(saved, ArrayRecord) else None
+    except (TypeError, ValueError) as err:
+        log(logging.ERROR, "fedsqueeze: the node's error-feedback state is unusable (%s); dropped", err)
+        tensors = None
+    if tensors is None:
         del state[STATE_FEEDBACK]
         return
-    state[STATE_FEEDBACK] = ArrayRecord({k: v for k, v in saved.items() if k.startswith("residual/")})
+    state[STATE_FEEDBACK] = state_record({k: v for k, v in tensors.items() if k.startswith("residual/")})
 
 
 def _stage_names(spec: str) -> list[str]:
@@ -260,58 +262,21 @@ def _encode_reply(
     feedback = ErrorFeedback(codec)
     saved = state.get(STATE_FEEDBACK)
     if isinstance(saved, ArrayRecord) and not _feedback_too_old(state, down):
-        feedback.load_state_dict(_state_tensors(saved), copy=False)  # fresh tensors, made for it alone
+        _load_feedback(feedback, saved)
     blob = feedback.encode(subtract_tensors(local, reference))
-    state[STATE_FEEDBACK] = _state_record(feedback.state_dict(copy=False))  # serialized here, not kept
+    state[STATE_FEEDBACK] = state_record(feedback.state_dict(copy=False))  # serialized here, not kept
     meta = state[STATE_META]
     assert isinstance(meta, ConfigRecord)  # written by _store_reference before the app ran
     meta["feedback-version"] = down.version
     return DELTA, blob
 
 
-@functools.lru_cache(maxsize=1024)
-def _npy_header(dtype: np.dtype[Any], shape: tuple[int, ...]) -> bytes:
-    """The header ``np.save`` writes before the data of a C-contiguous array of ``dtype`` and ``shape``."""
-    data = Array(np.zeros(shape, dtype)).data
-    return data[: len(data) - math.prod(shape) * dtype.itemsize]
-
-
-def _state_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
-    """:func:`tensors_to_arrays` for the node's state, the same bytes without ``np.save`` per array.
-
-    ``np.save`` formats a header per array, which cost more than the error feedback's arithmetic on
-    a small model; the header depends only on dtype and shape, so it is made once per layout.
-    """
-    out = ArrayRecord()  # filled in place: ArrayRecord(dict) copies every Array once more
-    for name, t in tensors.items():
-        array = np.ascontiguousarray(t.detach().cpu().numpy())
-        data = b"".join((_npy_header(array.dtype, array.shape), array.data))  # one copy of the values
-        dtype = _DTYPE_NAMES.get(array.dtype) or str(array.dtype)  # str(np.dtype) costs more than the copy
-        out[name] = Array(dtype=dtype, shape=array.shape, stype=SType.NUMPY, data=data)
-    return out
-
-
-def _state_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    """:func:`arrays_to_tensors` for the node's state: arrays written by :func:`_state_record` without ``np.load``.
-
-    An array whose bytes are not exactly a known header and its data is read by ``np.load``.
-    """
-    out: dict[str, torch.Tensor] = {}
-    for name, array in record.items():
-        dtype = np.dtype(array.dtype) if array.stype == SType.NUMPY and array.dtype in _STATE_DTYPES else None
-        header = None if dtype is None else _npy_header(dtype, tuple(array.shape))
-        count = math.prod(array.shape)
-        if header is not None and dtype is not None and len(array.data) == len(header) + count * dtype.itemsize:
-            if array.data.startswith(header):
-                values = np.frombuffer(array.data, dtype, count=count, offset=len(header))
-                out[name] = torch.from_numpy(values.reshape(tuple(array.shape)).copy())
-                continue
-        out[name] = arrays_to_tensors(ArrayRecord({name: array}))[name]
-    return out
-
-
-_STATE_DTYPES = frozenset({"float32", "float64", "float16", "int64", "int32", "uint8", "bool"})
-_DTYPE_NAMES = {np.dtype(name): name for name in _STATE_DTYPES}
+def _load_feedback(feedback: ErrorFeedback, saved: ArrayRecord) -> None:
+    """Load the residual carried over; one that cannot be read is dropped (logged) and the round goes on without."""
+    try:
+        feedback.load_state_dict(state_tensors(saved), copy=False)  # fresh tensors, made for it alone
+    except (TypeError, ValueError) as err:
+        log(logging.ERROR, "fedsqueeze: the node's error-feedback state is unusable (%s); continuing without it", err)
 
 
 def _feedback_too_old(state: RecordDict, down: Downlink) -> bool:
@@ -385,7 +350,7 @@ def _restore_saved_state(down: Downlink, context: Context) -> None:
         except (TypeError, ValueError) as err:
             log(logging.ERROR, "fedsqueeze: the saved uplink residual is unusable (%s); starting without", err)
             return
-        context.state[STATE_FEEDBACK] = tensors_to_arrays(saved.feedback)
+        context.state[STATE_FEEDBACK] = state_record(saved.feedback)
         meta = context.state[STATE_META]
         assert isinstance(meta, ConfigRecord)  # written by _store_reference just above
         meta["feedback-version"] = saved.feedback_version
@@ -400,7 +365,6 @@ def _save_state(context: Context) -> None:
     held = _held_version(context.state, arch)
     if not directory or held is None:
         return
-    feedback = context.state.get(STATE_FEEDBACK)
     made = meta.get("feedback-version")  # type: ignore[union-attr]
     state = NodeState(
         run_id=context.run_id,
@@ -408,7 +372,7 @@ def _save_state(context: Context) -> None:
         version=held,
         reference=arrays_to_tensors(context.state[STATE_REFERENCE]),  # type: ignore[arg-type]
         uplink=str(meta["uplink"]),  # type: ignore[index]
-        feedback=arrays_to_tensors(feedback) if isinstance(feedback, ArrayRecord) else None,
+        feedback=_saved_feedback(context.state.get(STATE_FEEDBACK)),
         feedback_version=made if isinstance(made, int) else None,
         arch=arch,
     )
@@ -416,6 +380,17 @@ def _save_state(context: Context) -> None:
         save_node_state(str(directory), state)
     except OSError as err:
         log(logging.ERROR, "fedsqueeze: cannot save the node state to %s: %s", directory, err)
+
+
+def _saved_feedback(record: object) -> dict[str, torch.Tensor] | None:
+    """The error-feedback state to save with the node's model, or None (none held, or unreadable: logged)."""
+    if not isinstance(record, ArrayRecord):
+        return None
+    try:
+        return state_tensors(record)
+    except (TypeError, ValueError) as err:
+        log(logging.ERROR, "fedsqueeze: the node's error-feedback state is unusable (%s); saved without it", err)
+        return None
 
 
 def _codec_seed(context: Context, version: int) -> int:

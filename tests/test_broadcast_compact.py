@@ -17,6 +17,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedsqueeze.client import CompressionMod, compression_mod
 from fedsqueeze.client.mod import STATE_FEEDBACK, STATE_META, STATE_REFERENCE
+from fedsqueeze.client.state_record import state_tensors as read_state
 from fedsqueeze.codecs import parse
 from fedsqueeze.compact_arch import ARCH_MAX_CHARS, StudentArch, build_student, count_parameters, parse_arch
 from fedsqueeze.config import RunConfig
@@ -161,7 +162,7 @@ def node_context(node_id: int = 42) -> Context:
 def state_tensors(ctx: Context, key: str) -> dict[str, torch.Tensor]:
     record = ctx.state[key]
     assert isinstance(record, ArrayRecord), f"{key} is a {type(record).__name__}"
-    return arrays_to_tensors(record)
+    return read_state(record)
 
 
 def train_message(down: Downlink, node_id: int = 42) -> Message:

@@ -11,6 +11,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedsqueeze.client import compression_mod
 from fedsqueeze.client.mod import STATE_FEEDBACK, STATE_META, STATE_REFERENCE
+from fedsqueeze.client.state_record import state_tensors
 from fedsqueeze.codecs import decode, parse
 from fedsqueeze.protocol import (
     DELTA,
@@ -117,7 +118,7 @@ def test_error_feedback_carries_what_topk_dropped_to_the_next_round() -> None:
     client = PlusOneApp(mods=[compression_mod])
     uplink = "topk(ratio=0.25)"
     first = Uplink.from_record(client.app(train_message(full(model, uplink)), ctx).content[PAYLOAD_KEY])
-    residual = arrays_to_tensors(ctx.state[STATE_FEEDBACK])
+    residual = state_tensors(ctx.state[STATE_FEEDBACK])  # type: ignore[arg-type]
     sent = decode(first.blob)
     for k in model:  # what was sent plus what is kept is exactly the update (+1 everywhere)
         assert torch.allclose(sent[k] + residual[f"residual/{k}"], torch.ones_like(model[k]))
