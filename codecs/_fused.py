@@ -5,8 +5,9 @@ stages before it starts the next, and writes the blob a few bytes at a time; on 
 that fixed cost per tensor, stage and node dominates. Here stage ``i`` gets, in one
 :meth:`Stage.encode_batch` call, every tensor and part that reaches it (in the order the
 per-tensor walk reaches them, so stateful stages see the same sequence per tensor), and the
-body is built as a list of byte strings joined once. The blob is bit-identical to the
-per-tensor path's: the format, the choice of raw nodes and the checks are the same.
+body is built as a list of byte strings joined once (a batch may hand over its parts already in
+wire form, checked: ``Encoded.wire``). The blob is bit-identical to the per-tensor path's: the
+format, the choice of raw nodes and the checks are the same.
 """
 
 from __future__ import annotations

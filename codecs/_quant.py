@@ -26,7 +26,6 @@ from ._stage import (
     expect,
     expect_part,
     expect_parts,
-    flat,
     is_int,
     is_number,
     register_stage,
@@ -87,46 +86,40 @@ def _codes(
     return codes
 
 
-def _batch_codes(values: np.ndarray, sizes: list[int], bits: int) -> tuple[np.ndarray, ...]:
-    """(lo, step, uint8 codes, decoded values) of consecutive groups of ``sizes`` values each.
+def _batch_codes(values: np.ndarray, layout: _BatchLayout, bits: int) -> tuple[np.ndarray, ...]:
+    """(lo, step, uint8 codes, decoded values) of the consecutive groups of ``layout``.
 
     The same IEEE float32 operations, in the same order, as :meth:`Quantize.encode` and decoding.
     """
-    starts = np.fromiter(itertools.accumulate(sizes[:-1], initial=0), np.int64, len(sizes))
-    lo = np.minimum.reduceat(values, starts)
+    lo = np.minimum.reduceat(values, layout.starts)
     lo += np.float32(0.0)  # -0.0 -> +0.0, as in encode
-    hi = np.maximum.reduceat(values, starts)
+    hi = np.maximum.reduceat(values, layout.starts)
     hi += np.float32(0.0)
     levels = (1 << bits) - 1
-    step = ((hi.astype(np.float64) - lo.astype(np.float64)) / levels).astype(np.float32)
+    step = (np.subtract(hi, lo, dtype=np.float64) / levels).astype(np.float32)  # hi - lo may overflow float32
     inv = np.zeros_like(step)
     np.divide(np.float32(1.0), step, out=inv, where=step > 0)
     np.minimum(inv, FLOAT32_MAX, out=inv)  # a subnormal step's inverse overflows: capped, as in _step
-    sizes_np = np.array(sizes)
-    lo_each = np.repeat(lo, sizes_np)
+    lo_each = np.repeat(lo, layout.sizes)
     scaled = values - lo_each
-    scaled *= np.repeat(inv, sizes_np)
+    scaled *= np.repeat(inv, layout.sizes)
     codes = np.clip(np.rint(scaled, out=scaled), 0, levels, out=scaled)
     # what decode returns, for error feedback: the same float32 multiply, then add, as _dequantize's
-    decoded = codes * np.repeat(step, sizes_np)
+    decoded = codes * np.repeat(step, layout.sizes)
     decoded += lo_each
     return lo, step, codes.astype(np.uint8), decoded
 
 
-def _pack_segments(codes: np.ndarray, counts: Sequence[int], bits: int) -> tuple[np.ndarray, list[int]]:
-    """:func:`pack_bits` of each segment of ``codes`` (``counts`` values each), in one call: (bytes, bytes per segment).
+def _pack_segments(codes: np.ndarray, layout: _BatchLayout, bits: int) -> np.ndarray:
+    """:func:`pack_bits` of each tensor's codes in ``codes``, in one call.
 
-    Each segment is padded with zero codes to a whole byte, as packing it alone pads its end.
+    Each tensor's codes are padded with zero codes to a whole byte, as packing it alone pads its end.
     """
-    per = 8 // bits
-    padded = [-(-n // per) * per for n in counts]
-    aligned = codes
-    if padded != list(counts):
-        # each code moves right by the padding of the segments before it
-        shift = np.repeat(np.cumsum([0, *padded[:-1]]) - np.cumsum([0, *counts[:-1]]), counts)
-        aligned = np.zeros(sum(padded), np.uint8)
-        aligned[np.arange(codes.size) + shift] = codes
-    return pack_bits(aligned, bits), [n // per for n in padded]
+    if layout.aligned is None:
+        return pack_bits(codes, bits)
+    aligned = np.zeros(layout.aligned_size, np.uint8)
+    aligned[layout.aligned] = codes
+    return pack_bits(aligned, bits)
 
 
 def _group_sizes(shape: tuple[int, ...], granularity: str | int) -> list[int]:
@@ -169,9 +162,52 @@ def _batch_plan(stage: Quantize, shape: tuple[int, ...]) -> _BatchPlan:
     return _BatchPlan(numel, sizes, meta, codes_head, raw_node_head(FLOAT32_CODE, (len(sizes),)))
 
 
-def _wires(
-    plans: list[_BatchPlan], packed: np.ndarray, byte_counts: list[int], lo: np.ndarray, step: np.ndarray
-) -> list[bytes] | None:
+@dataclass(frozen=True)
+class _BatchLayout:
+    """What quantize's batch derives from the shapes alone, for one list of shapes (the same each round: cached).
+
+    ``starts`` and ``sizes``: where each group begins in the concatenated values and how many it holds;
+    ``aligned``: where each code goes when every tensor's codes start on a byte (None when they do).
+    """
+
+    plans: tuple[_BatchPlan, ...]
+    starts: np.ndarray
+    sizes: np.ndarray
+    counts: tuple[int, ...]
+    groups: tuple[int, ...]
+    byte_counts: tuple[int, ...]
+    aligned: np.ndarray | None
+    aligned_size: int
+
+
+@functools.lru_cache(maxsize=256)
+def _batch_layout(stage: Quantize, shapes: tuple[tuple[int, ...], ...]) -> _BatchLayout:
+    plans = tuple(_batch_plan(stage, shape) for shape in shapes)
+    sizes = [size for plan in plans for size in plan.sizes]
+    counts = tuple(plan.numel for plan in plans)
+    per = 8 // stage.bits
+    padded = [-(-n // per) * per for n in counts]
+    aligned = None
+    if padded != list(counts):  # each code moves right by the padding of the tensors before it
+        shift = np.repeat(np.cumsum([0, *padded[:-1]]) - np.cumsum([0, *counts[:-1]]), counts)
+        aligned = np.arange(sum(counts)) + shift
+    layout = _BatchLayout(
+        plans,
+        np.fromiter(itertools.accumulate(sizes[:-1], initial=0), np.int64, len(sizes)),
+        np.array(sizes),
+        counts,
+        tuple(len(plan.sizes) for plan in plans),
+        tuple(n // per for n in padded),
+        aligned,
+        sum(padded),
+    )
+    for array in (layout.starts, layout.sizes, layout.aligned):
+        if array is not None:
+            array.flags.writeable = False  # shared by every batch of these shapes
+    return layout
+
+
+def _wires(layout: _BatchLayout, packed: np.ndarray, lo: np.ndarray, step: np.ndarray) -> list[bytes] | None:
     """Each tensor's three parts as raw nodes on the wire, or None when the encoder must check them.
 
     Built from the arrays of the whole batch, a slice each, instead of a tensor per part: the
@@ -181,7 +217,7 @@ def _wires(
     if not (LITTLE_ENDIAN and math.isfinite(float(lo.sum(dtype=np.float64)) + float(step.sum(dtype=np.float64)))):
         return None
     wires, at, group = [], 0, 0
-    for plan, count in zip(plans, byte_counts, strict=True):
+    for plan, count in zip(layout.plans, layout.byte_counts, strict=True):
         end, group_end = at + count, group + len(plan.sizes)
         codes_part, lo_part, step_part = packed[at:end].data, lo[group:group_end].data, step[group:group_end].data
         wires.append(b"".join((plan.codes_head, codes_part, plan.groups_head, lo_part, plan.groups_head, step_part)))
@@ -302,23 +338,21 @@ class Quantize(Stage):
             return out
         # in numpy: a torch call costs several times a numpy call, and the arrays here are small;
         # every operation is the same IEEE float32 operation as in encode (no fused multiply-add)
-        plans = [_batch_plan(self, tuple(xs[i].shape)) for i in fused]
-        sizes = [size for plan in plans for size in plan.sizes]
-        values = torch.cat([flat(xs[i]) for i in fused]).numpy()
+        layout = _batch_layout(self, tuple(tuple(xs[i].shape) for i in fused))
+        values = np.concatenate([as_numpy(xs[i]) for i in fused], axis=None)  # axis=None: flattened
         # every value outside float32's range (a group wider than it, an inf from an earlier stage)
         # overflows as in torch's encode, and the blob is refused for its inf step or values when it
         # is checked; numpy would also warn, an exception where warnings are errors
         with np.errstate(over="ignore", invalid="ignore"):
-            lo, step, codes, decoded = _batch_codes(values, sizes, self.bits)
-        counts = [plan.numel for plan in plans]
-        packed, byte_counts = _pack_segments(codes, counts, self.bits)
+            lo, step, codes, decoded = _batch_codes(values, layout, self.bits)
+        packed = _pack_segments(codes, layout, self.bits)
         # one split per array (views, one call each) instead of a slice per tensor and part
-        groups = [len(plan.sizes) for plan in plans]
         split = torch.split_with_sizes
-        lo_t, step_t = split(torch.from_numpy(lo), groups), split(torch.from_numpy(step), groups)
-        packed_t, decoded_t = split(torch.from_numpy(packed), byte_counts), split(torch.from_numpy(decoded), counts)
-        wires = _wires(plans, packed, byte_counts, lo, step)
-        for j, (i, plan) in enumerate(zip(fused, plans, strict=True)):
+        lo_t, step_t = split(torch.from_numpy(lo), layout.groups), split(torch.from_numpy(step), layout.groups)
+        packed_t = split(torch.from_numpy(packed), layout.byte_counts)
+        decoded_t = split(torch.from_numpy(decoded), layout.counts)
+        wires = _wires(layout, packed, lo, step)
+        for j, (i, plan) in enumerate(zip(fused, layout.plans, strict=True)):
             wire = None if wires is None else wires[j]
             out[i] = Encoded([packed_t[j], lo_t[j], step_t[j]], plan.meta, decoded_t[j], wire)
         return out
