@@ -232,3 +232,15 @@ def test_randomized_svd_of_a_large_matrix_is_seeded_so_both_paths_agree() -> Non
     before = torch.random.get_rng_state()
     assert_same_blobs("svd(rank=2) | quantize | zstd", [update])
     assert torch.equal(torch.random.get_rng_state(), before)  # the global generator is left alone
+
+
+@pytest.mark.parametrize("spec", ["powersgd(rank=4, iters=3) | quantize(granularity=64)", "svd(rank=3) | quantize"])
+@pytest.mark.parametrize("lead", range(1, 9))
+def test_rebuilt_factors_at_any_offset_of_the_batch_multiply_as_decode_does(spec: str, lead: int) -> None:
+    # found by the encoder fuzzer: quantize's batch rebuilds the factors as views of one buffer, and a
+    # factor 4, 8 or 12 bytes past a 16-byte boundary (here after `lead` values) made MKL's product
+    # round 1 ulp away from decode's, which multiplies fresh arrays; the server's downlink reference and
+    # the error-feedback residual take that product as what the receiver decodes
+    g = torch.Generator().manual_seed(lead)
+    update = {"lead": torch.randn(lead, generator=g), "w": torch.randn(24, 8, generator=g), "v": torch.randn(40, 30)}
+    assert_rebuilt_is_decoded(spec, [update])
