@@ -182,7 +182,7 @@ def _factors(top: torch.Tensor, projected: torch.Tensor, scale: float, wide: boo
         norms = torch.linalg.vector_norm(projected, dim=1)
         # a zero row stays zero whatever it is divided by; the smallest subnormal changes no other norm
         q = projected / norms.clamp_min(_SMALLEST_SUBNORMAL)[:, None]
-        return Encoded([EncodeFurther(top * (norms * scale)), EncodeFurther(q)])
+        return Encoded([EncodeFurther(top * (norms if scale == 1.0 else norms * scale)), EncodeFurther(q)])
     # top = V_r, projected = (m V_r)^T
     return Encoded([EncodeFurther(projected.T * scale), EncodeFurther(top.T.contiguous())])
 
