@@ -70,9 +70,13 @@ def run_stages(codec: Codec, pending: list[_Pending]) -> list[_Raw]:
         if not waiting:
             return made
         states = codec._state.setdefault(index, {})
+        seeded = stage.draws_random  # as Codec.stage_seed, asked once per stage
         ctxs = [
             EncodeContext(
-                name=p.name, state=states.setdefault(p.name, {}), seed=codec._seed(index, p.name), call=codec._calls
+                name=p.name,
+                state=states.setdefault(p.name, {}),
+                seed=codec._seed(index, p.name) if seeded else 0,
+                call=codec._calls,
             )
             for p in waiting
         ]

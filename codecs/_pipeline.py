@@ -258,6 +258,10 @@ class Codec:
         h.update(f"{stage_index}/{name}".encode())
         return int.from_bytes(h.digest(), "little") >> 1
 
+    def stage_seed(self, stage: Stage, index: int, name: str) -> int:
+        """The seed handed to tensor stage ``index`` for tensor ``name``: :meth:`_seed`, or 0 if it draws nothing."""
+        return self._seed(index, name) if stage.draws_random else 0
+
     def encode(self, update: Mapping[str, TensorLike], *, fused: bool = True) -> bytes:
         """Encode ``update`` (names -> tensors or arrays) into a self-describing blob.
 
@@ -479,7 +483,7 @@ class Codec:
                 continue
             state = self._state.setdefault(index, {}).setdefault(name, {})
             encoded = stage.encode(
-                x, EncodeContext(name=name, state=state, seed=self._seed(index, name), call=self._calls)
+                x, EncodeContext(name=name, state=state, seed=self.stage_seed(stage, index, name), call=self._calls)
             )
             if not state:
                 self._state[index].pop(name)

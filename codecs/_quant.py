@@ -276,6 +276,10 @@ class Quantize(Stage):
         ok = is_int(b) and (b == 0 or 8 <= b <= 2**24)
         check_param(ok, self.name, "outlier_block", "0 or a block size in 8..2**24", b)
 
+    @property
+    def draws_random(self) -> bool:
+        return self.stochastic
+
     def _granularity(self, numel: int) -> str | int:
         """The granularity used on a tensor of ``numel`` values (blocks for small widths, see outlier_block)."""
         if self.outlier_block and self.bits <= 4 and self.granularity == "tensor" and numel > self.outlier_block:

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedsqueeze.codecs import Codec, ErrorFeedback, compression_stats, decode, parse, registered_stages
+from fedsqueeze.codecs import Codec, EncodeContext, ErrorFeedback, compression_stats, decode, parse, registered_stages
+from fedsqueeze.codecs._wire import tensor_to_bytes
+from fedsqueeze.codecs.stage_api import EncodeFurther
 
 # Pipelines beyond the single stages; every registered stage is tested alone as well.
 PIPELINES = [
@@ -89,6 +91,28 @@ def test_lossless_stages_are_exact_and_lossy_ones_say_so(name: str) -> None:
 SHRINK_SPECS = [
     {"threshold": "threshold(value=2.0)"}.get(s, s) for s in all_specs() if not parse(s).lossless or "zstd" in s
 ]
+
+
+@pytest.mark.parametrize("spec", [*sorted(registered_stages()), "quantize(stochastic=true)", "quantize(bits=2)"])
+def test_a_stage_that_draws_nothing_encodes_the_same_with_any_seed(spec: str) -> None:
+    # the encoder hands seed 0, not a hashed seed per tensor, to a stage whose draws_random is False
+    stage = parse(spec).stages[0]
+    if stage.kind != "tensor" or stage.allocates:
+        return
+    if spec == "quantize(stochastic=true)":
+        assert stage.draws_random  # its rounding draws from the seed
+    if stage.draws_random:
+        return
+    g = torch.Generator().manual_seed(5)
+    for x in (torch.randn(120, 400, generator=g), torch.randn(300, generator=g) * 1e-3):
+        outputs = [stage.encode(x, EncodeContext(name="x", state={}, seed=seed)) for seed in (0, 1, 2**62 + 3)]
+        layouts = [None if out is None else [_part_bytes(part) for part in out.parts] + [out.meta] for out in outputs]
+        assert layouts[0] == layouts[1] == layouts[2], spec
+
+
+def _part_bytes(part: torch.Tensor | EncodeFurther) -> bytes:
+    t = part.tensor if isinstance(part, EncodeFurther) else part
+    return bytes(tensor_to_bytes(t)) + str((t.dtype, tuple(t.shape))).encode()
 
 
 @pytest.mark.parametrize("spec", SHRINK_SPECS)
