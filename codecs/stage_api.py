@@ -39,7 +39,9 @@ and parts, :meth:`Stage.check_state` when ``encode`` keeps state in ``ctx.state`
 result must equal ``encode``'s bit for bit; ``tests/test_codecs_fused.py`` checks it), and
 :meth:`Stage.array_node` when a node's parts are a few small raw arrays that numpy decodes
 faster than one torch tensor each (its result must equal ``decode``'s bit for bit;
-``tests/test_codecs_decode_fast.py`` checks it).
+``tests/test_codecs_decode_fast.py`` checks it). A batch may also hand over its parts already
+written as raw nodes (``Encoded.wire``), and a stage whose ``encode`` draws no random numbers
+says so with :attr:`Stage.draws_random` (it is then handed seed 0); the contract tests check both.
 """
 
 from ._errors import CodecError
