@@ -420,7 +420,7 @@ def add_tensors(base: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tens
     difference = layout_difference(delta, base)
     if difference is not None:
         raise ValueError(f"the delta does not fit the reference: {difference}")
-    return {name: torch.add(b, delta[name].to(b.dtype)) for name, b in base.items()}
+    return {name: torch.add(b, _as_dtype(delta[name], b.dtype)) for name, b in base.items()}
 
 
 def subtract_tensors(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -428,7 +428,12 @@ def subtract_tensors(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor
     difference = layout_difference(b, a)
     if difference is not None:
         raise ValueError(f"cannot subtract: {difference}")
-    return {name: torch.sub(x, b[name].to(x.dtype)) for name, x in a.items()}
+    return {name: torch.sub(x, _as_dtype(b[name], x.dtype)) for name, x in a.items()}
+
+
+def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the call when it would return ``t`` (a node round makes ~20 per model)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def all_finite(tensors: Mapping[str, torch.Tensor]) -> str | None:

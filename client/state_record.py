@@ -90,6 +90,8 @@ def state_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
 
 
 def _contiguous(t: torch.Tensor) -> np.ndarray:
+    if t.is_contiguous() and t.is_cpu and not t.requires_grad:
+        return t.numpy()  # the usual case, without the conversions that would return their input
     return np.require(t.detach().cpu().numpy(), requirements="C")  # not ascontiguousarray: it makes 0-d 1-d
 
 

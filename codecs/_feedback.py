@@ -42,8 +42,9 @@ class ErrorFeedback:
         for name, t in tensors.items():
             res = self.residual.get(name)
             if t.dtype in FLOAT_DTYPES and res is not None and res.shape == t.shape:
-                corrected[name] = t.to(torch.float32) + res
-                sent[name] = corrected[name].to(t.dtype)
+                # float32, the usual dtype, without the conversions that would return their input
+                corrected[name] = (t if t.dtype == torch.float32 else t.to(torch.float32)) + res
+                sent[name] = corrected[name] if t.dtype == torch.float32 else corrected[name].to(t.dtype)
             else:
                 sent[name] = t
         if self.codec.lossless:
@@ -125,6 +126,7 @@ def _minus(corrected: torch.Tensor | None, sent: torch.Tensor, decoded: torch.Te
     written into it: one allocation of the model's size less per round. ``decoded`` may be that
     very tensor (sent raw); the difference is then zero, as it should be.
     """
+    decoded = decoded if decoded.dtype == torch.float32 else decoded.to(torch.float32)
     if corrected is None:
-        return sent.to(torch.float32) - decoded.to(torch.float32)
-    return corrected.sub_(decoded.to(torch.float32))
+        return sent.to(torch.float32) - decoded
+    return corrected.sub_(decoded)
