@@ -228,11 +228,7 @@ def _keep_residual_only(state: RecordDict, before: object, now: str) -> None:
         same_stages = isinstance(before, str) and _stage_names(before) == _stage_names(now)
     except ValueError:
         same_stages = False
-    try:
-        tensors = state_tensors(saved) if same_stages and isinstance(saved, ArrayRecord) else None
-    except (TypeError, ValueError) as err:
-        log(logging.ERROR, "fedsqueeze: the node's error-feedback state is unusable (%s); dropped", err)
-        tensors = None
+    tensors = _readable_feedback(saved) if same_stages else None
     if tensors is None:
         del state[STATE_FEEDBACK]
         return
@@ -273,9 +269,12 @@ def _encode_reply(
 
 def _load_feedback(feedback: ErrorFeedback, saved: ArrayRecord) -> None:
     """Load the residual carried over; one that cannot be read is dropped (logged) and the round goes on without."""
+    tensors = _readable_feedback(saved)
+    if tensors is None:
+        return
     try:
-        feedback.load_state_dict(state_tensors(saved), copy=False)  # fresh tensors, made for it alone
-    except (TypeError, ValueError) as err:
+        feedback.load_state_dict(tensors, copy=False)  # fresh tensors, made for it alone
+    except (TypeError, ValueError) as err:  # e.g. codec state this codec refuses
         log(logging.ERROR, "fedsqueeze: the node's error-feedback state is unusable (%s); continuing without it", err)
 
 
@@ -372,7 +371,7 @@ def _save_state(context: Context) -> None:
         version=held,
         reference=arrays_to_tensors(context.state[STATE_REFERENCE]),  # type: ignore[arg-type]
         uplink=str(meta["uplink"]),  # type: ignore[index]
-        feedback=_saved_feedback(context.state.get(STATE_FEEDBACK)),
+        feedback=_readable_feedback(context.state.get(STATE_FEEDBACK)),
         feedback_version=made if isinstance(made, int) else None,
         arch=arch,
     )
@@ -382,14 +381,14 @@ def _save_state(context: Context) -> None:
         log(logging.ERROR, "fedsqueeze: cannot save the node state to %s: %s", directory, err)
 
 
-def _saved_feedback(record: object) -> dict[str, torch.Tensor] | None:
-    """The error-feedback state to save with the node's model, or None (none held, or unreadable: logged)."""
+def _readable_feedback(record: object) -> dict[str, torch.Tensor] | None:
+    """The node's error-feedback state as tensors, or None: none held, or unreadable (logged)."""
     if not isinstance(record, ArrayRecord):
         return None
     try:
         return state_tensors(record)
     except (TypeError, ValueError) as err:
-        log(logging.ERROR, "fedsqueeze: the node's error-feedback state is unusable (%s); saved without it", err)
+        log(logging.ERROR, "fedsqueeze: the node's error-feedback state is unusable (%s); continuing without it", err)
         return None
 
 
