@@ -31,6 +31,7 @@ from ._wire import (
     extent,
     itemsize,
     numel,
+    raw_node_head,
     tensor_from_bytes,
     tensor_to_bytes,
 )
@@ -452,9 +453,7 @@ class Codec:
         if made_by and t.dtype in FLOAT_DTYPES and not _all_finite(t):
             raise overflow_error(made_by)
         node = Writer()
-        node.u8(TAG_RAW)
-        node.u8(dtype_code(t.dtype))
-        node.shape(tuple(t.shape))
+        node.raw(raw_node_head(dtype_code(t.dtype), tuple(t.shape)))
         node.raw(tensor_to_bytes(t))
         return node
 
