@@ -41,7 +41,24 @@ def test_golden_blob_decodes_to_the_stored_tensors(stem: str) -> None:
             want = expected[name]
             got = tensor.float().numpy() if tensor.is_floating_point() else tensor.numpy()
             assert got.dtype == want.dtype and got.shape == want.shape, name
+            if _multiplies_factors(MANIFEST[stem]) and not np.array_equal(got, want):
+                # BLAS products of the factors round by the CPU's kernels (AVX2, AVX-512, AMX): a few ulps
+                # of the largest value apart across machines; a change of the format is far beyond that
+                bound = PRODUCT_ULPS * np.finfo(np.float32).eps * float(np.abs(want).max())
+                assert float(np.abs(got - want).max()) <= bound, f"{stem}: {name} decodes differently"
+                continue
             assert np.array_equal(got, want), f"{stem}: {name} decodes differently"
+
+
+PRODUCT_ULPS = 16
+"""How far (in float32 epsilons of a tensor's largest magnitude) a decode that multiplies factors may differ
+from the golden tensors: this repository's low-rank stages decode with matrix products, and MKL picks its
+kernels per CPU; the golden tensors of ``cp`` and ``tucker`` were 1 ulp off on a machine with AMX and
+AVX-512 (the stored ones came from another)."""
+
+
+def _multiplies_factors(spec: str) -> bool:
+    return any(stage.name in ("svd", "powersgd", "tucker", "cp") for stage in parse(spec).stages)
 
 
 def test_every_registered_stage_has_a_golden_blob() -> None:

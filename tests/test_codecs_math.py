@@ -79,6 +79,11 @@ def _spectrum_decaying(rows: int, cols: int, g: torch.Generator) -> torch.Tensor
     return (u / torch.arange(1, k + 1)) @ v.T
 
 
+ROUNDING = 1e-6
+"""Relative slack below Eckart-Young's optimum: the float32 product P Q is rank r only up to rounding, so its
+error can come out a few 1e-10 below the optimum (seen on one machine's MKL kernels and not on another's)."""
+
+
 # one power iteration: +0.1-0.9 % over the optimum measured on these; 2 would give 0.3-0.5 % and 0.01 %
 @pytest.mark.parametrize(("shape", "kind", "tolerance"), [((120, 400), "flat", 0.02), ((400, 84), "decaying", 2e-3)])
 @pytest.mark.parametrize("rank", [1, 6])
@@ -102,7 +107,7 @@ def test_sketched_svd_error_is_near_eckart_young(
     s = torch.linalg.svdvals(x.double())
     optimal = float((s[rank:] ** 2).sum().sqrt())
     assert len(calls) == 1
-    assert optimal <= float((x - y).double().norm()) <= (1 + tolerance) * optimal
+    assert (1 - ROUNDING) * optimal <= float((x - y).double().norm()) <= (1 + tolerance) * optimal
 
 
 @pytest.mark.parametrize("exponent", [-100, -60, -31, -20, 0, 20, 31, 60, 100])
@@ -115,7 +120,7 @@ def test_svd_error_is_near_eckart_young_at_any_magnitude(exponent: int, shape: t
     y = decode(parse("svd(rank=6)", seed=0).encode({"x": x}))["x"]
     s = torch.linalg.svdvals(x.double())
     optimal = float((s[6:] ** 2).sum().sqrt())
-    assert optimal <= float((x - y).double().norm()) <= 1.002 * optimal
+    assert (1 - ROUNDING) * optimal <= float((x - y).double().norm()) <= 1.002 * optimal
 
 
 def test_sketched_svd_is_reproducible_from_the_codec_seed() -> None:
