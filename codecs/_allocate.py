@@ -294,7 +294,22 @@ def _squared_singular_values(m: torch.Tensor) -> torch.Tensor:
 
 
 def _lowrank_menu(x: torch.Tensor, later: Sequence[Stage]) -> list[Choice]:
-    """Ranks x value codings: the energy past rank r (Eckart-Young) plus the factors' quantization."""
+    """Ranks x value codings: the energy past rank r (Eckart-Young) plus the factors' quantization.
+
+    Only the points of least error for their bytes: a point with more bytes and no less error than
+    another is never worth choosing or moving to (:func:`_lowrank_points` gives them all).
+    """
+    points = _lowrank_points(x, later)
+    if not points:
+        return []
+    size, error = np.array([c.est_bytes for c in points]), np.array([c.est_error for c in points])
+    order = np.lexsort((error, size))
+    best_before = np.minimum.accumulate(np.concatenate([[np.inf], error[order][:-1]]))
+    return [points[i] for i in order[error[order] < best_before]]
+
+
+def _lowrank_points(x: torch.Tensor, later: Sequence[Stage]) -> list[Choice]:
+    """Every rank x value coding of :func:`_lowrank_menu`, in no particular order."""
     if x.dim() < 2:
         return []
     stage = _stage_of(later, ("svd", "powersgd"))
@@ -329,11 +344,10 @@ def _lowrank_menu(x: torch.Tensor, later: Sequence[Stage]) -> list[Choice]:
         widths.append(np.full(ranks.size, width))
     size, error, width_of = np.concatenate(sizes), np.concatenate(errors), np.concatenate(widths)
     rank = np.tile(ranks, len(codings))
-    # a point with more bytes and no less error than another is never worth choosing or moving to
-    order = np.lexsort((error, size))
-    best_before = np.minimum.accumulate(np.concatenate([[np.inf], error[order][:-1]]))
-    front = order[error[order] < best_before]
-    return [Choice("lowrank", int(rank[i]), int(width_of[i]), float(size[i]), float(error[i])) for i in front]
+    return [
+        Choice("lowrank", int(r), int(w), float(b), float(e))
+        for r, w, b, e in zip(rank, width_of, size, error, strict=True)
+    ]
 
 
 def _measured(codec: Codec, budget: Budget, item: Tensor, choice: Choice) -> Choice:
@@ -572,20 +586,60 @@ def _encode_with_budget(budget: Budget, codec: Codec, records: list[tuple[str, t
             estimate = _recalibrate(codec, items, picked, nodes) + fixed.size
             ask = max(target * min(2.0, max(0.5, estimate / max(payload, 1))), fixed.size + 1.0)
     payload, base, blob = min(plans, key=lambda p: abs(p[0] - target))
-    best = (payload, blob)
+    best = (payload, blob, base)
     tried = [(1.0, payload)]
     for _ in range(budget.passes - len(plans)):
         factor = _next_factor(tried, target)
-        blob, payload = attempt(_scaled(items, base, factor))
+        picked = _scaled(items, base, factor)
+        blob, payload = attempt(picked)
         if payload == tried[-1][1]:
             break  # no top-k size or rank left to change
         tried.append((factor, payload))
         if abs(payload - target) < abs(best[0] - target):
-            best = (payload, blob)
+            best = (payload, blob, picked)
         if abs(payload - target) <= TOLERANCE * target:
             break
+    if abs(best[0] - target) > TOLERANCE * target:
+        # at least RETARGET_PASSES more: scaling stops at once where every rank is at its cap
+        spare = max(RETARGET_PASSES, budget.passes - len(plans) - len(tried) + 1)
+        for picked in _retargeted(codec, items, best[2], best[0], target)[:spare]:
+            blob, payload = attempt(picked)
+            if abs(payload - target) < abs(best[0] - target):
+                best = (payload, blob, picked)
+            if abs(payload - target) <= TOLERANCE * target:
+                break
     _warn_if_missed(codec, best[0], target)
     return best[1]
+
+
+RETARGET_PASSES = 3
+"""Encodes granted to :func:`_retargeted`'s plans beyond what is left of ``Budget.passes``."""
+
+
+def _retargeted(
+    codec: Codec, items: list[Tensor], picked: list[Choice], payload: int, target: float
+) -> list[list[Choice]]:
+    """Plans that change one tensor's choice of ``picked``, nearest the ``target`` by their estimated payload first.
+
+    The Lagrangian plans take only points of least error for their bytes. Where the steps between
+    those are coarse (each tensor's rank at ``powersgd``'s own rank, and the next width doubling a
+    large tensor's bytes), the payload can stay outside the tolerance while another rank and width
+    of one tensor, more error for its bytes, lands inside it: hitting the budget comes first. The
+    estimated bytes are scaled by what the plan measured against its estimate (zstd's gain).
+    """
+    estimated = sum(c.est_bytes for c in picked)
+    ratio = payload / estimated if estimated > 0 else 1.0
+    later = codec.tensor_stages[1:]
+    candidates = []
+    for i, (item, current) in enumerate(zip(items, picked, strict=True)):
+        for c in [*item.menu, *_lowrank_points(item.x, later)]:
+            if (c.kind, c.size, c.bits) == (current.kind, current.size, current.bits):
+                continue
+            miss = abs(payload + (c.est_bytes - current.est_bytes) * ratio - target)
+            if miss < abs(payload - target):  # e.g. none below a target smaller than the smallest blob
+                candidates.append((miss, c.est_error - current.est_error, i, c))
+    candidates.sort(key=lambda m: (m[0], m[1]))
+    return [[*picked[:i], c, *picked[i + 1 :]] for _, _, i, c in candidates]
 
 
 _WARNED: set[str] = set()
