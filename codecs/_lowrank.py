@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -101,16 +102,42 @@ def _decode_factors(stage: str, parts: list[torch.Tensor], shape: tuple[int, ...
     return product.reshape(shape)
 
 
-def _gram_eigh(m: torch.Tensor, wide: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues (ascending) and eigenvectors of ``m m^T`` if ``wide``, else of ``m^T m``."""
+def _eigh(gram: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending) and eigenvectors of ``gram``, which is a a^T."""
     try:
-        return torch.linalg.eigh(m @ m.T if wide else m.T @ m)  # type: ignore[no-any-return]
+        return torch.linalg.eigh(gram)  # type: ignore[no-any-return]
     except torch.linalg.LinAlgError:
         # LAPACK's symmetric eigensolver can fail to converge on a Gram matrix with many repeated
         # eigenvalues (a sparse update of a few quantized values: a catch-up over top-k steps);
-        # the SVD of m itself converges there, at a higher cost paid only in this case.
-        u, s, vh = torch.linalg.svd(m, full_matrices=False)
-        return (s * s).flip(0), (u if wide else vh.T).flip(1)
+        # the SVD of a itself converges there, at a higher cost paid only in this case.
+        u, s, _ = torch.linalg.svd(a, full_matrices=False)
+        return (s * s).flip(0), u.flip(1)
+
+
+def _eighs(factors: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`_eigh` of each a a^T for a in ``factors``: one batched call per size of Gram matrix.
+
+    A batched ``eigh`` runs LAPACK's solver on each matrix of the batch in turn, as separate calls
+    would (the same results bit for bit, tested), for one dispatch instead of several.
+    """
+    grams = [a @ a.T for a in factors]
+    out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(grams)
+    by_size: dict[int, list[int]] = {}
+    for i, gram in enumerate(grams):
+        by_size.setdefault(gram.shape[0], []).append(i)
+    for same in by_size.values():
+        if len(same) == 1:
+            out[same[0]] = _eigh(grams[same[0]], factors[same[0]])
+            continue
+        try:
+            w, v = torch.linalg.eigh(torch.stack([grams[i] for i in same]))
+        except torch.linalg.LinAlgError:  # one of them failed: each its own call, with its fallback
+            for i in same:
+                out[i] = _eigh(grams[i], factors[i])
+            continue
+        for i, wi, vi in zip(same, w.unbind(), v.unbind(), strict=True):
+            out[i] = (wi, vi)
+    return [pair for pair in out if pair is not None]
 
 
 def _sketch_pays(rank: int | float, side: int) -> bool:
@@ -122,57 +149,48 @@ def _sketch_pays(rank: int | float, side: int) -> bool:
     return side >= SKETCH_MIN_SIDE and 3 * (rank + SKETCH_OVERSAMPLE) <= side
 
 
-def _sketched_basis(a: torch.Tensor, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Approximate leading left singular vectors U_r (rows x rank, descending) of a wide ``a``, and U_r^T a.
+@dataclass
+class _Factoring:
+    """One matrix on its way through :meth:`SVD.encode_batch`.
+
+    ``a`` is the matrix (divided by ``scale`` unless that is 1) with its smaller side first: m
+    for a wide m (rows <= cols), m^T for a tall one. ``projected`` is what the Gram matrix is
+    made of: ``a`` itself, or basis^T a once a sketch found ``basis``, an orthonormal basis of
+    a's leading range.
+    """
+
+    a: torch.Tensor
+    wide: bool
+    scale: float
+    sketched: bool
+    seed: int
+    projected: torch.Tensor
+    basis: torch.Tensor | None = None
+
+
+def _sketch_ranges(jobs: list[_Factoring], rank: int) -> None:
+    """Set ``basis`` and ``projected`` of each job: an approximate range of its leading ``rank`` singular vectors.
 
     Randomized subspace iteration (Halko, Martinsson and Tropp 2011, algorithm 4.4): a Gaussian
-    test matrix of rank + SKETCH_OVERSAMPLE columns drawn from ``seed``, SKETCH_POWER_ITERATIONS
-    products with a a^T, re-orthonormalized between them so that the smaller directions are not
-    rounded away, then Rayleigh-Ritz on the basis found. Measured on real LeNet-5 and McMahan
-    CNN deltas, the rank-4 and rank-6 errors are within 0.7 % of Eckart-Young's (0.1-0.4 % on the
-    larger matrices); on a flat spectrum (a Gaussian matrix) within 1 % (``tests/test_codecs_math.py``).
+    test matrix of rank + SKETCH_OVERSAMPLE columns drawn from the job's seed,
+    SKETCH_POWER_ITERATIONS products with a a^T, re-orthonormalized between them so that the
+    smaller directions are not rounded away; Rayleigh-Ritz on the basis found follows in
+    :meth:`SVD.encode_batch`. Measured on real LeNet-5 and McMahan CNN deltas, the rank-4 and
+    rank-6 errors are within 0.7 % of Eckart-Young's (0.1-0.4 % on the larger matrices); on a
+    flat spectrum (a Gaussian matrix) within 1 % (``tests/test_codecs_math.py``). Each step is
+    taken for every job before the next (see :meth:`SVD.encode_batch`).
     """
-    columns = min(rank + SKETCH_OVERSAMPLE, a.shape[0])
-    test = torch.randn(a.shape[1], columns, generator=torch.Generator().manual_seed(seed))
-    y = a @ test
+    ys = []
+    for job in jobs:
+        columns = min(rank + SKETCH_OVERSAMPLE, job.a.shape[0])
+        test = torch.randn(job.a.shape[1], columns, generator=torch.Generator().manual_seed(job.seed))
+        ys.append(job.a @ test)
     for _ in range(SKETCH_POWER_ITERATIONS):
-        y = a @ (a.T @ torch.linalg.qr(y).Q)
-    basis: torch.Tensor = torch.linalg.qr(y).Q
-    projected = basis.T @ a
-    _, v = _gram_eigh(projected, wide=True)
-    top = v[:, -rank:].flip(1)
-    # U_r^T a from the projection already made: (rank + 10) x rows times fewer operations than from a
-    return basis @ top, top.T @ projected
-
-
-def _truncated_svd(m: torch.Tensor, rank: int | float, scale: float, seed: int) -> Encoded | None:
-    """Truncated SVD of ``m`` as factors P (rows x r) and Q (r x cols), both times ``scale``.
-
-    For an integer rank on a matrix whose smaller side is at least SKETCH_MIN_SIDE (and three
-    times rank + SKETCH_OVERSAMPLE), the leading singular vectors are sketched
-    (``_sketched_basis``): 2-3x faster there, and minutes faster on large matrices. Otherwise
-    they come from the eigendecomposition of the smaller Gram matrix: for a wide m (rows <= cols),
-    m m^T = U S^2 U^T gives U_r; for a tall one, m^T m = V S^2 V^T gives V_r. The Gram matrix is
-    min(rows, cols) square, so this costs a product and a small symmetric eigensolver instead of
-    a bidiagonalization of m. Squaring doubles the relative rounding error of small singular
-    values; the leading ones, which are kept, are unaffected at float32 precision.
-    """
-    rows, cols = m.shape
-    wide = rows <= cols
-    if isinstance(rank, int) and not _low_rank_pays(rows, cols, min(rank, rows, cols)):
-        return None  # decided before the eigensolver, the costly part, for an integer rank
-    if _sketch_pays(rank, min(rows, cols)):
-        top, projected = _sketched_basis(m if wide else m.T, int(rank), seed)
-        return _factors(top, projected, scale, wide)
-    w, v = _gram_eigh(m, wide)
-    if isinstance(rank, float):
-        r = _rank_for_energy(w.flip(0).clamp_min(0).sqrt(), rank)
-        if not _low_rank_pays(rows, cols, r):
-            return None
-    else:
-        r = min(rank, w.numel())
-    top = v[:, -r:].flip(1)
-    return _factors(top, top.T @ (m if wide else m.T), scale, wide)
+        qs = [torch.linalg.qr(y).Q for y in ys]
+        ys = [job.a @ (job.a.T @ q) for job, q in zip(jobs, qs, strict=True)]
+    bases = [torch.linalg.qr(y).Q for y in ys]
+    for job, basis in zip(jobs, bases, strict=True):
+        job.basis, job.projected = basis, basis.T @ job.a
 
 
 def _factors(top: torch.Tensor, projected: torch.Tensor, scale: float, wide: bool) -> Encoded:
@@ -198,7 +216,7 @@ class SVD(Stage):
     (10 oversamples, 1 power iteration, its test matrix drawn from the encode's seed;
     O(out * in * (r + 10))), whose error is within ~1 % of Eckart-Young's (0.1-0.7 % on real
     updates); otherwise an exact SVD (O(out * in * min(out, in)), from the eigendecomposition
-    of the smaller Gram matrix). See ``_truncated_svd``. Sends r (out + in) values.
+    of the smaller Gram matrix). See :meth:`encode_batch`. Sends r (out + in) values.
     Pays: where updates are close to low rank (large fully connected layers); a tensor that
     factoring would not make smaller, and 1-D tensors, go to the next stage unchanged.
 
@@ -216,6 +234,35 @@ class SVD(Stage):
         _check_rank(self.name, "rank", self.rank)
 
     def encode(self, x: torch.Tensor, ctx: EncodeContext) -> Encoded | None:
+        return self.encode_batch([x], [ctx])[0]
+
+    def encode_batch(self, xs: Sequence[torch.Tensor], ctxs: Sequence[EncodeContext]) -> list[Encoded | None]:
+        """Truncated SVDs of ``xs``, each step taken for every matrix before the next.
+
+        For an integer rank on a matrix whose smaller side is at least SKETCH_MIN_SIDE (and three
+        times rank + SKETCH_OVERSAMPLE), the leading singular vectors are sketched
+        (:func:`_sketch_ranges`): 2-3x faster there, and minutes faster on large matrices.
+        Otherwise they come from the eigendecomposition of the smaller Gram matrix: for a wide m
+        (rows <= cols), m m^T = U S^2 U^T gives U_r; for a tall one, m^T m = V S^2 V^T gives V_r.
+        The Gram matrix is min(rows, cols) square, so this costs a product and a small symmetric
+        eigensolver instead of a bidiagonalization of m. Squaring doubles the relative rounding
+        error of small singular values; the leading ones, which are kept, are unaffected at
+        float32 precision.
+
+        Step by step rather than matrix by matrix: in a node's round, after training has evicted
+        them from the caches, LAPACK's and MKL's code paths cost several times what they cost
+        when called again at once (an eigensolver call: ~40 us in the round, ~17 us in a loop).
+        Each matrix gets the same operations on the same operands either way, so the factors are
+        the same bit for bit.
+        """
+        jobs = [self._job(x, ctx.seed) for x, ctx in zip(xs, ctxs, strict=True)]
+        todo = [job for job in jobs if job is not None]
+        _sketch_ranges([job for job in todo if job.sketched], int(self.rank))
+        spectra = iter(_eighs([job.projected for job in todo]))
+        return [None if job is None else self._factored(job, *next(spectra)) for job in jobs]
+
+    def _job(self, x: torch.Tensor, seed: int) -> _Factoring | None:
+        """``x`` as a matrix to factor, or None where factoring would not shrink it (or it has < 2 dims)."""
         if x.dim() < 2:
             return None
         rows, cols = x.shape[0], x.numel() // x.shape[0]
@@ -223,8 +270,27 @@ class SVD(Stage):
             return None  # decided before any arithmetic on x: small tensors (conv1 of LeNet-5) end here
         scale = _scale(x)
         if UNSCALED_MIN <= scale <= UNSCALED_MAX:  # no x / scale: a copy of x in fresh pages, each encode
-            return _truncated_svd(_matrix(x), self.rank, 1.0, ctx.seed)
-        return _truncated_svd(_matrix(x) / scale, self.rank, scale, ctx.seed)
+            m, scale = _matrix(x), 1.0
+        else:
+            m = _matrix(x) / scale
+        wide = rows <= cols
+        a = m if wide else m.T
+        return _Factoring(a, wide, scale, _sketch_pays(self.rank, min(rows, cols)), seed, projected=a)
+
+    def _factored(self, job: _Factoring, w: torch.Tensor, v: torch.Tensor) -> Encoded | None:
+        """P and Q from the eigendecomposition (w, v) of the job's Gram matrix; None if its rank would not pay."""
+        rows, cols = job.a.shape if job.wide else job.a.shape[::-1]
+        if isinstance(self.rank, float):
+            r = _rank_for_energy(w.flip(0).clamp_min(0).sqrt(), self.rank)
+            if not _low_rank_pays(rows, cols, r):
+                return None
+        else:
+            r = min(self.rank, w.numel())
+        top = v[:, -r:].flip(1)
+        # Rayleigh-Ritz on a sketch: U_r = basis top, and U_r^T a = top^T (basis^T a), from the
+        # projection already made: (rank + 10) x rows times fewer operations than from a
+        left = top if job.basis is None else job.basis @ top
+        return _factors(left, top.T @ job.projected, job.scale, job.wide)
 
     def decode_cost(self, parts: list[torch.Tensor], meta: bytes, shape: tuple[int, ...]) -> DecodeCost:
         return _factors_cost(self.name, parts, shape, transpose_q=False)

@@ -94,13 +94,13 @@ def test_sketched_svd_error_is_near_eckart_young(
     from fedsqueeze.codecs import _lowrank
 
     calls = []
-    sketch = _lowrank._sketched_basis
+    sketch = _lowrank._sketch_ranges
 
-    def counted(a: torch.Tensor, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        calls.append(rank)
-        return sketch(a, rank, seed)
+    def counted(jobs: list[_lowrank._Factoring], rank: int) -> None:
+        calls.extend(rank for _ in jobs)
+        sketch(jobs, rank)
 
-    monkeypatch.setattr(_lowrank, "_sketched_basis", counted)
+    monkeypatch.setattr(_lowrank, "_sketch_ranges", counted)
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(*shape, generator=g) if kind == "flat" else _spectrum_decaying(*shape, g)
     y = decode(parse(f"svd(rank={rank})", seed=0).encode({"x": x}))["x"]
