@@ -11,7 +11,7 @@ import warnings
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "tests"))
-from test_budget import num_params, payload_bytes, trained_delta  # noqa: E402
+from test_budget import num_params, payload_bytes, trained_delta  # type: ignore[import-not-found]  # noqa: E402
 
 from fedsqueeze.codecs import parse  # noqa: E402
 
