@@ -519,7 +519,7 @@ def test_svd_encodes_an_update_on_which_the_gram_eigensolver_fails() -> None:
     assert error <= best + 0.02  # the best rank-4 approximation, up to int8 rounding
 
 
-@pytest.mark.parametrize("shape", [(120, 400), (40, 300)])  # sketched (its small eigh), and exact
+@pytest.mark.parametrize("shape", [(120, 400), (40, 300), (300, 40)])  # sketched (its small eigh), exact, exact tall
 def test_svd_falls_back_to_the_svd_when_the_eigensolver_fails(
     shape: tuple[int, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -531,6 +531,28 @@ def test_svd_falls_back_to_the_svd_when_the_eigensolver_fails(
 
     monkeypatch.setattr(torch.linalg, "eigh", fails)
     assert low_rank_error(delta) == pytest.approx(expected, abs=1e-3)
+
+
+def test_svd_retries_each_matrix_alone_when_a_batched_eigensolver_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    # svd's batch sends same-size Gram matrices (LeNet-5's: three 16 x 16) to one batched eigh; if it
+    # raises, each matrix gets its own call, and the blob is the one of separate calls
+    g = torch.Generator().manual_seed(0)
+    update = {
+        name: torch.randn(shape, generator=g) for name, shape in [("a", (16, 150)), ("b", (120, 400)), ("c", (84, 120))]
+    }
+    expected = parse("svd(rank=6) | quantize(bits=4)", seed=1).encode(update)
+    single = torch.linalg.eigh
+    batched = []
+
+    def fails_batched(gram: torch.Tensor) -> object:
+        if gram.dim() > 2:
+            batched.append(gram.shape[0])
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+        return single(gram)
+
+    monkeypatch.setattr(torch.linalg, "eigh", fails_batched)
+    assert parse("svd(rank=6) | quantize(bits=4)", seed=1).encode(update) == expected
+    assert batched == [3]
 
 
 def test_a_zero_dimensional_numpy_array_decodes_with_its_shape() -> None:
