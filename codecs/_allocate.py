@@ -599,40 +599,44 @@ def _encode_with_budget(budget: Budget, codec: Codec, records: list[tuple[str, t
             best = (payload, blob, picked)
         if abs(payload - target) <= TOLERANCE * target:
             break
-    if abs(best[0] - target) > TOLERANCE * target:
-        # at least RETARGET_PASSES more: scaling stops at once where every rank is at its cap
-        spare = max(RETARGET_PASSES, budget.passes - len(plans) - len(tried) + 1)
-        for picked in _retargeted(codec, items, best[2], best[0], target)[:spare]:
+    # at least RETARGET_PASSES more: scaling stops at once where every rank is at its cap
+    spare = max(RETARGET_PASSES, budget.passes - len(plans) - len(tried) + 1)
+    options: list[list[Choice]] = []
+    while spare > 0 and abs(best[0] - target) > TOLERANCE * target:
+        options = options or [[*item.menu, *_lowrank_points(item.x, codec.tensor_stages[1:])] for item in items]
+        for picked in _retargeted(options, best[2], best[0], target)[:spare]:
+            spare -= 1
             blob, payload = attempt(picked)
             if abs(payload - target) < abs(best[0] - target):
                 best = (payload, blob, picked)
-            if abs(payload - target) <= TOLERANCE * target:
-                break
+                break  # the next changes are taken from this plan
+        else:
+            break  # no change of one tensor comes nearer
     _warn_if_missed(codec, best[0], target)
     return best[1]
 
 
-RETARGET_PASSES = 3
+RETARGET_PASSES = 6
 """Encodes granted to :func:`_retargeted`'s plans beyond what is left of ``Budget.passes``."""
 
 
-def _retargeted(
-    codec: Codec, items: list[Tensor], picked: list[Choice], payload: int, target: float
-) -> list[list[Choice]]:
+def _retargeted(options: list[list[Choice]], picked: list[Choice], payload: int, target: float) -> list[list[Choice]]:
     """Plans that change one tensor's choice of ``picked``, nearest the ``target`` by their estimated payload first.
 
-    The Lagrangian plans take only points of least error for their bytes. Where the steps between
+    ``options[i]``: every choice of tensor i, its menu and the ranks and widths off it. The
+    Lagrangian plans take only points of least error for their bytes. Where the steps between
     those are coarse (each tensor's rank at ``powersgd``'s own rank, and the next width doubling a
     large tensor's bytes), the payload can stay outside the tolerance while another rank and width
     of one tensor, more error for its bytes, lands inside it: hitting the budget comes first. The
-    estimated bytes are scaled by what the plan measured against its estimate (zstd's gain).
+    estimated bytes are scaled by what the plan measured against its estimate (zstd's gain). Only
+    plans predicted nearer than ``payload`` are returned; the caller takes the first that is, and
+    asks again from it.
     """
     estimated = sum(c.est_bytes for c in picked)
     ratio = payload / estimated if estimated > 0 else 1.0
-    later = codec.tensor_stages[1:]
     candidates = []
-    for i, (item, current) in enumerate(zip(items, picked, strict=True)):
-        for c in [*item.menu, *_lowrank_points(item.x, later)]:
+    for i, (choices, current) in enumerate(zip(options, picked, strict=True)):
+        for c in choices:
             if (c.kind, c.size, c.bits) == (current.kind, current.size, current.bits):
                 continue
             miss = abs(payload + (c.est_bytes - current.est_bytes) * ratio - target)

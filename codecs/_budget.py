@@ -11,7 +11,10 @@ tensors to larger menu points). Minimizing the summed squared error minimizes th
 relative L2 error. The estimate ignores zstd and the exact index coding, so the update is
 then encoded for real and the target is corrected by the measured bytes (without top-k the
 menus are first rescaled to what each encoded tensor took), then every top-k size and rank
-is scaled by a common factor, for at most ``passes`` encodes.
+is scaled by a common factor, for at most ``passes`` encodes. A payload still outside the
+tolerance then gets plans that change one tensor's choice at a time, ranks and widths off the
+menus' least-error points included (where every rank sits at ``powersgd``'s own, scaling
+changes nothing): at most 6 more encodes.
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ class Budget(Stage):
     D_i is the squared error, R_i the bytes and B = bpp * n / 8 (Lagrangian allocation over
     each tensor's menu, then measured correction; see the module docstring). Cost: one sort of
     each tensor's magnitudes (and a singular value decomposition per matrix when ``svd`` or
-    ``powersgd`` follows) plus up to ``passes`` encodes. Pays: the same bytes as uniform
+    ``powersgd`` follows) plus up to ``passes`` encodes (6 more where those miss). Pays: the same bytes as uniform
     settings at lower error, as small tensors go dense and large ones sparse. The blob stays
     self-describing: each tensor's node records the settings (one byte per later tensor stage).
 
@@ -85,7 +88,8 @@ class Budget(Stage):
         ``powersgd`` instead of ``topk`` the steps are whole ranks and widths: within 3 % for
         targets of 2 kB or more, within 10 % below (measured on LeNet-5, the McMahan CNN and a
         synthetic update at 0.01-2 bpp). ``powersgd``'s ranks stop at its own ``rank`` (its
-        warm start); a target between that and the dense codes gets the closest plan.
+        warm start); a target beyond what its ranks reach is met by other widths and ranks of
+        single tensors, else gets the closest plan.
     passes : int
         Most encodes spent on correcting the estimate, 1..16 (default: 6).
     """

@@ -104,10 +104,11 @@ def test_budget_over_svd_is_hit(model: str, bpp: float, tail: str) -> None:
 
 
 @pytest.mark.parametrize("model", ["synthetic", "lenet5", "mcmahan-cnn"])
-@pytest.mark.parametrize("bpp", [0.05, 0.2, 0.5])
-def test_budget_over_powersgd_is_hit_below_its_rank(model: str, bpp: float) -> None:
-    # PowerSGD's ranks stop at its own (its warm start's width): rank 32 reaches these targets;
-    # at 1-2 bpp on the McMahan CNN no plan lies between fc1's rank-32 factors and its dense codes
+@pytest.mark.parametrize("bpp", [0.05, 0.2, 0.5, 1.0, 2.0])
+def test_budget_over_powersgd_is_hit(model: str, bpp: float) -> None:
+    # PowerSGD's ranks stop at its own (its warm start's width): rank 32 reaches up to ~0.5 bpp
+    # by ranks alone; past it (on the McMahan CNN: 0.61 of the target at 1 bpp, 0.68 at 2 on one
+    # machine's delta) other widths and ranks of single tensors fill the gap
     update = update_of(model)
     target = bpp * num_params(update) / 8
     blob = parse(f"budget(bpp={bpp}) | powersgd(rank=32) | quantize | zstd", seed=0).encode(update)
