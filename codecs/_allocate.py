@@ -6,7 +6,7 @@ import dataclasses
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -52,6 +52,7 @@ class Tensor:
     x: torch.Tensor  # float32, contiguous
     menu: list[Choice]
     mags: np.ndarray  # magnitudes in descending order
+    off_menu: list[Choice] = field(default_factory=list)  # ranks and widths with more error for their bytes
 
 
 def _stage_of(later: Sequence[Stage], names: tuple[str, ...]) -> Stage | None:
@@ -293,19 +294,23 @@ def _squared_singular_values(m: torch.Tensor) -> torch.Tensor:
     return w.double().clamp_min(0).flip(0)
 
 
-def _lowrank_menu(x: torch.Tensor, later: Sequence[Stage]) -> list[Choice]:
+def _lowrank_menu(x: torch.Tensor, later: Sequence[Stage]) -> tuple[list[Choice], list[Choice]]:
     """Ranks x value codings: the energy past rank r (Eckart-Young) plus the factors' quantization.
 
-    Only the points of least error for their bytes: a point with more bytes and no less error than
-    another is never worth choosing or moving to (:func:`_lowrank_points` gives them all).
+    Returned as the points of least error for their bytes (the menu: a point with more bytes and
+    no less error than another is never worth choosing or moving to), and the others (kept for a
+    target that only they can hit, see :func:`_retargeted`).
     """
     points = _lowrank_points(x, later)
     if not points:
-        return []
+        return [], []
     size, error = np.array([c.est_bytes for c in points]), np.array([c.est_error for c in points])
     order = np.lexsort((error, size))
     best_before = np.minimum.accumulate(np.concatenate([[np.inf], error[order][:-1]]))
-    return [points[i] for i in order[error[order] < best_before]]
+    on_front = np.zeros(len(points), bool)
+    on_front[order[error[order] < best_before]] = True
+    front = [points[i] for i in order if on_front[i]]
+    return front, [p for p, on in zip(points, on_front, strict=True) if not on]
 
 
 def _lowrank_points(x: torch.Tensor, later: Sequence[Stage]) -> list[Choice]:
@@ -391,7 +396,8 @@ def build_menu(codec: Codec, budget: Budget, item: Tensor, limit: float = math.i
     """Every operating point of one tensor: dropped, dense, and the tunable stages' settings.
 
     ``limit``: the most bytes any plan may spend; a dense width whose estimated codes alone take
-    more is left off unpriced (its rounding would cost more time than any other point).
+    more is left off unpriced (its rounding would cost more time than any other point). The ranks
+    and widths left off for more error than a menu point go to ``item.off_menu``.
     """
     later = codec.tensor_stages[1:]
     x = item.x
@@ -407,7 +413,8 @@ def build_menu(codec: Codec, budget: Budget, item: Tensor, limit: float = math.i
     if "topk" in names:
         menu += _topk_menu(x, item.mags, later, spread, entropy)
     if names & {"svd", "powersgd"}:
-        menu += _lowrank_menu(x, later)
+        front, item.off_menu = _lowrank_menu(x, later)
+        menu += front
     if quant is not None:
         skip = {b for b, bits in entropy.items() if n * float(bits[-1]) / 8 > limit}
         menu += _dense_menu(x, quant, [b for b in BITS_CHOICES if b not in skip])
@@ -601,9 +608,8 @@ def _encode_with_budget(budget: Budget, codec: Codec, records: list[tuple[str, t
             break
     # at least RETARGET_PASSES more: scaling stops at once where every rank is at its cap
     spare = max(RETARGET_PASSES, budget.passes - len(plans) - len(tried) + 1)
-    options: list[list[Choice]] = []
+    options = [[*item.menu, *item.off_menu] for item in items]
     while spare > 0 and abs(best[0] - target) > TOLERANCE * target:
-        options = options or [[*item.menu, *_lowrank_points(item.x, codec.tensor_stages[1:])] for item in items]
         for picked in _retargeted(options, best[2], best[0], target)[:spare]:
             spare -= 1
             blob, payload = attempt(picked)
