@@ -28,6 +28,7 @@ from fedsqueeze.protocol import (
     ProtocolError,
     Uplink,
     add_tensors,
+    all_finite,
     arrays_to_tensors,
     edit_payload,
     subtract_tensors,
@@ -203,3 +204,19 @@ def test_zero_dimensional_tensors_keep_their_shape_as_arrays() -> None:
     back = arrays_to_tensors(record)
     for name, t in tensors.items():
         assert back[name].shape == t.shape and torch.equal(back[name], t), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_finite_names_the_first_tensor_with_nan_or_infinity_and_passes_sums_that_overflow(
+    dtype: torch.dtype,
+) -> None:
+    biggest = torch.finfo(dtype).max
+    overflowing_sum = torch.full((4, 3), biggest, dtype=dtype)  # finite values whose sum is infinite
+    tensors = {"big": overflowing_sum, "counts": torch.arange(5), "empty": torch.zeros(0, 3, dtype=dtype)}
+    assert all_finite(tensors) is None
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        t = torch.zeros(7, 5, dtype=dtype)
+        t[3, 2] = bad
+        assert all_finite({**tensors, "bad": t, "also_bad": t.clone()}) == "bad"
+    inf_pair = torch.tensor([float("inf"), float("-inf")], dtype=dtype)
+    assert all_finite({"ok": torch.ones(3, dtype=dtype), "pair": inf_pair}) == "pair"  # inf - inf sums to NaN
