@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from ._errors import CodecError
@@ -40,6 +42,29 @@ def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     for j in range(per):
         out[:, j] = (packed >> np.uint8(bits * j)) & mask
     return out.ravel()[:count]
+
+
+SMALL_UNPACK = 8192
+"""Up to this many codes, :func:`unpack_float32` looks each packed byte up in a table (one numpy call
+instead of ~8: 4.0 -> 1.1 us for 150 4-bit codes); above it the shifts are faster (table lookups of
+48,000 4-bit codes: 49 us, shifts: 26 us)."""
+
+
+@functools.cache
+def _code_table(bits: int) -> np.ndarray:
+    """The float32 codes of each byte value 0..255, little-end first, one item of 8 / bits codes per byte."""
+    per = 8 // bits
+    codes = (np.arange(256)[:, None] >> (np.arange(per) * bits)) & ((1 << bits) - 1)
+    table = np.ascontiguousarray(codes, np.float32).view(np.dtype((np.void, 4 * per))).reshape(256)
+    table.flags.writeable = False
+    return table
+
+
+def unpack_float32(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """:func:`unpack_bits` as a new float32 array; raises CodecError if ``packed`` has the wrong length."""
+    if bits == 8 or count > SMALL_UNPACK or packed.size != -(-count * bits // 8):
+        return unpack_bits(packed, bits, count).astype(np.float32)
+    return _code_table(bits)[packed].view(np.float32)[:count]
 
 
 def varint_bytes(value: int) -> bytes:

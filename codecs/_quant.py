@@ -13,7 +13,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from ._bits import pack_bits, unpack_bits, varint_bytes
+from ._bits import pack_bits, unpack_bits, unpack_float32, varint_bytes
 from ._errors import CodecError
 from ._stage import (
     ArrayNode,
@@ -409,7 +409,7 @@ def _values(
     packed: np.ndarray, lo: np.ndarray, step: np.ndarray, bits: int, granularity: int | str, n: int
 ) -> np.ndarray:
     """The n float32 values of packed codes, dequantized with each group's lo and step (a new array)."""
-    values = unpack_bits(packed, bits, n).astype(np.float32)
+    values = unpack_float32(packed, bits, n)
     # a hostile range can overflow float32: the result is inf, as with torch, and receivers
     # check finiteness; numpy would also warn (an exception where warnings are errors)
     with np.errstate(over="ignore", invalid="ignore"):

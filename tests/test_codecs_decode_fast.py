@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 from test_codecs_fused import SPECS, model_update, updates
 
 from fedsqueeze.codecs import CodecError, DecodeLimits, decode, parse, registered_stages
+from fedsqueeze.codecs._bits import SMALL_UNPACK, pack_bits, unpack_float32
 from fedsqueeze.codecs._wire import DTYPE_CODES, tensor_to_bytes
 
 BUDGETED = [
@@ -120,3 +122,18 @@ def test_a_fast_path_node_with_a_wrong_part_is_refused_by_the_general_path_messa
     fast, general = decode_both(bytes(blob))
     assert isinstance(general, str) and "'w'/quantize[" in general, general
     assert fast == general
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_codes_unpack_to_float32_on_both_sides_of_the_table_lookups_limit(bits: int) -> None:
+    rng = np.random.default_rng(bits)
+    for count in (1, 2, 7, 8, 9, 150, SMALL_UNPACK - 1, SMALL_UNPACK, SMALL_UNPACK + 1, 3 * SMALL_UNPACK + 5):
+        codes = rng.integers(0, 1 << bits, count).astype(np.uint8)
+        packed = pack_bits(codes, bits)
+        values = unpack_float32(packed, bits, count)
+        assert values.dtype == np.float32 and values.shape == (count,)
+        assert np.array_equal(values, codes.astype(np.float32))
+        values *= 2  # the decoder scales them in place: a fresh array, not a view of the table
+        assert np.array_equal(unpack_float32(packed, bits, count), codes.astype(np.float32))
+        with pytest.raises(CodecError, match="packed codes hold"):
+            unpack_float32(np.concatenate([packed, packed[:1]]), bits, count)
