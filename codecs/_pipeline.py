@@ -641,12 +641,10 @@ class _Decoder:
         start, budget = r.pos, self.budget
         nbytes, work = node.cost.scratch_bytes, node.cost.work
         arrays = []
-        for code, count in node.parts:
-            if r.next_u8() != TAG_RAW or r.next_u8() != code or r.plain_shape(self.limits.max_elements) != (count,):
-                r.pos = start
-                return None
-            wire = WIRE_NUMPY_DTYPES[code]
-            data = r.take_or_none(count * wire.itemsize)
+        for head, wire, count in _part_layout(node.parts):
+            # the head as the encoder writes it (a varint written longer than it must be, which
+            # the general path reads as the same shape, goes there)
+            data = r.take_after(head, count * wire.itemsize)
             if data is None:
                 r.pos = start
                 return None
@@ -677,6 +675,12 @@ class _Decoder:
         if dtype == torch.bool and n and int(np.frombuffer(data, np.uint8).max()) > 1:
             raise CodecError(f"{what}: bool data holds a byte other than 0 or 1")
         return tensor_from_bytes(data, dtype, shape)
+
+
+@functools.lru_cache(maxsize=1024)
+def _part_layout(parts: tuple[tuple[int, int], ...]) -> tuple[tuple[bytes, np.dtype[Any], int], ...]:
+    """(raw node head, numpy dtype, count) of each part of an :class:`ArrayNode` layout."""
+    return tuple((raw_node_head(code, (count,)), WIRE_NUMPY_DTYPES[code], count) for code, count in parts)
 
 
 def read_header(blob: bytes | bytearray | memoryview) -> tuple[str, int, Reader]:

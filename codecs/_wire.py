@@ -165,6 +165,16 @@ class Reader:
         self.pos = end
         return self._data[pos:end]
 
+    def take_after(self, head: bytes, n: int) -> memoryview | None:
+        """The ``n`` bytes after ``head`` if both come next in full, else None (nothing consumed)."""
+        pos = self.pos
+        start = pos + len(head)
+        end = start + n
+        if n < 0 or end > self._size or self._data[pos:start] != head:
+            return None
+        self.pos = end
+        return self._data[start:end]
+
     def empty_blob(self) -> bytes | None:
         """``b""`` if a zero-length blob comes next (consumed), else None (nothing consumed)."""
         pos = self.pos

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from test_codecs_fused import SPECS, model_update, updates
 
 from fedsqueeze.codecs import CodecError, DecodeLimits, decode, parse, registered_stages
-from fedsqueeze.codecs._bits import SMALL_UNPACK, pack_bits, unpack_float32
+from fedsqueeze.codecs._bits import SMALL_UNPACK, pack_bits, unpack_float32, varint_bytes
+from fedsqueeze.codecs._pipeline import read_header
 from fedsqueeze.codecs._wire import DTYPE_CODES, tensor_to_bytes
 
 BUDGETED = [
@@ -137,3 +138,19 @@ def test_codes_unpack_to_float32_on_both_sides_of_the_table_lookups_limit(bits: 
         assert np.array_equal(unpack_float32(packed, bits, count), codes.astype(np.float32))
         with pytest.raises(CodecError, match="packed codes hold"):
             unpack_float32(np.concatenate([packed, packed[:1]]), bits, count)
+
+
+def test_a_part_whose_count_is_written_longer_than_it_must_be_decodes_as_the_general_path_reads_it() -> None:
+    # the fast path matches each part's head byte for byte as the encoder writes it; a count written
+    # as a two-byte varint (6 as 0x86 0x00) is left to the general path, and both read the same
+    blob = parse("quantize(bits=8)", seed=0).encode({"w": torch.arange(6.0)})
+    _, body_len, reader = read_header(blob)
+    body = blob[reader.pos :]
+    assert len(body) == body_len
+    codes = body.index(bytes(range(0, 256, 51)))
+    assert body[codes - 4 : codes] == bytes((0, DTYPE_CODES[torch.uint8], 1, 6))  # raw, uint8, 1 dim of 6
+    longer = body[: codes - 1] + b"\x86\x00" + body[codes:]
+    head = blob[: reader.pos - len(varint_bytes(body_len))]
+    fast, general = decode_both(head + varint_bytes(len(longer)) + longer)
+    assert_same(fast, general)
+    assert isinstance(fast, dict) and torch.equal(fast["w"], decode(blob)["w"])
