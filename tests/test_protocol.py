@@ -220,3 +220,10 @@ def test_all_finite_names_the_first_tensor_with_nan_or_infinity_and_passes_sums_
         assert all_finite({**tensors, "bad": t, "also_bad": t.clone()}) == "bad"
     inf_pair = torch.tensor([float("inf"), float("-inf")], dtype=dtype)
     assert all_finite({"ok": torch.ones(3, dtype=dtype), "pair": inf_pair}) == "pair"  # inf - inf sums to NaN
+
+
+def test_all_finite_tests_float8_tensors_which_have_no_sum() -> None:
+    ok = torch.zeros(4, dtype=torch.float8_e5m2)
+    bad = torch.tensor([1.0, float("inf")]).to(torch.float8_e5m2)
+    assert all_finite({"ok": ok}) is None
+    assert all_finite({"ok": ok, "bad": bad}) == "bad"
