@@ -62,7 +62,8 @@ def _code_table(bits: int) -> np.ndarray:
 
 def unpack_float32(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     """:func:`unpack_bits` as a new float32 array; raises CodecError if ``packed`` has the wrong length."""
-    if bits == 8 or count > SMALL_UNPACK or packed.size != -(-count * bits // 8):
+    small = count <= SMALL_UNPACK and packed.dtype == np.uint8 and packed.ndim == 1
+    if bits == 8 or not small or packed.size != -(-count * bits // 8):
         return unpack_bits(packed, bits, count).astype(np.float32)
     return _code_table(bits)[packed].view(np.float32)[:count]
 

@@ -644,7 +644,7 @@ class _Decoder:
         for head, wire, count in _part_layout(node.parts):
             # the head as the encoder writes it (a varint written longer than it must be, which
             # the general path reads as the same shape, goes there)
-            data = r.take_after(head, count * wire.itemsize)
+            data = r.take_after(head, count * wire.itemsize) if count <= self.limits.max_elements else None
             if data is None:
                 r.pos = start
                 return None

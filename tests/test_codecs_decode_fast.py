@@ -14,7 +14,10 @@ from test_codecs_fused import SPECS, model_update, updates
 from fedsqueeze.codecs import CodecError, DecodeLimits, decode, parse, registered_stages
 from fedsqueeze.codecs._bits import SMALL_UNPACK, pack_bits, unpack_float32, varint_bytes
 from fedsqueeze.codecs._pipeline import read_header
+from fedsqueeze.codecs._quant import Quantize
 from fedsqueeze.codecs._wire import DTYPE_CODES, tensor_to_bytes
+
+QUANTIZE_DECODE = Quantize.decode
 
 BUDGETED = [
     "budget(bpp=0.5) | svd | quantize(bits=4) | zstd",
@@ -140,7 +143,9 @@ def test_codes_unpack_to_float32_on_both_sides_of_the_table_lookups_limit(bits: 
             unpack_float32(np.concatenate([packed, packed[:1]]), bits, count)
 
 
-def test_a_part_whose_count_is_written_longer_than_it_must_be_decodes_as_the_general_path_reads_it() -> None:
+def test_a_part_whose_count_is_written_longer_than_it_must_be_decodes_as_the_general_path_reads_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # the fast path matches each part's head byte for byte as the encoder writes it; a count written
     # as a two-byte varint (6 as 0x86 0x00) is left to the general path, and both read the same
     blob = parse("quantize(bits=8)", seed=0).encode({"w": torch.arange(6.0)})
@@ -154,3 +159,9 @@ def test_a_part_whose_count_is_written_longer_than_it_must_be_decodes_as_the_gen
     fast, general = decode_both(head + varint_bytes(len(longer)) + longer)
     assert_same(fast, general)
     assert isinstance(fast, dict) and torch.equal(fast["w"], decode(blob)["w"])
+    general_calls = []
+    monkeypatch.setattr(Quantize, "decode", lambda self, *args: general_calls.append(1) or QUANTIZE_DECODE(self, *args))
+    decode(blob)
+    assert not general_calls  # the head as written: the fast path
+    decode(head + varint_bytes(len(longer)) + longer)
+    assert general_calls == [1]  # the longer count: the general path
