@@ -65,7 +65,8 @@ def unpack_float32(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     small = count <= SMALL_UNPACK and packed.dtype == np.uint8 and packed.ndim == 1
     if bits == 8 or not small or packed.size != -(-count * bits // 8):
         return unpack_bits(packed, bits, count).astype(np.float32)
-    return _code_table(bits)[packed].view(np.float32)[:count]
+    values: np.ndarray = _code_table(bits)[packed].view(np.float32)
+    return values[:count]
 
 
 def varint_bytes(value: int) -> bytes:
