@@ -451,8 +451,8 @@ _SUMMED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def _finite(t: torch.Tensor) -> bool:
     # NaN and infinity always reach the sum, so a finite sum settles it; only a sum that overflowed
-    # (or met NaN) needs the exact test, which costs 8-16x a sum on the AVX-512 machines (169 us
-    # against 20 us for a LeNet-5 model, 1 thread; benchmarks/encode-speed-5/finite_check.py), and
+    # (or met NaN) needs the exact test, which costs 8-18x a sum on the AVX-512 machines (189 us
+    # against 22 us for a LeNet-5 model, 1 thread; benchmarks/encode-speed-5/finite_check.py), and
     # is paid by every node and every reply. The same check as fedsqueeze.codecs' own.
     summed = t.dtype in _SUMMED and math.isfinite(float(torch.sum(t)))
     return summed or bool(torch.isfinite(t).all())

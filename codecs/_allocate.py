@@ -648,7 +648,7 @@ def _retarget(
         nearer, spare = _first_nearer(
             attempt, _retargeted(options, here, _own_ratio(here), here.payload, target), spare, target, best
         )
-        across = None if nearer else _nearest_across(measured, here.payload, target)  # measured just now included
+        across = None if nearer is not None else _nearest_across(measured, here.payload, target)  # incl. just now
         if across is not None and abs(here.payload - target) > allowed_miss(target) * target:
             ratio = _ratio_between(across, here)
             nearer, spare = _first_nearer(
@@ -697,12 +697,12 @@ def _ratio_between(base: _Measured, best: _Measured) -> float:
 
 
 def _retargeted(
-    options: list[list[Choice]], base: _Measured, ratio: float, best: int, target: float
+    options: list[list[Choice]], base: _Measured, ratio: float, best_payload: int, target: float
 ) -> list[list[Choice]]:
     """Plans that change one tensor's choice of ``base``, nearest the ``target`` by their estimated payload first.
 
     ``options[i]``: every choice of tensor i, its menu and the ranks and widths off it; ``base``:
-    the best plan yet (its payload is ``best``) or a measured plan on the other side of the target;
+    the best plan yet (its payload is ``best_payload``) or a measured plan on the other side of the target;
     ``ratio``: payload bytes per estimated byte of a change (:func:`_own_ratio`, :func:`_ratio_between`).
 
     The Lagrangian plans take only points of least error for their bytes. Where the steps between
@@ -712,7 +712,7 @@ def _retargeted(
     caller tries the other side's plan when no change of the best one comes nearer: on LeNet-5 at
     0.02 bpp over ``svd`` the best plan (181 bytes for 154, one small tensor at 2 bits) can only
     drop to 111 bytes, while one tensor added to the 111-byte plan lands at 158. Only plans
-    predicted nearer than ``best`` are returned; the caller takes the first that is, and asks
+    predicted nearer than ``best_payload`` are returned; the caller takes the first that is, and asks
     again from it.
     """
     payload, picked = base
@@ -722,7 +722,7 @@ def _retargeted(
             if (c.kind, c.size, c.bits) == (current.kind, current.size, current.bits):
                 continue
             miss = abs(payload + (c.est_bytes - current.est_bytes) * ratio - target)
-            if miss < abs(best - target):  # e.g. none below a target smaller than the smallest blob
+            if miss < abs(best_payload - target):  # e.g. none below a target smaller than the smallest blob
                 candidates.append((miss, c.est_error - current.est_error, i, c))
     candidates.sort(key=lambda m: (m[0], m[1]))
     return [[*picked[:i], c, *picked[i + 1 :]] for _, _, i, c in candidates]
